@@ -1,0 +1,280 @@
+"""Map catalogs: the YAML input contract, validated, and read into a SkyDataSet.
+
+A catalog lists HEALPix maps::
+
+    nside: 64                     # optional working resolution (default: lowest among the maps)
+    maps:
+      - name: haslam408           # unique
+        file: maps/haslam408.fits # relative to the catalog's folder, or absolute
+        frequency_hz: 4.08e8      # > 0
+        unit: K_RJ
+        field: 0                  # optional FITS column
+        transform: auto           # optional: auto | log | asinh | linear
+        kind: intensity           # optional: intensity (averaged when degraded) | counts (summed);
+                                  # default: the FITS header's KIND card, else counts for
+                                  # unit counts/photons, else intensity
+        noise: 0.5                # optional known per-pixel noise in `unit` (a floor for the learned noise)
+"""
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import yaml
+
+from .dataset import SkyDataSet
+from .errors import InputError
+
+__all__ = ["MapEntry", "Catalog", "read_catalog", "load_catalog", "is_power_of_two",
+           "TRANSFORMS", "KINDS"]
+
+TRANSFORMS = ("auto", "log", "asinh", "linear")
+KINDS = ("intensity", "counts")
+_KEYS = {"name", "file", "frequency_hz", "unit", "field", "transform", "kind", "noise",
+         "description"}
+
+
+def is_power_of_two(n):
+    """True for a positive integer power of two (a valid HEALPix nside)."""
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 and (n & (n - 1)) == 0
+
+
+@dataclass
+class MapEntry:
+    """One map of a catalog, validated (``path`` is absolute)."""
+
+    name: str
+    path: str
+    frequency_hz: float
+    unit: str
+    field: int = 0
+    transform: str = "auto"
+    kind: str = None
+    noise: float = float("nan")
+
+
+@dataclass
+class Catalog:
+    """A validated catalog: its file, the requested working nside (or None) and its maps."""
+
+    path: str
+    nside: int
+    maps: list
+
+    @property
+    def names(self):
+        return [m.name for m in self.maps]
+
+
+def _number(value, where):
+    if isinstance(value, bool):
+        raise InputError(f"{where}: must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: must be a number, got {value!r}") from None
+
+
+def read_catalog(path):
+    """Read and validate a catalog YAML file without reading its maps.
+
+    Parameters
+    ----------
+    path : str
+        The catalog file.
+
+    Returns
+    -------
+    Catalog
+
+    Raises
+    ------
+    InputError
+        Missing file, YAML that is not a catalog, a bad or duplicate entry, a missing map file.
+    """
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: catalog file not found")
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise InputError(f"{path}: not valid YAML{line}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a text YAML file") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("maps"), list) or not doc["maps"]:
+        raise InputError(f"{path}: not a catalog (expected a mapping with a non-empty 'maps' list)")
+    nside = doc.get("nside")
+    if nside is not None and not is_power_of_two(nside):
+        raise InputError(f"{path}: nside: {nside!r} is not a power of two")
+    folder = os.path.dirname(os.path.abspath(path))
+    entries, seen = [], set()
+    for i, raw in enumerate(doc["maps"]):
+        where = f"{path}: maps[{i}]"
+        if not isinstance(raw, dict):
+            raise InputError(f"{where}: entry is not a mapping")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"{where}: missing 'name'")
+        where = f"{path}: map '{name}'"
+        if name in seen:
+            raise InputError(f"{where}: duplicate name")
+        seen.add(name)
+        unknown = sorted(set(raw) - _KEYS)
+        if unknown:
+            warnings.warn(f"{where}: ignoring unknown keys {', '.join(unknown)}")
+        if "frequency_hz" not in raw or raw["frequency_hz"] is None:
+            raise InputError(f"{where}: missing frequency_hz")
+        freq = _number(raw["frequency_hz"], f"{where}: frequency_hz")
+        if not freq > 0 or not np.isfinite(freq):
+            raise InputError(f"{where}: frequency_hz must be positive, got {raw['frequency_hz']!r}")
+        if not isinstance(raw.get("unit"), str) or not raw["unit"].strip():
+            raise InputError(f"{where}: missing 'unit'")
+        file = raw.get("file")
+        if not isinstance(file, str) or not file:
+            raise InputError(f"{where}: missing 'file'")
+        fpath = file if os.path.isabs(file) else os.path.join(folder, file)
+        if not os.path.isfile(fpath):
+            raise InputError(f"{where}: map file not found: {fpath}")
+        fld = raw.get("field", 0)
+        if isinstance(fld, bool) or not isinstance(fld, int) or fld < 0:
+            raise InputError(f"{where}: field must be a non-negative integer, got {fld!r}")
+        transform = raw.get("transform", "auto")
+        if transform not in TRANSFORMS:
+            raise InputError(f"{where}: transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
+        kind = raw.get("kind")  # None: the FITS header's KIND, else intensity (see read_healpix)
+        if kind is not None and kind not in KINDS:
+            raise InputError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        noise = float("nan")
+        if raw.get("noise") is not None:
+            noise = _number(raw["noise"], f"{where}: noise")
+            if not noise >= 0:
+                raise InputError(f"{where}: noise must be >= 0, got {raw['noise']!r}")
+        entries.append(MapEntry(name, os.path.abspath(fpath), freq, raw["unit"].strip(), fld,
+                                transform, kind, noise))
+    return Catalog(os.path.abspath(path), nside, entries)
+
+
+def read_healpix(entry):
+    """Read one catalog map as a full-sky RING array with NaN for missing pixels.
+
+    Parameters
+    ----------
+    entry : MapEntry
+
+    Returns
+    -------
+    values : ndarray
+        The map in RING order, NaN where UNSEEN, NaN or infinite.
+    nside : int
+        Its resolution.
+    kind : str
+        ``entry.kind``, else the header's KIND card if it names a kind, else ``"counts"`` for
+        unit counts/photons, else ``"intensity"``.
+    """
+    import healpy as hp
+    from astropy.io import fits
+
+    where = f"map '{entry.name}' ({entry.path})"
+    try:
+        with fits.open(entry.path) as hdul:
+            if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
+                raise InputError(f"{where}: not a HEALPix map (no binary table extension)")
+            hdr = hdul[1].header
+            pixtype = str(hdr.get("PIXTYPE", "HEALPIX")).strip().upper()
+            if pixtype != "HEALPIX":
+                raise InputError(f"{where}: not a HEALPix map (PIXTYPE = {pixtype})")
+            ncol = len(hdul[1].columns)
+            partial = (str(hdr.get("INDXSCHM", "")).strip().upper() == "EXPLICIT"
+                       or str(hdr.get("OBJECT", "")).strip().upper() == "PARTIAL")
+            n_fields = ncol - 1 if partial else ncol
+            kind = entry.kind or str(hdr.get("KIND", "")).strip().lower()
+            if kind not in KINDS:
+                kind = "counts" if entry.unit.lower() in ("counts", "count", "photons") else "intensity"
+            if entry.field >= n_fields:
+                raise InputError(f"{where}: field {entry.field} does not exist "
+                                 f"(the file has {n_fields} map column(s))")
+    except InputError:
+        raise
+    except OSError as e:
+        raise InputError(f"{where}: not a readable FITS file ({str(e).splitlines()[0]})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = hp.read_map(entry.path, field=entry.field, nest=False, partial=partial,
+                                 dtype=np.float64)
+    except Exception as e:  # healpy raises ValueError, TypeError, KeyError ... for non-HEALPix tables
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{where}: not a HEALPix map ({msg})") from None
+    values = np.array(values, dtype=np.float64)
+    # UNSEEN may come back rounded through float32: compare with a relative tolerance
+    values[~np.isfinite(values) | (np.abs(values / hp.UNSEEN - 1) < 1e-5)] = np.nan
+    return values, hp.npix2nside(values.size), kind
+
+
+def _regrade(values, nside_in, nside_out, kind):
+    """Regrade a RING map with NaN for missing: intensities averaged, counts summed."""
+    import healpy as hp
+
+    if nside_in == nside_out:
+        return values
+    m = np.where(np.isnan(values), hp.UNSEEN, values)
+    # power=-2 keeps the sum over the sky (counts); power=0 averages (intensities).
+    out = hp.ud_grade(m, nside_out, pess=False, order_in="RING", order_out="RING",
+                      power=-2 if kind == "counts" else None)
+    out = np.asarray(out, dtype=np.float64)
+    out[out == hp.UNSEEN] = np.nan
+    return out
+
+
+def load_catalog(catalog, nside=None, nest=False):
+    """Read every map of a catalog into one data set at a common resolution.
+
+    Parameters
+    ----------
+    catalog : str or Catalog
+        Catalog file or an already validated catalog.
+    nside : int, optional
+        Working resolution; default the catalog's ``nside``, else the lowest among the maps.
+    nest : bool
+        Pixel ordering of the returned values (NESTED if true).
+
+    Returns
+    -------
+    SkyDataSet
+        Channels x pixels in physical units, NaN and ``observed == False`` where missing.
+
+    Raises
+    ------
+    InputError
+        Any problem with the catalog or a map (named in the message).
+    """
+    import healpy as hp
+
+    cat = read_catalog(catalog) if isinstance(catalog, str) else catalog
+    if nside is not None and not is_power_of_two(nside):
+        raise InputError(f"nside {nside!r} is not a power of two")
+    raw = [read_healpix(e) for e in cat.maps]
+    native = [n for _, n, _ in raw]
+    kinds = [k for _, _, k in raw]
+    nside = nside or cat.nside or min(native)
+    values = np.empty((len(raw), hp.nside2npix(nside)))
+    for i, ((v, n, kind), e) in enumerate(zip(raw, cat.maps)):
+        if not np.isfinite(v).any():
+            raise InputError(f"map '{e.name}' ({e.path}): no valid pixel")
+        values[i] = _regrade(v, n, nside, kind)
+        if not np.isfinite(values[i]).any():
+            raise InputError(f"map '{e.name}' ({e.path}): no valid pixel at nside {nside}")
+        if e.transform == "log" and np.nanmin(values[i]) <= 0:
+            raise InputError(f"map '{e.name}' ({e.path}): transform 'log' needs positive values, "
+                             f"the map has values <= 0 (use asinh or auto)")
+    if nest:
+        values = values[:, hp.nest2ring(nside, np.arange(values.shape[1]))]
+    return SkyDataSet(values=values, observed=np.isfinite(values), names=cat.names,
+                      units=[e.unit for e in cat.maps],
+                      frequencies_hz=np.array([e.frequency_hz for e in cat.maps]),
+                      kinds=kinds, nside=nside, nest=nest, coord="G",
+                      noise=np.array([e.noise for e in cat.maps]),
+                      sources=[e.path for e in cat.maps], native_nside=native,
+                      transforms=[e.transform for e in cat.maps])

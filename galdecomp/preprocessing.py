@@ -1,0 +1,176 @@
+"""Per-channel preprocessing: a dynamic-range transform, then standardisation.
+
+Channel values ``x`` (physical units) become ``y = (T(x) - mean) / std`` with ``T`` one of
+
+- ``log``: ``log(x)``, for strictly positive maps;
+- ``asinh``: ``asinh(x / scale)``, linear within ``scale`` of zero and logarithmic beyond, for
+  maps with zeros or negative values (CMB-dominated maps, photon counts); ``scale`` is the
+  robust spread of the map (1.4826 x median absolute deviation), else its mean absolute value,
+  and at least 1 for photon counts;
+- ``linear``: ``x``.
+
+``auto`` picks ``log`` when every observed value is positive and ``asinh`` otherwise.
+The transform is invertible, and is stored with a run as a plain dictionary.
+"""
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["ChannelTransform", "Preprocessor"]
+
+
+@dataclass
+class ChannelTransform:
+    """Transform of one channel: ``y = (T(x) - mean) / std``.
+
+    Attributes
+    ----------
+    kind : str
+        ``"log"``, ``"asinh"`` or ``"linear"``.
+    scale : float
+        ``asinh`` scale in the channel's unit (1 otherwise).
+    mean, std : float
+        Standardisation of ``T(x)`` over the observed pixels.
+    """
+
+    kind: str
+    scale: float = 1.0
+    mean: float = 0.0
+    std: float = 1.0
+
+    def _t(self, x):
+        if self.kind == "log":
+            return np.log(x)
+        if self.kind == "asinh":
+            return np.arcsinh(x / self.scale)
+        return np.asarray(x, dtype=float)
+
+    def forward(self, x):
+        """Physical values to standardised values (NaN stays NaN)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (self._t(x) - self.mean) / self.std
+
+    def inverse(self, y):
+        """Standardised values back to physical units."""
+        t = np.asarray(y) * self.std + self.mean
+        if self.kind == "log":
+            return np.exp(t)
+        if self.kind == "asinh":
+            return self.scale * np.sinh(t)
+        return t
+
+    def derivative(self, x):
+        """dy/dx at physical values ``x``: converts a physical noise level to standardised units."""
+        if self.kind == "log":
+            d = 1.0 / np.asarray(x, dtype=float)
+        elif self.kind == "asinh":
+            d = 1.0 / np.sqrt(self.scale ** 2 + np.asarray(x, dtype=float) ** 2)
+        else:
+            d = np.ones_like(np.asarray(x, dtype=float))
+        return d / self.std
+
+    @classmethod
+    def fit(cls, x, kind="auto", name="channel", min_scale=0.0):
+        """Choose and fit the transform to the observed values ``x`` of one channel.
+
+        Parameters
+        ----------
+        x : ndarray
+            Observed (finite) values in physical units.
+        kind : str
+            ``"auto"``, ``"log"``, ``"asinh"`` or ``"linear"``.
+        name : str
+            Channel name for error messages.
+        min_scale : float
+            Lower bound of the ``asinh`` scale (1 for photon counts: one photon is not made a
+            jump of many standard deviations in a mostly-empty map).
+        """
+        x = np.asarray(x, dtype=float)
+        x = x[np.isfinite(x)]
+        if x.size == 0:
+            raise InputError(f"map '{name}': no valid pixel")
+        if kind == "auto":
+            kind = "log" if x.min() > 0 else "asinh"
+        if kind == "log" and x.min() <= 0:
+            raise InputError(f"map '{name}': transform 'log' needs positive values, "
+                             f"the map has values <= 0 (use asinh or auto)")
+        scale = 1.0
+        if kind == "asinh":
+            scale = 1.4826 * np.median(np.abs(x - np.median(x)))
+            if not scale > 0:
+                scale = np.mean(np.abs(x))
+            if not scale > 0:
+                scale = 1.0
+            scale = max(scale, min_scale)
+        tr = cls(kind, float(scale))
+        t = tr._t(x)
+        tr.mean = float(np.mean(t))
+        std = float(np.std(t))
+        tr.std = std if std > 0 else 1.0
+        return tr
+
+
+class Preprocessor:
+    """The transforms of all channels of a data set.
+
+    Parameters
+    ----------
+    transforms : list of ChannelTransform
+    names : list of str
+        Channel names, in order.
+    """
+
+    def __init__(self, transforms, names):
+        self.transforms = list(transforms)
+        self.names = list(names)
+
+    @classmethod
+    def fit(cls, dataset, kinds=None):
+        """Fit one transform per channel.
+
+        Parameters
+        ----------
+        dataset : DataSet
+        kinds : list of str, optional
+            Requested transform per channel; default the data set's ``transforms`` if it has
+            them, else ``"auto"`` for all.
+        """
+        kinds = kinds or getattr(dataset, "transforms", None) or ["auto"] * dataset.n_features
+        counts = getattr(dataset, "kinds", None) or ["intensity"] * dataset.n_features
+        trs = [ChannelTransform.fit(v[o], k, n, min_scale=1.0 if c == "counts" else 0.0)
+               for v, o, k, n, c in zip(dataset.values, dataset.observed, kinds, dataset.names, counts)]
+        return cls(trs, dataset.names)
+
+    def forward(self, values):
+        """Channels x samples physical values to standardised values."""
+        return np.stack([t.forward(v) for t, v in zip(self.transforms, values)])
+
+    def inverse(self, values):
+        """Channels x samples standardised values to physical units."""
+        return np.stack([t.inverse(v) for t, v in zip(self.transforms, values)])
+
+    def noise_to_standardised(self, dataset):
+        """Known per-channel noise levels (physical units, NaN = unknown) in standardised units.
+
+        Returns
+        -------
+        ndarray, shape (n_channels,)
+            ``noise * median |dy/dx|`` over observed pixels; 0 where the noise is unknown.
+        """
+        out = np.zeros(len(self.transforms))
+        for i, (t, v, o) in enumerate(zip(self.transforms, dataset.values, dataset.observed)):
+            sigma = dataset.noise[i] if dataset.noise is not None else np.nan
+            if np.isfinite(sigma):
+                out[i] = sigma * np.median(np.abs(t.derivative(v[o])))
+        return out
+
+    def to_dict(self):
+        """A YAML-safe description: ``{name: {kind, scale, mean, std}}``."""
+        return {n: asdict(t) for n, t in zip(self.names, self.transforms)}
+
+    @classmethod
+    def from_dict(cls, d):
+        """Inverse of :meth:`to_dict`."""
+        return cls([ChannelTransform(**v) for v in d.values()], list(d))

@@ -1,0 +1,1 @@
+"""Products: tables, maps and plots made from data sets and trained runs."""

@@ -1,0 +1,60 @@
+"""What `galdecomp inspect` shows: per-channel statistics, the chosen transform, warnings."""
+import numpy as np
+
+__all__ = ["summarise", "COLUMNS"]
+
+COLUMNS = ["name", "frequency_hz", "unit", "kind", "nside", "coverage", "min", "median", "max",
+           "transform", "warnings"]
+
+
+def summarise(dataset, preprocessor, duplicate_threshold=0.995):
+    """Per-channel summary rows of a sky data set.
+
+    Parameters
+    ----------
+    dataset : SkyDataSet
+    preprocessor : Preprocessor
+        Fitted on ``dataset``.
+    duplicate_threshold : float
+        |Pearson r| of the transformed channels above which two channels are flagged as
+        near-duplicates (they add little information, and can drive a learned noise to 0).
+
+    Returns
+    -------
+    list of dict
+        One row per channel with the keys of ``COLUMNS``.
+    """
+    y = preprocessor.forward(dataset.values)
+    obs = dataset.observed
+    # correlation over pixels observed in both channels, all pairs at once
+    yz = np.where(obs, y, 0.0)
+    n = obs.astype(float) @ obs.T.astype(float)
+    s1 = yz @ obs.T.astype(float)
+    sxy = yz @ yz.T
+    sxx = (yz ** 2) @ obs.T.astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = sxy / n - (s1 / n) * (s1.T / n)
+        var_i = sxx / n - (s1 / n) ** 2
+        corr = cov / np.sqrt(var_i * var_i.T)
+    rows = []
+    for i, name in enumerate(dataset.names):
+        v = dataset.values[i][obs[i]]
+        warn = []
+        dups = [dataset.names[j] for j in range(len(dataset.names))
+                if j != i and abs(corr[i, j]) > duplicate_threshold]
+        if dups:
+            warn.append("near-duplicate of " + ", ".join(dups))
+        if obs[i].mean() < 1:
+            warn.append(f"{(~obs[i]).sum()} missing pixels")
+        if dataset.native_nside and dataset.native_nside[i] != dataset.nside:
+            warn.append(f"regraded from nside {dataset.native_nside[i]}")
+        if dataset.kinds[i] == "counts" and np.mean(v == 0) > 0.5:
+            warn.append(f"{np.mean(v == 0):.0%} zero counts")
+        tr = preprocessor.transforms[i]
+        rows.append(dict(name=name, frequency_hz=float(dataset.frequencies_hz[i]), unit=dataset.units[i],
+                         kind=dataset.kinds[i], nside=dataset.native_nside[i] if dataset.native_nside else dataset.nside,
+                         coverage=f"{obs[i].mean():.4f}", min=float(v.min()), median=float(np.median(v)),
+                         max=float(v.max()),
+                         transform=tr.kind + (f"(scale={tr.scale:.3g})" if tr.kind == "asinh" else ""),
+                         warnings="; ".join(warn)))
+    return rows

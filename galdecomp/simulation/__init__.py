@@ -1,0 +1,14 @@
+"""Simulated multi-frequency Galactic sky (radio to gamma rays) with known truth.
+
+`simulate_sky` draws latent physical maps (gas, cosmic rays, electrons, dust, ionised and hot
+gas, CMB) and evaluates 35 survey-like channels from them, with Gaussian or Poisson noise;
+`write_simulated_sky` writes the maps and truth maps as catalogs; `plot_overview` and
+`plot_truth` draw them.
+"""
+from .components import Galaxy, make_galaxy
+from .sky import (ComponentMaps, SimulatedSky, channel_components, channel_table_path,
+                  load_channel_table, plot_overview, plot_truth, simulate_sky, write_simulated_sky)
+
+__all__ = ["simulate_sky", "write_simulated_sky", "plot_overview", "plot_truth", "SimulatedSky",
+           "ComponentMaps", "channel_components", "channel_table_path", "load_channel_table",
+           "Galaxy", "make_galaxy"]
