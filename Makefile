@@ -19,8 +19,7 @@ $(STAMP): setup.py | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/galdecomp simulate --nside 32 --out $(DEMO_DIR)/sky --overwrite
-	$(BIN)/galdecomp inspect $(DEMO_DIR)/sky/catalog.yaml
+	$(BIN)/galdecomp run --config runs/demo.yaml --out $(DEMO_DIR) --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

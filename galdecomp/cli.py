@@ -78,6 +78,59 @@ def cmd_inspect(args):
     return 0
 
 
+def _positive_int(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
+    return n
+
+
+def _config_file(path):
+    from .inference.config import load_config_file
+
+    if path is None:
+        return None
+    cfg = load_config_file(path)
+    cfg.pop("catalog", None)  # written into RUN/config.yaml for the record
+    return cfg
+
+
+def cmd_fit(args):
+    from .pipeline import fit_catalog
+
+    overrides = dict(nside=args.nside, latent_dim=args.latent_dim, covariance=args.covariance,
+                     beta=args.beta, seed=args.seed)
+    if args.max_epochs is not None:
+        overrides["training"] = {"max_epochs": args.max_epochs}
+    res = fit_catalog(args.catalog, args.out, overrides, _config_file(args.config), args.resume,
+                      args.overwrite)
+    _print_fit(res)
+    return 0
+
+
+def _print_fit(res):
+    p = res["products"]["paths"]
+    print(f"run folder: {res['run_dir']}")
+    print(f"latent feature maps: {p['latent_mean.fits']} (std: {p['latent_std.fits']})")
+    print(f"plots: {p['plots']}")
+
+
+def cmd_run(args):
+    from .pipeline import run_main_job
+
+    cfg = None
+    if args.config:
+        from .inference.config import load_config_file
+        cfg = load_config_file(args.config)
+    res = run_main_job(cfg, out=args.out, overwrite=args.overwrite, resume=args.resume)
+    print(f"simulated sky: {res['sky']}")
+    _print_fit(res["fit"])
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------
 
 def build_parser():
@@ -105,6 +158,34 @@ def build_parser():
     s.add_argument("--nside", type=_nside, help="working resolution (default: catalog's or lowest)")
     s.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("fit", help="fit the probabilistic autoencoder to a catalog's maps",
+                       description="Fit the probabilistic autoencoder (decoder, adaptive noise, "
+                                   "amortised encoder) to the maps of CATALOG and write latent-feature "
+                                   "maps and diagnostics to RUN. Ctrl-C leaves a resumable run.")
+    s.add_argument("catalog", help="catalog YAML file")
+    s.add_argument("--out", required=True, metavar="RUN", help="run folder")
+    s.add_argument("--nside", type=_nside, help="working resolution (default: catalog's or lowest)")
+    s.add_argument("--latent-dim", type=_positive_int, help="number of latent features (default 10)")
+    s.add_argument("--covariance", choices=["diagonal", "fisher"],
+                   help="latent posterior covariance (default diagonal)")
+    s.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
+    s.add_argument("--seed", type=int, help="random seed (default 0)")
+    s.add_argument("--max-epochs", type=_positive_int, help="training epochs at most (default 150)")
+    s.add_argument("--config", metavar="FILE", help="YAML configuration (e.g. a run's config.yaml)")
+    s.add_argument("--resume", action="store_true", help="continue the run in RUN from its checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing RUN")
+    s.set_defaults(func=cmd_fit)
+
+    s = sub.add_parser("run", help="the main job: simulate the default sky and fit it",
+                       description="Simulate the built-in default sky, fit the autoencoder to it and "
+                                   "write everything below OUT (default runs/main): OUT/sky, OUT/fit.")
+    s.add_argument("--config", metavar="FILE",
+                   help="YAML with out, simulate: {nside, seed}, fit: {fit settings}")
+    s.add_argument("--out", help="output folder (default from the config, else runs/main)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted main job")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.set_defaults(func=cmd_run)
     return p
 
 
@@ -125,6 +206,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("galdecomp: interrupted", file=sys.stderr)
         return 130
+    except FloatingPointError as e:
+        print(f"galdecomp: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

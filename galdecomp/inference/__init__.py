@@ -1,0 +1,1 @@
+"""Inference: configuration, ELBO optimisation with checkpoints, posterior products."""

@@ -1,0 +1,141 @@
+"""Fit configuration: defaults, YAML files and command-line overrides, validated in one place.
+
+The resolved configuration is written to RUN/config.yaml; ``galdecomp fit CATALOG --config
+RUN/config.yaml`` reproduces the run.
+"""
+import copy
+
+import yaml
+
+from ..errors import InputError
+
+__all__ = ["DEFAULTS", "resolve_config", "load_config_file", "model_signature"]
+
+#: Every setting of a fit, with its default.
+DEFAULTS = {
+    "latent_dim": 10,
+    "covariance": "diagonal",      # diagonal | fisher
+    "beta": 1.0,                   # weight of the KL term of the ELBO
+    "seed": 0,
+    "nside": None,                 # working resolution (None: the catalog's)
+    "decoder": {"hidden": [64, 64], "activation": "tanh"},
+    "encoder": {"hidden": [128, 128], "activation": "tanh"},
+    "noise": {
+        "sigma0": 0.5,             # prior median of the adaptive noise (standardised units)
+        "tau": 1.0,                # prior width of log sigma (e-folds)
+        "floor": 0.01,             # floor added in quadrature to the catalog's noise (standardised)
+    },
+    "training": {
+        "batch_size": 1024,
+        "max_epochs": 150,
+        "learning_rate": 3e-3,
+        "min_learning_rate": 1e-4,
+        "lr_factor": 0.5,           # learning-rate reduction on a validation plateau
+        "lr_patience": 8,          # epochs without improvement before reducing the learning rate
+        "patience": 20,            # epochs without improvement before stopping early
+        "validation_fraction": 0.1,
+        "dtype": "float64",        # float32 runs the MLP kernels in single precision
+    },
+}
+
+_CHOICES = {"covariance": ("diagonal", "fisher")}
+#: Settings that define the model and its optimisation path: a run can only be resumed with them unchanged.
+_MODEL_KEYS = ("latent_dim", "covariance", "beta", "seed", "nside", "decoder", "encoder", "noise", "training")
+
+
+def _merge(base, new, where="config"):
+    out = copy.deepcopy(base)
+    for k, v in (new or {}).items():
+        if k not in base:
+            raise InputError(f"{where}: unknown setting '{k}'")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise InputError(f"{where}: '{k}' must be a mapping")
+            out[k] = _merge(base[k], v, f"{where}: {k}")
+        else:
+            out[k] = v
+    return out
+
+
+def load_config_file(path):
+    """Read a YAML configuration file into a dict (no validation)."""
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except yaml.YAMLError:
+        raise InputError(f"{path}: not valid YAML") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: a config file must be a mapping of settings")
+    return doc
+
+
+def _positive_int(cfg, key, where):
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise InputError(f"{where}: {key} must be a positive integer, got {v!r}")
+
+
+def _positive(cfg, key, where, allow_zero=False):
+    v = cfg[key]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v >= 0 if allow_zero else v > 0)
+    if not ok:
+        raise InputError(f"{where}: {key} must be a {'non-negative' if allow_zero else 'positive'} "
+                         f"number, got {v!r}")
+
+
+def resolve_config(file_config=None, overrides=None, where="config"):
+    """Defaults, updated by a config file's settings, then by command-line overrides.
+
+    Parameters
+    ----------
+    file_config : dict, optional
+        Settings from a YAML file (nested like ``DEFAULTS``; may hold extra top-level keys
+        listed in ``extra``).
+    overrides : dict, optional
+        Top-level settings from the command line (``None`` values are ignored).
+    where : str
+        Name of the source for error messages.
+
+    Returns
+    -------
+    dict
+        The full, validated configuration.
+    """
+    cfg = _merge(DEFAULTS, file_config, where)
+    cfg = _merge(cfg, {k: v for k, v in (overrides or {}).items() if v is not None}, where)
+    _positive_int(cfg, "latent_dim", where)
+    for k, choices in _CHOICES.items():
+        if cfg[k] not in choices:
+            raise InputError(f"{where}: {k} must be one of {', '.join(choices)}, got {cfg[k]!r}")
+    _positive(cfg, "beta", where)
+    if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
+        raise InputError(f"{where}: seed must be a non-negative integer, got {cfg['seed']!r}")
+    for part in ("decoder", "encoder"):
+        hidden = cfg[part]["hidden"]
+        if not isinstance(hidden, list) or not all(isinstance(h, int) and h > 0 for h in hidden):
+            raise InputError(f"{where}: {part}.hidden must be a list of positive integers, got {hidden!r}")
+        from ..model.mlp import ACTIVATIONS
+        if cfg[part]["activation"] not in ACTIVATIONS:
+            raise InputError(f"{where}: {part}.activation must be one of {', '.join(ACTIVATIONS)}")
+    _positive(cfg["noise"], "sigma0", f"{where}: noise")
+    _positive(cfg["noise"], "tau", f"{where}: noise")
+    _positive(cfg["noise"], "floor", f"{where}: noise", allow_zero=True)
+    t = cfg["training"]
+    for k in ("batch_size", "max_epochs", "lr_patience", "patience"):
+        _positive_int(t, k, f"{where}: training")
+    for k in ("learning_rate", "min_learning_rate", "lr_factor"):
+        _positive(t, k, f"{where}: training")
+    if not 0 < t["validation_fraction"] < 0.5:
+        raise InputError(f"{where}: training.validation_fraction must be in (0, 0.5)")
+    if t["dtype"] not in ("float64", "float32"):
+        raise InputError(f"{where}: training.dtype must be float64 or float32")
+    return cfg
+
+
+def model_signature(cfg):
+    """The part of a configuration that must match for ``--resume``."""
+    return {k: cfg[k] for k in _MODEL_KEYS}

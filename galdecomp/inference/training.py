@@ -1,0 +1,183 @@
+"""Stochastic optimisation of the ELBO over row minibatches, with checkpoints and resume.
+
+The optimisation path is a function of the configuration only: the training/validation split,
+the minibatch order and the reparameterisation draws come from generators seeded by
+``seed``, and the whole state (parameters, Adam moments, learning-rate schedule, early-stopping
+state, generator state, history) is checkpointed at the end of every epoch. A resumed run
+therefore ends exactly where an uninterrupted run ends.
+"""
+import time
+
+import numpy as np
+
+__all__ = ["Adam", "TrainingState", "split_rows", "train"]
+
+
+class Adam:
+    """Adam on a flat parameter vector (Kingma & Ba 2015), state kept as plain arrays."""
+
+    def __init__(self, n, beta1=0.9, beta2=0.999, eps=1e-8):
+        self.m = np.zeros(n)
+        self.v = np.zeros(n)
+        self.t = 0
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+
+    def step(self, x, grad, lr):
+        """Return the updated parameters ``x - lr * m_hat / (sqrt(v_hat) + eps)``."""
+        self.t += 1
+        self.m = self.beta1 * self.m + (1 - self.beta1) * grad
+        self.v = self.beta2 * self.v + (1 - self.beta2) * grad * grad
+        m_hat = self.m / (1 - self.beta1 ** self.t)
+        v_hat = self.v / (1 - self.beta2 ** self.t)
+        return x - lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
+class TrainingState:
+    """Everything that determines the rest of the optimisation.
+
+    Attributes
+    ----------
+    params, best_params : ndarray
+        Current and best (lowest validation loss) flat parameters.
+    adam : Adam
+    epoch, step : int
+        Completed epochs and optimiser steps.
+    lr : float
+        Current learning rate.
+    best_val : float
+        Lowest validation loss (negative ELBO per row) seen.
+    since_best, since_lr : int
+        Epochs since the best validation loss / since the last learning-rate change.
+    rng_state : dict
+        State of the generator for minibatch order and draws.
+    history : list of dict
+        One row per epoch: epoch, step, elbo, reconstruction, kl, validation_elbo, lr, seconds.
+    done : bool
+        Training has stopped (converged, early-stopped or reached max_epochs).
+    """
+
+    def __init__(self, params, lr, seed):
+        self.params = np.array(params, dtype=np.float64)
+        self.best_params = self.params.copy()
+        self.adam = Adam(self.params.size)
+        self.epoch = self.step = 0
+        self.lr = float(lr)
+        self.best_val = np.inf
+        self.since_best = self.since_lr = 0
+        self.rng_state = np.random.default_rng([seed, 1]).bit_generator.state
+        self.history = []
+        self.done = False
+
+    def to_arrays(self):
+        """Flat dict of arrays and scalars for ``np.savez`` (no pickling needed)."""
+        import json
+
+        return dict(params=self.params, best_params=self.best_params, adam_m=self.adam.m,
+                    adam_v=self.adam.v, adam_t=self.adam.t, epoch=self.epoch, step=self.step, lr=self.lr,
+                    best_val=self.best_val, since_best=self.since_best, since_lr=self.since_lr,
+                    rng_state=json.dumps(self.rng_state), history=json.dumps(self.history),
+                    done=self.done)
+
+    @classmethod
+    def from_arrays(cls, a):
+        """Inverse of :meth:`to_arrays`."""
+        import json
+
+        st = cls.__new__(cls)
+        st.params = np.array(a["params"])
+        st.best_params = np.array(a["best_params"])
+        st.adam = Adam(st.params.size)
+        st.adam.m, st.adam.v, st.adam.t = np.array(a["adam_m"]), np.array(a["adam_v"]), int(a["adam_t"])
+        st.epoch, st.step, st.lr = int(a["epoch"]), int(a["step"]), float(a["lr"])
+        st.best_val = float(a["best_val"])
+        st.since_best, st.since_lr = int(a["since_best"]), int(a["since_lr"])
+        st.rng_state = json.loads(str(a["rng_state"]))
+        st.history = json.loads(str(a["history"]))
+        st.done = bool(a["done"])
+        return st
+
+
+def split_rows(n_rows, validation_fraction, seed):
+    """Deterministic split of row indices into training and validation sets.
+
+    Returns
+    -------
+    train : ndarray of int
+        Sorted training row indices.
+    valid : ndarray of int
+        Sorted validation row indices.
+    """
+    perm = np.random.default_rng([seed, 0]).permutation(n_rows)
+    n_val = max(1, int(round(validation_fraction * n_rows)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None, progress=None):
+    """Run (or continue) the optimisation until it stops.
+
+    Parameters
+    ----------
+    objective : object
+        ``objective.value_and_gradient(params, rows, xi) -> (value, grad, terms)`` for a minibatch
+        of row indices (``terms``: dict with per-row means ``nll`` and ``kl``),
+        ``objective.value(params, rows, xi) -> (value, terms)`` and ``objective.latent_dim``.
+    state : TrainingState
+        Where to start (fresh or loaded from a checkpoint); updated in place.
+    train_rows, valid_rows : ndarray of int
+    cfg : dict
+        The ``training`` section of the configuration.
+    seed : int
+        Seed of the fixed validation draws.
+    checkpoint : callable, optional
+        ``checkpoint(state)`` called after every epoch (writes it atomically).
+    progress : callable, optional
+        ``progress(state, eta_seconds)`` called after every epoch.
+
+    Returns
+    -------
+    TrainingState
+        The final state; ``state.best_params`` are the parameters to use.
+    """
+    bs = int(cfg["batch_size"])
+    val_xi = np.random.default_rng([seed, 2]).standard_normal((valid_rows.size, objective.latent_dim))
+    t_start, epoch0 = time.perf_counter(), state.epoch
+    while not state.done:
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state.rng_state
+        t0 = time.perf_counter()
+        order = rng.permutation(train_rows)
+        n_batches = max(1, order.size // bs)
+        sums = np.zeros(3)
+        for b in range(n_batches):
+            rows = np.sort(order[b * bs:(b + 1) * bs] if b < n_batches - 1 else order[b * bs:])
+            xi = rng.standard_normal((rows.size, objective.latent_dim))
+            value, grad, terms = objective.value_and_gradient(state.params, rows, xi)
+            if not np.isfinite(value) or not np.all(np.isfinite(grad)):
+                raise FloatingPointError(f"non-finite ELBO at epoch {state.epoch + 1}, step {state.step + 1}")
+            state.params = state.adam.step(state.params, grad, state.lr)
+            state.step += 1
+            sums += (value, terms["nll"], terms["kl"])
+        val, _ = objective.value(state.params, valid_rows, val_xi)
+        state.epoch += 1
+        state.rng_state = rng.bit_generator.state
+        mean = sums / n_batches
+        state.history.append(dict(epoch=state.epoch, step=state.step, elbo=-mean[0],
+                                  reconstruction=-mean[1], kl=mean[2], validation_elbo=-val,
+                                  lr=state.lr, seconds=time.perf_counter() - t0))
+        if not np.isfinite(state.best_val) or val < state.best_val - 1e-4 * abs(state.best_val):
+            state.best_val, state.best_params = val, state.params.copy()
+            state.since_best = state.since_lr = 0
+        else:
+            state.since_best += 1
+            state.since_lr += 1
+        if state.since_lr >= cfg["lr_patience"] and state.lr > cfg["min_learning_rate"]:
+            state.lr = max(state.lr * cfg["lr_factor"], cfg["min_learning_rate"])
+            state.since_lr = 0
+        if state.epoch >= cfg["max_epochs"] or state.since_best >= cfg["patience"]:
+            state.done = True
+        if checkpoint is not None:
+            checkpoint(state)
+        if progress is not None:
+            rate = (time.perf_counter() - t_start) / (state.epoch - epoch0)
+            progress(state, rate * (cfg["max_epochs"] - state.epoch))
+    return state

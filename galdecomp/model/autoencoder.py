@@ -1,0 +1,191 @@
+"""The probabilistic autoencoder as one object: networks, posterior family, noise model, parameters.
+
+All parameters live in one flat vector of excitations ``[encoder | decoder | noise]`` (so an
+optimiser, a checkpoint or an MPI Allreduce handles one array); the networks' weights are
+``scales * excitation``. Rows are samples (pixels, images), columns features (channels):
+nothing here knows about HEALPix.
+"""
+import numpy as np
+import nifty8 as ift
+
+from . import noise as _noise
+from .elbo import AmortisedELBO
+from .mlp import MLP
+from .posteriors import POSTERIORS
+
+__all__ = ["Autoencoder", "ELBOObjective"]
+
+
+class Autoencoder:
+    """Encoder, decoder, latent posterior family and adaptive noise.
+
+    Parameters
+    ----------
+    n_features : int
+        Data columns (channels) C.
+    latent_dim : int
+        Latent features L.
+    decoder_hidden, encoder_hidden : sequence of int
+        Hidden layer widths.
+    decoder_activation, encoder_activation : str
+        Names in :data:`galdecomp.model.mlp.ACTIVATIONS`.
+    covariance : str
+        Posterior family: ``"diagonal"`` or ``"fisher"``.
+    floor : array_like, shape (C,)
+        Known noise floor per feature (standardised units).
+    sigma0, tau : float
+        Prior of the adaptive noise (:mod:`galdecomp.model.noise`).
+    beta : float
+        Weight of the KL term.
+    dtype : str
+        ``"float64"`` or ``"float32"`` for the MLP kernels.
+    """
+
+    def __init__(self, n_features, latent_dim=10, decoder_hidden=(64, 64), encoder_hidden=(128, 128),
+                 decoder_activation="tanh", encoder_activation="tanh", covariance="diagonal",
+                 floor=0.0, sigma0=_noise.SIGMA0, tau=_noise.TAU, beta=1.0, dtype="float64"):
+        import galdecomp.model.fisher  # noqa: F401  (registers the "fisher" family)
+
+        dt = np.dtype(dtype).type
+        self.n_features, self.latent_dim = int(n_features), int(latent_dim)
+        self.posterior = POSTERIORS[covariance]()
+        self.decoder = MLP([latent_dim, *decoder_hidden, n_features], decoder_activation, dtype=dt)
+        self.encoder = MLP([2 * n_features, *encoder_hidden, self.posterior.n_encoder_outputs(latent_dim)],
+                           encoder_activation, dtype=dt)
+        self.floor = np.broadcast_to(np.asarray(floor, float), (n_features,)).copy()
+        self.sigma0, self.tau, self.beta = float(sigma0), float(tau), float(beta)
+        self.enc_scales = self.encoder.init_scales()
+        self.dec_scales = self.decoder.init_scales()
+        sizes = [("encoder", self.encoder.n_params), ("decoder", self.decoder.n_params),
+                 ("noise", n_features)]
+        self.slices, i = {}, 0
+        for k, n in sizes:
+            self.slices[k] = slice(i, i + n)
+            i += n
+        self.n_params = i
+
+    @classmethod
+    def from_config(cls, cfg, n_features, floor=0.0):
+        """Build from a resolved fit configuration (:mod:`galdecomp.inference.config`)."""
+        return cls(n_features, cfg["latent_dim"], cfg["decoder"]["hidden"], cfg["encoder"]["hidden"],
+                   cfg["decoder"]["activation"], cfg["encoder"]["activation"], cfg["covariance"],
+                   floor, cfg["noise"]["sigma0"], cfg["noise"]["tau"], cfg["beta"],
+                   cfg["training"]["dtype"])
+
+    # -- parameters -------------------------------------------------------------------------------
+    def init_params(self, seed):
+        """Initial excitations: a prior draw for the decoder, small encoder outputs, noise at sigma0."""
+        rng = np.random.default_rng([seed, 3])
+        p = np.zeros(self.n_params)
+        p[self.slices["encoder"]] = rng.standard_normal(self.encoder.n_params)
+        # start the encoder's output layer small: q starts near the prior N(0, 1)
+        n_last = self.encoder.sizes[-2] * self.encoder.sizes[-1] + self.encoder.sizes[-1]
+        p[self.slices["encoder"].stop - n_last:self.slices["encoder"].stop] *= 0.1
+        p[self.slices["decoder"]] = rng.standard_normal(self.decoder.n_params)
+        return p
+
+    def split(self, params):
+        """Network weights and noise excitation: ``(theta_enc, theta_dec, s)``."""
+        return (self.enc_scales * params[self.slices["encoder"]],
+                self.dec_scales * params[self.slices["decoder"]], params[self.slices["noise"]])
+
+    def sigma(self, params):
+        """Noise standard deviation per feature (standardised units)."""
+        return _noise.sigma(params[self.slices["noise"]], self.floor, self.sigma0, self.tau)
+
+    # -- NIFTy energy -----------------------------------------------------------------------------
+    def elbo(self, data, mask, xi, n_total):
+        """The :class:`AmortisedELBO` operator (negative ELBO per row) for one minibatch."""
+        return AmortisedELBO(data, mask, xi, self.encoder, self.decoder, self.posterior, self.floor,
+                             self.sigma0, self.tau, self.beta, n_total, self.enc_scales, self.dec_scales)
+
+    def position(self, params, domain):
+        """Flat excitations as a MultiField on an ELBO operator's domain."""
+        return ift.MultiField.from_dict(
+            {k: ift.makeField(domain[k], params[self.slices[k]]) for k in self.slices}, domain)
+
+    def flatten(self, multifield):
+        """Inverse of :meth:`position`."""
+        out = np.empty(self.n_params)
+        for k, s in self.slices.items():
+            out[s] = multifield[k].val
+        return out
+
+    # -- evaluation in blocks ---------------------------------------------------------------------
+    def _inv_var(self, params, mask):
+        return mask / self.sigma(params) ** 2
+
+    def posterior_moments(self, params, data, mask, block=8192):
+        """Posterior mean and covariance of every row.
+
+        Parameters
+        ----------
+        params : ndarray
+        data : ndarray, shape (P, C)
+            Standardised data (missing entries arbitrary).
+        mask : ndarray of bool, shape (P, C)
+            True where observed.
+        block : int
+            Rows per block.
+
+        Returns
+        -------
+        mean : ndarray, shape (P, L)
+        cov : ndarray, shape (P, L, L)
+        """
+        th_e, th_d, _ = self.split(params)
+        P, L = len(data), self.latent_dim
+        mean, cov = np.empty((P, L)), np.empty((P, L, L))
+        for a in range(0, P, block):
+            d, m = data[a:a + block], mask[a:a + block].astype(float)
+            x = np.concatenate([np.where(m > 0, d, 0.0), m], axis=1)
+            enc = np.asarray(self.encoder.forward(th_e, x), dtype=float)
+            mean[a:a + block], cov[a:a + block] = self.posterior.mean_and_cov(
+                enc, self.decoder, th_d, self._inv_var(params, m))
+        return mean, cov
+
+    def decode(self, params, z):
+        """Decoder output ``f(z)`` (standardised units), shape (P, C)."""
+        return np.asarray(self.decoder.forward(self.split(params)[1], z), dtype=float)
+
+    def nll_rows(self, params, data, mask, z):
+        """Per-row negative log-likelihood ``-log N(d | f(z), N)`` over observed features."""
+        sig = self.sigma(params)
+        r = np.where(mask, (data - self.decode(params, z)) / sig, 0.0)
+        return 0.5 * (r ** 2).sum(1) + (mask * np.log(np.sqrt(2 * np.pi) * sig)).sum(1)
+
+
+class ELBOObjective:
+    """Minibatch negative ELBO of an :class:`Autoencoder` on a fixed data table, for training.
+
+    Parameters
+    ----------
+    model : Autoencoder
+    data : ndarray, shape (P, C)
+        Standardised data; NaN where missing.
+    n_total : int
+        Rows of the training set (scales the prior terms).
+    """
+
+    def __init__(self, model, data, n_total):
+        self.model = model
+        self.mask = np.isfinite(data)
+        self.data = np.where(self.mask, data, 0.0)
+        self.n_total = int(n_total)
+        self.latent_dim = model.latent_dim
+        L = model.latent_dim
+        self._op = model.elbo(self.data[:1], self.mask[:1], np.zeros((1, L)), self.n_total)
+
+    def _energy(self, rows, xi):
+        return self._op.with_batch(self.data[rows], self.mask[rows], xi)
+
+    def value_and_gradient(self, params, rows, xi):
+        """Negative ELBO per row of the minibatch ``rows``, its gradient and terms."""
+        op = self._energy(rows, xi)
+        value, grad, terms = op.value_gradient_terms(self.model.position(params, op.domain))
+        return float(value), self.model.flatten(grad), terms
+
+    def value(self, params, rows, xi):
+        """Negative ELBO per row of ``rows`` (no gradient) and its terms."""
+        op = self._energy(rows, xi)
+        return float(op.evaluate(self.model.position(params, op.domain))), {}

@@ -1,0 +1,355 @@
+"""Multilayer perceptron kernels in numpy: parameter layout, activations, passes in blocks.
+
+Layout (shared by every kernel and operator of galdecomp.model)
+---------------------------------------------------------------
+``sizes = [n_0, n_1, ..., n_K]``; layer k maps ``h_k`` (rows) to
+``a_k = h_k @ W_k + b_k`` with ``W_k`` of shape ``(n_k, n_{k+1})``; ``h_{k+1} = act(a_k)``
+for hidden layers and ``h_K = a_{K-1}`` (linear output). The flat parameter vector is the
+concatenation over layers of ``W_k.ravel()`` (C order) then ``b_k``.
+
+:class:`MLP` evaluates the network on row blocks (``block_size`` rows at a time) so that the
+elementwise passes over the (rows, width) activations stay in cache; only the loop over blocks
+is in Python.
+"""
+import contextlib
+
+import numpy as np
+
+__all__ = ["ACTIVATIONS", "MLP", "blas_threads", "n_params", "unpack_params"]
+
+
+def _tanh(a):
+    t = np.tanh(a)
+    d1 = 1.0 - t * t
+    return t, d1, -2.0 * t * d1
+
+
+def _softplus(a):
+    s = 1.0 / (1.0 + np.exp(-a))
+    return np.logaddexp(0.0, a), s, s * (1.0 - s)
+
+
+#: name -> function returning (act(a), act'(a), act''(a))
+ACTIVATIONS = {"tanh": _tanh, "softplus": _softplus}
+
+
+def n_params(sizes):
+    """Number of parameters of an MLP with layer widths ``sizes``."""
+    return int(sum(n * m + m for n, m in zip(sizes[:-1], sizes[1:])))
+
+
+def unpack_params(theta, sizes):
+    """Split a flat parameter vector into per-layer views.
+
+    Parameters
+    ----------
+    theta : ndarray, shape (n_params(sizes),)
+    sizes : sequence of int
+
+    Returns
+    -------
+    list of (W, b)
+        Views into ``theta``: ``W`` of shape (n_k, n_{k+1}), ``b`` of shape (n_{k+1},).
+    """
+    theta = np.asarray(theta)
+    if theta.shape != (n_params(sizes),):
+        raise ValueError(f"theta has shape {theta.shape}, expected ({n_params(sizes)},)")
+    layers, i = [], 0
+    for n, m in zip(sizes[:-1], sizes[1:]):
+        W = theta[i:i + n * m].reshape(n, m)
+        i += n * m
+        layers.append((W, theta[i:i + m]))
+        i += m
+    return layers
+
+
+_CONTROLLER = None
+
+
+def blas_threads(n):
+    """Context limiting BLAS to ``n`` threads (threadpoolctl); no-op for ``n=None`` or without it."""
+    global _CONTROLLER
+    if n is None:
+        return contextlib.nullcontext()
+    if _CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _CONTROLLER = ThreadpoolController()
+        except ImportError:
+            _CONTROLLER = False
+    if not _CONTROLLER:
+        return contextlib.nullcontext()
+    return _CONTROLLER.limit(limits=int(n), user_api="blas")
+
+
+def _act_fwd(name, a, out):
+    """Write ``act(a)`` into ``out`` (may be a strided view); return what ``_act_scale`` needs."""
+    if name == "tanh":
+        np.tanh(a, out=out)
+        return None
+    h, d1, _ = ACTIVATIONS[name](a)
+    out[...] = h
+    return d1
+
+
+def _act_scale(name, h, state, g, tmp):
+    """Multiply ``g`` in place by ``act'(a)``, given ``h = act(a)`` and the forward state."""
+    if name == "tanh":
+        np.multiply(h, h, out=tmp)
+        np.subtract(1.0, tmp, out=tmp)
+        g *= tmp
+    else:
+        g *= state
+
+
+class MLP:
+    """Per-row multilayer perceptron with blocked forward, reverse (vjp) and forward-mode (jvp) passes.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Layer widths ``[n_in, n_hidden..., n_out]``; parameter layout as in the module docstring.
+    activation : str
+        Hidden-layer activation, a key of :data:`ACTIVATIONS`; the output layer is linear.
+    block_size : int
+        Rows per block. Default 1024: fastest on the project's 2-core Xeon (1 MB L2 per core)
+        for the 10-64-64-35 decoder, 10-20 % faster than 4096 (benchmarks/bench_kernels.py --sweep).
+    dtype : numpy dtype
+        Compute dtype, ``np.float64`` or ``np.float32``. Inputs are cast per block, outputs are
+        returned as float64 and parameter gradients are accumulated in float64.
+    blas_threads : int or None
+        BLAS threads during the passes (None: leave the library setting). Default 1: the per-block
+        GEMMs are small, and multi-threaded BLAS on them was up to 10x slower whenever the cores
+        were shared (other processes, MPI ranks); parallelise over rows with MPI ranks instead.
+
+    Notes
+    -----
+    Each layer is one GEMM ``[h, 1] @ [[W], [b]]`` on a row block whose last column is 1, so the
+    bias and its gradient cost no extra pass over the block. Activations are recomputed in every
+    call (nothing is stored between calls).
+    """
+
+    def __init__(self, sizes, activation="tanh", block_size=1024, dtype=np.float64,
+                 blas_threads=1):
+        self.sizes = tuple(int(s) for s in sizes)
+        if len(self.sizes) < 2 or min(self.sizes) < 1:
+            raise ValueError(f"bad layer sizes {sizes}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        self.activation = activation
+        self.block_size = max(int(block_size), 1)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, not {self.dtype}")
+        self.n_params = n_params(self.sizes)
+        self.n_in, self.n_out = self.sizes[0], self.sizes[-1]
+        self.blas_threads = blas_threads
+
+    def __repr__(self):
+        return (f"MLP({list(self.sizes)}, activation={self.activation!r}, "
+                f"block_size={self.block_size}, dtype={self.dtype.name}, "
+                f"blas_threads={self.blas_threads})")
+
+    def init_scales(self, weight_gain=1.0, bias_scale=0.1):
+        """Prior standard deviations of the parameters.
+
+        The parameters are scaled standard-normal excitations: ``theta = scales * xi`` with prior
+        ``xi ~ N(0, 1)``, i.e. ``theta ~ N(0, diag(scales**2))``. A draw of ``xi`` is a LeCun-type
+        initialisation (unit-variance pre-activations for unit-variance inputs).
+
+        Parameters
+        ----------
+        weight_gain : float
+            Weights of layer k get ``weight_gain / sqrt(n_k)`` (n_k = fan-in).
+        bias_scale : float
+            Scale of every bias.
+
+        Returns
+        -------
+        ndarray, shape (n_params,)
+        """
+        out = np.empty(self.n_params)
+        for (W, b), n in zip(unpack_params(out, self.sizes), self.sizes[:-1]):
+            W[...] = weight_gain / np.sqrt(n)
+            b[...] = bias_scale
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+    def _aug(self, theta):
+        """Per-layer ``[[W], [b]]`` in the compute dtype (None for ``theta=None``)."""
+        if theta is None:
+            return None
+        return [np.vstack([W, b[None]]).astype(self.dtype)
+                for W, b in unpack_params(np.asarray(theta, dtype=np.float64), self.sizes)]
+
+    def _check_x(self, x, n_cols=None):
+        x = np.asarray(x)
+        n_cols = self.n_in if n_cols is None else n_cols
+        if x.ndim != 2 or x.shape[1] != n_cols:
+            raise ValueError(f"array has shape {x.shape}, expected (n_rows, {n_cols})")
+        return x
+
+    def _blocks(self, n_rows):
+        """Row slices of the blocks; BLAS threads are limited while the loop runs."""
+        with blas_threads(self.blas_threads):
+            for i in range(0, n_rows, self.block_size):
+                yield slice(i, min(i + self.block_size, n_rows))
+
+    def _work(self, n_rows, n_flat=1):
+        """Augmented activation buffers ``[h_k, 1]`` and ``n_flat`` flat scratch buffers."""
+        bs = min(self.block_size, max(n_rows, 1))
+        hs = []
+        for n in self.sizes[:-1]:
+            h = np.empty((bs, n + 1), self.dtype)
+            h[:, n] = 1.0
+            hs.append(h)
+        width = max(self.sizes)
+        return hs, [np.empty(bs * width, self.dtype) for _ in range(n_flat)]
+
+    @staticmethod
+    def _view(flat, n, m):
+        return flat[:n * m].reshape(n, m)
+
+    def _fwd_block(self, Wb, hs, scratch, y_flat, xb):
+        """Forward pass of one block; returns the output view and the activation states."""
+        n = xb.shape[0]
+        hs[0][:n, :-1] = xb
+        states = []
+        for k in range(len(Wb) - 1):
+            a = self._view(scratch, n, self.sizes[k + 1])
+            np.dot(hs[k][:n], Wb[k], out=a)
+            states.append(_act_fwd(self.activation, a, hs[k + 1][:n, :-1]))
+        y = self._view(y_flat, n, self.n_out)
+        np.dot(hs[-1][:n], Wb[-1], out=y)
+        return y, states
+
+    def _flatten_grads(self, gs):
+        return np.concatenate([p for g in gs for p in (g[:-1].ravel(), g[-1])])
+
+    # -- public passes ------------------------------------------------------------------------
+    def forward(self, theta, x):
+        """Network output.
+
+        Parameters
+        ----------
+        theta : ndarray, shape (n_params,)
+        x : ndarray, shape (n_rows, n_in)
+
+        Returns
+        -------
+        y : ndarray, shape (n_rows, n_out), float64
+        """
+        x = self._check_x(x)
+        Wb = self._aug(theta)
+        hs, (scratch, y_flat) = self._work(len(x), 2)
+        out = np.empty((len(x), self.n_out))
+        for sl in self._blocks(len(x)):
+            out[sl] = self._fwd_block(Wb, hs, scratch, y_flat, x[sl])[0]
+        return out
+
+    def vjp(self, theta, x, g_y, want_theta=True, want_x=True, return_y=True):
+        """Fused forward and reverse pass: output and vector-Jacobian products.
+
+        Parameters
+        ----------
+        theta : ndarray, shape (n_params,)
+        x : ndarray, shape (n_rows, n_in)
+        g_y : ndarray, shape (n_rows, n_out), or callable
+            Cotangent of the output. A callable ``g_y(y_block, rows)`` is called once per block
+            with the block's output (compute dtype, valid during the call only) and its row
+            slice, and returns that block's cotangent; this fuses a loss into the pass.
+        want_theta, want_x : bool
+            Compute ``g_theta`` / ``g_x`` (otherwise None is returned in their place).
+        return_y : bool
+            Return the output (otherwise None).
+
+        Returns
+        -------
+        y : ndarray (n_rows, n_out) or None
+        g_theta : ndarray (n_params,) or None
+            ``sum_i g_y[i] . d y[i] / d theta``, accumulated in float64.
+        g_x : ndarray (n_rows, n_in) or None
+        """
+        x = self._check_x(x)
+        P, K = len(x), len(self.sizes) - 1
+        Wb = self._aug(theta)
+        WT = [np.ascontiguousarray(w[:-1].T) for w in Wb]
+        hs, (scratch, y_flat, g0, g1, tmp) = self._work(P, 5)
+        gth = [np.zeros(w.shape) for w in Wb] if want_theta else None
+        y_out = np.empty((P, self.n_out)) if return_y else None
+        gx_out = np.empty((P, self.n_in)) if want_x else None
+        call = callable(g_y)
+        if not call:
+            g_y = self._check_x(g_y, self.n_out)
+            if len(g_y) != P:
+                raise ValueError(f"g_y has {len(g_y)} rows, x has {P}")
+        for sl in self._blocks(P):
+            n = sl.stop - sl.start
+            y, states = self._fwd_block(Wb, hs, scratch, y_flat, x[sl])
+            if return_y:
+                y_out[sl] = y
+            gk = g_y(y, sl) if call else g_y[sl]
+            if not (want_theta or want_x):
+                continue
+            gk = np.asarray(gk, dtype=self.dtype)
+            for k in range(K - 1, -1, -1):
+                if want_theta:
+                    gth[k] += hs[k][:n].T @ gk
+                if k == 0:
+                    if want_x:
+                        gx_out[sl] = gk @ WT[0]
+                    break
+                gn = self._view(g0 if k % 2 else g1, n, self.sizes[k])
+                np.dot(gk, WT[k], out=gn)
+                _act_scale(self.activation, hs[k][:n, :-1], states[k - 1], gn,
+                           self._view(tmp, n, self.sizes[k]))
+                gk = gn
+        return y_out, (self._flatten_grads(gth) if want_theta else None), gx_out
+
+    def jvp(self, theta, x, d_theta=None, d_x=None):
+        """Forward-mode pass: output and Jacobian-vector product.
+
+        Parameters
+        ----------
+        theta : ndarray, shape (n_params,)
+        x : ndarray, shape (n_rows, n_in)
+        d_theta : ndarray, shape (n_params,), or None
+            Parameter tangent (None: zero).
+        d_x : ndarray, shape (n_rows, n_in), or None
+            Input tangent (None: zero).
+
+        Returns
+        -------
+        y, d_y : ndarray, shape (n_rows, n_out), float64
+        """
+        x = self._check_x(x)
+        P, K = len(x), len(self.sizes) - 1
+        if d_x is not None:
+            d_x = self._check_x(d_x)
+        Wb, dWb = self._aug(theta), self._aug(d_theta)
+        hs, (scratch, y_flat, dy_flat, tmp, tmp2) = self._work(P, 5)
+        dhs = [np.zeros_like(h) for h in hs]          # augmented tangents, last column 0
+        y_out, dy_out = np.empty((P, self.n_out)), np.empty((P, self.n_out))
+        for sl in self._blocks(P):
+            n = sl.stop - sl.start
+            hs[0][:n, :-1] = x[sl]
+            dhs[0][:n, :-1] = 0.0 if d_x is None else d_x[sl]
+            for k in range(K):
+                m = self.sizes[k + 1]
+                last = k == K - 1
+                a = self._view(y_flat if last else scratch, n, m)
+                da = self._view(dy_flat if last else tmp, n, m)
+                np.dot(hs[k][:n], Wb[k], out=a)
+                if d_x is not None or k > 0:
+                    np.dot(dhs[k][:n], Wb[k], out=da)
+                else:
+                    da[...] = 0.0
+                if dWb is not None:
+                    da += hs[k][:n] @ dWb[k]
+                if last:
+                    y_out[sl], dy_out[sl] = a, da
+                else:
+                    st = _act_fwd(self.activation, a, hs[k + 1][:n, :-1])
+                    _act_scale(self.activation, hs[k + 1][:n, :-1], st, da, self._view(tmp2, n, m))
+                    dhs[k + 1][:n, :-1] = da
+        return y_out, dy_out

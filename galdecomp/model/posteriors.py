@@ -1,0 +1,116 @@
+"""Pluggable latent posterior families q(z | d) for the amortised ELBO.
+
+A family maps the encoder output of a row block (and, if it wants, the decoder and the
+per-entry inverse noise variances) to a reparameterised sample ``z = g(enc_out, xi)``, the
+per-row ``KL[q || N(0, 1)]`` (or an estimate) and the backward pass of both. Register new
+families in :data:`POSTERIORS`.
+"""
+import numpy as np
+
+__all__ = ["LatentPosterior", "DiagonalGaussian", "POSTERIORS"]
+
+
+class LatentPosterior:
+    """Interface of a latent posterior family (all arrays float64, rows = batch B)."""
+
+    #: registry name
+    name = "base"
+
+    def n_encoder_outputs(self, latent_dim):
+        """Number of encoder outputs per row for latent dimension ``latent_dim``."""
+        raise NotImplementedError
+
+    def forward(self, enc_out, xi, decoder, theta_dec, inv_var):
+        """Sample and KL.
+
+        Parameters
+        ----------
+        enc_out : ndarray (B, n_encoder_outputs)
+        xi : ndarray (B, L)
+            Standard-normal draws.
+        decoder : MLP
+        theta_dec : ndarray (n_params,)
+            Decoder parameters (not excitations).
+        inv_var : ndarray (B, C)
+            ``mask / sigma_c**2``.
+
+        Returns
+        -------
+        z : ndarray (B, L)
+            Reparameterised sample.
+        kl : ndarray (B,)
+            Per-row ``KL[q || N(0, 1)]`` or its estimate.
+        ctx : object
+            Whatever :meth:`backward` needs.
+        """
+        raise NotImplementedError
+
+    def backward(self, ctx, g_z, g_kl):
+        """Reverse pass.
+
+        Parameters
+        ----------
+        ctx : object
+            From :meth:`forward`.
+        g_z : ndarray (B, L)
+            Cotangent of ``z``.
+        g_kl : ndarray (B,)
+            Cotangent of ``kl``.
+
+        Returns
+        -------
+        g_enc_out : ndarray (B, n_encoder_outputs)
+        g_theta_dec : ndarray (n_params,) or None
+        g_inv_var : ndarray (B, C) or None
+        """
+        raise NotImplementedError
+
+    def mean_and_cov(self, enc_out, decoder, theta_dec, inv_var):
+        """Posterior mean (B, L) and covariance (B, L, L) for products."""
+        raise NotImplementedError
+
+
+class DiagonalGaussian(LatentPosterior):
+    """``q(z | d) = N(mu, diag(exp(2 log_sigma)))``, the standard VAE posterior.
+
+    ``enc_out = [mu, log_sigma]`` (first L columns, last L columns); ``z = mu + exp(log_sigma) xi``;
+    analytic ``KL = 0.5 sum_l (mu^2 + sigma^2 - 1 - 2 log_sigma)``. An encoder whose outputs start
+    near 0 starts at the prior (sigma = 1, KL = 0). The decoder and noise are not used.
+    """
+
+    name = "diagonal"
+
+    def n_encoder_outputs(self, latent_dim):
+        return 2 * int(latent_dim)
+
+    def _split(self, enc_out):
+        enc_out = np.asarray(enc_out, dtype=np.float64)
+        L = enc_out.shape[1] // 2
+        if enc_out.ndim != 2 or enc_out.shape[1] != 2 * L:
+            raise ValueError(f"enc_out must be (B, 2L), got {enc_out.shape}")
+        return enc_out[:, :L], enc_out[:, L:]
+
+    def forward(self, enc_out, xi, decoder=None, theta_dec=None, inv_var=None):
+        mu, log_sigma = self._split(enc_out)
+        sd = np.exp(log_sigma)
+        z = mu + sd * xi
+        kl = 0.5 * np.sum(mu * mu + sd * sd - 1.0 - 2.0 * log_sigma, axis=1)
+        return z, kl, (mu, sd, xi)
+
+    def backward(self, ctx, g_z, g_kl):
+        mu, sd, xi = ctx
+        g_kl = np.broadcast_to(np.asarray(g_kl, dtype=np.float64), (len(mu),))[:, None]
+        g_mu = g_z + g_kl * mu
+        g_ls = g_z * xi * sd + g_kl * (sd * sd - 1.0)
+        return np.concatenate([g_mu, g_ls], axis=1), None, None
+
+    def mean_and_cov(self, enc_out, decoder=None, theta_dec=None, inv_var=None):
+        mu, log_sigma = self._split(enc_out)
+        cov = np.zeros(mu.shape + (mu.shape[1],))
+        idx = np.arange(mu.shape[1])
+        cov[:, idx, idx] = np.exp(2.0 * log_sigma)
+        return mu.copy(), cov
+
+
+#: name -> LatentPosterior class (fisher.py registers "fisher")
+POSTERIORS = {"diagonal": DiagonalGaussian}
