@@ -117,7 +117,7 @@ def jacobian_backward(cache, g_y, g_J):
         else:
             gW = hs[k].T @ g_a + Ts[k].reshape(B * L, n_in).T @ g_dA.reshape(B * L, n_out)
             g_T = (g_dA.reshape(B * L, n_out) @ W.T).reshape(B, L, n_in)
-            g_a = (g_a @ W.T) * s1
+            g_a = (g_a @ W.T) * s1 + s2 * np.einsum("bln,bln->bn", g_T, dAs[k - 1])
             g_dA = g_T * s1[:, None, :]
         grads.append((gW, gb))
     g_theta = np.concatenate([np.concatenate([gW.ravel(), gb]) for gW, gb in reversed(grads)])

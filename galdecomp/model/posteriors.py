@@ -114,3 +114,6 @@ class DiagonalGaussian(LatentPosterior):
 
 #: name -> LatentPosterior class (fisher.py registers "fisher")
 POSTERIORS = {"diagonal": DiagonalGaussian}
+
+
+from . import fisher as _fisher  # noqa: E402,F401  (registers POSTERIORS["fisher"]; fisher imports this module)

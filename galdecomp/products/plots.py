@@ -46,7 +46,8 @@ def mollview_grid(maps, titles, path, nest=False, ncols=4, unit="", cmap="viridi
     plt = _pyplot()
     n = len(maps)
     nrows = int(np.ceil(n / ncols))
-    fig = plt.figure(figsize=(4.2 * ncols, 2.7 * nrows))
+    height = 2.7 * nrows + (0.5 if suptitle else 0.0)
+    fig = plt.figure(figsize=(4.2 * ncols, height))
     for i, (m, t) in enumerate(zip(maps, titles)):
         m = np.where(np.isfinite(m), m, hp.UNSEEN)
         good = m[m != hp.UNSEEN]
@@ -56,7 +57,11 @@ def mollview_grid(maps, titles, path, nest=False, ncols=4, unit="", cmap="viridi
             hp.mollview(m, nest=nest, fig=fig.number, sub=(nrows, ncols, i + 1), title=t, unit=unit,
                         min=lo, max=hi, cmap=cmap, cbar=True, notext=True)
     if suptitle:
-        fig.suptitle(suptitle)
+        f = 1 - 0.5 / height  # healpy places its panels itself: squeeze them below the title
+        for ax in fig.axes:
+            x0, y0, w, h = ax.get_position().bounds
+            ax.set_position([x0, y0 * f, w, h * f])
+        fig.suptitle(suptitle, y=1 - 0.15 / height)
     _save(fig, path)
     plt.close(fig)
 
