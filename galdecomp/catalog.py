@@ -25,7 +25,7 @@ import yaml
 from .dataset import SkyDataSet
 from .errors import InputError
 
-__all__ = ["MapEntry", "Catalog", "read_catalog", "load_catalog", "is_power_of_two",
+__all__ = ["MapEntry", "Catalog", "read_catalog", "load_catalog", "working_nside", "is_power_of_two",
            "TRANSFORMS", "KINDS"]
 
 TRANSFORMS = ("auto", "log", "asinh", "linear")
@@ -228,8 +228,44 @@ def _regrade(values, nside_in, nside_out, kind):
     return out
 
 
-def load_catalog(catalog, nside=None, nest=False):
+def _native_nside(entry):
+    """HEALPix nside of a catalog map from its header (no data read)."""
+    from astropy.io import fits
+
+    try:
+        with fits.open(entry.path) as hdul:
+            n = hdul[1].header.get("NSIDE") if len(hdul) > 1 else None
+    except OSError:
+        n = None
+    return int(n) if n is not None and is_power_of_two(int(n)) else None
+
+
+def working_nside(catalog, nside=None):
+    """The resolution a catalog is loaded at: ``nside``, else the catalog's, else the lowest map's.
+
+    Parameters
+    ----------
+    catalog : Catalog
+    nside : int, optional
+
+    Returns
+    -------
+    int
+    """
+    if nside is not None and not is_power_of_two(nside):
+        raise InputError(f"nside {nside!r} is not a power of two")
+    if nside or catalog.nside:
+        return nside or catalog.nside
+    headers = [_native_nside(e) for e in catalog.maps]
+    if None in headers:  # a header without NSIDE: read the maps to find out
+        headers = [read_healpix(e)[1] for e in catalog.maps]
+    return min(headers)
+
+
+def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None):
     """Read every map of a catalog into one data set at a common resolution.
+
+    Maps are read one at a time, so at most one full map is held besides the result.
 
     Parameters
     ----------
@@ -239,6 +275,11 @@ def load_catalog(catalog, nside=None, nest=False):
         Working resolution; default the catalog's ``nside``, else the lowest among the maps.
     nest : bool
         Pixel ordering of the returned values (NESTED if true).
+    pixels : slice, optional
+        Keep only these pixels (in the returned ordering), e.g. one MPI rank's block.
+    on_channel : callable, optional
+        ``on_channel(index, full_map, kind)`` called with each channel's full map (working nside
+        and ordering, NaN where missing) and kind, e.g. to fit a transform on all pixels.
 
     Returns
     -------
@@ -253,24 +294,28 @@ def load_catalog(catalog, nside=None, nest=False):
     import healpy as hp
 
     cat = read_catalog(catalog) if isinstance(catalog, str) else catalog
-    if nside is not None and not is_power_of_two(nside):
-        raise InputError(f"nside {nside!r} is not a power of two")
-    raw = [read_healpix(e) for e in cat.maps]
-    native = [n for _, n, _ in raw]
-    kinds = [k for _, _, k in raw]
-    nside = nside or cat.nside or min(native)
-    values = np.empty((len(raw), hp.nside2npix(nside)))
-    for i, ((v, n, kind), e) in enumerate(zip(raw, cat.maps)):
+    nside = working_nside(cat, nside)
+    npix = hp.nside2npix(nside)
+    pixels = slice(0, npix) if pixels is None else pixels
+    values = np.empty((len(cat.maps), len(range(npix)[pixels])))
+    native, kinds = [], []
+    for i, e in enumerate(cat.maps):
+        v, n, kind = read_healpix(e)
+        native.append(n)
+        kinds.append(kind)
         if not np.isfinite(v).any():
             raise InputError(f"map '{e.name}' ({e.path}): no valid pixel")
-        values[i] = _regrade(v, n, nside, kind)
-        if not np.isfinite(values[i]).any():
+        full = _regrade(v, n, nside, kind)
+        if not np.isfinite(full).any():
             raise InputError(f"map '{e.name}' ({e.path}): no valid pixel at nside {nside}")
-        if e.transform == "log" and np.nanmin(values[i]) <= 0:
+        if e.transform == "log" and np.nanmin(full) <= 0:
             raise InputError(f"map '{e.name}' ({e.path}): transform 'log' needs positive values, "
                              f"the map has values <= 0 (use asinh or auto)")
-    if nest:
-        values = values[:, hp.nest2ring(nside, np.arange(values.shape[1]))]
+        if nest:
+            full = full[hp.nest2ring(nside, np.arange(npix))]
+        if on_channel is not None:
+            on_channel(i, full, kind)
+        values[i] = full[pixels]
     return SkyDataSet(values=values, observed=np.isfinite(values), names=cat.names,
                       units=[e.unit for e in cat.maps],
                       frequencies_hz=np.array([e.frequency_hz for e in cat.maps]),

@@ -99,6 +99,7 @@ def _config_file(path):
 
 
 def cmd_fit(args):
+    from .parallel import world
     from .pipeline import fit_catalog
 
     overrides = dict(nside=args.nside, latent_dim=args.latent_dim, covariance=args.covariance,
@@ -107,7 +108,8 @@ def cmd_fit(args):
         overrides["training"] = {"max_epochs": args.max_epochs}
     res = fit_catalog(args.catalog, args.out, overrides, _config_file(args.config), args.resume,
                       args.overwrite)
-    _print_fit(res)
+    if world().rank == 0:
+        _print_fit(res)
     return 0
 
 
@@ -190,7 +192,14 @@ def build_parser():
 
 
 def main(argv=None):
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    Under MPI, messages come from rank 0; bad input exits 2 on every rank (it is checked
+    identically everywhere), and any other failure of a rank aborts the whole job.
+    """
+    from .parallel import world
+
+    comm = world()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -198,17 +207,30 @@ def main(argv=None):
             parser.print_help()
             return 0
         with warnings.catch_warnings():
-            warnings.simplefilter("default")
+            warnings.simplefilter("default" if comm.rank == 0 else "ignore")
             return args.func(args)
     except InputError as e:
-        print(f"galdecomp: error: {e}", file=sys.stderr)
+        if comm.rank == 0:
+            print(f"galdecomp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("galdecomp: interrupted", file=sys.stderr)
+        if comm.size > 1:
+            comm.abort(130)
         return 130
     except FloatingPointError as e:
         print(f"galdecomp: error: {e}", file=sys.stderr)
+        if comm.size > 1:
+            comm.abort(1)
         return 1
+    except Exception:
+        if comm.size == 1:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"galdecomp: rank {comm.rank} failed: aborting all {comm.size} ranks", file=sys.stderr)
+        comm.abort(1)
 
 
 if __name__ == "__main__":

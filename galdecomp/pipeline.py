@@ -11,13 +11,13 @@ import time
 import numpy as np
 import yaml
 
-from .catalog import load_catalog, read_catalog
+from .catalog import load_catalog, read_catalog, working_nside
 from .errors import InputError
 from .fileio import atomic_path, write_text
 from .inference.config import model_signature, resolve_config
 from .inference.training import TrainingState, split_rows, train
 from .model.autoencoder import Autoencoder, ELBOObjective
-from .preprocessing import Preprocessor
+from .preprocessing import ChannelTransform, Preprocessor
 
 __all__ = ["fit_rows", "fit_catalog", "run_main_job", "CHECKPOINT"]
 
@@ -26,8 +26,10 @@ CHECKPOINT = "checkpoint.npz"
 
 def _say(msg):
     from .cli import log
+    from .parallel import world
 
-    log(msg)
+    if world().rank == 0:
+        log(msg)
 
 
 def _stored_config(run_dir):
@@ -41,24 +43,25 @@ def _stored_config(run_dir):
     return stored
 
 
-def prepare_run_dir(run_dir, overwrite):
-    """Create an empty run folder, replacing an existing one only with ``overwrite``.
-
-    Raises
-    ------
-    InputError
-        ``run_dir`` exists and ``overwrite`` is false, or it cannot be created.
-    """
+def check_run_dir(run_dir, overwrite):
+    """Raise InputError unless ``run_dir`` can be created (or replaced, with ``overwrite``)."""
     if os.path.exists(run_dir):
         if not overwrite:
             raise InputError(f"{run_dir}: run folder exists (use --resume to continue it or "
                              f"--overwrite to replace it)")
         if not os.path.isdir(run_dir):
             raise InputError(f"{run_dir}: exists and is not a folder")
-        shutil.rmtree(run_dir)
     parent = os.path.dirname(run_dir)
     if not os.path.isdir(parent):
         raise InputError(f"{parent}: parent folder of the run does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{parent}: folder is not writable")
+
+
+def make_run_dir(run_dir):
+    """Create an empty run folder, removing what was there (checked by :func:`check_run_dir`)."""
+    if os.path.exists(run_dir):
+        shutil.rmtree(run_dir)
     try:
         os.makedirs(run_dir)
     except OSError as e:
@@ -66,19 +69,20 @@ def prepare_run_dir(run_dir, overwrite):
 
 
 def _save_checkpoint(path, state, extra):
+    """Write the training state and run metadata to ``path`` atomically."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **state.to_arrays(), **extra)
 
 
-def fit_rows(model, data, state, cfg, checkpoint=None, log=None):
+def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_rows=None, comm=None):
     """Train an autoencoder on a table of rows (pixels, images): the data-set-independent core.
 
     Parameters
     ----------
     model : Autoencoder
-    data : ndarray, shape (P, C)
-        Standardised data, NaN where missing.
+    data : ndarray, shape (P_local, C)
+        Standardised data of this process's rows, NaN where missing.
     state : TrainingState
         Fresh or resumed; updated in place.
     cfg : dict
@@ -87,6 +91,10 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None):
         ``checkpoint(state)`` after every epoch.
     log : callable, optional
         Progress messages.
+    offset, n_rows : int
+        Global index of the first local row and number of rows of all processes (pixel
+        sharding; default: this process holds all rows).
+    comm : SerialComm or MPIComm, optional
 
     Returns
     -------
@@ -94,8 +102,9 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None):
         The final state (``best_params`` are the trained parameters).
     """
     tcfg = cfg["training"]
-    train_rows, valid_rows = split_rows(len(data), tcfg["validation_fraction"], cfg["seed"])
-    objective = ELBOObjective(model, data, n_total=train_rows.size)
+    n_rows = len(data) if n_rows is None else n_rows
+    train_rows, valid_rows = split_rows(n_rows, tcfg["validation_fraction"], cfg["seed"])
+    objective = ELBOObjective(model, data, train_rows.size, offset, comm)
 
     def progress(st, eta):
         h = st.history[-1]
@@ -114,8 +123,43 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None):
     return state
 
 
+def load_preprocessed(catalog, nside, pixels=None):
+    """Read a catalog's maps (NESTED pixel order) and standardise them.
+
+    Each channel's transform is fitted on all pixels of its full map, while only ``pixels`` are
+    kept, so every process of a pixel-sharded job gets the same preprocessing.
+
+    Parameters
+    ----------
+    catalog : Catalog
+    nside : int
+    pixels : slice, optional
+        The NESTED rows to keep (default all).
+
+    Returns
+    -------
+    data_set : SkyDataSet
+        The kept pixels in physical units (NESTED).
+    preprocessor : Preprocessor
+    data : ndarray, shape (P_local, C)
+        Standardised values, NaN where missing.
+    """
+    transforms = [None] * len(catalog.maps)
+
+    def fit_transform(i, full, kind):
+        e = catalog.maps[i]
+        transforms[i] = ChannelTransform.fit(full[np.isfinite(full)], e.transform, e.name,
+                                             counts=kind == "counts")
+
+    data_set = load_catalog(catalog, nside=nside, nest=True, pixels=pixels, on_channel=fit_transform)
+    pre = Preprocessor(transforms, data_set.names)
+    return data_set, pre, pre.forward(data_set.values).T.copy()
+
+
 def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=False, overwrite=False):
     """Fit the probabilistic autoencoder to the maps of a catalog and write the run folder.
+
+    Runs on one process or pixel-sharded over the ranks of ``mpiexec`` (same results).
 
     Parameters
     ----------
@@ -128,7 +172,8 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
     config_file : dict, optional
         Settings read from a --config file.
     resume : bool
-        Continue the run in ``out`` from its checkpoint (its configuration must match).
+        Continue the run in ``out`` from its checkpoint (its configuration must match; the
+        number of MPI ranks may differ).
     overwrite : bool
         Replace an existing run folder.
 
@@ -137,11 +182,14 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
     dict
         ``run_dir``; ``config`` (resolved); ``state`` (final TrainingState); ``products``
         (from :func:`galdecomp.products.run_outputs.write_run_products`: order, significance,
-        sigma, paths).
+        sigma, paths; on rank 0 only, None elsewhere).
     """
+    from .parallel import row_block, world
+
+    comm = world()
     catalog = read_catalog(catalog_path)
     run_dir = os.path.abspath(out)
-    # everything that can fail is checked before the run folder is touched
+    # everything that can fail is checked, on every rank, before the run folder is touched
     if resume:
         stored = _stored_config(run_dir)
         cfg = resolve_config(config_file if config_file is not None else stored, overrides)
@@ -151,19 +199,18 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
             raise InputError(f"{run_dir}: --resume with another configuration (differs in: {', '.join(diff)})")
     else:
         cfg = resolve_config(config_file, overrides)
-    data_set = load_catalog(catalog, nside=cfg["nside"])
+        check_run_dir(run_dir, overwrite)
+    nside = working_nside(catalog, cfg["nside"])
+    rows = row_block(nside, comm)
+    data_set, pre, data = load_preprocessed(catalog, nside, rows)
     C, L = data_set.n_features, cfg["latent_dim"]
     if C < L:
         raise InputError(f"{catalog_path}: {C} channels cannot support {L} latent features "
                          f"(use --latent-dim {C} or fewer)")
-    if not resume:
-        prepare_run_dir(run_dir, overwrite)
-    pre = Preprocessor.fit(data_set)
-    data = pre.forward(data_set.values).T.copy()            # (P, C) rows = pixels
-    mask = data_set.observed.T.copy()
-    floor = np.sqrt(pre.noise_to_standardised(data_set) ** 2 + cfg["noise"]["floor"] ** 2)
+    n_rows = 12 * nside * nside
+    floor = np.sqrt(pre.noise_to_standardised(data_set.noise) ** 2 + cfg["noise"]["floor"] ** 2)
     model = Autoencoder.from_config(cfg, C, floor)
-    fingerprint = f"{catalog.path}|{data_set.nside}|{float(np.nansum(data)):.12e}"
+    fingerprint = f"{catalog.path}|{nside}|" + json.dumps(pre.to_dict(), sort_keys=True)
     ckpt = os.path.join(run_dir, CHECKPOINT)
     if resume:
         with np.load(ckpt) as f:
@@ -174,25 +221,30 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
         state = TrainingState.from_arrays(arrays)
         _say(f"resuming {run_dir} after epoch {state.epoch}")
     else:
+        comm.barrier()  # every rank has validated its input before rank 0 replaces anything
+        if comm.rank == 0:
+            make_run_dir(run_dir)
+            write_text(os.path.join(run_dir, "config.yaml"),
+                       "# galdecomp fit configuration (resolved); re-run with --config this file\n"
+                       + yaml.safe_dump({"catalog": catalog.path, **cfg}, sort_keys=False))
         state = TrainingState(model.init_params(cfg["seed"]), cfg["training"]["learning_rate"], cfg["seed"])
-        write_text(os.path.join(run_dir, "config.yaml"),
-                   "# galdecomp fit configuration (resolved); re-run with --config this file\n"
-                   + yaml.safe_dump({"catalog": catalog.path, **cfg}, sort_keys=False))
+    comm.barrier()
     extra = dict(preprocessing=json.dumps(pre.to_dict()), fingerprint=fingerprint,
                  config=json.dumps(cfg), catalog=catalog.path)
-    _say(f"fitting {len(data)} pixels x {C} channels, {L} latent features, "
-         f"{cfg['covariance']} covariance")
+    ranks = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
+    _say(f"fitting {n_rows} pixels x {C} channels, {L} latent features, {cfg['covariance']} covariance{ranks}")
+    save = (lambda st: _save_checkpoint(ckpt, st, extra)) if comm.rank == 0 else None
     try:
-        fit_rows(model, data, state, cfg, checkpoint=lambda st: _save_checkpoint(ckpt, st, extra),
-                 log=_say)
+        fit_rows(model, data, state, cfg, checkpoint=save, log=_say, offset=rows.start, n_rows=n_rows,
+                 comm=comm)
     except KeyboardInterrupt:
         _say(f"interrupted after epoch {state.epoch}: continue with "
              f"`galdecomp fit {catalog_path} --out {out} --resume`")
         raise
     from .products.run_outputs import write_run_products
 
-    products = write_run_products(run_dir, data_set, pre, model, state.best_params, np.where(mask, data, 0.0),
-                                  mask, state.history, cfg, catalog.path, progress=_say)
+    products = write_run_products(run_dir, data_set, pre, model, state.best_params, data, state.history,
+                                  cfg, catalog.path, comm=comm, progress=_say)
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
 
 

@@ -33,12 +33,16 @@ class ChannelTransform:
         ``asinh`` scale in the channel's unit (1 otherwise).
     mean, std : float
         Standardisation of ``T(x)`` over the observed pixels.
+    slope : float
+        Median of ``|dy/dx|`` over the observed pixels: converts a noise level between physical
+        and standardised units.
     """
 
     kind: str
     scale: float = 1.0
     mean: float = 0.0
     std: float = 1.0
+    slope: float = 1.0
 
     def _t(self, x):
         if self.kind == "log":
@@ -72,7 +76,7 @@ class ChannelTransform:
         return d / self.std
 
     @classmethod
-    def fit(cls, x, kind="auto", name="channel", min_scale=0.0):
+    def fit(cls, x, kind="auto", name="channel", counts=False):
         """Choose and fit the transform to the observed values ``x`` of one channel.
 
         Parameters
@@ -83,9 +87,9 @@ class ChannelTransform:
             ``"auto"``, ``"log"``, ``"asinh"`` or ``"linear"``.
         name : str
             Channel name for error messages.
-        min_scale : float
-            Lower bound of the ``asinh`` scale (1 for photon counts: one photon is not made a
-            jump of many standard deviations in a mostly-empty map).
+        counts : bool
+            The channel holds photon counts: the ``asinh`` scale is at least 1, so one photon
+            is not made a jump of many standard deviations in a mostly-empty map.
         """
         x = np.asarray(x, dtype=float)
         x = x[np.isfinite(x)]
@@ -103,12 +107,13 @@ class ChannelTransform:
                 scale = np.mean(np.abs(x))
             if not scale > 0:
                 scale = 1.0
-            scale = max(scale, min_scale)
+            scale = max(scale, 1.0) if counts else scale
         tr = cls(kind, float(scale))
         t = tr._t(x)
         tr.mean = float(np.mean(t))
         std = float(np.std(t))
         tr.std = std if std > 0 else 1.0
+        tr.slope = float(np.median(np.abs(tr.derivative(x))))
         return tr
 
 
@@ -128,7 +133,7 @@ class Preprocessor:
 
     @classmethod
     def fit(cls, dataset, kinds=None):
-        """Fit one transform per channel.
+        """Fit one transform per channel on all of a data set's samples.
 
         Parameters
         ----------
@@ -139,7 +144,7 @@ class Preprocessor:
         """
         kinds = kinds or getattr(dataset, "transforms", None) or ["auto"] * dataset.n_features
         counts = getattr(dataset, "kinds", None) or ["intensity"] * dataset.n_features
-        trs = [ChannelTransform.fit(v[o], k, n, min_scale=1.0 if c == "counts" else 0.0)
+        trs = [ChannelTransform.fit(v[o], k, n, counts=c == "counts")
                for v, o, k, n, c in zip(dataset.values, dataset.observed, kinds, dataset.names, counts)]
         return cls(trs, dataset.names)
 
@@ -151,20 +156,21 @@ class Preprocessor:
         """Channels x samples standardised values to physical units."""
         return np.stack([t.inverse(v) for t, v in zip(self.transforms, values)])
 
-    def noise_to_standardised(self, dataset):
+    def noise_to_standardised(self, noise):
         """Known per-channel noise levels (physical units, NaN = unknown) in standardised units.
+
+        Parameters
+        ----------
+        noise : array_like, shape (n_channels,)
 
         Returns
         -------
         ndarray, shape (n_channels,)
-            ``noise * median |dy/dx|`` over observed pixels; 0 where the noise is unknown.
+            ``noise * slope`` (median ``|dy/dx|`` over observed pixels); 0 where unknown.
         """
-        out = np.zeros(len(self.transforms))
-        for i, (t, v, o) in enumerate(zip(self.transforms, dataset.values, dataset.observed)):
-            sigma = dataset.noise[i] if dataset.noise is not None else np.nan
-            if np.isfinite(sigma):
-                out[i] = sigma * np.median(np.abs(t.derivative(v[o])))
-        return out
+        noise = np.asarray(noise, dtype=float)
+        slopes = np.array([t.slope for t in self.transforms])
+        return np.where(np.isfinite(noise), noise * slopes, 0.0)
 
     def to_dict(self):
         """A YAML-safe description: ``{name: {kind, scale, mean, std}}``."""

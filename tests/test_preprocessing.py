@@ -60,12 +60,12 @@ def test_preprocessor_round_trip_on_real_data_and_serialisation():
 
 
 def test_noise_to_standardised_units():
-    x = np.array([[1.0, 2.0, 4.0]])
-    ds = DataSet(values=x, observed=np.ones_like(x, bool), names=["a"], units=["K"])
-    ds.noise = np.array([0.1])
-    pre = Preprocessor([ChannelTransform("log", 1.0, 0.0, 2.0)], ["a"])
-    # median |dy/dx| = median(1/x)/std = 0.5/2
-    assert pre.noise_to_standardised(ds)[0] == pytest.approx(0.1 * 0.25)
+    x = np.array([1.0, 2.0, 4.0])
+    tr = ChannelTransform.fit(x, "log")
+    # median |dy/dx| = median(1/x) / std
+    assert tr.slope == pytest.approx(0.5 / np.std(np.log(x)))
+    pre = Preprocessor([tr, tr], ["a", "b"])
+    np.testing.assert_allclose(pre.noise_to_standardised([0.1, np.nan]), [0.1 * tr.slope, 0.0])
 
 
 def test_counts_scale_is_at_least_one_photon():

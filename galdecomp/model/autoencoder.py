@@ -92,10 +92,11 @@ class Autoencoder:
         return _noise.sigma(params[self.slices["noise"]], self.floor, self.sigma0, self.tau)
 
     # -- NIFTy energy -----------------------------------------------------------------------------
-    def elbo(self, data, mask, xi, n_total):
+    def elbo(self, data, mask, xi, n_total, with_prior=True):
         """The :class:`AmortisedELBO` operator (negative ELBO per row) for one minibatch."""
         return AmortisedELBO(data, mask, xi, self.encoder, self.decoder, self.posterior, self.floor,
-                             self.sigma0, self.tau, self.beta, n_total, self.enc_scales, self.dec_scales)
+                             self.sigma0, self.tau, self.beta, n_total, self.enc_scales, self.dec_scales,
+                             with_prior=with_prior)
 
     def position(self, params, domain):
         """Flat excitations as a MultiField on an ELBO operator's domain."""
@@ -154,36 +155,53 @@ class Autoencoder:
 
 
 class ELBOObjective:
-    """Minibatch negative ELBO of an :class:`Autoencoder` on a fixed data table, for training.
+    """Minibatch negative ELBO of an :class:`Autoencoder` on a table of rows, for training.
+
+    Minibatches are given as global row indices; with a communicator, this process holds only
+    the rows ``[offset, offset + len(data))`` and the ranks' partial sums are added with one
+    Allreduce of a packed array per step, so every rank gets the global value and gradient.
 
     Parameters
     ----------
     model : Autoencoder
-    data : ndarray, shape (P, C)
-        Standardised data; NaN where missing.
+    data : ndarray, shape (P_local, C)
+        Standardised data of this process's rows; NaN where missing.
     n_total : int
         Rows of the training set (scales the prior terms).
+    offset : int
+        Global index of this process's first row.
+    comm : SerialComm or MPIComm, optional
     """
 
-    def __init__(self, model, data, n_total):
+    def __init__(self, model, data, n_total, offset=0, comm=None):
+        from ..parallel import SerialComm
+
         self.model = model
+        self.comm = comm or SerialComm()
         self.mask = np.isfinite(data)
         self.data = np.where(self.mask, data, 0.0)
         self.n_total = int(n_total)
+        self.offset = int(offset)
         self.latent_dim = model.latent_dim
         L = model.latent_dim
-        self._op = model.elbo(self.data[:1], self.mask[:1], np.zeros((1, L)), self.n_total)
+        self._op = model.elbo(self.data[:0], self.mask[:0], np.zeros((0, L)), self.n_total,
+                              with_prior=self.comm.rank == 0)
 
     def _energy(self, rows, xi):
-        return self._op.with_batch(self.data[rows], self.mask[rows], xi)
+        local = (rows >= self.offset) & (rows < self.offset + len(self.data))
+        r = rows[local] - self.offset
+        return self._op.with_batch(self.data[r], self.mask[r], xi[local], n_batch=len(rows))
 
     def value_and_gradient(self, params, rows, xi):
-        """Negative ELBO per row of the minibatch ``rows``, its gradient and terms."""
+        """Negative ELBO per row of the minibatch ``rows``, its gradient and terms (nll, kl)."""
         op = self._energy(rows, xi)
-        value, grad, terms = op.value_gradient_terms(self.model.position(params, op.domain))
-        return float(value), self.model.flatten(grad), terms
+        value, grad, t = op.value_gradient_terms(self.model.position(params, op.domain))
+        packed = self.comm.allreduce_sum(np.concatenate([[value, t["nll"], t["kl"]], self.model.flatten(grad)]))
+        return float(packed[0]), packed[3:], {"nll": packed[1], "kl": packed[2]}
 
     def value(self, params, rows, xi):
-        """Negative ELBO per row of ``rows`` (no gradient) and its terms."""
+        """Negative ELBO per row of ``rows`` (no gradient) and its terms (nll, kl)."""
         op = self._energy(rows, xi)
-        return float(op.evaluate(self.model.position(params, op.domain))), {}
+        t = op.terms(self.model.position(params, op.domain))
+        packed = self.comm.allreduce_sum([t["value"], t["nll"], t["kl"]])
+        return float(packed[0]), {"nll": packed[1], "kl": packed[2]}

@@ -47,6 +47,11 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         Rows in the full training set (scales the prior terms); default B.
     encoder_scales, decoder_scales : ndarray, optional
         Default ``init_scales()`` of the networks.
+    n_batch : int, optional
+        Rows the data terms are averaged over; default B. A pixel-sharded minibatch uses the
+        global batch size, so that the ranks' energies add up to the global one.
+    with_prior : bool
+        Include the prior terms (one rank of a sharded energy only).
 
     Notes
     -----
@@ -58,7 +63,7 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
 
     def __init__(self, data, mask, xi, encoder, decoder, posterior, floor=0.0,
                  sigma0=_noise.SIGMA0, tau=_noise.TAU, beta=1.0, n_total=None,
-                 encoder_scales=None, decoder_scales=None):
+                 encoder_scales=None, decoder_scales=None, n_batch=None, with_prior=True):
         self._post = POSTERIORS[posterior]() if isinstance(posterior, str) else posterior
         if not isinstance(self._post, LatentPosterior):
             raise TypeError(f"posterior must be a LatentPosterior, got {type(posterior)}")
@@ -75,6 +80,7 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         self._sigma0, self._tau = float(sigma0), float(tau)
         self._beta = float(beta)
         self._batch = self._make_batch(data, mask, xi)
+        self._n_batch, self._with_prior = n_batch, bool(with_prior)
         self._n_total = float(len(self._batch["xi"]) if n_total is None else n_total)
         self._domain = self._full_domain = ift.MultiDomain.make({
             "encoder": channel_domain(encoder.n_params),
@@ -96,10 +102,11 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         return {"x": np.concatenate([d, m], axis=1), "m": m, "count": m.sum(axis=0),
                 "dc": d.astype(dt), "mc": m.astype(dt), "xi": xi}
 
-    def with_batch(self, data, mask, xi):
+    def with_batch(self, data, mask, xi, n_batch=None):
         """The same ELBO (networks, noise settings, constants) on another minibatch."""
         new = copy.copy(self)
         new._batch = self._make_batch(data, mask, xi)
+        new._n_batch = n_batch
         return new
 
     @property
@@ -139,6 +146,8 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         w, dw = _noise.d_inv_var_ds(s, self._floor, self._sigma0, self._tau)
         wt = w.astype(dec.dtype)
         B, C = batch["m"].shape
+        norm = float(self._n_batch or B)
+        pw = 1.0 if self._with_prior else 0.0
         grad = len(grad_keys) > 0
         want_d = "decoder" in grad_keys
         acc = {"rr": np.zeros(C), "kl": 0.0, "gw": np.zeros(C),
@@ -183,19 +192,19 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         rr, cnt = acc["rr"], batch["count"]
         log_term = _LOG2PI - np.log(w)
         out = {"nll": 0.5 * (w @ rr + cnt @ log_term), "kl": acc["kl"],
-               "prior": 0.5 * (xi_d @ xi_d + s @ s), "B": B}
+               "prior": pw * 0.5 * (xi_d @ xi_d + s @ s), "B": norm}
         if per_row:
             out["nll_rows"] = rows_nll + 0.5 * (batch["m"] @ log_term)
             out["kl_rows"] = rows_kl
         if grad:
             g = {}
             if "encoder" in grad_keys:
-                g["encoder"] = self._esc * gte / B
+                g["encoder"] = self._esc * gte / norm
             if want_d:
-                g["decoder"] = self._dsc * acc["gtd"] / B + xi_d / self._n_total
+                g["decoder"] = self._dsc * acc["gtd"] / norm + pw * xi_d / self._n_total
             if "noise" in grad_keys:
                 gw = 0.5 * (rr - cnt / w) + acc["gw"]
-                g["noise"] = gw * dw / B + s / self._n_total
+                g["noise"] = gw * dw / norm + pw * s / self._n_total
             out["grad"] = g
         return out
 

@@ -38,7 +38,7 @@ def feature_significance(model, params, data, mask, mean, block=16384):
     Returns
     -------
     ndarray, shape (L,)
-        Sum over rows of ``nll(mean with z_k = 0) - nll(mean)`` in nats.
+        Sum over the given rows of ``nll(mean with z_k = 0) - nll(mean)`` in nats.
     """
     L = mean.shape[1]
     out = np.zeros(L)
@@ -60,94 +60,104 @@ def _header(dataset, cfg, extra=()):
     return cards + list(extra)
 
 
-def write_run_products(run_dir, dataset, preprocessor, model, params, data, mask, history, cfg,
-                       catalog_path, progress=print):
+def write_run_products(run_dir, dataset, preprocessor, model, params, data, history, cfg,
+                       catalog_path, comm=None, progress=print):
     """Compute and write every product of a trained model.
+
+    Pixel-sharded: each process computes its own rows, the maps are gathered and written by
+    rank 0 only.
 
     Parameters
     ----------
     run_dir : str
     dataset : SkyDataSet
-        The data the model was fit to (channels x pixels, physical units).
+        The data the model was fit to (this process's pixels; names, units, ordering).
     preprocessor : Preprocessor
     model : Autoencoder
     params : ndarray
         Trained parameters.
-    data, mask : ndarray, shape (P, C)
-        Standardised data and observed mask (rows = pixels in the data set's ordering).
+    data : ndarray, shape (P_local, C)
+        Standardised data (rows = this process's pixels), NaN where missing.
     history : list of dict
     cfg : dict
         Resolved configuration.
     catalog_path : str
+    comm : SerialComm or MPIComm, optional
     progress : callable
 
     Returns
     -------
-    dict
-        ``order`` (latent index of feature_01, feature_02, ...), ``significance`` (nats, in that
-        order), ``sigma`` (noise per channel, standardised), ``paths`` (name -> file written).
+    dict or None
+        On rank 0: ``order`` (latent index of feature_01, feature_02, ...), ``significance``
+        (nats, in that order), ``sigma`` (noise per channel, standardised), ``paths`` (name ->
+        file written). None on other ranks.
     """
+    from ..parallel import SerialComm
+
+    comm = comm or SerialComm()
     nest, coord = dataset.nest, dataset.coord
     L = model.latent_dim
-    prov = [("CATALOG", os.path.basename(catalog_path)[:60], "input catalog")]
-    hdr = _header(dataset, cfg, prov)
+    mask = np.isfinite(data)
+    data = np.where(mask, data, 0.0)
     progress("posterior means and covariances of all pixels")
     mean, cov = model.posterior_moments(params, data, mask)
     progress("feature significance")
-    sig_nats = feature_significance(model, params, data, mask, mean)
+    sig_nats = comm.allreduce_sum(feature_significance(model, params, data, mask, mean))
     order = np.argsort(-sig_nats, kind="stable")
-    names = feature_names(L)
     mean_o, cov_o = mean[:, order], cov[:, order][:, :, order]
     std_o = np.sqrt(np.einsum("pii->pi", cov_o))
-    paths = {}
-
-    def fits(name, maps, cols, units, extra=()):
-        paths[name] = os.path.join(run_dir, name)
-        write_healpix_fits(paths[name], maps, cols, units, nest=nest, coord=coord, header=hdr + list(extra))
-
-    fits("latent_mean.fits", mean_o.T, names, "1", [("CONTENT", "posterior mean of latent features")])
-    fits("latent_std.fits", std_o.T, names, "1",
-         [("CONTENT", "posterior std of latent features (marginal)")])
-    if cfg["covariance"] == "fisher":
-        iu = np.triu_indices(L)
-        fits("latent_cov.fits", cov_o[:, iu[0], iu[1]].T,
-             [f"cov_{i + 1:02d}_{j + 1:02d}" for i, j in zip(*iu)], "1",
-             [("CONTENT", "posterior covariance M^-1, upper triangle")])
+    iu = np.triu_indices(L)
     sigma = model.sigma(params)
     pred = model.decode(params, mean)
-    recon = preprocessor.inverse(pred.T)
-    fits("reconstruction.fits", recon, dataset.names, dataset.units,
-         [("CONTENT", "decoded posterior mean, physical units")])
-    resid = np.where(mask, (data - pred) / sigma, hp.UNSEEN).T
-    fits("residual.fits", resid, dataset.names, "1",
-         [("CONTENT", "(d - f(mean)) / sigma, standardised units")])
+    local = dict(mean=mean_o, std=std_o, recon=preprocessor.inverse(pred.T).T,
+                 resid=np.where(mask, (data - pred) / sigma, hp.UNSEEN))
+    if cfg["covariance"] == "fisher":
+        local["cov"] = cov_o[:, iu[0], iu[1]]
+    full = {k: comm.gather_rows(v) for k, v in local.items()}
+    if comm.rank != 0:
+        return None
+
+    names = feature_names(L)
+    hdr = _header(dataset, cfg, [("CATALOG", os.path.basename(catalog_path)[:60], "input catalog")])
+    paths = {}
+
+    def fits(name, maps, cols, units, content):
+        paths[name] = os.path.join(run_dir, name)
+        write_healpix_fits(paths[name], maps, cols, units, nest=nest, coord=coord,
+                           header=hdr + [("CONTENT", content)])
+
+    fits("latent_mean.fits", full["mean"].T, names, "1", "posterior mean of latent features")
+    fits("latent_std.fits", full["std"].T, names, "1", "posterior std of latent features (marginal)")
+    if "cov" in full:
+        fits("latent_cov.fits", full["cov"].T, [f"cov_{i + 1:02d}_{j + 1:02d}" for i, j in zip(*iu)], "1",
+             "posterior covariance M^-1, upper triangle")
+    fits("reconstruction.fits", full["recon"].T, dataset.names, dataset.units,
+         "decoded posterior mean, physical units")
+    fits("residual.fits", full["resid"].T, dataset.names, "1", "(d - f(mean)) / sigma, standardised units")
     # noise in physical units: sigma / median |dy/dx| over observed pixels
-    rows = []
-    for c, (n, t, u) in enumerate(zip(dataset.names, preprocessor.transforms, dataset.units)):
-        v = dataset.values[c][dataset.observed[c]]
-        rows.append(dict(channel=n, sigma_standardised=float(sigma[c]),
-                         sigma_physical=float(sigma[c] / np.median(np.abs(t.derivative(v)))),
-                         unit=u, floor_standardised=float(model.floor[c])))
-    paths["noise.csv"] = os.path.join(run_dir, "noise.csv")
-    write_text(paths["noise.csv"], format_table(rows, list(rows[0]), "csv"))
+    rows = [dict(channel=n, sigma_standardised=float(sigma[c]), sigma_physical=float(sigma[c] / t.slope),
+                 unit=u, floor_standardised=float(model.floor[c]))
+            for c, (n, t, u) in enumerate(zip(dataset.names, preprocessor.transforms, dataset.units))]
+    n_pix = len(full["mean"])
     srows = [dict(feature=names[r], rank=r + 1, latent_index=int(order[r]),
                   delta_loglike_nats=float(sig_nats[order[r]]),
-                  delta_loglike_per_pixel=float(sig_nats[order[r]] / len(data))) for r in range(L)]
-    paths["significance.csv"] = os.path.join(run_dir, "significance.csv")
-    write_text(paths["significance.csv"], format_table(srows, list(srows[0]), "csv"))
+                  delta_loglike_per_pixel=float(sig_nats[order[r]] / n_pix)) for r in range(L)]
     hcols = ["epoch", "step", "elbo", "reconstruction", "kl", "validation_elbo", "lr", "seconds"]
-    paths["history.csv"] = os.path.join(run_dir, "history.csv")
-    write_text(paths["history.csv"], format_table(history, hcols, "csv"))
+    for name, table, cols in [("noise.csv", rows, list(rows[0])), ("significance.csv", srows, list(srows[0])),
+                              ("history.csv", history, hcols)]:
+        paths[name] = os.path.join(run_dir, name)
+        write_text(paths[name], format_table(table, cols, "csv"))
 
     progress("plots")
     pdir = os.path.join(run_dir, "plots")
     os.makedirs(pdir, exist_ok=True)
-    sig_txt = [f"{n} ({s:.3g} nats/pix)" for n, s in zip(names, sig_nats[order] / len(data))]
-    mollview_grid(mean_o.T, sig_txt, os.path.join(pdir, "latent_mean.png"), nest=nest,
+    sig_txt = [f"{n} ({s:.3g} nats/pix)" for n, s in zip(names, sig_nats[order] / n_pix)]
+    mollview_grid(full["mean"].T, sig_txt, os.path.join(pdir, "latent_mean.png"), nest=nest,
                   suptitle="posterior mean of the latent features, by significance")
-    mollview_grid(std_o.T, names, os.path.join(pdir, "latent_std.png"), nest=nest, cmap="magma",
+    mollview_grid(full["std"].T, names, os.path.join(pdir, "latent_std.png"), nest=nest, cmap="magma",
                   suptitle="posterior standard deviation of the latent features")
     plot_history(history, os.path.join(pdir, "training.png"))
+    resid = full["resid"].T
     plot_residual_summary(dataset.names, np.where(resid == hp.UNSEEN, np.nan, resid), sigma,
                           os.path.join(pdir, "residuals.png"))
     paths["plots"] = pdir

@@ -1,0 +1,121 @@
+"""Pixel-sharded MPI: 2 ranks equal 1 rank, kill and resume on another rank count, failures abort."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import healpy as hp
+import numpy as np
+import pytest
+
+from galdecomp.cli import main
+from galdecomp.errors import InputError
+from galdecomp.parallel import SerialComm, row_block
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+
+
+def mpirun(n, args, **kw):
+    return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, "-m", "galdecomp"] + args,
+                          capture_output=True, text=True, env=ENV, timeout=600, **kw)
+
+
+def maps(path):
+    return np.array(hp.read_map(str(path), field=None))
+
+
+@pytest.fixture(scope="module")
+def sky(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mpisky") / "sim"
+    assert main(["simulate", "--nside", "32", "--out", str(out), "--no-plot"]) == 0
+    return str(out / "catalog.yaml")
+
+
+def test_two_ranks_equal_one(sky, tmp_path):
+    args = ["--nside", "16", "--max-epochs", "6", "--latent-dim", "4"]
+    assert main(["fit", sky, "--out", str(tmp_path / "k1")] + args) == 0
+    p = mpirun(2, ["fit", sky, "--out", str(tmp_path / "k2")] + args)
+    assert p.returncode == 0, p.stderr
+    assert "on 2 MPI ranks" in p.stderr
+    assert p.stdout.count("run folder:") == 1  # outputs and messages from rank 0 only
+    a, b = maps(tmp_path / "k1" / "latent_mean.fits"), maps(tmp_path / "k2" / "latent_mean.fits")
+    assert np.max(np.abs(a - b)) <= 1e-8 * np.max(np.abs(a))
+    np.testing.assert_allclose(maps(tmp_path / "k2" / "reconstruction.fits"),
+                               maps(tmp_path / "k1" / "reconstruction.fits"), rtol=1e-8)
+
+
+def test_killed_run_resumes_on_another_rank_count(sky, tmp_path):
+    args = ["--max-epochs", "25", "--latent-dim", "4", "--seed", "2"]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "galdecomp", "fit", sky,
+                             "--out", str(run)] + args, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # kill once a few epochs are checkpointed
+            if (run / "history.csv").exists() or proc.poll() is not None:
+                break
+            ck = run / "checkpoint.npz"
+            if ck.exists():
+                try:
+                    with np.load(ck) as f:
+                        if int(f["epoch"]) >= 3:
+                            break
+                except (OSError, ValueError, KeyError):
+                    pass
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    with np.load(run / "checkpoint.npz") as f:
+        assert not bool(f["done"]) and int(f["epoch"]) >= 3, "the run was not interrupted mid-way"
+    assert not (run / "latent_mean.fits").exists()
+    assert main(["fit", sky, "--out", str(run), "--resume"]) == 0           # resumed on 1 rank
+    assert main(["fit", sky, "--out", str(tmp_path / "whole")] + args) == 0  # uninterrupted
+    a, b = maps(tmp_path / "whole" / "latent_mean.fits"), maps(run / "latent_mean.fits")
+    assert np.max(np.abs(a - b)) <= 1e-8 * np.max(np.abs(a))
+
+
+def test_bad_input_under_mpi_is_one_line_and_exit_2(sky, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = mpirun(2, ["fit", sky, "--out", str(empty), "--resume"])
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds no run" in lines[0] and "Traceback" not in p.stderr
+
+
+def test_a_failing_rank_aborts_the_job(sky, tmp_path):
+    code = (
+        "import sys, galdecomp.model.autoencoder as a\n"
+        "from galdecomp.parallel import world\n"
+        "from galdecomp.cli import main\n"
+        "orig = a.ELBOObjective.value_and_gradient\n"
+        "def broken(self, *args):\n"
+        "    if world().rank == 1:\n"
+        "        raise RuntimeError('disk on fire')\n"
+        "    return orig(self, *args)\n"
+        "a.ELBOObjective.value_and_gradient = broken\n"
+        f"sys.exit(main(['fit', {sky!r}, '--out', {str(tmp_path / 'r')!r}, '--nside', '8', '--max-epochs', '2']))\n")
+    t0 = time.time()
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
+                       env=ENV, timeout=120)
+    assert p.returncode != 0 and time.time() - t0 < 120
+    assert "rank 1 failed: aborting all 2 ranks" in p.stderr
+
+
+class FakeComm(SerialComm):
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+
+def test_row_blocks_tile_the_sky_in_whole_coarse_pixels():
+    nside = 32
+    blocks = [row_block(nside, FakeComm(r, 5)) for r in range(5)]
+    assert blocks[0].start == 0 and blocks[-1].stop == 12 * nside ** 2
+    assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+    assert all(b.start % 4 == 0 for b in blocks)  # nside 32 / block nside 16: 4 pixels per block
+    with pytest.raises(InputError, match="13 MPI ranks but only 12 pixel blocks"):
+        row_block(1, FakeComm(0, 13))
