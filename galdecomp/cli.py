@@ -106,6 +106,8 @@ def cmd_fit(args):
                      beta=args.beta, seed=args.seed)
     if args.max_epochs is not None:
         overrides["training"] = {"max_epochs": args.max_epochs}
+    if args.posterior is not None:
+        overrides["posterior"] = {"method": args.posterior}
     res = fit_catalog(args.catalog, args.out, overrides, _config_file(args.config), args.resume,
                       args.overwrite)
     if world().rank == 0:
@@ -174,6 +176,9 @@ def build_parser():
     s.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     s.add_argument("--max-epochs", type=_positive_int, help="training epochs at most (default 150)")
+    s.add_argument("--posterior", choices=["amortised", "mgvi", "geovi"],
+                   help="latent posterior: the encoder's (default), or NIFTy's MGVI/geoVI after "
+                        "training (also on a finished run with --resume)")
     s.add_argument("--config", metavar="FILE", help="YAML configuration (e.g. a run's config.yaml)")
     s.add_argument("--resume", action="store_true", help="continue the run in RUN from its checkpoint")
     s.add_argument("--overwrite", action="store_true", help="replace an existing RUN")

@@ -32,11 +32,12 @@ def _say(msg):
         log(msg)
 
 
-def _stored_config(run_dir):
-    """The configuration of the run in ``run_dir`` (for --resume)."""
+def _stored_config(run_dir, posterior=None):
+    """The configuration of the run in ``run_dir`` (for --resume; ``posterior``: an MGVI request)."""
     if not os.path.isfile(os.path.join(run_dir, CHECKPOINT)) or \
             not os.path.isfile(os.path.join(run_dir, "config.yaml")):
-        raise InputError(f"{run_dir}: --resume, but the folder holds no run (no {CHECKPOINT} and config.yaml)")
+        what = f"no trained model to run {posterior['method']} on" if posterior else "the folder holds no run"
+        raise InputError(f"{run_dir}: --resume, but {what} (no {CHECKPOINT} and config.yaml)")
     with open(os.path.join(run_dir, "config.yaml")) as f:
         stored = yaml.safe_load(f)
     stored.pop("catalog", None)
@@ -191,7 +192,7 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
     run_dir = os.path.abspath(out)
     # everything that can fail is checked, on every rank, before the run folder is touched
     if resume:
-        stored = _stored_config(run_dir)
+        stored = _stored_config(run_dir, (overrides or {}).get("posterior") or (config_file or {}).get("posterior"))
         cfg = resolve_config(config_file if config_file is not None else stored, overrides)
         old = model_signature(resolve_config(stored, where=f"{run_dir}/config.yaml"))
         diff = sorted(k for k, v in model_signature(cfg).items() if old[k] != v)
@@ -243,8 +244,25 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
         raise
     from .products.run_outputs import write_run_products
 
-    products = write_run_products(run_dir, data_set, pre, model, state.best_params, data, state.history,
-                                  cfg, catalog.path, comm=comm, progress=_say)
+    params = state.best_params
+    mask = np.isfinite(data)
+    data0 = np.where(mask, data, 0.0)
+    _say("posterior means and covariances of all pixels")
+    mean, cov = model.posterior_moments(params, data0, mask)
+    samples, method = None, cfg["posterior"]["method"]
+    if method != "amortised":
+        from .inference.mgvi import latent_posterior_samples
+
+        p = cfg["posterior"]
+        _say(f"{method}: {2 * p['n_samples']} samples, {p['iterations']} iterations, decoder and noise fixed")
+        samples = latent_posterior_samples(model, params, data0, mask, mean, method, p["n_samples"],
+                                           p["iterations"], seed=cfg["seed"] * 65536 + comm.rank, log=_say)
+    if resume and comm.rank == 0:  # the posterior settings may have changed: keep config.yaml exact
+        write_text(os.path.join(run_dir, "config.yaml"),
+                   "# galdecomp fit configuration (resolved); re-run with --config this file\n"
+                   + yaml.safe_dump({"catalog": catalog.path, **cfg}, sort_keys=False))
+    products = write_run_products(run_dir, data_set, pre, model, params, data, mean, cov, state.history,
+                                  cfg, catalog.path, samples=samples, comm=comm, progress=_say)
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
 
 

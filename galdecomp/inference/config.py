@@ -9,7 +9,7 @@ import yaml
 
 from ..errors import InputError
 
-__all__ = ["DEFAULTS", "resolve_config", "load_config_file", "model_signature"]
+__all__ = ["DEFAULTS", "POSTERIOR_METHODS", "resolve_config", "load_config_file", "model_signature"]
 
 #: Every setting of a fit, with its default.
 DEFAULTS = {
@@ -25,6 +25,11 @@ DEFAULTS = {
         "tau": 1.0,                # prior width of log sigma (e-folds)
         "floor": 0.01,             # floor added in quadrature to the catalog's noise (standardised)
     },
+    "posterior": {
+        "method": "amortised",     # amortised | mgvi | geovi (NIFTy, after training; decoder fixed)
+        "n_samples": 2,            # antithetic sample pairs per MGVI/geoVI iteration
+        "iterations": 3,           # optimize_kl iterations
+    },
     "training": {
         "batch_size": 1024,
         "max_epochs": 150,
@@ -39,7 +44,9 @@ DEFAULTS = {
 }
 
 _CHOICES = {"covariance": ("diagonal", "fisher")}
-#: Settings that define the model and its optimisation path: a run can only be resumed with them unchanged.
+POSTERIOR_METHODS = ("amortised", "mgvi", "geovi")
+#: Settings that define the model and its optimisation path: a run can only be resumed with them
+#: unchanged (the posterior method is applied after training and may change on --resume).
 _MODEL_KEYS = ("latent_dim", "covariance", "beta", "seed", "nside", "decoder", "encoder", "noise", "training")
 
 
@@ -121,6 +128,11 @@ def resolve_config(file_config=None, overrides=None, where="config"):
         from ..model.mlp import ACTIVATIONS
         if cfg[part]["activation"] not in ACTIVATIONS:
             raise InputError(f"{where}: {part}.activation must be one of {', '.join(ACTIVATIONS)}")
+    if cfg["posterior"]["method"] not in POSTERIOR_METHODS:
+        raise InputError(f"{where}: posterior.method must be one of {', '.join(POSTERIOR_METHODS)}, "
+                         f"got {cfg['posterior']['method']!r}")
+    _positive_int(cfg["posterior"], "n_samples", f"{where}: posterior")
+    _positive_int(cfg["posterior"], "iterations", f"{where}: posterior")
     _positive(cfg["noise"], "sigma0", f"{where}: noise")
     _positive(cfg["noise"], "tau", f"{where}: noise")
     _positive(cfg["noise"], "floor", f"{where}: noise", allow_zero=True)

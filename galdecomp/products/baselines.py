@@ -6,7 +6,8 @@ filled with 0 (the channel mean). NMF needs non-negative input: each standardise
 shifted by its minimum over the pixels (``x - min x >= 0``); NMF is skipped, with the reason,
 if it does not converge. Components are ordered by the variance they explain: PCA by its
 eigenvalues, ICA by the squared norm of the mixing-matrix columns (unit-variance sources), NMF
-by ``|W_k| |H_k|`` (the Frobenius norm of each rank-one term).
+by ``|W_k| |H_k|`` (the Frobenius norm of each rank-one term). ICA and NMF are learnt on at
+most ``fit_pixels`` random pixels and applied to all.
 """
 import warnings
 
@@ -26,7 +27,7 @@ def _ordered(maps, weight):
     return maps[np.argsort(-weight, kind="stable")]
 
 
-def linear_baselines(data, n_components, seed=0, max_iter=1000, fit_pixels=20000, log=None):
+def linear_baselines(data, n_components, seed=0, max_iter=1000, fit_pixels=10000, log=None):
     """PCA, FastICA and NMF components of standardised channels.
 
     Parameters
@@ -40,7 +41,8 @@ def linear_baselines(data, n_components, seed=0, max_iter=1000, fit_pixels=20000
     max_iter : int
         Iterations of ICA and NMF at most.
     fit_pixels : int
-        ICA learns its unmixing matrix on at most this many random pixels and applies it to all.
+        ICA and NMF learn their unmixing matrix / non-negative basis on at most this many random
+        pixels (for speed) and are then applied to all pixels; PCA uses all pixels.
     log : callable, optional
         Notes: convergence, skipped methods.
 
@@ -63,10 +65,10 @@ def linear_baselines(data, n_components, seed=0, max_iter=1000, fit_pixels=20000
     out["pca"] = pca.fit_transform(X).T
 
     rng = np.random.default_rng([seed, 311])
-    sub = X if len(X) <= fit_pixels else X[np.sort(rng.choice(len(X), fit_pixels, replace=False))]
+    pick = slice(None) if len(X) <= fit_pixels else np.sort(rng.choice(len(X), fit_pixels, replace=False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        ica = FastICA(n, whiten="unit-variance", max_iter=max_iter, random_state=seed).fit(sub)
+        ica = FastICA(n, whiten="unit-variance", max_iter=max_iter, random_state=seed).fit(X[pick])
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         say(f"ica: FastICA did not converge in {max_iter} iterations; its components are kept")
     out["ica"] = _ordered(ica.transform(X).T, (ica.mixing_ ** 2).sum(axis=0))
@@ -77,8 +79,8 @@ def linear_baselines(data, n_components, seed=0, max_iter=1000, fit_pixels=20000
     else:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            nmf = NMF(n, init="nndsvda", max_iter=max_iter, random_state=seed)
-            W = nmf.fit_transform(Xs)
+            nmf = NMF(n, init="nndsvda", max_iter=max_iter, random_state=seed).fit(Xs[pick])
+            W = nmf.transform(Xs)
         if any(issubclass(w.category, ConvergenceWarning) for w in caught):
             skipped["nmf"] = f"NMF did not converge in {max_iter} iterations"
         else:

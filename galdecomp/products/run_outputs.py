@@ -60,8 +60,8 @@ def _header(dataset, cfg, extra=()):
     return cards + list(extra)
 
 
-def write_run_products(run_dir, dataset, preprocessor, model, params, data, history, cfg,
-                       catalog_path, comm=None, progress=print):
+def write_run_products(run_dir, dataset, preprocessor, model, params, data, mean, cov, history, cfg,
+                       catalog_path, samples=None, comm=None, progress=print):
     """Compute and write every product of a trained model.
 
     Pixel-sharded: each process computes its own rows, the maps are gathered and written by
@@ -78,10 +78,15 @@ def write_run_products(run_dir, dataset, preprocessor, model, params, data, hist
         Trained parameters.
     data : ndarray, shape (P_local, C)
         Standardised data (rows = this process's pixels), NaN where missing.
+    mean, cov : ndarray, shape (P_local, L) and (P_local, L, L)
+        The encoder's posterior means and covariances.
     history : list of dict
     cfg : dict
         Resolved configuration.
     catalog_path : str
+    samples : ndarray, shape (S, P_local, L), optional
+        MGVI/geoVI posterior samples: then the latent maps are their mean and std, the encoder's
+        are written beside them (encoder_latent_*.fits) with the amortisation gap.
     comm : SerialComm or MPIComm, optional
     progress : callable
 
@@ -99,20 +104,29 @@ def write_run_products(run_dir, dataset, preprocessor, model, params, data, hist
     L = model.latent_dim
     mask = np.isfinite(data)
     data = np.where(mask, data, 0.0)
-    progress("posterior means and covariances of all pixels")
-    mean, cov = model.posterior_moments(params, data, mask)
+    enc_std = np.sqrt(np.einsum("pii->pi", cov))
+    if samples is not None:
+        from ..inference.mgvi import amortisation_gap
+
+        gap = amortisation_gap(mean, cov, samples)
+        post_mean, post_std = gap["mean"], gap["std"]
+    else:
+        post_mean, post_std = mean, enc_std
     progress("feature significance")
-    sig_nats = comm.allreduce_sum(feature_significance(model, params, data, mask, mean))
+    sig_nats = comm.allreduce_sum(feature_significance(model, params, data, mask, post_mean))
     order = np.argsort(-sig_nats, kind="stable")
-    mean_o, cov_o = mean[:, order], cov[:, order][:, :, order]
-    std_o = np.sqrt(np.einsum("pii->pi", cov_o))
     iu = np.triu_indices(L)
     sigma = model.sigma(params)
-    pred = model.decode(params, mean)
-    local = dict(mean=mean_o, std=std_o, recon=preprocessor.inverse(pred.T).T,
+    pred = model.decode(params, post_mean)
+    local = dict(mean=post_mean[:, order], std=post_std[:, order], recon=preprocessor.inverse(pred.T).T,
                  resid=np.where(mask, (data - pred) / sigma, hp.UNSEEN))
     if cfg["covariance"] == "fisher":
-        local["cov"] = cov_o[:, iu[0], iu[1]]
+        local["cov"] = cov[:, order][:, :, order][:, iu[0], iu[1]]
+    if samples is not None:
+        local.update(enc_mean=mean[:, order], enc_std=enc_std[:, order],
+                     samples=np.concatenate(samples[:, :, order], axis=1),
+                     gap=np.column_stack([gap["mahalanobis"], np.log(gap["std_ratio"]).mean(1)]),
+                     shift=gap["shift"][:, order], ratio=gap["std_ratio"][:, order])
     full = {k: comm.gather_rows(v) for k, v in local.items()}
     if comm.rank != 0:
         return None
@@ -126,8 +140,25 @@ def write_run_products(run_dir, dataset, preprocessor, model, params, data, hist
         write_healpix_fits(paths[name], maps, cols, units, nest=nest, coord=coord,
                            header=hdr + [("CONTENT", content)])
 
-    fits("latent_mean.fits", full["mean"].T, names, "1", "posterior mean of latent features")
-    fits("latent_std.fits", full["std"].T, names, "1", "posterior std of latent features (marginal)")
+    how = "encoder" if samples is None else f"{cfg['posterior']['method']} samples"
+    fits("latent_mean.fits", full["mean"].T, names, "1", f"posterior mean of latent features ({how})")
+    fits("latent_std.fits", full["std"].T, names, "1", f"posterior std of latent features ({how})")
+    if samples is not None:
+        fits("encoder_latent_mean.fits", full["enc_mean"].T, names, "1", "amortised (encoder) posterior mean")
+        fits("encoder_latent_std.fits", full["enc_std"].T, names, "1", "amortised (encoder) posterior std")
+        fits("latent_samples.fits", full["samples"].T,
+             [f"s{k:02d}_{n}" for k in range(len(samples)) for n in names], "1",
+             f"{cfg['posterior']['method']} posterior samples")
+        fits("amortisation_gap.fits", full["gap"].T, ["mean_shift_sigma", "mean_log_std_ratio"], "1",
+             "encoder vs MGVI/geoVI: RMS mean shift in posterior sigmas, mean log(std_enc/std)")
+        shift, ratio = np.abs(full["shift"]), full["ratio"]
+        grows = [dict(feature=n, median_abs_shift_sigma=float(np.median(shift[:, k])),
+                      p90_abs_shift_sigma=float(np.percentile(shift[:, k], 90)),
+                      median_std_ratio=float(np.median(ratio[:, k])),
+                      p10_std_ratio=float(np.percentile(ratio[:, k], 10)),
+                      p90_std_ratio=float(np.percentile(ratio[:, k], 90))) for k, n in enumerate(names)]
+        paths["amortisation_gap.csv"] = os.path.join(run_dir, "amortisation_gap.csv")
+        write_text(paths["amortisation_gap.csv"], format_table(grows, list(grows[0]), "csv"))
     if "cov" in full:
         fits("latent_cov.fits", full["cov"].T, [f"cov_{i + 1:02d}_{j + 1:02d}" for i, j in zip(*iu)], "1",
              "posterior covariance M^-1, upper triangle")
@@ -160,5 +191,9 @@ def write_run_products(run_dir, dataset, preprocessor, model, params, data, hist
     resid = full["resid"].T
     plot_residual_summary(dataset.names, np.where(resid == hp.UNSEEN, np.nan, resid), sigma,
                           os.path.join(pdir, "residuals.png"))
+    if samples is not None:
+        mollview_grid(full["gap"].T, ["RMS mean shift [posterior sigma]", "mean log(std_encoder / std)"],
+                      os.path.join(pdir, "amortisation_gap.png"), nest=nest, ncols=2, cmap="coolwarm",
+                      suptitle=f"amortisation gap: encoder vs {cfg['posterior']['method']}")
     paths["plots"] = pdir
     return dict(order=order, significance=sig_nats[order], sigma=sigma, paths=paths)
