@@ -148,7 +148,7 @@ def ksg_terms(x, y, k=3, seed=0):
     rng = np.random.RandomState(seed)
     x, y = _scaled(np.asarray(x, float), rng), _scaled(np.asarray(y, float), rng)
     xy = np.column_stack([x, y])
-    d = cKDTree(xy).query(xy, k=k + 1, p=np.inf, workers=-1)[0][:, -1]
+    d = cKDTree(xy).query(xy, k=k + 1, p=np.inf)[0][:, -1]
     r = np.nextafter(d, 0)
     return digamma(x.size) + digamma(k) - digamma(_count_within(x, r)) - digamma(_count_within(y, r))
 
@@ -216,16 +216,17 @@ def _binned_stat(bx, by, bins):
     return _plugin_mi(h.reshape(R, bins, bins))
 
 
-def _null_test(xs, ys, ys_null, bins=None):
-    """p-value of the binned MI of (xs, ys) against its values for (xs, each of ys_null)."""
+def _bins(xs, ys, bins):
+    """Bins per axis for the null tests: ``sqrt(n / 20)`` between 2 and 16, or ``bins``; 0 if n < 4."""
     n = int((np.isfinite(xs) & np.isfinite(ys)).sum())
-    if n < 4:
-        return float("nan")
-    bins = bins or int(np.clip(np.sqrt(n / 20), 2, 16))
-    bx, by = _codes(xs, xs, bins), _codes(ys, ys, bins)
+    return 0 if n < 4 else (bins or int(np.clip(np.sqrt(n / 20), 2, 16)))
+
+
+def _null_pvalue(bx, by, by_null, bins):
+    """p-value of the binned MI of codes (bx, by) against its values for (bx, each of by_null)."""
     t_obs = _binned_stat(bx, by[None], bins)[0]
-    t_null = _binned_stat(bx, _codes(ys_null, ys, bins), bins)
-    return float((1 + np.sum(t_null >= t_obs - 1e-12)) / (1 + len(ys_null)))
+    t_null = _binned_stat(bx, by_null, bins)
+    return float((1 + np.sum(t_null >= t_obs - 1e-12)) / (1 + len(by_null)))
 
 
 def block_permutation_pvalue(xb, yb, perms, bins=None):
@@ -251,7 +252,11 @@ def block_permutation_pvalue(xb, yb, perms, bins=None):
     -------
     float
     """
-    return _null_test(xb, yb, yb[perms], bins)
+    bins = _bins(xb, yb, bins)
+    if not bins:
+        return float("nan")
+    by = _codes(yb, yb, bins)
+    return _null_pvalue(_codes(xb, xb, bins), by, by[perms], bins)
 
 
 def rotation_pvalue(x, y, index, rot_index, bins=None):
@@ -276,7 +281,12 @@ def rotation_pvalue(x, y, index, rot_index, bins=None):
     -------
     float
     """
-    return _null_test(x[index], y[index], y[rot_index], bins)
+    xs, ys = x[index], y[index]
+    bins = _bins(xs, ys, bins)
+    if not bins:
+        return float("nan")
+    by = _codes(y, ys, bins)                          # whole map, edges from the compared pixels
+    return _null_pvalue(_codes(xs, xs, bins), by[index], by[rot_index], bins)
 
 
 class BlockResampler:
