@@ -122,6 +122,19 @@ def _print_fit(res):
     print(f"plots: {p['plots']}")
 
 
+def cmd_report(args):
+    from .parallel import world
+    from .products.report import make_report
+
+    if world().size > 1:
+        raise InputError("galdecomp report runs on one process (start it without mpiexec)")
+    if args.bins < 2:
+        raise InputError(f"--bins must be at least 2, got {args.bins}")
+    res = make_report(args.run, args.templates, out=args.out, bins=args.bins, seed=args.seed, progress=log)
+    print(f"report: {res['paths'].get('report.md', os.path.join(res['out'], 'report.md'))}")
+    return 0
+
+
 def cmd_run(args):
     from .pipeline import run_main_job
 
@@ -130,8 +143,12 @@ def cmd_run(args):
         from .inference.config import load_config_file
         cfg = load_config_file(args.config)
     res = run_main_job(cfg, out=args.out, overwrite=args.overwrite, resume=args.resume)
+    if res["fit"]["products"] is None:  # not rank 0
+        return 0
     print(f"simulated sky: {res['sky']}")
     _print_fit(res["fit"])
+    if res.get("report"):
+        print(f"report: {res['report']}")
     return 0
 
 
@@ -184,9 +201,22 @@ def build_parser():
     s.add_argument("--overwrite", action="store_true", help="replace an existing RUN")
     s.set_defaults(func=cmd_fit)
 
-    s = sub.add_parser("run", help="the main job: simulate the default sky and fit it",
+    s = sub.add_parser("report", help="which latent feature is which physical component",
+                       description="Compare a run's latent features (and PCA, FastICA, NMF of the same "
+                                   "data) with template maps: correlations, mutual information with "
+                                   "spatial-block significance, R^2 of all features; writes "
+                                   "correlations.csv, summary.csv, report.md and plots/ to DIR.")
+    s.add_argument("run", metavar="RUN", help="run folder of galdecomp fit")
+    s.add_argument("--templates", required=True, metavar="CATALOG", help="catalog of template maps")
+    s.add_argument("--out", metavar="DIR", help="report folder (default RUN/report; replaced)")
+    s.add_argument("--bins", type=int, default=512, help="bins per axis of the binned MI (default 512)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("run", help="the main job: simulate the default sky, fit it, report",
                        description="Simulate the built-in default sky, fit the autoencoder to it and "
-                                   "write everything below OUT (default runs/main): OUT/sky, OUT/fit.")
+                                   "write everything below OUT (default runs/main): OUT/sky, OUT/fit, "
+                                   "and the report against the truth maps, OUT/fit/report.")
     s.add_argument("--config", metavar="FILE",
                    help="YAML with out, simulate: {nside, seed}, fit: {fit settings}")
     s.add_argument("--out", help="output folder (default from the config, else runs/main)")

@@ -285,9 +285,11 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False):
     Returns
     -------
     dict
-        ``sky`` (catalog path of the simulated sky), ``fit`` (the result of :func:`fit_catalog`).
+        ``sky`` (catalog path of the simulated sky), ``fit`` (the result of :func:`fit_catalog`),
+        ``report`` (path of report.md; None on ranks other than 0).
     """
     from .fileio import atomic_output_dir
+    from .parallel import world
     from .simulation import plot_overview, simulate_sky, write_simulated_sky
 
     cfg = {**RUN_DEFAULTS, **(config_file or {})}
@@ -304,13 +306,23 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False):
     else:
         if os.path.exists(out) and not overwrite:
             raise InputError(f"{out}: output folder exists (use --overwrite to replace it or --resume)")
-        os.makedirs(out, exist_ok=True)
-        with atomic_output_dir(sky_dir, overwrite=True) as tmp:
-            _say(f"simulating the default sky at nside {sim['nside']} (seed {sim['seed']})")
-            sky = simulate_sky(sim["nside"], seed=sim["seed"])
-            write_simulated_sky(sky, tmp)
-            plot_overview(sky, os.path.join(tmp, "overview.png"))
+        world().barrier()  # every rank has checked the folder before rank 0 writes into it
+        if world().rank == 0:
+            os.makedirs(out, exist_ok=True)
+            with atomic_output_dir(sky_dir, overwrite=True) as tmp:
+                _say(f"simulating the default sky at nside {sim['nside']} (seed {sim['seed']})")
+                sky = simulate_sky(sim["nside"], seed=sim["seed"])
+                write_simulated_sky(sky, tmp)
+                plot_overview(sky, os.path.join(tmp, "overview.png"))
+        world().barrier()
     fit_cfg = {"nside": sim["nside"], **(cfg["fit"] or {})}
     result = fit_catalog(os.path.join(sky_dir, "catalog.yaml"), os.path.join(out, "fit"),
                          config_file=fit_cfg, resume=resume, overwrite=True)
-    return dict(sky=os.path.join(sky_dir, "catalog.yaml"), fit=result)
+    report = None
+    if world().rank == 0:
+        from .products.report import make_report
+
+        _say("report: the latent features against the truth maps")
+        rep = make_report(result["run_dir"], os.path.join(sky_dir, "truth", "catalog.yaml"), progress=_say)
+        report = os.path.join(rep["out"], "report.md")
+    return dict(sky=os.path.join(sky_dir, "catalog.yaml"), fit=result, report=report)

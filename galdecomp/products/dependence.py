@@ -18,7 +18,8 @@ from scipy.stats import rankdata
 
 __all__ = ["pearson", "spearman", "mi_binned", "mi_ksg", "ksg_terms", "equivalent_correlation",
            "gaussian_mi", "default_block_nside", "block_index", "block_ids", "BlockResampler",
-           "block_permutation_pvalue", "rotation_pvalue", "block_split", "heldout_r2", "match_features", "INTERVAL"]
+           "block_permutation_pvalue", "rotation_pvalue", "block_split", "heldout_r2", "match_features",
+           "INTERVAL"]
 
 #: Percentiles of the block-bootstrap interval of the KSG MI (a 68 % interval, "1 sigma").
 INTERVAL = (16.0, 84.0)
@@ -84,7 +85,8 @@ def mi_binned(x, y, bins=512):
         return float("nan")
     ix, iy = _equal_width(x, bins), _equal_width(y, bins)
     joint = np.bincount(ix * bins + iy, minlength=bins * bins)
-    return _entropy(np.bincount(ix, minlength=bins)) + _entropy(np.bincount(iy, minlength=bins)) - _entropy(joint)
+    hx, hy = _entropy(np.bincount(ix, minlength=bins)), _entropy(np.bincount(iy, minlength=bins))
+    return hx + hy - _entropy(joint)
 
 
 def mi_ksg(x, y, k=3, seed=0):
@@ -159,10 +161,13 @@ def equivalent_correlation(mi):
 
 
 def gaussian_mi(r2):
-    """Gaussian-equivalent MI of a coefficient of determination: ``-log(1 - R^2) / 2`` (0 if R^2 <= 0)."""
+    """Gaussian-equivalent MI of a coefficient of determination: ``-log(1 - R^2) / 2``.
+
+    0 if ``R^2 <= 0``, NaN if NaN.
+    """
     r2 = np.asarray(r2, dtype=float)
-    with np.errstate(divide="ignore"):
-        out = np.where(r2 > 0, -0.5 * np.log1p(-np.minimum(r2, 1.0)), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(r2 > 0, -0.5 * np.log1p(-np.minimum(r2, 1.0)), np.where(np.isnan(r2), np.nan, 0.0))
     return float(out) if out.ndim == 0 else out
 
 

@@ -42,7 +42,8 @@ METHODS = ("galdecomp", "pca", "ica", "nmf")
 CORRELATION_COLUMNS = ["method", "feature", "template", "pearson", "spearman", "mi_binned", "mi_ksg",
                        "mi_ksg_low", "mi_ksg_high", "p_value"]
 SUMMARY_COLUMNS = ["template", "method", "best_feature", "mi_ksg", "mi_ksg_low", "mi_ksg_high",
-                   "equivalent_correlation", "abs_pearson", "mi_binned", "p_value", "p_value_rotation", "r2_all_features",
+                   "equivalent_correlation", "abs_pearson", "mi_binned", "p_value", "p_value_rotation",
+                   "r2_all_features",
                    "mi_gauss_all_features", "r2_all_channels", "mi_gauss_all_channels",
                    "matched_feature", "matched_mi_ksg"]
 
@@ -276,7 +277,8 @@ def _markdown(info, corr, summary, matches, sig, figures):
         s = by[(t, "galdecomp")]
         rows.append(dict(template=t, best_feature=s["best_feature"],
                          mi_ksg=f"{_fmt(s['mi_ksg'])} [{_fmt(s['mi_ksg_low'])}, {_fmt(s['mi_ksg_high'])}]",
-                         equiv_r=_fmt(s["equivalent_correlation"], ".3f"), abs_pearson=_fmt(s["abs_pearson"], ".3f"),
+                         equiv_r=_fmt(s["equivalent_correlation"], ".3f"),
+                         abs_pearson=_fmt(s["abs_pearson"], ".3f"),
                          mi_binned=_fmt(s["mi_binned"]), p_value=_fmt(s["p_value"]),
                          p_rotation=_fmt(s["p_value_rotation"]),
                          r2_all_features=_fmt(s["r2_all_features"], ".3f"),
@@ -308,7 +310,7 @@ def _markdown(info, corr, summary, matches, sig, figures):
             for t, f in sorted(matches["galdecomp"].items(), key=lambda kv: kv[1])]
     lines += [format_table(rows, ["feature", "template", "mi_ksg", "pearson", "p_value"], "markdown")]
     lines += ["## Figures", "", "![KSG MI of every galdecomp feature and template](plots/mi_heatmap.png)", ""]
-    lines += [f"Baselines: " + ", ".join(f"[{m}](plots/mi_heatmap_{m}.png)" for m in info["methods"][1:]), ""]
+    lines += ["Baselines: " + ", ".join(f"[{m}](plots/mi_heatmap_{m}.png)" for m in info["methods"][1:]), ""]
     for t, (maps_png, hist_png) in figures.items():
         lines += [f"### {t}", "", f"![{t} and its best feature](plots/{maps_png})", "",
                   f"![2-D histogram of {t} against its best feature](plots/{hist_png})", ""]
@@ -423,30 +425,10 @@ def make_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progress
     lap("r2")
 
     cm = {(r["method"], r["feature"], r["template"]): r for r in corr}
-    matches, summary = {}, []
-    for m, (mnames, maps) in methods.items():
-        mi = np.array([[cm[(m, f, t)]["mi_ksg"] for t in tset.names] for f in mnames])
-        matches[m] = {tset.names[j]: mnames[i] for i, j in match_features(mi)}
-        for j, t in enumerate(tset.names):
-            col = np.where(np.isfinite(mi[:, j]), mi[:, j], -np.inf)
-            b = cm[(m, mnames[int(np.argmax(col))], t)]
-            mf = matches[m].get(t, "")
-            summary.append(dict(template=t, method=m, best_feature=b["feature"], mi_ksg=b["mi_ksg"],
-                                mi_ksg_low=b["mi_ksg_low"], mi_ksg_high=b["mi_ksg_high"],
-                                equivalent_correlation=float(equivalent_correlation(b["mi_ksg"])),
-                                abs_pearson=abs(b["pearson"]), mi_binned=b["mi_binned"],
-                                p_value=b["p_value"],
-                                p_value_rotation=res.pvalue_rotation(maps[mnames.index(b["feature"])], T[j]),
-                                r2_all_features=r2[(t, m)],
-                                mi_gauss_all_features=gaussian_mi(r2[(t, m)]) if np.isfinite(r2[(t, m)]) else np.nan,
-                                r2_all_channels=r2[(t, "channels")],
-                                mi_gauss_all_channels=gaussian_mi(r2[(t, "channels")])
-                                if np.isfinite(r2[(t, "channels")]) else np.nan,
-                                matched_feature=mf,
-                                matched_mi_ksg=cm[(m, mf, t)]["mi_ksg"] if mf else np.nan))
+    matches, summary = _summary(methods, tset.names, T, cm, r2, res)
     idx = block_index(nside)
-    null_binned = float(np.nanmedian([_null_binned(F[names.index(s["best_feature"])], T[tset.names.index(s["template"])],
-                                                   idx, res.perms[0], bins)
+    null_binned = float(np.nanmedian([_null_binned(F[names.index(s["best_feature"])],
+                                                   T[tset.names.index(s["template"])], idx, res.perms[0], bins)
                                       for s in summary if s["method"] == "galdecomp"]))
     lap("summary")
 
@@ -468,7 +450,7 @@ def make_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progress
         write_text(os.path.join(tmp, "correlations.csv"), format_table(crow, CORRELATION_COLUMNS, "csv"))
         write_text(os.path.join(tmp, "summary.csv"), format_table(srow, SUMMARY_COLUMNS, "csv"))
         say("plots")
-        figures = _figures(pdir, methods, tset, T, summary, cm, nside)
+        figures = _figures(pdir, methods, tset, T, summary, cm)
         write_text(os.path.join(tmp, "report.md"),
                    _markdown(info, corr, summary, matches, run["significance"], figures))
         for f in ["correlations.csv", "summary.csv", "report.md"]:
@@ -481,7 +463,29 @@ def make_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progress
                 paths=paths, timings=timings)
 
 
-def _figures(pdir, methods, tset, T, summary, cm, nside):
+def _summary(methods, templates, T, cm, r2, res):
+    """One-to-one matches ({method: {template: feature}}) and the rows of summary.csv."""
+    matches, rows = {}, []
+    g2 = {k: (v, gaussian_mi(v)) for k, v in r2.items()}
+    for m, (mnames, maps) in methods.items():
+        mi = np.array([[cm[(m, f, t)]["mi_ksg"] for t in templates] for f in mnames])
+        matches[m] = {templates[j]: mnames[i] for i, j in match_features(mi)}
+        for j, t in enumerate(templates):
+            b = cm[(m, mnames[int(np.argmax(np.where(np.isfinite(mi[:, j]), mi[:, j], -np.inf)))], t)]
+            mf = matches[m].get(t, "")
+            rows.append(dict(template=t, method=m, best_feature=b["feature"], mi_ksg=b["mi_ksg"],
+                             mi_ksg_low=b["mi_ksg_low"], mi_ksg_high=b["mi_ksg_high"],
+                             equivalent_correlation=float(equivalent_correlation(b["mi_ksg"])),
+                             abs_pearson=abs(b["pearson"]), mi_binned=b["mi_binned"], p_value=b["p_value"],
+                             p_value_rotation=res.pvalue_rotation(maps[mnames.index(b["feature"])], T[j]),
+                             r2_all_features=g2[(t, m)][0], mi_gauss_all_features=g2[(t, m)][1],
+                             r2_all_channels=g2[(t, "channels")][0],
+                             mi_gauss_all_channels=g2[(t, "channels")][1],
+                             matched_feature=mf, matched_mi_ksg=cm[(m, mf, t)]["mi_ksg"] if mf else np.nan))
+    return matches, rows
+
+
+def _figures(pdir, methods, tset, T, summary, cm):
     """All PNGs; returns {template: (maps png, hist2d png)}."""
     from .plots import mollview_grid
 
@@ -524,7 +528,8 @@ def _notes(info, null_binned, bins):
         f"--calibration`), and the bootstrap interval is then too narrow (68 % intervals covered the truth "
         f"in 79 % of pairs at 5 degrees, 54 % at 20 degrees). The rotation test (p_value_rotation) keeps "
         f"all spatial correlations and stayed at <= 5 % false positives.\n"
-        f"- p-values are not corrected for the {len(info['names']) * len(info['templates'])} tests per method.\n"
+        f"- p-values are not corrected for the {len(info['names']) * len(info['templates'])} tests "
+        f"per method.\n"
         f"- Milosevic et al. (2021) report MI 1.72 nats (512-bin histogram) and Pearson 0.98 between a "
         f"feature and the Planck dust map. A {bins}-bin plug-in MI is biased upward on few pixels "
         f"(median {null_binned:.2f} nats here on block-permuted, independent pairs), so compare their "
