@@ -291,3 +291,13 @@ def test_run_whose_input_catalog_is_gone(tmp_path, small_run):
     (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(InputError, match="gone.yaml.*input catalog of the run"):
         make_report(str(moved), templates)
+
+
+def test_report_cli_bad_run_is_one_line_exit_2(tmp_path, capsys):
+    from galdecomp.cli import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "t.yaml").write_text("maps: []\n")
+    assert main(["report", str(tmp_path / "run"), "--templates", str(tmp_path / "t.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no latent maps" in err
