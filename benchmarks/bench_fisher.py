@@ -1,7 +1,10 @@
 """Timing of the Fisher-metric posterior on a full nside-128 sky (196,608 rows), decoder 10->64->64->35, float64.
 
 Run: ``python benchmarks/bench_fisher.py [--rows N] [--repeat R] [--blocks 512 1024 4096]``.
-Prints the best of R runs in seconds for all rows. The machine may be shared: the load average is printed.
+Prints the best of R runs in seconds for all rows, and each time as a multiple of one decoder
+value+gradient pass (``MLP.vjp``, float64, 1 BLAS thread, the package default) over the same rows,
+measured in the same run (before and after the stages, best of both): absolute seconds are noisy
+on a shared machine, the ratios much less. The load average is printed.
 """
 import argparse
 import os
@@ -42,8 +45,12 @@ def main():
     print(f"rows {n}, decoder {dec.sizes} ({dec.activation}), float64, best of {args.repeat}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    print(f"{'block':>6}  {'stage (all rows)':<52} {'s':>7}")
-    row = lambda bs, name, t: print(f"{bs:>6}  {name:<52} {t:7.3f}")  # noqa: E731
+    from galdecomp.model.mlp import MLP
+    mlp = MLP(dec.sizes, dec.activation, block_size=1024)
+    g_y = rng.standard_normal((n, C))
+    t_ref = best_of(lambda: mlp.vjp(theta, mu, g_y), args.repeat)
+    rows = []
+    row = lambda bs, name, t: rows.append((bs, name, t))  # noqa: E731  (printed at the end)
     for bs in args.blocks:
         blocks = [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
         y, J, cache = F.jacobian_forward(theta, dec.sizes, dec.activation, mu[:bs])
@@ -78,14 +85,8 @@ def main():
         row(bs, f"forward + backward, {args.batch}-row calls (cached J)", best_of(train, args.repeat))
 
     # machine-state reference: the shared MLP's value+gradient pass (SCIENCE.md: ~0.25 s f64 blocked, unloaded)
-    try:
-        from galdecomp.model.mlp import MLP
-        mlp = MLP(dec.sizes, dec.activation, block_size=1024)
-        g_y = rng.standard_normal((n, C))
-        t = best_of(lambda: mlp.vjp(theta, mu, g_y), args.repeat)
-        row("ref", "MLP.vjp value+gradient (SCIENCE.md: ~0.25 s)", t)
-    except ImportError:
-        pass
+    t_end = best_of(lambda: mlp.vjp(theta, mu, g_y), args.repeat)
+    ref = min(t_ref, t_end)
     # reference: scipy's batched solve_triangular loops over rows; timed on 1/16 of them
     from scipy.linalg import solve_triangular
     m = n // 16
@@ -94,6 +95,12 @@ def main():
     t_v = best_of(lambda: F.solve_lower(Lc, xi[:m], trans=True), args.repeat) * 16
     row("all", "L^-T xi: scipy.linalg.solve_triangular (x16 est.)", t_s)
     row("all", "L^-T xi: solve_lower, one block (x16 est.)", t_v)
+    print(f"{'block':>6}  {'stage (all rows)':<52} {'s':>7} {'x vjp':>7}")
+    for bs, name, t in rows:
+        print(f"{bs:>6}  {name:<52} {t:7.3f} {t / ref:7.2f}")
+    print(f"   ref  MLP.vjp value+gradient, f64 1 BLAS thread: {t_ref:.3f} s before the stages, {t_end:.3f} s "
+          f"after (SCIENCE.md: ~0.25 s unloaded); 'x vjp' = stage time / the smaller")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

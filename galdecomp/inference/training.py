@@ -23,13 +23,30 @@ class Adam:
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
 
     def step(self, x, grad, lr):
-        """Return the updated parameters ``x - lr * m_hat / (sqrt(v_hat) + eps)``."""
+        """Return the updated parameters ``x - lr * m_hat / (sqrt(v_hat) + eps)``.
+
+        The moments are updated in place and the work is done in two preallocated buffers
+        (fresh arrays of this size cost a page-fault each); the arithmetic and its order are
+        those of the textbook expressions, so results do not depend on the buffering.
+        """
         self.t += 1
-        self.m = self.beta1 * self.m + (1 - self.beta1) * grad
-        self.v = self.beta2 * self.v + (1 - self.beta2) * grad * grad
-        m_hat = self.m / (1 - self.beta1 ** self.t)
-        v_hat = self.v / (1 - self.beta2 ** self.t)
-        return x - lr * m_hat / (np.sqrt(v_hat) + self.eps)
+        if getattr(self, "_buf", None) is None or self._buf.shape != (2, x.size):
+            self._buf = np.empty((2, x.size))
+        a, b = self._buf
+        self.m *= self.beta1
+        np.multiply(1 - self.beta1, grad, out=a)
+        self.m += a
+        self.v *= self.beta2
+        np.multiply(1 - self.beta2, grad, out=a)
+        a *= grad
+        self.v += a
+        np.divide(self.v, 1 - self.beta2 ** self.t, out=b)
+        np.sqrt(b, out=b)
+        b += self.eps
+        np.divide(self.m, 1 - self.beta1 ** self.t, out=a)
+        a *= lr
+        a /= b
+        return np.subtract(x, a, out=a).copy()
 
 
 class TrainingState:
