@@ -33,7 +33,7 @@ DEFAULTS = {
     "training": {
         "batch_size": 1024,
         "max_epochs": 150,
-        "learning_rate": 3e-3,
+        "learning_rate": 1e-2,         # Adam step on the excitations (theta = scale * xi)
         "min_learning_rate": 1e-4,
         "lr_factor": 0.5,           # learning-rate reduction on a validation plateau
         "lr_patience": 8,          # epochs without improvement before reducing the learning rate
