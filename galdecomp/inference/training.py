@@ -21,6 +21,7 @@ class Adam:
         self.v = np.zeros(n)
         self.t = 0
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self._buf = np.empty((2, n))
 
     def step(self, x, grad, lr):
         """Return the updated parameters ``x - lr * m_hat / (sqrt(v_hat) + eps)``.
@@ -30,8 +31,6 @@ class Adam:
         those of the textbook expressions, so results do not depend on the buffering.
         """
         self.t += 1
-        if getattr(self, "_buf", None) is None or self._buf.shape != (2, x.size):
-            self._buf = np.empty((2, x.size))
         a, b = self._buf
         self.m *= self.beta1
         np.multiply(1 - self.beta1, grad, out=a)
@@ -46,7 +45,7 @@ class Adam:
         np.divide(self.m, 1 - self.beta1 ** self.t, out=a)
         a *= lr
         a /= b
-        return np.subtract(x, a, out=a).copy()
+        return x - a
 
 
 class TrainingState:
