@@ -44,13 +44,9 @@ LOG2PI = np.log(2.0 * np.pi)
 # ----------------------------------------------------------------------------- helpers
 def unpack(theta, sizes=SIZES):
     """Per-layer (W (n_in, n_out), b) views of the package's flat parameter layout."""
-    out, i = [], 0
-    for n, m in zip(sizes[:-1], sizes[1:]):
-        W = theta[i:i + n * m].reshape(n, m)
-        i += n * m
-        out.append((W, theta[i:i + m]))
-        i += m
-    return out
+    from galdecomp.model.mlp import unpack_params
+
+    return unpack_params(theta, sizes)
 
 
 def noise_w(s):
