@@ -32,6 +32,13 @@ def _say(msg):
         log(msg)
 
 
+def _write_config(run_dir, catalog_path, cfg):
+    """Write RUN/config.yaml: the resolved configuration, usable as ``--config``."""
+    write_text(os.path.join(run_dir, "config.yaml"),
+               "# galdecomp fit configuration (resolved); re-run with --config this file\n"
+               + yaml.safe_dump({"catalog": catalog_path, **cfg}, sort_keys=False))
+
+
 def _stored_config(run_dir, posterior=None):
     """The configuration of the run in ``run_dir`` (for --resume; ``posterior``: an MGVI request)."""
     if not os.path.isfile(os.path.join(run_dir, CHECKPOINT)) or \
@@ -225,9 +232,7 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
         comm.barrier()  # every rank has validated its input before rank 0 replaces anything
         if comm.rank == 0:
             make_run_dir(run_dir)
-            write_text(os.path.join(run_dir, "config.yaml"),
-                       "# galdecomp fit configuration (resolved); re-run with --config this file\n"
-                       + yaml.safe_dump({"catalog": catalog.path, **cfg}, sort_keys=False))
+            _write_config(run_dir, catalog.path, cfg)
         state = TrainingState(model.init_params(cfg["seed"]), cfg["training"]["learning_rate"], cfg["seed"])
     comm.barrier()
     extra = dict(preprocessing=json.dumps(pre.to_dict()), fingerprint=fingerprint,
@@ -258,9 +263,7 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
         samples = latent_posterior_samples(model, params, data0, mask, mean, method, p["n_samples"],
                                            p["iterations"], seed=cfg["seed"] * 65536 + comm.rank, log=_say)
     if resume and comm.rank == 0:  # the posterior settings may have changed: keep config.yaml exact
-        write_text(os.path.join(run_dir, "config.yaml"),
-                   "# galdecomp fit configuration (resolved); re-run with --config this file\n"
-                   + yaml.safe_dump({"catalog": catalog.path, **cfg}, sort_keys=False))
+        _write_config(run_dir, catalog.path, cfg)
     products = write_run_products(run_dir, data_set, pre, model, params, data, mean, cov, state.history,
                                   cfg, catalog.path, samples=samples, comm=comm, progress=_say)
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
