@@ -164,6 +164,12 @@ def load_preprocessed(catalog, nside, pixels=None):
     return data_set, pre, pre.forward(data_set.values).T.copy()
 
 
+def noise_floor(preprocessor, data_set, cfg):
+    """Per-channel noise floor (standardised): the catalog's known noise and ``noise.floor`` in quadrature."""
+    known = preprocessor.noise_to_standardised(data_set.noise)
+    return np.sqrt(known ** 2 + cfg["noise"]["floor"] ** 2)
+
+
 def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=False, overwrite=False):
     """Fit the probabilistic autoencoder to the maps of a catalog and write the run folder.
 
@@ -216,8 +222,7 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
         raise InputError(f"{catalog_path}: {C} channels cannot support {L} latent features "
                          f"(use --latent-dim {C} or fewer)")
     n_rows = 12 * nside * nside
-    floor = np.sqrt(pre.noise_to_standardised(data_set.noise) ** 2 + cfg["noise"]["floor"] ** 2)
-    model = Autoencoder.from_config(cfg, C, floor)
+    model = Autoencoder.from_config(cfg, C, noise_floor(pre, data_set, cfg))
     fingerprint = f"{catalog.path}|{nside}|" + json.dumps(pre.to_dict(), sort_keys=True)
     ckpt = os.path.join(run_dir, CHECKPOINT)
     if resume:

@@ -19,7 +19,8 @@ DEFAULTS = {
     "seed": 0,
     "nside": None,                 # working resolution (None: the catalog's)
     "decoder": {"hidden": [64, 64], "activation": "tanh"},
-    "encoder": {"hidden": [128, 128], "activation": "tanh"},
+    "encoder": {"hidden": [128, 128], "activation": "tanh",
+                "output_scale": 0.1},   # initial excitations of the encoder's output layer x this
     "noise": {
         "sigma0": 0.5,             # prior median of the adaptive noise (standardised units)
         "tau": 1.0,                # prior width of log sigma (e-folds)
@@ -35,6 +36,8 @@ DEFAULTS = {
         "max_epochs": 150,
         "learning_rate": 1e-2,         # Adam step on the excitations (theta = scale * xi)
         "min_learning_rate": 1e-4,
+        "schedule": "plateau",     # plateau (halve on a validation plateau) | cosine (to min_learning_rate)
+        "kl_warmup_epochs": 0,     # KL weight rises linearly from 0 to beta over these epochs
         "lr_factor": 0.5,           # learning-rate reduction on a validation plateau
         "lr_patience": 8,          # epochs without improvement before reducing the learning rate
         "patience": 20,            # epochs without improvement before stopping early
@@ -136,7 +139,13 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     _positive(cfg["noise"], "sigma0", f"{where}: noise")
     _positive(cfg["noise"], "tau", f"{where}: noise")
     _positive(cfg["noise"], "floor", f"{where}: noise", allow_zero=True)
+    _positive(cfg["encoder"], "output_scale", f"{where}: encoder")
     t = cfg["training"]
+    if t["schedule"] not in ("plateau", "cosine"):
+        raise InputError(f"{where}: training.schedule must be plateau or cosine, got {t['schedule']!r}")
+    if isinstance(t["kl_warmup_epochs"], bool) or not isinstance(t["kl_warmup_epochs"], int) \
+            or t["kl_warmup_epochs"] < 0:
+        raise InputError(f"{where}: training.kl_warmup_epochs must be a non-negative integer")
     for k in ("batch_size", "max_epochs", "lr_patience", "patience"):
         _positive_int(t, k, f"{where}: training")
     for k in ("learning_rate", "min_learning_rate", "lr_factor"):

@@ -155,6 +155,9 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         The final state; ``state.best_params`` are the parameters to use.
     """
     bs = int(cfg["batch_size"])
+    warmup = int(cfg.get("kl_warmup_epochs", 0))
+    cosine = cfg.get("schedule", "plateau") == "cosine"
+    lr0 = float(cfg["learning_rate"])
     val_xi = np.random.default_rng([seed, 2]).standard_normal((valid_rows.size, objective.latent_dim))
     t_start, epoch0 = time.perf_counter(), state.epoch
     while not state.done:
@@ -164,10 +167,16 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         order = rng.permutation(train_rows)
         n_batches = max(1, order.size // bs)
         sums = np.zeros(3)
+        if cosine:
+            lo = float(cfg["min_learning_rate"])
+            state.lr = lo + (lr0 - lo) * 0.5 * (1.0 + np.cos(np.pi * state.epoch / cfg["max_epochs"]))
+        kw = {}
+        if warmup > 0 and state.epoch < warmup:
+            kw["beta"] = objective.beta * (state.epoch + 1) / (warmup + 1)
         for b in range(n_batches):
             rows = np.sort(order[b * bs:(b + 1) * bs] if b < n_batches - 1 else order[b * bs:])
             xi = rng.standard_normal((rows.size, objective.latent_dim))
-            value, grad, terms = objective.value_and_gradient(state.params, rows, xi)
+            value, grad, terms = objective.value_and_gradient(state.params, rows, xi, **kw)
             if not np.isfinite(value) or not np.all(np.isfinite(grad)):
                 raise FloatingPointError(f"non-finite ELBO at epoch {state.epoch + 1}, step {state.step + 1}")
             state.params = state.adam.step(state.params, grad, state.lr)
@@ -186,7 +195,7 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         else:
             state.since_best += 1
             state.since_lr += 1
-        if state.since_lr >= cfg["lr_patience"] and state.lr > cfg["min_learning_rate"]:
+        if not cosine and state.since_lr >= cfg["lr_patience"] and state.lr > cfg["min_learning_rate"]:
             state.lr = max(state.lr * cfg["lr_factor"], cfg["min_learning_rate"])
             state.since_lr = 0
         if state.epoch >= cfg["max_epochs"] or state.since_best >= cfg["patience"]:

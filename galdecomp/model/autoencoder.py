@@ -43,7 +43,8 @@ class Autoencoder:
 
     def __init__(self, n_features, latent_dim=10, decoder_hidden=(64, 64), encoder_hidden=(128, 128),
                  decoder_activation="tanh", encoder_activation="tanh", covariance="diagonal",
-                 floor=0.0, sigma0=_noise.SIGMA0, tau=_noise.TAU, beta=1.0, dtype="float64"):
+                 floor=0.0, sigma0=_noise.SIGMA0, tau=_noise.TAU, beta=1.0, dtype="float64",
+                 encoder_output_scale=0.1):
         dt = np.dtype(dtype).type
         self.n_features, self.latent_dim = int(n_features), int(latent_dim)
         self.posterior = POSTERIORS[covariance]()
@@ -52,6 +53,7 @@ class Autoencoder:
                            encoder_activation, dtype=dt)
         self.floor = np.broadcast_to(np.asarray(floor, float), (n_features,)).copy()
         self.sigma0, self.tau, self.beta = float(sigma0), float(tau), float(beta)
+        self.encoder_output_scale = float(encoder_output_scale)
         self.enc_scales = self.encoder.init_scales()
         self.dec_scales = self.decoder.init_scales()
         sizes = [("encoder", self.encoder.n_params), ("decoder", self.decoder.n_params),
@@ -68,17 +70,17 @@ class Autoencoder:
         return cls(n_features, cfg["latent_dim"], cfg["decoder"]["hidden"], cfg["encoder"]["hidden"],
                    cfg["decoder"]["activation"], cfg["encoder"]["activation"], cfg["covariance"],
                    floor, cfg["noise"]["sigma0"], cfg["noise"]["tau"], cfg["beta"],
-                   cfg["training"]["dtype"])
+                   cfg["training"]["dtype"], cfg["encoder"]["output_scale"])
 
     # -- parameters -------------------------------------------------------------------------------
     def init_params(self, seed):
-        """Initial excitations: a prior draw for the decoder, small encoder outputs, noise at sigma0."""
+        """Initial excitations: a prior draw for the decoder, encoder outputs scaled by
+        ``encoder_output_scale``, noise at sigma0."""
         rng = np.random.default_rng([seed, 3])
         p = np.zeros(self.n_params)
         p[self.slices["encoder"]] = rng.standard_normal(self.encoder.n_params)
-        # start the encoder's output layer small: q starts near the prior N(0, 1)
         n_last = self.encoder.sizes[-2] * self.encoder.sizes[-1] + self.encoder.sizes[-1]
-        p[self.slices["encoder"].stop - n_last:self.slices["encoder"].stop] *= 0.1
+        p[self.slices["encoder"].stop - n_last:self.slices["encoder"].stop] *= self.encoder_output_scale
         p[self.slices["decoder"]] = rng.standard_normal(self.decoder.n_params)
         return p
 
@@ -183,18 +185,22 @@ class ELBOObjective:
         self.n_total = int(n_total)
         self.offset = int(offset)
         self.latent_dim = model.latent_dim
+        self.beta = model.beta
         L = model.latent_dim
         self._op = model.elbo(self.data[:0], self.mask[:0], np.zeros((0, L)), self.n_total,
                               with_prior=self.comm.rank == 0)
 
-    def _energy(self, rows, xi):
+    def _energy(self, rows, xi, beta=None):
         local = (rows >= self.offset) & (rows < self.offset + len(self.data))
         r = rows[local] - self.offset
-        return self._op.with_batch(self.data[r], self.mask[r], xi[local], n_batch=len(rows))
+        return self._op.with_batch(self.data[r], self.mask[r], xi[local], n_batch=len(rows), beta=beta)
 
-    def value_and_gradient(self, params, rows, xi):
-        """Negative ELBO per row of the minibatch ``rows``, its gradient and terms (nll, kl)."""
-        op = self._energy(rows, xi)
+    def value_and_gradient(self, params, rows, xi, beta=None):
+        """Negative ELBO per row of the minibatch ``rows``, its gradient and terms (nll, kl).
+
+        ``beta`` replaces the model's KL weight for this step (KL warm-up).
+        """
+        op = self._energy(rows, xi, beta)
         value, grad, t = op.value_gradient_terms(self.model.position(params, op.domain))
         packed = self.comm.allreduce_sum(np.concatenate([[value, t["nll"], t["kl"]], self.model.flatten(grad)]))
         return float(packed[0]), packed[3:], {"nll": packed[1], "kl": packed[2]}

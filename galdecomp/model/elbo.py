@@ -102,11 +102,16 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         return {"x": np.concatenate([d, m], axis=1), "m": m, "count": m.sum(axis=0),
                 "dc": d.astype(dt), "mc": m.astype(dt), "xi": xi}
 
-    def with_batch(self, data, mask, xi, n_batch=None):
-        """The same ELBO (networks, noise settings, constants) on another minibatch."""
+    def with_batch(self, data, mask, xi, n_batch=None, beta=None):
+        """The same ELBO (networks, noise settings, constants) on another minibatch.
+
+        ``beta``, if given, replaces the KL weight (e.g. during a KL warm-up).
+        """
         new = copy.copy(self)
         new._batch = self._make_batch(data, mask, xi)
         new._n_batch = n_batch
+        if beta is not None:
+            new._beta = float(beta)
         return new
 
     @property

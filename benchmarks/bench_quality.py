@@ -1,0 +1,403 @@
+"""Fit quality: galdecomp's default fit against a plain PyTorch VAE, over seeds, on three skies.
+
+Data sets (``--datasets``):
+
+- ``real``: the 18 maps of ``realsky64`` that are neither dust nor HI (GSM2008 x11, WMAP V/W,
+  WHAM H-alpha, ROSAT 3/4 keV, Fermi 2FHL x3), nside 64; held-out templates HI4PI N_HI,
+  SFD E(B-V), Planck13 E(B-V) (never seen by the fits);
+- ``demo``: the built-in simulated sky (``galdecomp simulate --nside 64 --seed 0``) with its 24
+  truth maps as templates;
+- ``realmorph``: the real-morphology simulated sky (``galdecomp simulate --nside 64 --seed 0
+  --morphology realsky64``) with its truth maps.
+
+Methods (``--methods``):
+
+- ``galdecomp``: the package's default fit (``fit_rows`` with the resolved default
+  configuration, what ``galdecomp fit CATALOG --out RUN`` trains), optionally changed by
+  ``--set key.sub=value`` (YAML values) for ablations; features = posterior means;
+- ``torch``: the peer a user would write: a PyTorch VAE, encoder and decoder 2x128 tanh,
+  learned per-channel log sigma (start 0, no floor), analytic KL, Adam lr 2e-3 with cosine
+  annealing, batch 1024, 200 epochs; its own preprocessing (log for positive maps, else
+  asinh(x / std), then standardised); pixels with a missing channel dropped;
+- ``torch-same``: the same network and optimiser trained on galdecomp's preprocessed data (its
+  validation ELBO is comparable with galdecomp's);
+- ``pca``: PCA with as many components as latent features, on galdecomp's preprocessed data.
+
+Per data set, method and seed: validation -ELBO per pixel (32 draws per pixel, on galdecomp's
+validation pixels of galdecomp's preprocessed data, complete pixels only; galdecomp and
+torch-same only), active features (std over pixels of the posterior mean > 0.1), held-out R^2
+of every template from the features (gradient boosting, half-sky block split, as the report;
+``ceiling``: from all input channels), the best single-feature KSG MI per template, wall time of
+training. R^2 and MI use the pixels valid for every method (the peer drops incomplete pixels).
+
+Usage::
+
+    python benchmarks/bench_quality.py                                 # all data sets, 3 seeds
+    python benchmarks/bench_quality.py --datasets real --seeds 0 --methods galdecomp,torch
+    python benchmarks/bench_quality.py --datasets real --set training.learning_rate=0.003 --tag lr3e-3
+
+Writes ``--out`` (default ``benchmarks/out/quality``): ``rows.csv`` (one row per data set,
+method, seed, template) and ``summary.md`` (medians and ranges over seeds).
+"""
+import argparse
+import copy
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+REAL_INPUTS_EXCLUDE = ("NHI", "EBV")
+REAL_TEMPLATES = ("hi4pi_NHI", "sfd98_EBV", "planck13_EBV")
+ACTIVE_STD = 0.1
+EVAL_DRAWS = 32
+KSG_PIXELS = 4096
+
+
+def shared_dir():
+    env = os.environ.get("GALDECOMP_SHARED")
+    return env if env else os.path.join(os.path.dirname(HERE), "..", "shared")
+
+
+# ------------------------------------------------------------------------------------ data sets
+def _write_catalog(path, entries, nside=None):
+    doc = {"maps": entries}
+    if nside:
+        doc["nside"] = nside
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    return path
+
+
+def prepare_real(work, nside=64):
+    """Input and template catalogs of the real-sky protocol (absolute paths, no copies)."""
+    src = os.path.abspath(os.path.join(shared_dir(), "data", f"realsky{nside}"))
+    with open(os.path.join(src, "catalog.yaml")) as f:
+        maps = yaml.safe_load(f)["maps"]
+    for m in maps:
+        m["file"] = os.path.join(src, m["file"])
+    inputs = [m for m in maps if not any(x in m["name"] for x in REAL_INPUTS_EXCLUDE)]
+    templ = [m for m in maps if m["name"] in REAL_TEMPLATES]
+    return (_write_catalog(os.path.join(work, "real_inputs.yaml"), inputs),
+            _write_catalog(os.path.join(work, "real_templates.yaml"), templ))
+
+
+def prepare_simulated(work, name, nside=64, seed=0, morphology=None):
+    """Simulate a sky once into ``work/name`` (cached); return (inputs, truth) catalogs."""
+    from galdecomp.simulation import simulate_sky, write_simulated_sky
+
+    out = os.path.join(work, name)
+    if not os.path.isfile(os.path.join(out, "truth", "catalog.yaml")):
+        kw = {} if morphology is None else {"morphology": morphology}
+        sky = simulate_sky(nside, seed=seed, **kw)
+        write_simulated_sky(sky, out, overwrite=True, plot=False)
+    return os.path.join(out, "catalog.yaml"), os.path.join(out, "truth", "catalog.yaml")
+
+
+def prepare(name, work):
+    if name == "real":
+        return prepare_real(work)
+    if name == "demo":
+        return prepare_simulated(work, "demo_sky")
+    if name == "realmorph":
+        return prepare_simulated(work, "realmorph_sky",
+                                 morphology=os.path.join(shared_dir(), "data", "realsky64"))
+    raise SystemExit(f"unknown data set {name}")
+
+
+class Data:
+    """Inputs (NESTED rows) of one catalog with galdecomp's preprocessing, and the templates (RING)."""
+
+    def __init__(self, inputs, templates):
+        import healpy as hp
+
+        from galdecomp.catalog import load_catalog, read_catalog, working_nside
+        from galdecomp.pipeline import load_preprocessed
+        from galdecomp.preprocessing import Preprocessor
+
+        cat = read_catalog(inputs)
+        self.nside = working_nside(cat)
+        self.catalog = cat
+        self.dataset, self.pre, self.data = load_preprocessed(cat, self.nside)
+        npix = 12 * self.nside ** 2
+        self.n2r = hp.ring2nest(self.nside, np.arange(npix))  # RING pixel r is NESTED row n2r[r]
+        self.physical = self.dataset.values.T  # (P, C) NESTED, NaN missing
+        tset = load_catalog(templates, nside=self.nside)
+        self.template_names = tset.names
+        self.T = Preprocessor.fit(tset).forward(tset.values)  # (n_templates, npix) RING
+        self.complete = np.isfinite(self.data).all(axis=1)     # NESTED rows
+
+    def ring(self, rows):
+        """(P, k) NESTED rows -> (P, k) RING rows."""
+        return rows[self.n2r]
+
+
+# ------------------------------------------------------------------------------------ methods
+def galdecomp_fit(data, seed, settings, log=None):
+    """The package's default fit on ``data`` (what ``galdecomp fit`` trains), with overrides."""
+    from galdecomp.inference.config import resolve_config
+    from galdecomp.inference.training import TrainingState
+    from galdecomp.model.autoencoder import Autoencoder
+    from galdecomp.pipeline import fit_rows, noise_floor
+
+    cfg = resolve_config(settings, {"seed": seed})
+    C = data.data.shape[1]
+    model = Autoencoder.from_config(cfg, C, noise_floor(data.pre, data.dataset, cfg))
+    state = TrainingState(model.init_params(cfg["seed"]), cfg["training"]["learning_rate"], cfg["seed"])
+    t0 = time.perf_counter()
+    fit_rows(model, data.data, state, cfg, log=log)
+    seconds = time.perf_counter() - t0
+    mask = np.isfinite(data.data)
+    mean, _ = model.posterior_moments(state.best_params, np.where(mask, data.data, 0.0), mask)
+    return dict(features=mean, seconds=seconds, model=model, params=state.best_params, cfg=cfg,
+                history=state.history, epochs=state.epoch)
+
+
+def peer_transform(x):
+    """The peer's preprocessing of one channel: log if positive, else asinh(x / std); standardised."""
+    ok = np.isfinite(x)
+    t = np.log(x) if np.nanmin(x) > 0 else np.arcsinh(x / np.nanstd(x))
+    return (t - np.nanmean(t[ok])) / np.nanstd(t[ok])
+
+
+def torch_fit(X, seed, latent_dim, epochs=200, lr=2e-3, batch=1024, valid=None, log=None):
+    """The PyTorch peer on complete rows ``X`` (n, C); returns its encoder means on X and timings."""
+    import torch
+
+    torch.manual_seed(seed)
+    nn = torch.nn
+    n, C = X.shape
+    L = latent_dim
+
+    def mlp(sizes):
+        mods = []
+        for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            mods.append(nn.Linear(a, b))
+            if k < len(sizes) - 2:
+                mods.append(nn.Tanh())
+        return nn.Sequential(*mods)
+
+    enc, dec = mlp([C, 128, 128, 2 * L]), mlp([L, 128, 128, C])
+    log_sigma = nn.Parameter(torch.zeros(C))
+    params = [*enc.parameters(), *dec.parameters(), log_sigma]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    train = np.arange(n) if valid is None else np.setdiff1d(np.arange(n), valid)
+    Xt = torch.tensor(X, dtype=torch.float32)
+    gen = np.random.default_rng([seed, 77])
+    log2pi = float(np.log(2 * np.pi))
+
+    def neg_elbo(x, draws=1, gen_t=None):
+        e = enc(x)
+        mu, ls = e[:, :L], e[:, L:]
+        sd = torch.exp(ls)
+        var = torch.exp(2 * log_sigma)
+        nll = 0.0
+        for _ in range(draws):
+            eps = torch.randn(mu.shape, generator=gen_t)
+            r = x - dec(mu + sd * eps)
+            nll = nll + 0.5 * ((r * r) / var + log2pi + torch.log(var)).sum(1)
+        kl = 0.5 * (mu * mu + sd * sd - 1.0 - 2.0 * ls).sum(1)
+        return nll / draws + kl
+
+    t0 = time.perf_counter()
+    for ep in range(epochs):
+        order = gen.permutation(train)
+        for b in range(0, len(order), batch):
+            idx = torch.as_tensor(order[b:b + batch])
+            loss = neg_elbo(Xt[idx]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        if log and (ep + 1) % 50 == 0:
+            log(f"torch epoch {ep + 1}: loss {loss.item():.4f}")
+    seconds = time.perf_counter() - t0
+    weights = dict(enc=[(m.weight.detach().numpy().T.astype(float), m.bias.detach().numpy().astype(float))
+                        for m in enc if isinstance(m, nn.Linear)],
+                   dec=[(m.weight.detach().numpy().T.astype(float), m.bias.detach().numpy().astype(float))
+                        for m in dec if isinstance(m, nn.Linear)],
+                   log_sigma=log_sigma.detach().numpy().astype(float))
+    with torch.no_grad():
+        mu = enc(Xt)[:, :L].numpy().astype(float)
+        val = None
+        if valid is not None:
+            g = torch.Generator().manual_seed(12345)
+            val = float(neg_elbo(Xt[torch.as_tensor(valid)], EVAL_DRAWS, g).mean())
+    return dict(features=mu, seconds=seconds, validation=val, weights=weights)
+
+
+def galdecomp_at_peer(data, weights, rows):
+    """galdecomp's objective (no noise floor) evaluated at the peer's trained weights.
+
+    The peer's networks are copied into a galdecomp model of the same widths (encoder input
+    ``[d * m, m]`` with zero weights on the mask half; excitations = weights / scales; noise
+    excitation from the peer's log sigma). Separates a worse objective from a worse optimiser.
+    """
+    from galdecomp.inference.config import resolve_config
+    from galdecomp.model.autoencoder import Autoencoder
+    from galdecomp.model.mlp import unpack_params
+
+    C = data.data.shape[1]
+    cfg = resolve_config({"decoder": {"hidden": [128, 128]}, "encoder": {"hidden": [128, 128]},
+                          "noise": {"floor": 0.0}})
+    model = Autoencoder.from_config(cfg, C, 0.0)
+    params = np.zeros(model.n_params)
+    for part, net, scales in (("encoder", model.encoder, model.enc_scales),
+                              ("decoder", model.decoder, model.dec_scales)):
+        theta = np.zeros(net.n_params)
+        for k, ((W, b), (Wp, bp)) in enumerate(zip(unpack_params(theta, net.sizes), weights[part[:3]])):
+            W[:Wp.shape[0]] = Wp
+            b[...] = bp
+        params[model.slices[part]] = theta / scales
+    params[model.slices["noise"]] = (weights["log_sigma"] - np.log(model.sigma0)) / model.tau
+    return galdecomp_validation(dict(model=model, params=params), data, rows)
+
+
+def galdecomp_validation(res, data, rows):
+    """galdecomp's validation -ELBO per pixel on ``rows`` (NESTED), EVAL_DRAWS draws each."""
+    model, params = res["model"], res["params"]
+    d = data.data[rows]
+    mask = np.isfinite(d)
+    op = model.elbo(np.where(mask, d, 0.0)[:1], mask[:1], np.zeros((1, model.latent_dim)), len(rows))
+    pos = model.position(params, op.domain)
+    xi = np.random.default_rng(12345).standard_normal((EVAL_DRAWS, len(rows), model.latent_dim))
+    vals = []
+    for k in range(EVAL_DRAWS):
+        t = op.terms(pos, np.where(mask, d, 0.0), mask, xi[k])
+        vals.append(t["nll"] + t["kl"])
+    return float(np.mean(vals))
+
+
+# ------------------------------------------------------------------------------------ scores
+def scores(F_ring, data, valid_ring, seed=0):
+    """Active features, held-out R^2 and best KSG MI per template for features (npix, k) in RING."""
+    from galdecomp.products.dependence import block_split, heldout_r2, mi_ksg
+
+    Fv = np.where(valid_ring[:, None], F_ring, np.nan)
+    active = int(np.sum(np.nanstd(Fv, axis=0) > ACTIVE_STD))
+    rng = np.random.default_rng([seed, 91])
+    sub = np.sort(rng.choice(np.nonzero(valid_ring)[0], min(KSG_PIXELS, int(valid_ring.sum())), replace=False))
+    out = {}
+    for j, t in enumerate(data.template_names):
+        y = np.where(valid_ring, data.T[j], np.nan)
+        train, test = block_split(data.nside, np.isfinite(y), 0)
+        r2 = heldout_r2(Fv, y, train, test, 0)
+        ok = sub[np.isfinite(y[sub])]
+        mi = max(mi_ksg(Fv[ok, k], y[ok]) for k in range(Fv.shape[1]))
+        out[t] = dict(r2=r2, mi=mi)
+    return active, out
+
+
+# ------------------------------------------------------------------------------------ driver
+def parse_set(items):
+    cfg = {}
+    for it in items or []:
+        key, val = it.split("=", 1)
+        d = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = yaml.safe_load(val)
+    return cfg
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--datasets", default="real,demo,realmorph")
+    ap.add_argument("--methods", default="galdecomp,torch,torch-same,pca")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--set", action="append", help="galdecomp setting key.sub=value (YAML value)")
+    ap.add_argument("--tag", default="default", help="label of the galdecomp variant in the tables")
+    ap.add_argument("--torch-epochs", type=int, default=200)
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "galdecomp-bench-quality"))
+    ap.add_argument("--out", default=os.path.join(HERE, "out", "quality"))
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    os.makedirs(a.work, exist_ok=True)
+    os.makedirs(a.out, exist_ok=True)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    methods = a.methods.split(",")
+    settings = parse_set(a.set)
+    log = None if a.quiet else (lambda m: print("   ", m, file=sys.stderr, flush=True))
+    rows_path = os.path.join(a.out, "rows.csv")
+    new_file = not os.path.exists(rows_path)
+    fcsv = open(rows_path, "a", newline="")
+    w = csv.writer(fcsv)
+    if new_file:
+        w.writerow(["dataset", "method", "tag", "seed", "template", "r2", "mi_ksg", "active", "val_neg_elbo",
+                    "seconds", "epochs", "settings"])
+    for ds in a.datasets.split(","):
+        inputs, templates = prepare(ds, a.work)
+        data = Data(inputs, templates)
+        L = 10
+        # pixels valid for every method: complete input rows and valid features
+        valid_ring = data.ring(data.complete)
+        from galdecomp.inference.training import split_rows
+
+        _, val_rows = split_rows(len(data.data), 0.1, 0)
+        val_rows = val_rows[data.complete[val_rows]]
+        Xc = data.data[data.complete]
+        pos_in_complete = np.cumsum(data.complete) - 1
+        X_ring = data.ring(np.where(np.isfinite(data.data), data.data, np.nan))
+        _, sc = scores(X_ring, data, valid_ring)
+        for t, v in sc.items():
+            w.writerow([ds, "ceiling", "", "", t, v["r2"], v["mi"], "", "", "", "", ""])
+        print(f"{ds}: {len(data.data)} pixels x {data.data.shape[1]} channels, "
+              f"{int(data.complete.sum())} complete; ceiling R2 "
+              + ", ".join(f"{t} {v['r2']:.3f}" for t, v in sc.items()), flush=True)
+        for seed in seeds:
+            for m in methods:
+                t0 = time.perf_counter()
+                val, epochs, tag = "", "", ""
+                if m == "galdecomp":
+                    res = galdecomp_fit(data, seed, copy.deepcopy(settings), log=log)
+                    F = res["features"]
+                    val = galdecomp_validation(res, data, val_rows)
+                    epochs, tag = res["epochs"], a.tag
+                elif m in ("torch", "torch-same"):
+                    if m == "torch":
+                        phys = data.physical[data.complete]
+                        Xp = np.stack([peer_transform(phys[:, c]) for c in range(phys.shape[1])], axis=1)
+                    else:
+                        Xp = Xc
+                    res = torch_fit(Xp, seed, L, epochs=a.torch_epochs, valid=pos_in_complete[val_rows]
+                                    if m == "torch-same" else None, log=log)
+                    F = np.full((len(data.data), L), np.nan)
+                    F[data.complete] = res["features"]
+                    val = "" if res["validation"] is None else res["validation"]
+                    if m == "torch-same":
+                        at_peer = galdecomp_at_peer(data, res["weights"], val_rows)
+                        print(f"{ds} seed {seed}: galdecomp objective at the peer's weights "
+                              f"{at_peer:.3f} (peer's own evaluation {val:.3f})", flush=True)
+                    epochs = a.torch_epochs
+                elif m == "pca":
+                    from sklearn.decomposition import PCA
+
+                    F = np.full((len(data.data), L), np.nan)
+                    F[data.complete] = PCA(L, random_state=seed).fit_transform(Xc)
+                    res = dict(seconds=time.perf_counter() - t0)
+                else:
+                    raise SystemExit(f"unknown method {m}")
+                active, sc = scores(data.ring(F), data, valid_ring)
+                for t, v in sc.items():
+                    w.writerow([ds, m, tag, seed, t, v["r2"], v["mi"], active, val, round(res["seconds"], 1),
+                                epochs, json.dumps(settings) if m == "galdecomp" else ""])
+                fcsv.flush()
+                r2s = [v["r2"] for v in sc.values()]
+                print(f"{ds} {m}{'[' + tag + ']' if tag else ''} seed {seed}: active {active}, "
+                      f"val -ELBO {val if val == '' else f'{val:.3f}'}, mean R2 {np.mean(r2s):.4f}, "
+                      f"min R2 {min(r2s):.3f}, mean MI {np.mean([v['mi'] for v in sc.values()]):.3f}, "
+                      f"{res['seconds']:.0f} s, epochs {epochs}", flush=True)
+    fcsv.close()
+
+
+if __name__ == "__main__":
+    main()
