@@ -65,8 +65,9 @@ def cmd_simulate(args):
     morphology = None
     if args.template and not args.morphology:
         raise InputError("--template needs --morphology DIR")
-    if args.morphology:  # checked before anything is written
+    if args.morphology:  # checked and read before anything is written
         morphology = resolve_morphology(args.morphology, _template_pairs(args.template))
+        morphology.load(args.nside)
     with atomic_output_dir(out, args.overwrite) as tmp:
         real = f", spatial templates from {morphology.catalog}" if morphology else ""
         log(f"simulating the sky at nside {args.nside} (seed {args.seed}{real})")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import yaml
 
-from .catalog import load_catalog, read_catalog, working_nside
+from .catalog import is_power_of_two, load_catalog, read_catalog, working_nside
 from .errors import InputError
 from .fileio import atomic_path, write_text
 from .inference.config import model_signature, resolve_config
@@ -314,9 +314,13 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
         raise InputError(f"run config: simulate: unknown setting(s) {', '.join(unknown)}")
     out = os.path.abspath(out or cfg["out"])
     resolve_config(cfg["fit"], where="run config: fit")      # fail early on bad settings
+    if not is_power_of_two(sim["nside"]):
+        raise InputError(f"run config: simulate: nside {sim['nside']!r} is not a power of two")
     morphology = None
     if not resume:  # a resumed job keeps its simulated sky
         morphology = morphology_from_config(sim["morphology"], config_dir, "run config: simulate: morphology")
+        if morphology is not None:
+            morphology.load(sim["nside"])
     sky_dir = os.path.join(out, "sky")
     if resume:
         if not os.path.isfile(os.path.join(sky_dir, "catalog.yaml")):

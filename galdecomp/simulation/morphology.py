@@ -83,10 +83,13 @@ class Morphology:
     catalog: str
     templates: dict = field(default_factory=dict)  # component -> MapEntry
     rule: str = "names"  # "names" (name patterns) or "explicit"
+    _loaded: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def describe(self):
-        """One line per templated component: ``component <- map``."""
-        return [f"{comp} <- {e.name}" for comp, e in self.templates.items()]
+    def load(self, nside):
+        """The templates at ``nside`` (`load_templates`), read once per nside."""
+        if nside not in self._loaded:
+            self._loaded[nside] = load_templates(self, nside)
+        return self._loaded[nside]
 
 
 def _catalog_path(path):

@@ -12,7 +12,7 @@ from ..errors import InputError
 from ..fileio import write_healpix_fits
 from .components import Galaxy, halpha_rayleigh, make_galaxy, rj_to_unit
 from .fields import rng_for, sky_coords
-from .morphology import Morphology, load_templates, resolve_morphology
+from .morphology import Morphology, resolve_morphology
 
 __all__ = ["channel_table_path", "load_channel_table", "SimulatedSky", "ComponentMaps",
            "channel_components", "simulate_sky", "write_simulated_sky", "plot_overview",
@@ -214,7 +214,7 @@ def simulate_sky(nside, seed=0, channels=None, morphology=None):
     if morphology is not None:
         if not isinstance(morphology, Morphology):
             morphology = resolve_morphology(morphology)
-        templates, source = load_templates(morphology, nside), morphology.catalog
+        templates, source = morphology.load(nside), morphology.catalog
     galaxy = make_galaxy(nside, seed, templates)
     npix = hp.nside2npix(nside)
     comps = ComponentMaps(len(channels), npix)
