@@ -25,8 +25,8 @@ import yaml
 from .dataset import SkyDataSet
 from .errors import InputError
 
-__all__ = ["MapEntry", "Catalog", "read_catalog", "load_catalog", "working_nside", "is_power_of_two",
-           "TRANSFORMS", "KINDS"]
+__all__ = ["MapEntry", "Catalog", "read_catalog", "load_catalog", "read_map", "working_nside",
+           "is_power_of_two", "TRANSFORMS", "KINDS"]
 
 TRANSFORMS = ("auto", "log", "asinh", "linear")
 KINDS = ("intensity", "counts")
@@ -226,6 +226,35 @@ def _regrade(values, nside_in, nside_out, kind):
     out = np.asarray(out, dtype=np.float64)
     out[out == hp.UNSEEN] = np.nan
     return out
+
+
+def read_map(entry, nside):
+    """Read one catalog map at resolution ``nside`` (RING), NaN where missing.
+
+    The map is regraded as `load_catalog` does (intensities averaged, counts summed).
+
+    Parameters
+    ----------
+    entry : MapEntry
+    nside : int
+
+    Returns
+    -------
+    values : ndarray, shape (12 * nside**2,)
+    kind : str
+
+    Raises
+    ------
+    InputError
+        An unreadable map or one without a valid pixel (at its own or at the working nside).
+    """
+    v, n, kind = read_healpix(entry)
+    if not np.isfinite(v).any():
+        raise InputError(f"map '{entry.name}' ({entry.path}): no valid pixel")
+    full = _regrade(v, n, nside, kind)
+    if not np.isfinite(full).any():
+        raise InputError(f"map '{entry.name}' ({entry.path}): no valid pixel at nside {nside}")
+    return full, kind
 
 
 def _native_nside(entry):

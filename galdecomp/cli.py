@@ -43,14 +43,37 @@ def log(msg):
 
 # -- commands -------------------------------------------------------------------------------------
 
+def _template_pairs(pairs):
+    """``--template COMPONENT=MAP`` options as a dict (None without any)."""
+    if not pairs:
+        return None
+    mapping = {}
+    for text in pairs:
+        key, sep, name = text.partition("=")
+        if not sep or not key.strip() or not name.strip():
+            raise InputError(f"--template: expected COMPONENT=MAP, got {text!r}")
+        mapping[key.strip()] = name.strip()
+    return mapping
+
+
 def cmd_simulate(args):
     from .fileio import atomic_output_dir
-    from .simulation import plot_overview, simulate_sky, write_simulated_sky
+    from .simulation import (describe_morphology, plot_overview, resolve_morphology, simulate_sky,
+                             write_simulated_sky)
 
     out = os.path.abspath(args.out)
+    morphology = None
+    if args.template and not args.morphology:
+        raise InputError("--template needs --morphology DIR")
+    if args.morphology:  # checked and read before anything is written
+        morphology = resolve_morphology(args.morphology, _template_pairs(args.template))
+        morphology.load(args.nside)
     with atomic_output_dir(out, args.overwrite) as tmp:
-        log(f"simulating the sky at nside {args.nside} (seed {args.seed})")
-        sky = simulate_sky(args.nside, seed=args.seed)
+        real = f", spatial templates from {morphology.catalog}" if morphology else ""
+        log(f"simulating the sky at nside {args.nside} (seed {args.seed}{real})")
+        sky = simulate_sky(args.nside, seed=args.seed, morphology=morphology)
+        for line in describe_morphology(sky)[1:]:
+            log(line.strip())
         log(f"writing {len(sky.maps)} channel maps and the truth maps")
         write_simulated_sky(sky, tmp)
         if not args.no_plot:
@@ -142,7 +165,8 @@ def cmd_run(args):
     if args.config:
         from .inference.config import load_config_file
         cfg = load_config_file(args.config)
-    res = run_main_job(cfg, out=args.out, overwrite=args.overwrite, resume=args.resume)
+    base = os.path.dirname(os.path.abspath(args.config)) if args.config else None
+    res = run_main_job(cfg, out=args.out, overwrite=args.overwrite, resume=args.resume, config_dir=base)
     if res["fit"]["products"] is None:  # not rank 0
         return 0
     print(f"simulated sky: {res['sky']}")
@@ -169,6 +193,13 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.add_argument("--no-plot", action="store_true", help="skip the overview PNG")
+    s.add_argument("--morphology", metavar="DIR",
+                   help="folder with a catalog.yaml of real maps: their spatial structure replaces the "
+                        "random amplitude maps of the components they are matched to (by name, "
+                        "e.g. hi4pi/NHI -> gas_column; see README); spectra and channels unchanged")
+    s.add_argument("--template", action="append", metavar="COMPONENT=MAP",
+                   help="with --morphology: use exactly these matches instead of the name rule "
+                        "(repeatable), e.g. --template gas=lab_NHI --template dust=planck13_EBV")
     s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("inspect", help="table of a catalog's maps, transforms and warnings",
@@ -218,7 +249,7 @@ def build_parser():
                                    "write everything below OUT (default runs/main): OUT/sky, OUT/fit, "
                                    "and the report against the truth maps, OUT/fit/report.")
     s.add_argument("--config", metavar="FILE",
-                   help="YAML with out, simulate: {nside, seed}, fit: {fit settings}")
+                   help="YAML with out, simulate: {nside, seed, morphology}, fit: {fit settings}")
     s.add_argument("--out", help="output folder (default from the config, else runs/main)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted main job")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import yaml
 
-from .catalog import load_catalog, read_catalog, working_nside
+from .catalog import is_power_of_two, load_catalog, read_catalog, working_nside
 from .errors import InputError
 from .fileio import atomic_path, write_text
 from .inference.config import model_signature, resolve_config
@@ -275,20 +275,26 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
 
 
 #: Defaults of the main job (`galdecomp run`).
-RUN_DEFAULTS = {"out": "runs/main", "simulate": {"nside": 32, "seed": 0}, "fit": {}}
+RUN_DEFAULTS = {"out": "runs/main", "simulate": {"nside": 32, "seed": 0, "morphology": None}, "fit": {}}
 
 
-def run_main_job(config_file=None, out=None, overwrite=False, resume=False):
+def run_main_job(config_file=None, out=None, overwrite=False, resume=False, config_dir=None):
     """The main job: simulate the default sky, fit it, and write the products.
 
     Parameters
     ----------
     config_file : dict, optional
-        ``{out: DIR, simulate: {nside, seed}, fit: {...fit settings...}}``.
+        ``{out: DIR, simulate: {nside, seed, morphology}, fit: {...fit settings...}}``;
+        ``morphology`` (optional): real maps as spatial templates, a folder or
+        ``{dir: FOLDER, component: map name, ...}`` (see
+        `galdecomp.simulation.morphology.morphology_from_config`).
     out : str, optional
         Output folder (overrides the config's ``out``).
     overwrite, resume : bool
         As for ``galdecomp fit``.
+    config_dir : str, optional
+        Folder of the configuration file: relative ``morphology`` folders are taken from there
+        (default: the working folder).
 
     Returns
     -------
@@ -299,14 +305,27 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False):
     from .fileio import atomic_output_dir
     from .parallel import world
     from .simulation import plot_overview, simulate_sky, write_simulated_sky
+    from .simulation.morphology import morphology_from_config
 
     cfg = {**RUN_DEFAULTS, **(config_file or {})}
     unknown = sorted(set(cfg) - set(RUN_DEFAULTS))
     if unknown:
         raise InputError(f"run config: unknown setting(s) {', '.join(unknown)}")
+    if cfg["simulate"] is not None and not isinstance(cfg["simulate"], dict):
+        raise InputError("run config: simulate: expected a mapping (nside, seed, morphology)")
     sim = {**RUN_DEFAULTS["simulate"], **(cfg["simulate"] or {})}
+    unknown = sorted(set(sim) - set(RUN_DEFAULTS["simulate"]))
+    if unknown:
+        raise InputError(f"run config: simulate: unknown setting(s) {', '.join(unknown)}")
     out = os.path.abspath(out or cfg["out"])
     resolve_config(cfg["fit"], where="run config: fit")      # fail early on bad settings
+    if not is_power_of_two(sim["nside"]):
+        raise InputError(f"run config: simulate: nside {sim['nside']!r} is not a power of two")
+    morphology = None
+    if not resume:  # a resumed job keeps its simulated sky
+        morphology = morphology_from_config(sim["morphology"], config_dir, "run config: simulate: morphology")
+        if morphology is not None:
+            morphology.load(sim["nside"])
     sky_dir = os.path.join(out, "sky")
     if resume:
         if not os.path.isfile(os.path.join(sky_dir, "catalog.yaml")):
@@ -318,8 +337,9 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False):
         if world().rank == 0:
             os.makedirs(out, exist_ok=True)
             with atomic_output_dir(sky_dir, overwrite=True) as tmp:
-                _say(f"simulating the default sky at nside {sim['nside']} (seed {sim['seed']})")
-                sky = simulate_sky(sim["nside"], seed=sim["seed"])
+                real = f", spatial templates from {morphology.catalog}" if morphology else ""
+                _say(f"simulating the sky at nside {sim['nside']} (seed {sim['seed']}{real})")
+                sky = simulate_sky(sim["nside"], seed=sim["seed"], morphology=morphology)
                 write_simulated_sky(sky, tmp)
                 plot_overview(sky, os.path.join(tmp, "overview.png"))
         world().barrier()

@@ -10,13 +10,14 @@ synchrotron, dust attenuates H-alpha, gas absorbs soft X-rays.
 References: Draine (2011), Physics of the ISM; Planck 2015 X (foreground parametrisations);
 Haffner et al. 2003 (H-alpha and emission measure); Planck 2013 XI (dust opacity).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import healpy as hp
 import numpy as np
 
 from .fields import (angular_distance_deg, blob, gaussian_field, lobe_mask, lognormal_field,
                      power_law_cl, ring_profile, rng_for, shell_profile, sky_coords)
+from .morphology import TARGETS, fit_template
 
 __all__ = ["H_PLANCK", "K_BOLTZMANN", "C_LIGHT", "T_CMB_K", "EV_HZ", "planck_bnu",
            "rj_intensity_per_k", "cmb_to_rj", "rj_to_unit", "cmb_cl", "free_free_tau",
@@ -165,6 +166,8 @@ class Galaxy:
     ``ic_amp`` (E^2 dN/dE at 1 GeV) and index ``ic_index``, Fermi-bubble template ``bubbles``,
     hot-gas emission measures ``xem_*`` (pc cm^-6). Radio sources: ``src_pix``,
     ``src_flux_jy`` (at 1.4 GHz), ``src_alpha`` (S ~ nu^alpha). See `Galaxy.truth`.
+    ``morphology``: component -> {map, scale, filled} for the amplitude maps taken from real
+    spatial templates (empty for the built-in random fields).
     """
 
     nside: int
@@ -191,6 +194,7 @@ class Galaxy:
     src_pix: np.ndarray
     src_flux_jy: np.ndarray
     src_alpha: np.ndarray
+    morphology: dict = field(default_factory=dict)
 
     T_XRAY_K = {"local": 1.1e6, "halo": 2.2e6, "bubbles": 3.5e6}
     SYNC_FG_FRACTION = 0.3  # share of synchrotron in front of the ionised gas
@@ -305,7 +309,7 @@ class Galaxy:
         return {name: (m, unit, desc, freq) for name, m, unit, freq, desc in rows}
 
 
-def make_galaxy(nside, seed=0):
+def make_galaxy(nside, seed=0, templates=None):
     """Draw the latent physical maps of a simulated Galaxy.
 
     Parameters
@@ -314,11 +318,30 @@ def make_galaxy(nside, seed=0):
         HEALPix resolution.
     seed : int
         Random seed; the large scales agree between resolutions for the same seed.
+    templates : dict, optional
+        Galaxy attribute (``n_h``, ``tau353``, ``em``, ``sync_408``, ``xem_halo``, ...) ->
+        (component, map name, map at ``nside`` with NaN where missing), from
+        `galdecomp.simulation.morphology.load_templates`. Each replaces that amplitude map's
+        spatial structure (scaled to the model's median, gaps filled, see
+        `galdecomp.simulation.morphology.fit_template`) before the maps that depend on it are
+        derived; everything else, including all random draws, is unchanged.
 
     Returns
     -------
     Galaxy
     """
+    templates = templates or {}
+    used = {}
+
+    def use(attr, model):
+        """``model``, or the template of ``attr`` fitted to it."""
+        if attr not in templates:
+            return model
+        comp, name, raw = templates[attr]
+        values, scale, n_filled = fit_template(model, raw)
+        used[comp] = {"map": name, "scale": scale, "filled": n_filled}
+        return values
+
     l, b = sky_coords(nside)
     npix = l.size
     lmax = 3 * nside - 1
@@ -338,6 +361,7 @@ def make_galaxy(nside, seed=0):
            + 8e21 * thin(1.5) * (0.4 + 0.6 * np.exp(-(l / 60.0) ** 2))
            + 4e22 * thin(0.7) * np.exp(-(l / 30.0) ** 2) + clouds) \
         * np.exp(0.55 * g_gas - 0.5 * 0.55 ** 2)
+    n_h = use("n_h", n_h)
 
     # Cosmic rays: denser and harder toward the inner Galaxy, depleted in the outer Galaxy.
     cr = 1.0 + 1.6 * inner(40, 10) - 0.3 * np.exp(-((np.abs(l) - 180) / 60.0) ** 2 - (b / 10.0) ** 2) \
@@ -360,6 +384,7 @@ def make_galaxy(nside, seed=0):
         + 3 * shell_profile(angular_distance_deg(l, b, -45, 48.5), 19.8, 2.5)
     sync_408 = (smooth + loops + 40 * blob(l, b, 80, 0, 3) + 2 * bubbles) \
         * lognormal_field(seed, "sync_clumps", nside, -3.0, 0.15)
+    sync_408 = use("sync_408", sync_408)
     sync_beta = np.clip(-2.78 + 0.10 * np.exp(-np.abs(b) / 8.0) + 0.1 * bubbles
                         + 0.08 * gauss("sync_beta", -3.0), -3.2, -2.45)
     sync_curv = np.clip(-0.035 + 0.01 * gauss("sync_curvature", -3.0), -0.07, 0.0)
@@ -372,18 +397,21 @@ def make_galaxy(nside, seed=0):
           + 40 * blob(l, b, -98, -2, 9) + 80 * ring_profile(angular_distance_deg(l, b, -153, -17), 7, 1.5)
           + 500 * blob(l, b, 80, 0, 3) + 800 * blob(l, b, -73, -1, 1.5) + 40 * blob(l, b, 6, 23, 4)) \
         * np.exp(0.8 * g_em - 0.5 * 0.8 ** 2)
+    em = use("em", em)
 
     # Dust: optical depth from gas times a dust-to-gas variation; T_d warmer in the inner Galaxy
     # and near HII regions, colder in dense clouds; beta anti-correlated with T_d.
     tau353 = TAU353_PER_NH * n_h * (1 + 0.3 * inner(60, 10)) \
         * lognormal_field(seed, "dust_to_gas", nside, -2.5, 0.12)
+    tau353 = use("tau353", tau353)
     t_dust = np.clip(19.0 + 2.5 * inner(40, 8) + 2.0 * em / (em + 300.0)
                      - 1.5 * np.log10(np.maximum(n_h / 1e21, 1.0)) + 1.0 * gauss("dust_temperature", -3.0),
                      14.0, 26.0)
     beta_dust = np.clip(1.55 - 0.025 * (t_dust - 19.0) + 0.07 * gauss("dust_beta", -3.0), 1.3, 1.9)
 
     # AME tied to dust and radiation field; peak frequency varies.
-    ame_23 = 10.0 * tau353 * (t_dust / 19.0) ** 2 * lognormal_field(seed, "ame_emissivity", nside, -3.0, 0.2)
+    ame_23 = use("ame_23", 10.0 * tau353 * (t_dust / 19.0) ** 2
+                 * lognormal_field(seed, "ame_emissivity", nside, -3.0, 0.2))
     ame_peak_hz = 25e9 * np.exp(0.08 * gauss("ame_peak", -3.0))
 
     # CMB with a Gaussian beam of the pixel size.
@@ -394,13 +422,14 @@ def make_galaxy(nside, seed=0):
 
     # Inverse Compton from the synchrotron electrons in the interstellar radiation field.
     isrf = 1.0 + 3.0 * np.exp(-(theta_gc / 25.0) ** 2) + 1.5 * np.exp(-np.abs(b) / 5.0)
-    ic_amp = 2.5e-7 * (smooth / 10.0) * isrf
+    ic_amp = use("ic_amp", 2.5e-7 * (smooth / 10.0) * isrf)
     ic_index = np.clip(-sync_beta - 0.45, 2.1, 2.7)
 
     # Hot gas: local bubble (unabsorbed), patchy halo, X-ray bubbles and the North Polar Spur.
-    xem_local = 4e-3 * (0.7 + 0.6 * sin_b) * lognormal_field(seed, "xray_local", nside, -3.0, 0.1)
-    xem_halo = 2e-3 * (1 + 1.5 * np.exp(-(theta_gc / 40.0) ** 2)) \
-        * lognormal_field(seed, "xray_halo", nside, -2.5, 0.3)
+    xem_local = use("xem_local", 4e-3 * (0.7 + 0.6 * sin_b)
+                    * lognormal_field(seed, "xray_local", nside, -3.0, 0.1))
+    xem_halo = use("xem_halo", 2e-3 * (1 + 1.5 * np.exp(-(theta_gc / 40.0) ** 2))
+                   * lognormal_field(seed, "xray_halo", nside, -2.5, 0.3))
     xem_bubbles = (6e-3 * (shell_profile(angular_distance_deg(l, b, 0, 42), 40, 10)
                            + 0.8 * shell_profile(angular_distance_deg(l, b, 0, -40), 37, 10))
                    + 8e-3 * shell_profile(angular_distance_deg(l, b, -31, 17.5), 58, 8) * nps) \
@@ -420,4 +449,5 @@ def make_galaxy(nside, seed=0):
                   em=em, tau353=tau353, t_dust=t_dust, beta_dust=beta_dust, ame_23=ame_23,
                   ame_peak_hz=ame_peak_hz, cmb_k=cmb_k, ic_amp=ic_amp, ic_index=ic_index,
                   bubbles=bubbles, xem_local=xem_local, xem_halo=xem_halo, xem_bubbles=xem_bubbles,
-                  src_pix=src_pix, src_flux_jy=src_flux, src_alpha=src_alpha)
+                  src_pix=src_pix, src_flux_jy=src_flux, src_alpha=src_alpha,
+                  morphology={c: used[c] for c in TARGETS if c in used})

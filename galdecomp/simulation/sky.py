@@ -12,10 +12,11 @@ from ..errors import InputError
 from ..fileio import write_healpix_fits
 from .components import Galaxy, halpha_rayleigh, make_galaxy, rj_to_unit
 from .fields import rng_for, sky_coords
+from .morphology import Morphology, resolve_morphology
 
 __all__ = ["channel_table_path", "load_channel_table", "SimulatedSky", "ComponentMaps",
            "channel_components", "simulate_sky", "write_simulated_sky", "plot_overview",
-           "plot_truth"]
+           "plot_truth", "describe_morphology"]
 
 NSIDE_REF = 64  # nside at which the table's noise levels are given
 INTENSITY_UNITS = ("K_RJ", "K_CMB", "MJy/sr", "Rayleigh")
@@ -131,6 +132,9 @@ class SimulatedSky:
         name -> (n_channels, npix) noiseless contribution of each component.
     galaxy : Galaxy
         The latent physical model.
+    morphology_source : str or None
+        Catalog of the real maps used as spatial templates (``galaxy.morphology`` says which
+        component came from which map), None for the built-in random fields.
     """
 
     nside: int
@@ -141,6 +145,7 @@ class SimulatedSky:
     truth: dict
     components: ComponentMaps
     galaxy: Galaxy
+    morphology_source: str = None
 
     @property
     def names(self):
@@ -182,7 +187,7 @@ def channel_components(galaxy, channel):
     return {k: v * scale for k, v in photons.items()}
 
 
-def simulate_sky(nside, seed=0, channels=None):
+def simulate_sky(nside, seed=0, channels=None, morphology=None):
     """Simulate the multi-frequency Galactic sky.
 
     Parameters
@@ -193,6 +198,10 @@ def simulate_sky(nside, seed=0, channels=None):
         Random seed: the same seed gives bitwise identical maps.
     channels : list of dict, optional
         Channel table; default `load_channel_table()`.
+    morphology : str or Morphology, optional
+        Real maps as spatial templates of the components' amplitudes: a folder holding a
+        catalog.yaml (maps chosen by the name rule) or a resolved `Morphology` (see
+        `galdecomp.simulation.morphology`). Default: the built-in random fields.
 
     Returns
     -------
@@ -201,7 +210,12 @@ def simulate_sky(nside, seed=0, channels=None):
     if not hp.isnsideok(nside, nest=True):
         raise InputError(f"nside must be a power of 2, got {nside}")
     channels = load_channel_table() if channels is None else channels
-    galaxy = make_galaxy(nside, seed)
+    templates, source = None, None
+    if morphology is not None:
+        if not isinstance(morphology, Morphology):
+            morphology = resolve_morphology(morphology)
+        templates, source = morphology.load(nside), morphology.catalog
+    galaxy = make_galaxy(nside, seed, templates)
     npix = hp.nside2npix(nside)
     comps = ComponentMaps(len(channels), npix)
     expected = np.zeros((len(channels), npix))
@@ -216,7 +230,18 @@ def simulate_sky(nside, seed=0, channels=None):
         else:
             maps[i] = expected[i] + float(ch["noise"]) * nside / NSIDE_REF * rng.standard_normal(npix)
     return SimulatedSky(nside=nside, seed=seed, channels=channels, maps=maps, expected=expected,
-                        truth=galaxy.truth(), components=comps, galaxy=galaxy)
+                        truth=galaxy.truth(), components=comps, galaxy=galaxy, morphology_source=source)
+
+
+def describe_morphology(sky):
+    """Lines saying which real maps gave the spatial templates (empty for the built-in sky)."""
+    if sky.morphology_source is None:
+        return []
+    lines = [f"Spatial templates from {sky.morphology_source} (scaled to the model median; "
+             f"gaps filled):"]
+    lines += [f"  {comp} <- {u['map']} x {u['scale']:.4g}, {u['filled']} pixels filled"
+              for comp, u in sky.galaxy.morphology.items()]
+    return lines
 
 
 class _IndentedDumper(yaml.SafeDumper):
@@ -269,7 +294,8 @@ def write_simulated_sky(sky, out_dir):
             cards.append(("EXPOSURE", float(ch["exposure"]), "cm2 s: counts = photons/cm2/s/sr * exp * sr"))
         write_healpix_fits(os.path.join(out_dir, entry["file"]), values, name, unit, header=cards)
         entries.append(entry)
-    head = f"Simulated multi-frequency sky (galdecomp.simulation), seed {sky.seed}, nside {sky.nside}."
+    head = "\n".join([f"Simulated multi-frequency sky (galdecomp.simulation), seed {sky.seed}, "
+                      f"nside {sky.nside}.", *describe_morphology(sky)])
     _dump_catalog(os.path.join(out_dir, "catalog.yaml"), sky.nside, entries,
                   head + "\nObserved maps including noise; true components in truth/catalog.yaml.")
     truth_entries = []
