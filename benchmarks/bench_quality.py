@@ -5,10 +5,10 @@ Data sets (``--datasets``):
 - ``real``: the 18 maps of ``realsky64`` that are neither dust nor HI (GSM2008 x11, WMAP V/W,
   WHAM H-alpha, ROSAT 3/4 keV, Fermi 2FHL x3), nside 64; held-out templates HI4PI N_HI,
   SFD E(B-V), Planck13 E(B-V) (never seen by the fits);
-- ``demo``: the built-in simulated sky (``galdecomp simulate --nside 64 --seed 0``) with its 24
-  truth maps as templates;
-- ``realmorph``: the real-morphology simulated sky (``galdecomp simulate --nside 64 --seed 0
-  --morphology realsky64``) with its truth maps.
+- ``demo``: the built-in simulated sky of ``runs/demo.yaml`` (nside 64, seed 0) with its truth
+  maps as templates;
+- ``realmorph``: the real-morphology simulated sky of ``runs/realmorph.yaml`` (nside 64, seed 0,
+  gas/dust/H-alpha/synchrotron/hot-gas morphology from realsky64) with its truth maps.
 
 Methods (``--methods``):
 
@@ -89,26 +89,50 @@ def prepare_real(work, nside=64):
             _write_catalog(os.path.join(work, "real_templates.yaml"), templ))
 
 
-def prepare_simulated(work, name, nside=64, seed=0, morphology=None):
-    """Simulate a sky once into ``work/name`` (cached); return (inputs, truth) catalogs."""
+def prepare_simulated(work, name, preset):
+    """Simulate the sky of a ``runs/`` preset once into ``work/name`` (cached); (inputs, truth) catalogs."""
+    import shutil
+
     from galdecomp.simulation import simulate_sky, write_simulated_sky
+    from galdecomp.simulation.morphology import morphology_from_config
 
     out = os.path.join(work, name)
     if not os.path.isfile(os.path.join(out, "truth", "catalog.yaml")):
-        kw = {} if morphology is None else {"morphology": morphology}
-        sky = simulate_sky(nside, seed=seed, **kw)
-        write_simulated_sky(sky, out, overwrite=True, plot=False)
+        runs = os.path.join(os.path.dirname(HERE), "runs")
+        with open(os.path.join(runs, preset)) as f:
+            sim = yaml.safe_load(f)["simulate"]
+        morph = None
+        if sim.get("morphology"):
+            morph = morphology_from_config(sim["morphology"], runs, preset)
+        sky = simulate_sky(sim["nside"], seed=sim["seed"], morphology=morph)
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        write_simulated_sky(sky, out)
     return os.path.join(out, "catalog.yaml"), os.path.join(out, "truth", "catalog.yaml")
+
+
+def with_entries(catalog, settings, work):
+    """A copy of ``catalog`` (absolute file paths) with ``settings`` set on every map entry."""
+    if not settings:
+        return catalog
+    with open(catalog) as f:
+        doc = yaml.safe_load(f)
+    folder = os.path.dirname(os.path.abspath(catalog))
+    for m in doc["maps"]:
+        m["file"] = os.path.join(folder, m["file"])
+        m.update(settings)
+    tag = "_".join(f"{k}-{v}" for k, v in sorted(settings.items()))
+    return _write_catalog(os.path.join(work, f"{os.path.basename(folder)}_{tag}.yaml"), doc["maps"],
+                          doc.get("nside"))
 
 
 def prepare(name, work):
     if name == "real":
         return prepare_real(work)
     if name == "demo":
-        return prepare_simulated(work, "demo_sky")
+        return prepare_simulated(work, "demo_sky", "demo.yaml")
     if name == "realmorph":
-        return prepare_simulated(work, "realmorph_sky",
-                                 morphology=os.path.join(shared_dir(), "data", "realsky64"))
+        return prepare_simulated(work, "realmorph_sky", "realmorph.yaml")
     raise SystemExit(f"unknown data set {name}")
 
 
@@ -315,6 +339,8 @@ def main(argv=None):
     ap.add_argument("--methods", default="galdecomp,torch,torch-same,pca")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--set", action="append", help="galdecomp setting key.sub=value (YAML value)")
+    ap.add_argument("--catalog-set", action="append",
+                    help="catalog entry setting key=value for every input map (e.g. asinh_scale=std)")
     ap.add_argument("--tag", default="default", help="label of the galdecomp variant in the tables")
     ap.add_argument("--torch-epochs", type=int, default=200)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "galdecomp-bench-quality"))
@@ -336,6 +362,7 @@ def main(argv=None):
                     "seconds", "epochs", "settings"])
     for ds in a.datasets.split(","):
         inputs, templates = prepare(ds, a.work)
+        inputs = with_entries(inputs, parse_set(a.catalog_set), a.work)
         data = Data(inputs, templates)
         L = 10
         # pixels valid for every method: complete input rows and valid features
@@ -390,6 +417,18 @@ def main(argv=None):
                 for t, v in sc.items():
                     w.writerow([ds, m, tag, seed, t, v["r2"], v["mi"], active, val, round(res["seconds"], 1),
                                 epochs, json.dumps(settings) if m == "galdecomp" else ""])
+                if m == "galdecomp":  # the same features after an ICA rotation of the posterior means
+                    from sklearn.decomposition import FastICA
+
+                    ok = np.isfinite(F).all(1)
+                    Fi = np.full_like(F, np.nan)
+                    Fi[ok] = FastICA(F.shape[1], whiten="unit-variance", random_state=seed,
+                                     max_iter=1000).fit_transform(F[ok])
+                    _, sci = scores(data.ring(Fi), data, valid_ring)
+                    for t, v in sci.items():
+                        w.writerow([ds, "galdecomp-ica", tag, seed, t, v["r2"], v["mi"], active, "", "", "", ""])
+                    print(f"{ds} galdecomp-ica[{tag}] seed {seed}: mean MI "
+                          f"{np.mean([v['mi'] for v in sci.values()]):.3f}", flush=True)
                 fcsv.flush()
                 r2s = [v["r2"] for v in sc.values()]
                 print(f"{ds} {m}{'[' + tag + ']' if tag else ''} seed {seed}: active {active}, "

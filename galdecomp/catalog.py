@@ -9,7 +9,8 @@ A catalog lists HEALPix maps::
         frequency_hz: 4.08e8      # > 0
         unit: K_RJ
         field: 0                  # optional FITS column
-        transform: auto           # optional: auto | log | asinh | linear
+        transform: auto           # optional: auto | log | asinh | anscombe | linear
+        asinh_scale: mad          # optional: the asinh scale, a number (in `unit`) or mad | std
         kind: intensity           # optional: intensity (averaged when degraded) | counts (summed);
                                   # default: the FITS header's KIND card, else counts for
                                   # unit counts/photons, else intensity
@@ -28,10 +29,11 @@ from .errors import InputError
 __all__ = ["MapEntry", "Catalog", "read_catalog", "load_catalog", "read_map", "working_nside",
            "is_power_of_two", "TRANSFORMS", "KINDS"]
 
-TRANSFORMS = ("auto", "log", "asinh", "linear")
+TRANSFORMS = ("auto", "log", "asinh", "anscombe", "linear")
+ASINH_RULES = ("mad", "std")
 KINDS = ("intensity", "counts")
 _KEYS = {"name", "file", "frequency_hz", "unit", "field", "transform", "kind", "noise",
-         "description"}
+         "asinh_scale", "description"}
 
 
 def is_power_of_two(n):
@@ -51,6 +53,7 @@ class MapEntry:
     transform: str = "auto"
     kind: str = None
     noise: float = float("nan")
+    asinh_scale: object = "mad"
 
 
 @dataclass
@@ -151,8 +154,14 @@ def read_catalog(path):
             noise = _number(raw["noise"], f"{where}: noise")
             if not noise >= 0:
                 raise InputError(f"{where}: noise must be >= 0, got {raw['noise']!r}")
+        scale = raw.get("asinh_scale", "mad")
+        if scale not in ASINH_RULES:
+            scale = _number(scale, f"{where}: asinh_scale")
+            if not (scale > 0 and np.isfinite(scale)):
+                raise InputError(f"{where}: asinh_scale must be positive or one of "
+                                 f"{', '.join(ASINH_RULES)}, got {raw['asinh_scale']!r}")
         entries.append(MapEntry(name, os.path.abspath(fpath), freq, raw["unit"].strip(), fld,
-                                transform, kind, noise))
+                                transform, kind, noise, scale))
     return Catalog(os.path.abspath(path), nside, entries)
 
 
@@ -351,4 +360,5 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None):
                       kinds=kinds, nside=nside, nest=nest, coord="G",
                       noise=np.array([e.noise for e in cat.maps]),
                       sources=[e.path for e in cat.maps], native_nside=native,
-                      transforms=[e.transform for e in cat.maps])
+                      transforms=[e.transform for e in cat.maps],
+                      asinh_scales=[e.asinh_scale for e in cat.maps])

@@ -71,6 +71,9 @@ class SkyDataSet(DataSet):
         The resolution of each map before regrading.
     transforms : list of str
         The preprocessing transform the catalog asks for per channel (``"auto"`` by default).
+    asinh_scales : list
+        The ``asinh`` scale per channel: a number in the channel's unit, or the rule ``"mad"``
+        or ``"std"`` (see :mod:`galdecomp.preprocessing`).
     """
 
     frequencies_hz: np.ndarray = None
@@ -82,3 +85,4 @@ class SkyDataSet(DataSet):
     sources: list = field(default_factory=list)
     native_nside: list = field(default_factory=list)
     transforms: list = field(default_factory=list)
+    asinh_scales: list = field(default_factory=list)

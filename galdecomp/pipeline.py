@@ -157,7 +157,7 @@ def load_preprocessed(catalog, nside, pixels=None):
     def fit_transform(i, full, kind):
         e = catalog.maps[i]
         transforms[i] = ChannelTransform.fit(full[np.isfinite(full)], e.transform, e.name,
-                                             counts=kind == "counts")
+                                             counts=kind == "counts", asinh_scale=e.asinh_scale)
 
     data_set = load_catalog(catalog, nside=nside, nest=True, pixels=pixels, on_channel=fit_transform)
     pre = Preprocessor(transforms, data_set.names)

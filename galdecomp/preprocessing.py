@@ -4,12 +4,16 @@ Channel values ``x`` (physical units) become ``y = (T(x) - mean) / std`` with ``
 
 - ``log``: ``log(x)``, for strictly positive maps;
 - ``asinh``: ``asinh(x / scale)``, linear within ``scale`` of zero and logarithmic beyond, for
-  maps with zeros or negative values (CMB-dominated maps, photon counts); ``scale`` is the
-  robust spread of the map (1.4826 x median absolute deviation), else its mean absolute value,
-  and at least 1 for photon counts;
+  maps with zeros or negative values (CMB-dominated maps); ``scale`` is a number given in the
+  catalog, or the rule ``mad``: the robust spread of the map (1.4826 x median absolute
+  deviation), else its mean absolute value (at least 1 for photon counts), or ``std``: its
+  standard deviation;
+- ``anscombe``: ``2 sqrt(x + 3/8)``, the variance-stabilising transform of Poisson counts (the
+  noise becomes ~N(0, 1) for counts >~ 1 whatever the rate), for photon-count maps;
 - ``linear``: ``x``.
 
-``auto`` picks ``log`` when every observed value is positive and ``asinh`` otherwise.
+``auto`` picks ``anscombe`` for photon counts (``kind: counts``, no negative value), ``log``
+when every observed value is positive and ``asinh`` otherwise.
 The transform is invertible, and is stored with a run as a plain dictionary.
 """
 from dataclasses import asdict, dataclass
@@ -28,7 +32,7 @@ class ChannelTransform:
     Attributes
     ----------
     kind : str
-        ``"log"``, ``"asinh"`` or ``"linear"``.
+        ``"log"``, ``"asinh"``, ``"anscombe"`` or ``"linear"``.
     scale : float
         ``asinh`` scale in the channel's unit (1 otherwise).
     mean, std : float
@@ -49,6 +53,8 @@ class ChannelTransform:
             return np.log(x)
         if self.kind == "asinh":
             return np.arcsinh(x / self.scale)
+        if self.kind == "anscombe":
+            return 2.0 * np.sqrt(np.asarray(x, dtype=float) + 0.375)
         return np.asarray(x, dtype=float)
 
     def forward(self, x):
@@ -63,6 +69,8 @@ class ChannelTransform:
             return np.exp(t)
         if self.kind == "asinh":
             return self.scale * np.sinh(t)
+        if self.kind == "anscombe":
+            return 0.25 * t * t - 0.375
         return t
 
     def derivative(self, x):
@@ -71,12 +79,14 @@ class ChannelTransform:
             d = 1.0 / np.asarray(x, dtype=float)
         elif self.kind == "asinh":
             d = 1.0 / np.sqrt(self.scale ** 2 + np.asarray(x, dtype=float) ** 2)
+        elif self.kind == "anscombe":
+            d = 1.0 / np.sqrt(np.asarray(x, dtype=float) + 0.375)
         else:
             d = np.ones_like(np.asarray(x, dtype=float))
         return d / self.std
 
     @classmethod
-    def fit(cls, x, kind="auto", name="channel", counts=False):
+    def fit(cls, x, kind="auto", name="channel", counts=False, asinh_scale="mad"):
         """Choose and fit the transform to the observed values ``x`` of one channel.
 
         Parameters
@@ -84,30 +94,41 @@ class ChannelTransform:
         x : ndarray
             Observed (finite) values in physical units.
         kind : str
-            ``"auto"``, ``"log"``, ``"asinh"`` or ``"linear"``.
+            ``"auto"``, ``"log"``, ``"asinh"``, ``"anscombe"`` or ``"linear"``.
         name : str
             Channel name for error messages.
         counts : bool
-            The channel holds photon counts: the ``asinh`` scale is at least 1, so one photon
-            is not made a jump of many standard deviations in a mostly-empty map.
+            The channel holds photon counts: ``auto`` chooses ``anscombe``; an ``asinh`` scale
+            by the ``mad`` rule is at least 1, so one photon is not made a jump of many
+            standard deviations in a mostly-empty map.
+        asinh_scale : float or str
+            A number (the channel's unit), or the rule ``"mad"`` or ``"std"``.
         """
         x = np.asarray(x, dtype=float)
         x = x[np.isfinite(x)]
         if x.size == 0:
             raise InputError(f"map '{name}': no valid pixel")
         if kind == "auto":
-            kind = "log" if x.min() > 0 else "asinh"
+            kind = "anscombe" if counts and x.min() >= 0 else "log" if x.min() > 0 else "asinh"
         if kind == "log" and x.min() <= 0:
             raise InputError(f"map '{name}': transform 'log' needs positive values, "
                              f"the map has values <= 0 (use asinh or auto)")
+        if kind == "anscombe" and x.min() < 0:
+            raise InputError(f"map '{name}': transform 'anscombe' needs counts >= 0, "
+                             f"the map has negative values (use asinh or auto)")
         scale = 1.0
         if kind == "asinh":
-            scale = 1.4826 * np.median(np.abs(x - np.median(x)))
-            if not scale > 0:
-                scale = np.mean(np.abs(x))
+            if asinh_scale == "std":
+                scale = np.std(x)
+            elif asinh_scale == "mad":
+                scale = 1.4826 * np.median(np.abs(x - np.median(x)))
+                if not scale > 0:
+                    scale = np.mean(np.abs(x))
+                scale = max(scale, 1.0) if counts else scale
+            else:
+                scale = float(asinh_scale)
             if not scale > 0:
                 scale = 1.0
-            scale = max(scale, 1.0) if counts else scale
         tr = cls(kind, float(scale))
         t = tr._t(x)
         tr.mean = float(np.mean(t))
@@ -144,8 +165,10 @@ class Preprocessor:
         """
         kinds = kinds or getattr(dataset, "transforms", None) or ["auto"] * dataset.n_features
         counts = getattr(dataset, "kinds", None) or ["intensity"] * dataset.n_features
-        trs = [ChannelTransform.fit(v[o], k, n, counts=c == "counts")
-               for v, o, k, n, c in zip(dataset.values, dataset.observed, kinds, dataset.names, counts)]
+        scales = getattr(dataset, "asinh_scales", None) or ["mad"] * dataset.n_features
+        trs = [ChannelTransform.fit(v[o], k, n, counts=c == "counts", asinh_scale=a)
+               for v, o, k, n, c, a in zip(dataset.values, dataset.observed, kinds, dataset.names, counts,
+                                           scales)]
         return cls(trs, dataset.names)
 
     def forward(self, values):

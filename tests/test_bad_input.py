@@ -108,6 +108,12 @@ def test_forced_log_on_nonpositive_map(folder, capsys):
     assert_one_line_error(*inspect(cat, capsys), "map 'neg'", "log")
 
 
+@pytest.mark.parametrize("scale", ["wide", -1.0, 0])
+def test_bad_asinh_scale(folder, capsys, scale):
+    cat = write_catalog(folder, [entry(asinh_scale=scale)])
+    assert_one_line_error(*inspect(cat, capsys), "map 'a'", "asinh_scale")
+
+
 def test_nside_not_a_power_of_two(folder, capsys, tmp_path):
     cat = write_catalog(folder, [entry()], nside=12)
     assert_one_line_error(*inspect(cat, capsys), "nside", "not a power of two")

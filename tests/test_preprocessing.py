@@ -37,7 +37,7 @@ def test_forced_log_on_nonpositive_values_is_an_input_error():
 
 def test_derivative_matches_finite_differences():
     x = np.array([0.5, 2.0, 30.0])
-    for kind in ["log", "asinh", "linear"]:
+    for kind in ["log", "asinh", "anscombe", "linear"]:
         tr = ChannelTransform(kind, scale=1.7, mean=0.3, std=2.0)
         h = 1e-6 * x
         fd = (tr.forward(x + h) - tr.forward(x - h)) / (2 * h)
@@ -56,7 +56,7 @@ def test_preprocessor_round_trip_on_real_data_and_serialisation():
     np.testing.assert_allclose(back[obs], d.values[obs], rtol=1e-9, atol=1e-12 * np.nanmax(np.abs(d.values)))
     kinds = {n: t.kind for n, t in zip(pre.names, pre.transforms)}
     assert kinds["wmap7yr_V"] == "asinh" and kinds["hi4pi_NHI"] == "log"
-    assert kinds["fermi2fhl_50-171GeV"] == "asinh"
+    assert kinds["fermi2fhl_50-171GeV"] == "anscombe"  # photon counts (KIND card)
 
 
 def test_noise_to_standardised_units():
@@ -74,4 +74,30 @@ def test_counts_scale_is_at_least_one_photon():
     assert ChannelTransform.fit(x).scale < 0.1
     ds = DataSet(values=x[None], observed=np.ones((1, x.size), bool), names=["g"], units=["counts"])
     ds.kinds = ["counts"]
+    ds.transforms = ["asinh"]
     assert Preprocessor.fit(ds).transforms[0].scale == 1.0
+
+
+def test_anscombe_for_counts_stabilises_poisson_noise():
+    """auto picks anscombe for counts; Poisson noise then has unit variance at any rate >~ 1."""
+    rng = np.random.default_rng(4)
+    rate = np.repeat([2.0, 10.0, 100.0, 1000.0], 20000)
+    x = rng.poisson(rate).astype(float)
+    tr = ChannelTransform.fit(x, counts=True)
+    assert tr.kind == "anscombe"
+    t = tr.forward(x) * tr.std  # the transform before standardisation (up to the mean)
+    for r in np.unique(rate):
+        assert abs(np.std(t[rate == r]) - 1.0) < 0.05
+    np.testing.assert_allclose(tr.inverse(tr.forward(x)), x, atol=1e-9)
+    with pytest.raises(InputError, match="anscombe"):
+        ChannelTransform.fit(np.array([-1.0, 2.0]), "anscombe", "c")
+
+
+@pytest.mark.parametrize("rule", ["mad", "std", 3.0])
+def test_asinh_scale_rules(rule):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(4000) * 2.0 + rng.exponential(50.0, 4000) * (rng.random(4000) < 0.1)
+    tr = ChannelTransform.fit(x, "asinh", asinh_scale=rule)
+    expect = {"mad": 1.4826 * np.median(np.abs(x - np.median(x))), "std": np.std(x)}.get(rule, rule)
+    assert tr.scale == pytest.approx(expect)
+    np.testing.assert_allclose(tr.inverse(tr.forward(x)), x, atol=1e-9)
