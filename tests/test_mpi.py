@@ -26,6 +26,22 @@ def maps(path):
     return np.array(hp.read_map(str(path), field=None))
 
 
+def wait_for_the_ranks_to_end(run, timeout=60):
+    """The ranks run in sessions of their own and end a moment after mpiexec: wait until they have
+    released the run folder's lock (a resume before would be refused as a second writer)."""
+    import fcntl
+
+    deadline = time.time() + timeout
+    with open(run / ".galdecomp.lock") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                assert time.time() < deadline, "the ranks of the killed job did not end"
+                time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def sky(tmp_path_factory):
     out = tmp_path_factory.mktemp("mpisky") / "sim"
@@ -69,6 +85,7 @@ def test_killed_run_resumes_on_another_rank_count(sky, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
+    wait_for_the_ranks_to_end(run)
     with np.load(run / "checkpoint.npz") as f:
         assert not bool(f["done"]) and int(f["epoch"]) >= 3, "the run was not interrupted mid-way"
     assert not (run / "latent_mean.fits").exists()
