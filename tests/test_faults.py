@@ -287,3 +287,31 @@ def test_unexpected_error_is_one_line_with_a_log_file(sky, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("galdecomp: error: unexpected")
     os.unlink(err.split("traceback in ")[1].split(";")[0])
+
+
+# -- what already worked and must keep working ------------------------------------------------------
+
+def test_a_map_changed_under_a_run_is_refused(small_catalog, small, tmp_path, capsys):
+    from conftest import write_map
+
+    catalog, maps, _ = small_catalog
+    run = tmp_path / "run"
+    assert main(["fit", catalog, "--out", str(run), "--config", small, "--max-epochs", "1"]) == 0
+    write_map(tmp_path / "m1.fits", maps[1] * 3 + 1)
+    capsys.readouterr()
+    assert main(["fit", catalog, "--out", str(run), "--resume", "--max-epochs", "2"]) == 2
+    error_line(capsys, str(run), "other data than the run was started on")
+
+
+def test_a_diverging_fit_stops_with_one_line(sky, small, tmp_path, monkeypatch, capsys):
+    orig, calls = ELBOObjective.value_and_gradient, []
+
+    def nan_at_step_4(self, *a):
+        calls.append(1)
+        value, grad, terms = orig(self, *a)
+        return (np.nan if len(calls) == 4 else value), grad, terms
+
+    monkeypatch.setattr(ELBOObjective, "value_and_gradient", nan_at_step_4)
+    capsys.readouterr()
+    assert main(["fit", sky, "--out", str(tmp_path / "run"), "--config", small]) == 1
+    error_line(capsys, "non-finite ELBO at epoch 1, step 4")
