@@ -74,7 +74,7 @@ def _stored_config(run_dir):
 def _read_checkpoint(path):
     """The arrays of the checkpoint ``path`` and its TrainingState; InputError if it is not one."""
     try:
-        with np.load(path) as f:
+        with open(path, "rb") as fh, np.load(fh) as f:  # np.load leaks its own handle on a bad zip
             arrays = dict(f)
         state = TrainingState.from_arrays(arrays)
         str(arrays["fingerprint"])

@@ -95,7 +95,7 @@ def test_second_writer_is_refused_and_a_killed_job_leaves_no_stale_lock(sky, sma
             assert error_line(capsys) == f"galdecomp: error: {held}"
     finally:
         first.kill()  # SIGKILL: no chance to clean up
-        first.wait()
+        first.communicate()
     assert (run / ".galdecomp.lock").exists()
     epoch, = checkpoint(run, "epoch")
     assert main(["fit", sky, "--out", str(run), "--resume", "--max-epochs", str(epoch + 1)]) == 0
