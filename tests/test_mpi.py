@@ -84,7 +84,7 @@ def test_killed_run_resumes_on_another_rank_count(sky, tmp_path):
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
-        proc.wait()
+        proc.communicate()
     wait_for_the_ranks_to_end(run)
     with np.load(run / "checkpoint.npz") as f:
         assert not bool(f["done"]) and int(f["epoch"]) >= 3, "the run was not interrupted mid-way"
