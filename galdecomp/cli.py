@@ -130,7 +130,6 @@ def _print_fit(res):
 def cmd_report(args):
     from .fileio import folder_lock
     from .parallel import world
-    from .products.report import make_report
 
     if world().size > 1:
         raise InputError("galdecomp report runs on one process (start it without mpiexec)")
@@ -140,6 +139,8 @@ def cmd_report(args):
     out = os.path.abspath(args.out or os.path.join(run, "report"))
     into_run = os.path.isdir(run) and os.path.commonpath([run, out]) == run
     with folder_lock(run) if into_run else contextlib.nullcontext():  # one writer per run folder
+        from .products.report import make_report
+
         res = make_report(args.run, args.templates, out=args.out, bins=args.bins, seed=args.seed,
                           progress=log)
     print(f"report: {res['paths'].get('report.md', os.path.join(res['out'], 'report.md'))}")
