@@ -1,15 +1,20 @@
 """The galdecomp command line: ``galdecomp COMMAND ...``.
 
-Bad input is reported as one line ``galdecomp: error: ...`` with exit status 2.
+Every failure is reported as one line ``galdecomp: error: ...``: exit status 2 for bad input,
+1 for a failure of the environment (a write that failed, an unexpected error, whose traceback
+goes to a log file; ``--debug`` shows it instead).
 """
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 import time
+import traceback
 import warnings
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, JobStopped, WriteError
 
 __all__ = ["main"]
 
@@ -146,14 +151,21 @@ def _print_fit(res):
 
 
 def cmd_report(args):
+    from .fileio import folder_lock
     from .parallel import world
-    from .products.report import make_report
 
     if world().size > 1:
         raise InputError("galdecomp report runs on one process (start it without mpiexec)")
     if args.bins < 2:
         raise InputError(f"--bins must be at least 2, got {args.bins}")
-    res = make_report(args.run, args.templates, out=args.out, bins=args.bins, seed=args.seed, progress=log)
+    run = os.path.abspath(args.run)
+    out = os.path.abspath(args.out or os.path.join(run, "report"))
+    into_run = os.path.isdir(run) and os.path.commonpath([run, out]) == run
+    with folder_lock(run) if into_run else contextlib.nullcontext():  # one writer per run folder
+        from .products.report import make_report
+
+        res = make_report(args.run, args.templates, out=args.out, bins=args.bins, seed=args.seed,
+                          progress=log)
     print(f"report: {res['paths'].get('report.md', os.path.join(res['out'], 'report.md'))}")
     return 0
 
@@ -178,14 +190,19 @@ def cmd_run(args):
 
 # -- parser ---------------------------------------------------------------------------------------
 
+
 def build_parser():
-    p = _Parser(prog="galdecomp",
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an unexpected error")
+    p = _Parser(prog="galdecomp", parents=[common],
                 description="Unsupervised Bayesian decomposition of the multi-frequency sky "
                             "with probabilistic autoencoders.")
     p.add_argument("--version", action="version", version=f"galdecomp {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    s = sub.add_parser("simulate", help="write a simulated 35-channel sky with its truth maps",
+    s = sub.add_parser("simulate", parents=[common],
+                       help="write a simulated 35-channel sky with its truth maps",
                        description="Simulate a realistic 35-channel sky (radio to gamma rays) and "
                                    "write DIR/catalog.yaml, DIR/maps/, DIR/truth/ and DIR/overview.png.")
     s.add_argument("--nside", type=_nside, required=True, help="HEALPix resolution (power of two)")
@@ -202,7 +219,7 @@ def build_parser():
                         "(repeatable), e.g. --template gas=lab_NHI --template dust=planck13_EBV")
     s.set_defaults(func=cmd_simulate)
 
-    s = sub.add_parser("inspect", help="table of a catalog's maps, transforms and warnings",
+    s = sub.add_parser("inspect", parents=[common], help="table of a catalog's maps, transforms and warnings",
                        description="Read a map catalog and print, per map: frequency, unit, kind, "
                                    "native nside, coverage, min/median/max, the preprocessing "
                                    "transform and warnings (near-duplicates, gaps, zeros).")
@@ -211,7 +228,7 @@ def build_parser():
     s.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("fit", help="fit the probabilistic autoencoder to a catalog's maps",
+    s = sub.add_parser("fit", parents=[common], help="fit the probabilistic autoencoder to a catalog's maps",
                        description="Fit the probabilistic autoencoder (decoder, adaptive noise, "
                                    "amortised encoder) to the maps of CATALOG and write latent-feature "
                                    "maps and diagnostics to RUN. Ctrl-C leaves a resumable run.")
@@ -232,7 +249,7 @@ def build_parser():
     s.add_argument("--overwrite", action="store_true", help="replace an existing RUN")
     s.set_defaults(func=cmd_fit)
 
-    s = sub.add_parser("report", help="which latent feature is which physical component",
+    s = sub.add_parser("report", parents=[common], help="which latent feature is which physical component",
                        description="Compare a run's latent features (and PCA, FastICA, NMF of the same "
                                    "data) with template maps: correlations, mutual information with "
                                    "spatial-block significance, R^2 of all features; writes "
@@ -244,7 +261,7 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("run", help="the main job: simulate the default sky, fit it, report",
+    s = sub.add_parser("run", parents=[common], help="the main job: simulate the default sky, fit it, report",
                        description="Simulate the built-in default sky, fit the autoencoder to it and "
                                    "write everything below OUT (default runs/main): OUT/sky, OUT/fit, "
                                    "and the report against the truth maps, OUT/fit/report.")
@@ -257,18 +274,44 @@ def build_parser():
     return p
 
 
+def _save_traceback():
+    """Write the current exception's traceback to a log file; return its path (None if that fails)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="galdecomp-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"galdecomp {__version__}: {' '.join(sys.argv)}\n")
+            traceback.print_exc(file=f)
+        return path
+    except OSError:
+        return None
+
+
+def _unexpected(e):
+    """One line for an unexpected exception ``e``, naming the log file with its traceback."""
+    if isinstance(e, OSError) and e.filename:
+        what = f"{e.filename}: {e.strerror or e}"
+    else:
+        what = f"unexpected {type(e).__name__}: " + (str(e).splitlines() or [""])[0]
+    log_file = _save_traceback()
+    where = f"traceback in {log_file}" if log_file else "traceback not saved"
+    return f"{what} ({where}; --debug shows it)"
+
+
 def main(argv=None):
     """Run the command line; returns the exit status.
 
-    Under MPI, messages come from rank 0; bad input exits 2 on every rank (it is checked
-    identically everywhere), and any other failure of a rank aborts the whole job.
+    Exit status 2: bad input (one line from rank 0, on every rank under MPI, as it is checked
+    identically everywhere); 1: a failure of the environment (a write that failed, an unexpected
+    error; under MPI it aborts the whole job); 128 + N: stopped by signal N after a checkpoint.
     """
     from .parallel import world
 
     comm = world()
     parser = build_parser()
+    debug = False
     try:
         args = parser.parse_args(argv)
+        debug = getattr(args, "debug", False)
         if args.command is None:
             parser.print_help()
             return 0
@@ -279,23 +322,27 @@ def main(argv=None):
         if comm.rank == 0:
             print(f"galdecomp: error: {e}", file=sys.stderr)
         return 2
+    except JobStopped as e:  # every rank stopped at the same step, after the checkpoint
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("galdecomp: interrupted", file=sys.stderr)
         if comm.size > 1:
             comm.abort(130)
         return 130
-    except FloatingPointError as e:
+    except (WriteError, FloatingPointError) as e:
         print(f"galdecomp: error: {e}", file=sys.stderr)
         if comm.size > 1:
             comm.abort(1)
         return 1
-    except Exception:
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        line = _unexpected(e)
         if comm.size == 1:
-            raise
-        import traceback
-
-        traceback.print_exc()
-        print(f"galdecomp: rank {comm.rank} failed: aborting all {comm.size} ranks", file=sys.stderr)
+            print(f"galdecomp: error: {line}", file=sys.stderr)
+            return 1
+        print(f"galdecomp: error: rank {comm.rank} failed: aborting all {comm.size} ranks: {line}",
+              file=sys.stderr)
         comm.abort(1)
 
 

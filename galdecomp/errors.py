@@ -1,4 +1,4 @@
-"""Errors that the command line reports as one line and exit code 2."""
+"""Errors that the command line reports as one line: bad input (exit 2), failed writes (exit 1)."""
 
 
 class InputError(Exception):
@@ -7,3 +7,25 @@ class InputError(Exception):
     The message names the file or field and the problem, on one line. The CLI prints
     ``galdecomp: error: <message>`` and exits with status 2, without a traceback.
     """
+
+
+class WriteError(Exception):
+    """A file could not be written (no space left, read-only file system, quota, I/O error).
+
+    The message names the file and the system's reason, on one line. The CLI prints
+    ``galdecomp: error: <message>`` and exits with status 1, without a traceback.
+    """
+
+
+class JobStopped(KeyboardInterrupt):
+    """A signal (Ctrl-C, SIGTERM) stopped the job after a checkpoint was written.
+
+    Parameters
+    ----------
+    signum : int
+        The signal; the exit status is ``128 + signum``.
+    """
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum

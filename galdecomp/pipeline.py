@@ -1,19 +1,22 @@
 """Recipes: the jobs the command line runs, as plain functions.
 
 ``fit_catalog`` fits the autoencoder to a catalog's maps and writes a run folder;
-``run_main_job`` simulates the default sky and fits it.
+``run_main_job`` simulates the default sky and fits it. Both hold their output folder's lock
+(one writer per run folder).
 """
+import contextlib
 import json
 import os
 import shutil
+import signal
 import time
 
 import numpy as np
 import yaml
 
 from .catalog import is_power_of_two, load_catalog, read_catalog, working_nside
-from .errors import InputError
-from .fileio import atomic_path, write_text
+from .errors import InputError, JobStopped, WriteError
+from .fileio import LOCK_FILE, atomic_path, folder_lock, write_text
 from .inference.config import model_signature, resolve_config
 from .inference.training import TrainingState, split_rows, train
 from .model.autoencoder import Autoencoder, ELBOObjective
@@ -39,16 +42,46 @@ def _write_config(run_dir, catalog_path, cfg):
                + yaml.safe_dump({"catalog": catalog_path, **cfg}, sort_keys=False))
 
 
-def _stored_config(run_dir, posterior=None):
-    """The configuration of the run in ``run_dir`` (for --resume; ``posterior``: an MGVI request)."""
+def _unusable(path, what, why):
+    """The InputError for a run file that cannot be used to resume."""
+    return InputError(f"{path}: not a galdecomp {what} or unreadable ({why}); start again with --overwrite")
+
+
+def _require_run(run_dir, posterior=None):
+    """Raise InputError unless ``run_dir`` holds a run (for --resume; ``posterior``: an MGVI request)."""
     if not os.path.isfile(os.path.join(run_dir, CHECKPOINT)) or \
             not os.path.isfile(os.path.join(run_dir, "config.yaml")):
         what = f"no trained model to run {posterior['method']} on" if posterior else "the folder holds no run"
         raise InputError(f"{run_dir}: --resume, but {what} (no {CHECKPOINT} and config.yaml)")
-    with open(os.path.join(run_dir, "config.yaml")) as f:
-        stored = yaml.safe_load(f)
+
+
+def _stored_config(run_dir):
+    """The configuration of the run in ``run_dir``, as written to its config.yaml."""
+    path = os.path.join(run_dir, "config.yaml")
+    try:
+        with open(path) as f:
+            stored = yaml.safe_load(f)
+    except yaml.YAMLError:
+        raise _unusable(path, "run configuration", "not valid YAML") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise _unusable(path, "run configuration", getattr(e, "strerror", None) or str(e)) from None
+    if not isinstance(stored, dict):
+        raise _unusable(path, "run configuration", "not a mapping of settings")
     stored.pop("catalog", None)
     return stored
+
+
+def _read_checkpoint(path):
+    """The arrays of the checkpoint ``path`` and its TrainingState; InputError if it is not one."""
+    try:
+        with open(path, "rb") as fh, np.load(fh) as f:  # np.load leaks its own handle on a bad zip
+            arrays = dict(f)
+        state = TrainingState.from_arrays(arrays)
+        str(arrays["fingerprint"])
+    except Exception as e:  # whatever a damaged file raises: zipfile, pickle, json, a missing key
+        why = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise _unusable(path, "checkpoint", why) from None
+    return arrays, state
 
 
 def check_run_dir(run_dir, overwrite):
@@ -67,11 +100,17 @@ def check_run_dir(run_dir, overwrite):
 
 
 def make_run_dir(run_dir):
-    """Create an empty run folder, removing what was there (checked by :func:`check_run_dir`)."""
-    if os.path.exists(run_dir):
-        shutil.rmtree(run_dir)
+    """Create an empty run folder, or empty an existing one but for its lock file (checked by
+    :func:`check_run_dir`)."""
     try:
-        os.makedirs(run_dir)
+        if not os.path.isdir(run_dir):
+            os.makedirs(run_dir)
+        for name in set(os.listdir(run_dir)) - {LOCK_FILE}:
+            path = os.path.join(run_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
     except OSError as e:
         raise InputError(f"{run_dir}: cannot create the run folder ({e.strerror})") from None
 
@@ -83,7 +122,40 @@ def _save_checkpoint(path, state, extra):
             np.savez(f, **state.to_arrays(), **extra)
 
 
-def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_rows=None, comm=None):
+class _StopSignals:
+    """While training, SIGINT and SIGTERM ask the job to stop at the next step (after a checkpoint).
+
+    A second SIGINT (Ctrl-C) interrupts at once. Outside the main thread nothing is installed.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, comm):
+        self.comm, self.got, self.old = comm, dict.fromkeys(self.SIGNALS, 0), {}
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):
+            for s in self.SIGNALS:
+                self.old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.got[signum]:
+            raise KeyboardInterrupt
+        self.got[signum] = 1
+
+    def __call__(self):
+        """The signal to stop on, agreed by all ranks (one small Allreduce), or None."""
+        n = self.comm.allreduce_sum([self.got[s] for s in self.SIGNALS])
+        return next((s for s, k in zip(self.SIGNALS[::-1], n[::-1]) if k), None)
+
+
+def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_rows=None, comm=None,
+             stop=None):
     """Train an autoencoder on a table of rows (pixels, images): the data-set-independent core.
 
     Parameters
@@ -96,13 +168,16 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_row
     cfg : dict
         Resolved configuration (uses ``seed`` and ``training``).
     checkpoint : callable, optional
-        ``checkpoint(state)`` after every epoch.
+        ``checkpoint(state)`` after every epoch, and inside an epoch every
+        ``training.checkpoint_seconds``.
     log : callable, optional
         Progress messages.
     offset, n_rows : int
         Global index of the first local row and number of rows of all processes (pixel
         sharding; default: this process holds all rows).
     comm : SerialComm or MPIComm, optional
+    stop : callable, optional
+        ``stop()`` after every step: a signal number to stop on (see :func:`train`).
 
     Returns
     -------
@@ -124,7 +199,7 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_row
     if log:
         log(f"{train_rows.size} training / {valid_rows.size} validation rows, batch {tcfg['batch_size']}")
     train(objective, state, train_rows, valid_rows, tcfg, seed=cfg["seed"], checkpoint=checkpoint,
-          progress=progress if log else None)
+          progress=progress if log else None, stop=stop)
     if log:
         log(f"training done after {state.epoch} epochs in {time.perf_counter() - t0:.1f} s; "
             f"best validation ELBO {-state.best_val:.4f}")
@@ -198,22 +273,34 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
         (from :func:`galdecomp.products.run_outputs.write_run_products`: order, significance,
         sigma, paths; on rank 0 only, None elsewhere).
     """
+    with contextlib.ExitStack() as held:  # the run folder's lock, once taken
+        return _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, held)
+
+
+def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, held):
+    """:func:`fit_catalog`, holding the run folder's lock in the ExitStack ``held``."""
     from .parallel import row_block, world
 
     comm = world()
     catalog = read_catalog(catalog_path)
     run_dir = os.path.abspath(out)
+    ckpt = os.path.join(run_dir, CHECKPOINT)
     # everything that can fail is checked, on every rank, before the run folder is touched
     if resume:
-        stored = _stored_config(run_dir, (overrides or {}).get("posterior") or (config_file or {}).get("posterior"))
-        cfg = resolve_config(config_file if config_file is not None else stored, overrides)
+        _require_run(run_dir, (overrides or {}).get("posterior") or (config_file or {}).get("posterior"))
+        held.enter_context(folder_lock(run_dir, comm))
+        stored = _stored_config(run_dir)
         old = model_signature(resolve_config(stored, where=f"{run_dir}/config.yaml"))
+        cfg = resolve_config(config_file if config_file is not None else stored, overrides)
         diff = sorted(k for k, v in model_signature(cfg).items() if old[k] != v)
         if diff:
             raise InputError(f"{run_dir}: --resume with another configuration (differs in: {', '.join(diff)})")
+        arrays, state = _read_checkpoint(ckpt)
     else:
         cfg = resolve_config(config_file, overrides)
         check_run_dir(run_dir, overwrite)
+        if os.path.isdir(run_dir):
+            held.enter_context(folder_lock(run_dir, comm))
     nside = working_nside(catalog, cfg["nside"])
     rows = row_block(nside, comm)
     data_set, pre, data = load_preprocessed(catalog, nside, rows)
@@ -224,33 +311,47 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
     n_rows = 12 * nside * nside
     model = Autoencoder.from_config(cfg, C, noise_floor(pre, data_set, cfg))
     fingerprint = f"{catalog.path}|{nside}|" + json.dumps(pre.to_dict(), sort_keys=True)
-    ckpt = os.path.join(run_dir, CHECKPOINT)
+    tcfg = cfg["training"]
     if resume:
-        with np.load(ckpt) as f:
-            arrays = dict(f)
         if str(arrays["fingerprint"]) != fingerprint:
             raise InputError(f"{run_dir}: --resume with other data than the run was started on "
                              f"({str(arrays['fingerprint']).split('|')[0]})")
-        state = TrainingState.from_arrays(arrays)
-        _say(f"resuming {run_dir} after epoch {state.epoch}")
+        was_done = state.done  # max_epochs and patience may have changed: train longer, or stop
+        state.done = state.epoch >= tcfg["max_epochs"] or (
+            tcfg["schedule"] == "plateau" and state.since_best >= tcfg["patience"])
+        at = f"epoch {state.epoch}" + (f", step {state.step}" if state.batch else "")
+        more = " (finished; training longer)" if was_done and not state.done else ""
+        _say(f"resuming {run_dir} after {at}{more}")
+        comm.barrier()  # every rank has validated its input before rank 0 writes
+        if comm.rank == 0:  # the posterior and duration settings may have changed
+            _write_config(run_dir, catalog.path, cfg)
     else:
         comm.barrier()  # every rank has validated its input before rank 0 replaces anything
         if comm.rank == 0:
             make_run_dir(run_dir)
+        comm.barrier()
+        held.enter_context(folder_lock(run_dir, comm))  # already held if the folder existed
+        if comm.rank == 0:
             _write_config(run_dir, catalog.path, cfg)
-        state = TrainingState(model.init_params(cfg["seed"]), cfg["training"]["learning_rate"], cfg["seed"])
+        state = TrainingState(model.init_params(cfg["seed"]), tcfg["learning_rate"], cfg["seed"])
     comm.barrier()
     extra = dict(preprocessing=json.dumps(pre.to_dict()), fingerprint=fingerprint,
                  config=json.dumps(cfg), catalog=catalog.path)
     ranks = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
     _say(f"fitting {n_rows} pixels x {C} channels, {L} latent features, {cfg['covariance']} covariance{ranks}")
     save = (lambda st: _save_checkpoint(ckpt, st, extra)) if comm.rank == 0 else None
+    hint = f"continue with `galdecomp fit {catalog_path} --out {out} --resume`"
     try:
-        fit_rows(model, data, state, cfg, checkpoint=save, log=_say, offset=rows.start, n_rows=n_rows,
-                 comm=comm)
+        with _StopSignals(comm) as stop:
+            fit_rows(model, data, state, cfg, checkpoint=save, log=_say, offset=rows.start, n_rows=n_rows,
+                     comm=comm, stop=stop)
+    except JobStopped as e:
+        comm.barrier()  # rank 0 has written the checkpoint
+        at = f"step {state.step} (in epoch {state.epoch + 1})" if state.batch else f"epoch {state.epoch}"
+        _say(f"stopped by {signal.Signals(e.signum).name} after {at}, checkpoint written: {hint}")
+        raise
     except KeyboardInterrupt:
-        _say(f"interrupted after epoch {state.epoch}: continue with "
-             f"`galdecomp fit {catalog_path} --out {out} --resume`")
+        _say(f"interrupted: {hint} (from the last checkpoint)")
         raise
     from .products.run_outputs import write_run_products
 
@@ -267,8 +368,6 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
         _say(f"{method}: {2 * p['n_samples']} samples, {p['iterations']} iterations, decoder and noise fixed")
         samples = latent_posterior_samples(model, params, data0, mask, mean, method, p["n_samples"],
                                            p["iterations"], seed=cfg["seed"] * 65536 + comm.rank, log=_say)
-    if resume and comm.rank == 0:  # the posterior settings may have changed: keep config.yaml exact
-        _write_config(run_dir, catalog.path, cfg)
     products = write_run_products(run_dir, data_set, pre, model, params, data, mean, cov, state.history,
                                   cfg, catalog.path, samples=samples, comm=comm, progress=_say)
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
@@ -302,9 +401,7 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
         ``sky`` (catalog path of the simulated sky), ``fit`` (the result of :func:`fit_catalog`),
         ``report`` (path of report.md; None on ranks other than 0).
     """
-    from .fileio import atomic_output_dir
     from .parallel import world
-    from .simulation import plot_overview, simulate_sky, write_simulated_sky
     from .simulation.morphology import morphology_from_config
 
     cfg = {**RUN_DEFAULTS, **(config_file or {})}
@@ -330,12 +427,27 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
     if resume:
         if not os.path.isfile(os.path.join(sky_dir, "catalog.yaml")):
             raise InputError(f"{out}: --resume, but it holds no main-job run (no sky/catalog.yaml)")
-    else:
-        if os.path.exists(out) and not overwrite:
-            raise InputError(f"{out}: output folder exists (use --overwrite to replace it or --resume)")
-        world().barrier()  # every rank has checked the folder before rank 0 writes into it
-        if world().rank == 0:
+    elif os.path.exists(out) and not overwrite:
+        raise InputError(f"{out}: output folder exists (use --overwrite to replace it or --resume)")
+    world().barrier()  # every rank has checked the folder before rank 0 writes into it
+    if world().rank == 0:
+        try:
             os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise WriteError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    world().barrier()
+    with folder_lock(out, world()):
+        return _run_main_job(cfg, sim, morphology, out, sky_dir, resume)
+
+
+def _run_main_job(cfg, sim, morphology, out, sky_dir, resume):
+    """:func:`run_main_job` once the output folder exists and is held."""
+    from .fileio import atomic_output_dir
+    from .parallel import world
+    from .simulation import plot_overview, simulate_sky, write_simulated_sky
+
+    if not resume:
+        if world().rank == 0:
             with atomic_output_dir(sky_dir, overwrite=True) as tmp:
                 real = f", spatial templates from {morphology.catalog}" if morphology else ""
                 _say(f"simulating the sky at nside {sim['nside']} (seed {sim['seed']}{real})")
@@ -347,10 +459,12 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
     result = fit_catalog(os.path.join(sky_dir, "catalog.yaml"), os.path.join(out, "fit"),
                          config_file=fit_cfg, resume=resume, overwrite=True)
     report = None
-    if world().rank == 0:
-        from .products.report import make_report
+    with folder_lock(result["run_dir"], world()):  # the report goes into the fit's run folder
+        if world().rank == 0:
+            from .products.report import make_report
 
-        _say("report: the latent features against the truth maps")
-        rep = make_report(result["run_dir"], os.path.join(sky_dir, "truth", "catalog.yaml"), progress=_say)
-        report = os.path.join(rep["out"], "report.md")
+            _say("report: the latent features against the truth maps")
+            rep = make_report(result["run_dir"], os.path.join(sky_dir, "truth", "catalog.yaml"),
+                              progress=_say)
+            report = os.path.join(rep["out"], "report.md")
     return dict(sky=os.path.join(sky_dir, "catalog.yaml"), fit=result, report=report)

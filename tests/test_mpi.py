@@ -26,6 +26,22 @@ def maps(path):
     return np.array(hp.read_map(str(path), field=None))
 
 
+def wait_for_the_ranks_to_end(run, timeout=60):
+    """The ranks run in sessions of their own and end a moment after mpiexec: wait until they have
+    released the run folder's lock (a resume before would be refused as a second writer)."""
+    import fcntl
+
+    deadline = time.time() + timeout
+    with open(run / ".galdecomp.lock") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                assert time.time() < deadline, "the ranks of the killed job did not end"
+                time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def sky(tmp_path_factory):
     out = tmp_path_factory.mktemp("mpisky") / "sim"
@@ -68,7 +84,8 @@ def test_killed_run_resumes_on_another_rank_count(sky, tmp_path):
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
-        proc.wait()
+        proc.communicate()
+    wait_for_the_ranks_to_end(run)
     with np.load(run / "checkpoint.npz") as f:
         assert not bool(f["done"]) and int(f["epoch"]) >= 3, "the run was not interrupted mid-way"
     assert not (run / "latent_mean.fits").exists()
@@ -119,3 +136,33 @@ def test_row_blocks_tile_the_sky_in_whole_coarse_pixels():
     assert all(b.start % 4 == 0 for b in blocks)  # nside 32 / block nside 16: 4 pixels per block
     with pytest.raises(InputError, match="13 MPI ranks but only 12 pixel blocks"):
         row_block(1, FakeComm(0, 13))
+
+
+def test_sigterm_to_one_rank_stops_all_at_the_same_step(sky, tmp_path):
+    """SIGTERM reaching only rank 1: every rank stops after the same step, rank 0 checkpoints."""
+    run, whole = tmp_path / "term", tmp_path / "whole"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("latent_dim: 2\ntraining: {batch_size: 64}\n")  # 10 steps per epoch at nside 8
+    args = ["--nside", "8", "--max-epochs", "3", "--config", str(cfg)]
+    code = (
+        "import os, signal, sys, galdecomp.model.autoencoder as a\n"
+        "from galdecomp.parallel import world\n"
+        "from galdecomp.cli import main\n"
+        "orig, calls = a.ELBOObjective.value_and_gradient, []\n"
+        "def term(self, *args):\n"
+        "    calls.append(1)\n"
+        "    if world().rank == 1 and len(calls) == 14:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return orig(self, *args)\n"
+        "a.ELBOObjective.value_and_gradient = term\n"
+        f"sys.exit(main(['fit', {sky!r}, '--out', {str(run)!r}] + {args!r}))\n")
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr
+    assert "stopped by SIGTERM after step 14 (in epoch 2)" in p.stderr and "Traceback" not in p.stderr
+    with np.load(run / "checkpoint.npz") as f:
+        assert (int(f["epoch"]), int(f["batch"]), int(f["step"])) == (1, 4, 14)
+    assert main(["fit", sky, "--out", str(run), "--resume"]) == 0           # resumed on 1 rank
+    assert main(["fit", sky, "--out", str(whole)] + args) == 0
+    a, b = maps(whole / "latent_mean.fits"), maps(run / "latent_mean.fits")
+    assert np.max(np.abs(a - b)) <= 1e-8 * np.max(np.abs(a))

@@ -37,12 +37,14 @@ DEFAULTS = {
         "learning_rate": 1e-2,         # Adam step on the excitations (theta = scale * xi)
         "min_learning_rate": 1e-4,
         "schedule": "plateau",     # plateau (halve on a validation plateau) | cosine (to min_learning_rate)
+        "schedule_epochs": None,   # cosine: epochs of the decay (None: max_epochs of the first run)
         "kl_warmup_epochs": 0,     # KL weight rises linearly from 0 to beta over these epochs
-        "lr_factor": 0.5,           # learning-rate reduction on a validation plateau
-        "lr_patience": 8,          # epochs without improvement before reducing the learning rate
-        "patience": 20,            # epochs without improvement before stopping early
+        "lr_factor": 0.5,           # plateau: learning-rate reduction on a validation plateau
+        "lr_patience": 8,          # plateau: epochs without improvement before reducing the learning rate
+        "patience": 20,            # plateau: epochs without improvement before stopping early
         "validation_fraction": 0.1,
         "dtype": "float64",        # float32 runs the MLP kernels in single precision
+        "checkpoint_seconds": 600,  # also checkpoint inside an epoch after this long (0: every step)
     },
 }
 
@@ -51,6 +53,9 @@ POSTERIOR_METHODS = ("amortised", "mgvi", "geovi")
 #: Settings that define the model and its optimisation path: a run can only be resumed with them
 #: unchanged (the posterior method is applied after training and may change on --resume).
 _MODEL_KEYS = ("latent_dim", "covariance", "beta", "seed", "nside", "decoder", "encoder", "noise", "training")
+#: Training settings that only govern how long training runs or how often it is checkpointed:
+#: ``--resume`` may change them (e.g. a larger max_epochs trains a finished run longer).
+_DURATION_KEYS = ("max_epochs", "patience", "checkpoint_seconds")
 
 
 def _merge(base, new, where="config"):
@@ -148,8 +153,12 @@ def resolve_config(file_config=None, overrides=None, where="config"):
         raise InputError(f"{where}: training.kl_warmup_epochs must be a non-negative integer")
     for k in ("batch_size", "max_epochs", "lr_patience", "patience"):
         _positive_int(t, k, f"{where}: training")
+    if t["schedule_epochs"] is None:
+        t["schedule_epochs"] = t["max_epochs"]
+    _positive_int(t, "schedule_epochs", f"{where}: training")
     for k in ("learning_rate", "min_learning_rate", "lr_factor"):
         _positive(t, k, f"{where}: training")
+    _positive(t, "checkpoint_seconds", f"{where}: training", allow_zero=True)
     if not 0 < t["validation_fraction"] < 0.5:
         raise InputError(f"{where}: training.validation_fraction must be in (0, 0.5)")
     if t["dtype"] not in ("float64", "float32"):
@@ -158,5 +167,14 @@ def resolve_config(file_config=None, overrides=None, where="config"):
 
 
 def model_signature(cfg):
-    """The part of a configuration that must match for ``--resume``."""
-    return {k: cfg[k] for k in _MODEL_KEYS}
+    """The part of a configuration that must match for ``--resume``.
+
+    Returns
+    -------
+    dict
+        The settings of ``_MODEL_KEYS``, with the training settings as ``training.<key>`` and
+        without those of ``_DURATION_KEYS``.
+    """
+    sig = {k: cfg[k] for k in _MODEL_KEYS if k != "training"}
+    sig.update({f"training.{k}": v for k, v in cfg["training"].items() if k not in _DURATION_KEYS})
+    return sig

@@ -3,12 +3,16 @@
 The optimisation path is a function of the configuration only: the training/validation split,
 the minibatch order and the reparameterisation draws come from generators seeded by
 ``seed``, and the whole state (parameters, Adam moments, learning-rate schedule, early-stopping
-state, generator state, history) is checkpointed at the end of every epoch. A resumed run
-therefore ends exactly where an uninterrupted run ends.
+state, generator state, history) is checkpointed at the end of every epoch, and inside an epoch
+(with the position in the epoch) every ``checkpoint_seconds`` and when the job is asked to stop.
+A resumed run therefore ends exactly where an uninterrupted run ends.
 """
+import json
 import time
 
 import numpy as np
+
+from ..errors import JobStopped
 
 __all__ = ["Adam", "TrainingState", "split_rows", "train"]
 
@@ -65,7 +69,15 @@ class TrainingState:
     since_best, since_lr : int
         Epochs since the best validation loss / since the last learning-rate change.
     rng_state : dict
-        State of the generator for minibatch order and draws.
+        State of the generator for minibatch order and draws at the start of the epoch.
+    batch : int
+        Minibatches of the current epoch done (0 at an epoch's end).
+    batch_rng_state : dict or None
+        State of that generator after ``batch`` minibatches of the current epoch.
+    epoch_sums : ndarray, shape (3,)
+        Sums of the loss, reconstruction and KL terms over those minibatches.
+    epoch_seconds : float
+        Time spent on them.
     history : list of dict
         One row per epoch: epoch, step, elbo, reconstruction, kl, validation_elbo, lr, seconds.
     done : bool
@@ -81,24 +93,23 @@ class TrainingState:
         self.best_val = np.inf
         self.since_best = self.since_lr = 0
         self.rng_state = np.random.default_rng([seed, 1]).bit_generator.state
+        self.batch, self.batch_rng_state = 0, None
+        self.epoch_sums, self.epoch_seconds = np.zeros(3), 0.0
         self.history = []
         self.done = False
 
     def to_arrays(self):
         """Flat dict of arrays and scalars for ``np.savez`` (no pickling needed)."""
-        import json
-
         return dict(params=self.params, best_params=self.best_params, adam_m=self.adam.m,
                     adam_v=self.adam.v, adam_t=self.adam.t, epoch=self.epoch, step=self.step, lr=self.lr,
                     best_val=self.best_val, since_best=self.since_best, since_lr=self.since_lr,
-                    rng_state=json.dumps(self.rng_state), history=json.dumps(self.history),
-                    done=self.done)
+                    rng_state=json.dumps(self.rng_state), batch=self.batch,
+                    batch_rng_state=json.dumps(self.batch_rng_state), epoch_sums=self.epoch_sums,
+                    epoch_seconds=self.epoch_seconds, history=json.dumps(self.history), done=self.done)
 
     @classmethod
     def from_arrays(cls, a):
-        """Inverse of :meth:`to_arrays`."""
-        import json
-
+        """Inverse of :meth:`to_arrays` (checkpoints from before mid-epoch checkpoints included)."""
         st = cls.__new__(cls)
         st.params = np.array(a["params"])
         st.best_params = np.array(a["best_params"])
@@ -108,6 +119,10 @@ class TrainingState:
         st.best_val = float(a["best_val"])
         st.since_best, st.since_lr = int(a["since_best"]), int(a["since_lr"])
         st.rng_state = json.loads(str(a["rng_state"]))
+        st.batch = int(a.get("batch", 0))
+        st.batch_rng_state = json.loads(str(a.get("batch_rng_state", "null")))
+        st.epoch_sums = np.array(a.get("epoch_sums", np.zeros(3)), dtype=np.float64)
+        st.epoch_seconds = float(a.get("epoch_seconds", 0.0))
         st.history = json.loads(str(a["history"]))
         st.done = bool(a["done"])
         return st
@@ -128,7 +143,8 @@ def split_rows(n_rows, validation_fraction, seed):
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None, progress=None):
+def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None, progress=None,
+          stop=None):
     """Run (or continue) the optimisation until it stops.
 
     Parameters
@@ -145,14 +161,24 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
     seed : int
         Seed of the fixed validation draws.
     checkpoint : callable, optional
-        ``checkpoint(state)`` called after every epoch (writes it atomically).
+        ``checkpoint(state)`` called after every epoch, and inside an epoch once
+        ``cfg["checkpoint_seconds"]`` have passed since the last one (writes it atomically).
     progress : callable, optional
         ``progress(state, eta_seconds)`` called after every epoch.
+    stop : callable, optional
+        ``stop()`` after every step: a signal number when the job must stop (collective under
+        MPI, so that all ranks stop at the same step), else None.
 
     Returns
     -------
     TrainingState
         The final state; ``state.best_params`` are the parameters to use.
+
+    Raises
+    ------
+    JobStopped
+        ``stop()`` returned a signal: after the step (or the epoch, at its last step) and a
+        checkpoint of the state.
     """
     bs = int(cfg["batch_size"])
     warmup = int(cfg.get("kl_warmup_epochs", 0))
@@ -160,20 +186,23 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
     lr0 = float(cfg["learning_rate"])
     val_xi = np.random.default_rng([seed, 2]).standard_normal((valid_rows.size, objective.latent_dim))
     t_start, epoch0 = time.perf_counter(), state.epoch
+    t_saved, signum = t_start, None
     while not state.done:
         rng = np.random.default_rng()
         rng.bit_generator.state = state.rng_state
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - state.epoch_seconds
         order = rng.permutation(train_rows)
+        if state.batch:  # resuming inside the epoch
+            rng.bit_generator.state = state.batch_rng_state
         n_batches = max(1, order.size // bs)
-        sums = np.zeros(3)
         if cosine:
             lo = float(cfg["min_learning_rate"])
-            state.lr = lo + (lr0 - lo) * 0.5 * (1.0 + np.cos(np.pi * state.epoch / cfg["max_epochs"]))
+            frac = min(state.epoch / cfg["schedule_epochs"], 1.0)
+            state.lr = lo + (lr0 - lo) * 0.5 * (1.0 + np.cos(np.pi * frac))
         kw = {}
         if warmup > 0 and state.epoch < warmup:
             kw["beta"] = objective.beta * (state.epoch + 1) / (warmup + 1)
-        for b in range(n_batches):
+        for b in range(state.batch, n_batches):
             rows = np.sort(order[b * bs:(b + 1) * bs] if b < n_batches - 1 else order[b * bs:])
             xi = rng.standard_normal((rows.size, objective.latent_dim))
             value, grad, terms = objective.value_and_gradient(state.params, rows, xi, **kw)
@@ -181,11 +210,22 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
                 raise FloatingPointError(f"non-finite ELBO at epoch {state.epoch + 1}, step {state.step + 1}")
             state.params = state.adam.step(state.params, grad, state.lr)
             state.step += 1
-            sums += (value, terms["nll"], terms["kl"])
+            state.epoch_sums += (value, terms["nll"], terms["kl"])
+            signum = stop() if stop is not None else None
+            if b + 1 < n_batches and (signum or checkpoint is not None
+                                      and time.perf_counter() - t_saved >= cfg["checkpoint_seconds"]):
+                state.batch, state.batch_rng_state = b + 1, rng.bit_generator.state
+                state.epoch_seconds = time.perf_counter() - t0
+                if checkpoint is not None:
+                    checkpoint(state)
+                    t_saved = time.perf_counter()
+                if signum:
+                    raise JobStopped(signum)
         val, _ = objective.value(state.params, valid_rows, val_xi)
         state.epoch += 1
         state.rng_state = rng.bit_generator.state
-        mean = sums / n_batches
+        mean = state.epoch_sums / n_batches
+        state.batch, state.batch_rng_state, state.epoch_sums, state.epoch_seconds = 0, None, np.zeros(3), 0.0
         state.history.append(dict(epoch=state.epoch, step=state.step, elbo=-mean[0],
                                   reconstruction=-mean[1], kl=mean[2], validation_elbo=-val,
                                   lr=state.lr, seconds=time.perf_counter() - t0))
@@ -198,11 +238,14 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         if not cosine and state.since_lr >= cfg["lr_patience"] and state.lr > cfg["min_learning_rate"]:
             state.lr = max(state.lr * cfg["lr_factor"], cfg["min_learning_rate"])
             state.since_lr = 0
-        if state.epoch >= cfg["max_epochs"] or state.since_best >= cfg["patience"]:
+        if state.epoch >= cfg["max_epochs"] or not cosine and state.since_best >= cfg["patience"]:
             state.done = True
         if checkpoint is not None:
             checkpoint(state)
+            t_saved = time.perf_counter()
         if progress is not None:
             rate = (time.perf_counter() - t_start) / (state.epoch - epoch0)
             progress(state, rate * (cfg["max_epochs"] - state.epoch))
+        if signum:
+            raise JobStopped(signum)
     return state
