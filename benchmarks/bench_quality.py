@@ -85,8 +85,8 @@ def prepare_real(work, nside=64):
         m["file"] = os.path.join(src, m["file"])
     inputs = [m for m in maps if not any(x in m["name"] for x in REAL_INPUTS_EXCLUDE)]
     templ = [m for m in maps if m["name"] in REAL_TEMPLATES]
-    return (_write_catalog(os.path.join(work, "real_inputs.yaml"), inputs),
-            _write_catalog(os.path.join(work, "real_templates.yaml"), templ))
+    return (_write_catalog(os.path.join(work, f"real{nside}_inputs.yaml"), inputs),
+            _write_catalog(os.path.join(work, f"real{nside}_templates.yaml"), templ))
 
 
 def prepare_simulated(work, name, preset):
@@ -129,6 +129,8 @@ def with_entries(catalog, settings, work):
 def prepare(name, work):
     if name == "real":
         return prepare_real(work)
+    if name == "real32":  # the same protocol at nside 32 (4x cheaper)
+        return prepare_real(work, 32)
     if name == "demo":
         return prepare_simulated(work, "demo_sky", "demo.yaml")
     if name == "realmorph":
@@ -320,6 +322,76 @@ def scores(F_ring, data, valid_ring, seed=0):
     return active, out
 
 
+# ------------------------------------------------------------------------------------ summary
+def summarise(rows_path):
+    """Markdown tables of rows.csv: per data set, medians [min, max] over seeds for each method."""
+    import collections
+
+    with open(rows_path) as f:
+        rows = list(csv.DictReader(f))
+    out = []
+
+    def num(x):
+        try:
+            return float(x)
+        except ValueError:
+            return np.nan
+
+    def med(v, fmt):
+        v = np.array([x for x in v if np.isfinite(x)])
+        if v.size == 0:
+            return ""
+        return f"{np.median(v):{fmt}} [{v.min():{fmt}}, {v.max():{fmt}}]" if v.size > 1 else f"{v[0]:{fmt}}"
+
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        rs = [r for r in rows if r["dataset"] == ds]
+        methods = list(dict.fromkeys((r["method"], r["tag"]) for r in rs))
+        label = {m: m[0] + (f"[{m[1]}]" if m[1] else "") for m in methods}
+        templates = list(dict.fromkeys(r["template"] for r in rs))
+        per = collections.defaultdict(lambda: collections.defaultdict(list))
+        run = collections.defaultdict(dict)
+        for r in rs:
+            k = (r["method"], r["tag"])
+            per[k][r["template"]].append((num(r["r2"]), num(r["mi_ksg"])))
+            run[k][r["seed"]] = r
+        out.append(f"\n### {ds}\n")
+        out.append("| method | seeds | active features | validation -ELBO/pixel | mean R^2 | mean R^2 / ceiling "
+                   "| templates with R^2 >= torch and >= PCA | mean best-feature MI | train s | s to peer ELBO |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        ceil = {t: np.mean([x[0] for x in per[("ceiling", "")][t]]) for t in templates}
+        seeds_of = {m: sorted(run[m]) for m in methods}
+        for m in methods:
+            if m[0] == "ceiling":
+                continue
+            by_seed = {sd: [(num(r["r2"]), num(r["mi_ksg"])) for r in rs if (r["method"], r["tag"]) == m
+                            and r["seed"] == sd] for sd in seeds_of[m]}
+            mean_r2 = [np.mean([x[0] for x in v]) for v in by_seed.values()]
+            ratio = [np.mean([x[0] for x in v]) / np.mean(list(ceil.values())) for v in by_seed.values()]
+            mean_mi = [np.mean([x[1] for x in v]) for v in by_seed.values()]
+            beats = ""
+            torch_key, pca_key = ("torch", ""), ("pca", "")
+            if torch_key in per and pca_key in per and m[0] not in ("torch", "pca"):
+                n = sum(np.median([x[0] for x in per[m][t]]) >= max(np.median([x[0] for x in per[torch_key][t]]),
+                                                                    np.median([x[0] for x in per[pca_key][t]]))
+                        for t in templates)
+                beats = f"{n}/{len(templates)}"
+            rr = list(run[m].values())
+            out.append(f"| {label[m]} | {len(rr)} | {med([num(r['active']) for r in rr], '.0f')} "
+                       f"| {med([num(r['val_neg_elbo']) for r in rr], '.2f')} | {med(mean_r2, '.4f')} "
+                       f"| {med(ratio, '.3f')} | {beats} | {med(mean_mi, '.3f')} "
+                       f"| {med([num(r['seconds']) for r in rr], '.0f')} "
+                       f"| {med([num(r.get('seconds_to_peer_elbo', '')) for r in rr], '.0f')} |")
+        out.append("")
+        out.append("| template | ceiling | " + " | ".join(label[m] for m in methods if m[0] != "ceiling") + " |")
+        out.append("|---|---|" + "---|" * (len(methods) - 1))
+        for t in templates:
+            cells = [med([x[0] for x in per[m][t]], ".3f") + " / " + med([x[1] for x in per[m][t]], ".2f")
+                     for m in methods if m[0] != "ceiling"]
+            out.append(f"| {t} | {ceil[t]:.3f} | " + " | ".join(cells) + " |")
+        out.append("\n(cells: held-out R^2 / best single-feature KSG MI in nats; median [min, max] over seeds)")
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------ driver
 def parse_set(items):
     cfg = {}
@@ -343,23 +415,49 @@ def main(argv=None):
                     help="catalog entry setting key=value for every input map (e.g. asinh_scale=std)")
     ap.add_argument("--tag", default="default", help="label of the galdecomp variant in the tables")
     ap.add_argument("--torch-epochs", type=int, default=200)
+    ap.add_argument("--torch-threads", type=int, default=2, help="PyTorch threads (the package runs 1 BLAS thread)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "galdecomp-bench-quality"))
     ap.add_argument("--out", default=os.path.join(HERE, "out", "quality"))
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--summarise", action="store_true", help="only write summary.md from --out/rows.csv")
+    ap.add_argument("--counts-as-before", action="store_true",
+                    help="ablation: photon counts log/asinh as before 2026-12-04, not anscombe")
     a = ap.parse_args(argv)
+    if a.counts_as_before:
+        from galdecomp.preprocessing import ChannelTransform
+
+        fit = ChannelTransform.fit.__func__
+
+        def old_fit(cls, x, kind="auto", name="channel", counts=False, asinh_scale="mad"):
+            if kind == "auto" and counts:
+                v = np.asarray(x, float)
+                kind = "log" if np.nanmin(v) > 0 else "asinh"
+            return fit(cls, x, kind, name, counts, asinh_scale)
+
+        ChannelTransform.fit = classmethod(old_fit)
     os.makedirs(a.work, exist_ok=True)
     os.makedirs(a.out, exist_ok=True)
+    rows_path = os.path.join(a.out, "rows.csv")
+    if a.summarise:
+        text = summarise(rows_path)
+        with open(os.path.join(a.out, "summary.md"), "w") as f:
+            f.write(text + "\n")
+        print(text)
+        return
     seeds = [int(s) for s in a.seeds.split(",")]
+    if "torch" in a.methods:
+        import torch
+
+        torch.set_num_threads(a.torch_threads)
     methods = a.methods.split(",")
     settings = parse_set(a.set)
     log = None if a.quiet else (lambda m: print("   ", m, file=sys.stderr, flush=True))
-    rows_path = os.path.join(a.out, "rows.csv")
     new_file = not os.path.exists(rows_path)
     fcsv = open(rows_path, "a", newline="")
     w = csv.writer(fcsv)
     if new_file:
         w.writerow(["dataset", "method", "tag", "seed", "template", "r2", "mi_ksg", "active", "val_neg_elbo",
-                    "seconds", "epochs", "settings"])
+                    "seconds", "epochs", "settings", "seconds_to_peer_elbo"])
     for ds in a.datasets.split(","):
         inputs, templates = prepare(ds, a.work)
         inputs = with_entries(inputs, parse_set(a.catalog_set), a.work)
@@ -380,15 +478,20 @@ def main(argv=None):
         print(f"{ds}: {len(data.data)} pixels x {data.data.shape[1]} channels, "
               f"{int(data.complete.sum())} complete; ceiling R2 "
               + ", ".join(f"{t} {v['r2']:.3f}" for t, v in sc.items()), flush=True)
+        peer_val = {}
         for seed in seeds:
             for m in methods:
                 t0 = time.perf_counter()
-                val, epochs, tag = "", "", ""
+                val, epochs, tag, to_peer = "", "", "", ""
                 if m == "galdecomp":
                     res = galdecomp_fit(data, seed, copy.deepcopy(settings), log=log)
                     F = res["features"]
                     val = galdecomp_validation(res, data, val_rows)
                     epochs, tag = res["epochs"], a.tag
+                    if seed in peer_val:  # training time until the validation ELBO beat the peer's final one
+                        t_cum = np.cumsum([h["seconds"] for h in res["history"]])
+                        hit = [t for t, h in zip(t_cum, res["history"]) if -h["validation_elbo"] <= peer_val[seed]]
+                        to_peer = round(hit[0], 1) if hit else "never"
                 elif m in ("torch", "torch-same"):
                     if m == "torch":
                         phys = data.physical[data.complete]
@@ -401,6 +504,7 @@ def main(argv=None):
                     F[data.complete] = res["features"]
                     val = "" if res["validation"] is None else res["validation"]
                     if m == "torch-same":
+                        peer_val[seed] = val
                         at_peer = galdecomp_at_peer(data, res["weights"], val_rows)
                         print(f"{ds} seed {seed}: galdecomp objective at the peer's weights "
                               f"{at_peer:.3f} (peer's own evaluation {val:.3f})", flush=True)
@@ -416,7 +520,7 @@ def main(argv=None):
                 active, sc = scores(data.ring(F), data, valid_ring)
                 for t, v in sc.items():
                     w.writerow([ds, m, tag, seed, t, v["r2"], v["mi"], active, val, round(res["seconds"], 1),
-                                epochs, json.dumps(settings) if m == "galdecomp" else ""])
+                                epochs, json.dumps(settings) if m == "galdecomp" else "", to_peer])
                 if m == "galdecomp":  # the same features after an ICA rotation of the posterior means
                     from sklearn.decomposition import FastICA
 
@@ -434,8 +538,12 @@ def main(argv=None):
                 print(f"{ds} {m}{'[' + tag + ']' if tag else ''} seed {seed}: active {active}, "
                       f"val -ELBO {val if val == '' else f'{val:.3f}'}, mean R2 {np.mean(r2s):.4f}, "
                       f"min R2 {min(r2s):.3f}, mean MI {np.mean([v['mi'] for v in sc.values()]):.3f}, "
-                      f"{res['seconds']:.0f} s, epochs {epochs}", flush=True)
+                      f"{res['seconds']:.0f} s, epochs {epochs}"
+                      + (f", seconds to the peer's ELBO {to_peer}" if to_peer != "" else ""), flush=True)
     fcsv.close()
+    with open(os.path.join(a.out, "summary.md"), "w") as f:
+        f.write(summarise(rows_path) + "\n")
+    print(f"tables: {os.path.join(a.out, 'summary.md')}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ DEFAULTS = {
     "beta": 1.0,                   # weight of the KL term of the ELBO
     "seed": 0,
     "nside": None,                 # working resolution (None: the catalog's)
-    "decoder": {"hidden": [64, 64], "activation": "tanh"},
+    "decoder": {"hidden": [128, 128], "activation": "tanh"},
     "encoder": {"hidden": [128, 128], "activation": "tanh",
-                "output_scale": 0.1},   # initial excitations of the encoder's output layer x this
+                "output_scale": 1.0},   # initial excitations of the encoder's output layer x this
     "noise": {
         "sigma0": 0.5,             # prior median of the adaptive noise (standardised units)
         "tau": 1.0,                # prior width of log sigma (e-folds)
@@ -34,11 +34,11 @@ DEFAULTS = {
     "training": {
         "batch_size": 1024,
         "max_epochs": 150,
-        "learning_rate": 1e-2,         # Adam step on the excitations (theta = scale * xi)
+        "learning_rate": 2e-2,         # Adam step on the excitations (theta = scale * xi)
         "min_learning_rate": 1e-4,
-        "schedule": "plateau",     # plateau (halve on a validation plateau) | cosine (to min_learning_rate)
+        "schedule": "cosine",      # plateau (halve on a validation plateau) | cosine (to min_learning_rate)
         "schedule_epochs": None,   # cosine: epochs of the decay (None: max_epochs of the first run)
-        "kl_warmup_epochs": 0,     # KL weight rises linearly from 0 to beta over these epochs
+        "kl_warmup_epochs": 10,    # KL weight rises linearly from 0 to beta over these epochs
         "lr_factor": 0.5,           # plateau: learning-rate reduction on a validation plateau
         "lr_patience": 8,          # plateau: epochs without improvement before reducing the learning rate
         "patience": 20,            # plateau: epochs without improvement before stopping early

@@ -44,7 +44,7 @@ class Autoencoder:
     def __init__(self, n_features, latent_dim=10, decoder_hidden=(64, 64), encoder_hidden=(128, 128),
                  decoder_activation="tanh", encoder_activation="tanh", covariance="diagonal",
                  floor=0.0, sigma0=_noise.SIGMA0, tau=_noise.TAU, beta=1.0, dtype="float64",
-                 encoder_output_scale=0.1):
+                 encoder_output_scale=1.0):
         dt = np.dtype(dtype).type
         self.n_features, self.latent_dim = int(n_features), int(latent_dim)
         self.posterior = POSTERIORS[covariance]()
