@@ -261,7 +261,7 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
         p = cfg["posterior"]
         _say(f"{method}: {2 * p['n_samples']} samples, {p['iterations']} iterations, decoder and noise fixed")
         samples = latent_posterior_samples(model, params, data0, mask, mean, method, p["n_samples"],
-                                           p["iterations"], seed=cfg["seed"] * 65536 + comm.rank, log=_say)
+                                           p["iterations"], seed=cfg["seed"], log=_say, offset=rows.start)
     if resume and comm.rank == 0:  # the posterior settings may have changed: keep config.yaml exact
         _write_config(run_dir, catalog.path, cfg)
     products = write_run_products(run_dir, data_set, pre, model, params, data, mean, cov, state.history,
