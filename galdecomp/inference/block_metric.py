@@ -79,13 +79,20 @@ class BlockDiagonalMetric(ift.EndomorphicOperator):
             raise ValueError(f"blocks of shape {blocks.shape} do not fit a field of shape {shape}")
         self._capability = self.TIMES | self.ADJOINT_TIMES | self.INVERSE_TIMES | self.ADJOINT_INVERSE_TIMES
         self._blocks = blocks
-        self._chol = np.linalg.cholesky(blocks)
+        self._chol_ = None
         self._offset = int(offset)
         self._nifty_draw = nifty_draw
 
     @property
     def blocks(self):
         return self._blocks
+
+    @property
+    def _chol(self):
+        """Lower Cholesky factors of the blocks (computed on first use)."""
+        if self._chol_ is None:
+            self._chol_ = np.linalg.cholesky(self._blocks)
+        return self._chol_
 
     def _field(self, v):
         return ift.MultiField.from_dict({self._key: ift.makeField(self._domain[self._key], v)}, self._domain)
@@ -132,6 +139,11 @@ class BlockNewton(ift.DescentMinimizer):
     controller : IterationController
     metric_of : callable
         ``metric_of(energy)`` returns the energy's metric as a :class:`BlockDiagonalMetric`.
+    damping : float
+        ``c``: solve ``(G_i + c |g_i| 1) p_i = -g_i`` per row (Levenberg-Marquardt with a damping
+        that vanishes at the solution), so that a row far from its solution takes a shorter,
+        more gradient-like step instead of shortening every row's step in the line search over
+        their sum. 0: plain Newton.
     line_searcher : LineSearch, optional
         Default ``LineSearch(preferred_initial_step_size=1.)``, as for NIFTy's ``NewtonCG``.
 
@@ -141,13 +153,20 @@ class BlockNewton(ift.DescentMinimizer):
     here the metric's blocks are built directly and inverted by Cholesky.
     """
 
-    def __init__(self, controller, metric_of, line_searcher=None):
+    def __init__(self, controller, metric_of, damping=0.0, line_searcher=None):
         super().__init__(controller, ift.LineSearch(preferred_initial_step_size=1.)
                          if line_searcher is None else line_searcher)
         self._metric_of = metric_of
+        self._damping = float(damping)
 
     def get_descent_direction(self, energy, old_value=None):
-        return -self._metric_of(energy).inverse_times(energy.gradient)
+        met, g = self._metric_of(energy), energy.gradient
+        if self._damping:  # Levenberg-Marquardt, per row: (G_i + c |g_i| 1) p_i = -g_i
+            (k, f), = g.items()
+            gn = np.sqrt(np.einsum("pi,pi->p", f.val, f.val))
+            met = BlockDiagonalMetric(met.domain, met.blocks + (self._damping * gn)[:, None, None]
+                                      * np.eye(f.shape[-1]))
+        return -met.inverse_times(g)
 
 
 class LatentMetrics:

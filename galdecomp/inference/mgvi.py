@@ -22,7 +22,8 @@ GEOVI_LINEAR_CG = 5
 
 
 def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_samples=4,
-                             iterations=4, seed=0, log=None, offset=0, solver="block", draws="rows"):
+                             iterations=4, seed=0, log=None, offset=0, solver="block", draws="rows",
+                             controllers=None):
     """MGVI or geoVI posterior samples of the latents of every row, decoder and noise fixed.
 
     Parameters
@@ -53,6 +54,9 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
         Block solver, MGVI: ``"rows"`` draws by global row index (the same samples on any number
         of ranks); ``"nifty"`` uses NIFTy's own draws, the random numbers of the ``"cg"`` path.
         geoVI's draws and the ``"cg"`` path's are NIFTy's (per rank: seeded by ``(seed, offset)``).
+    controllers : dict, optional
+        Replace the default IterationControllers: ``sampling`` (CG of the samples; block solver:
+        geoVI's linear step only), ``kl`` (KL minimisation), ``geo`` (geoVI's non-linear update).
 
     Returns
     -------
@@ -73,6 +77,9 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
     sampling = ift.AbsDeltaEnergyController(deltaE=0.05, iteration_limit=50, name=None)
     kl_ctrl = ift.AbsDeltaEnergyController(deltaE=0.5, iteration_limit=10, convergence_level=2, name=None)
     geo_ctrl = ift.AbsDeltaEnergyController(deltaE=0.5, iteration_limit=5, convergence_level=2, name=None)
+    ctl = dict(controllers or {})
+    sampling, kl_ctrl, geo_ctrl = (ctl.get(k, v) for k, v in
+                                   (("sampling", sampling), ("kl", kl_ctrl), ("geo", geo_ctrl)))
     from ..parallel import world
 
     if world().rank != 0:  # NIFTy's own progress messages: rank 0 only
@@ -93,8 +100,13 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
             inv_var = mask / model.sigma(params)[None, :] ** 2
             metrics = LatentMetrics(model.decoder, model.split(params)[1], inv_var)
             # geoVI's linear step: NIFTy's CG gives only the start of the exact non-linear update
-            lin = ift.AbsDeltaEnergyController(deltaE=0.05, iteration_limit=GEOVI_LINEAR_CG, name=None)
+            lin = ctl.get("sampling", ift.AbsDeltaEnergyController(deltaE=0.05, iteration_limit=GEOVI_LINEAR_CG,
+                                                                    name=None))
             ham = BlockMetricHamiltonian(lh_z, metrics, offset, draws, lin)
+            # exact Newton steps are cheap: converge per row (1e-7 nats per row and step), so that
+            # the result does not depend on how many rows share the stopping rule (MPI ranks)
+            kl_ctrl = ctl.get("kl", ift.AbsDeltaEnergyController(deltaE=1e-7 * P, iteration_limit=20,
+                                                                  convergence_level=2, name=None))
             samples = _block_kl(ham, pos, method, n_samples, iterations, kl_ctrl, geo_ctrl, say)
     return np.stack([s["latent"].val for s in samples.iterator()])
 
@@ -170,7 +182,7 @@ def _block_kl(ham, pos, method, n_samples, iterations, kl_ctrl, geo_ctrl, say):
         if method == "geovi":
             geo = ham.metrics.geometric(mean[key].val)
             nonlin = BlockNewton(geo_ctrl, lambda e, geo=geo: BlockDiagonalMetric(
-                dom, geo(e.position[key].val)))
+                dom, geo(e.position[key].val)), damping=1.0)  # T may be near-singular in some rows
         e = ift.SampledKLEnergy(mean, ham, n_samples, nonlin, mirror_samples=True)
         e, _ = kl_min(e)
         mean = e.position
