@@ -103,9 +103,9 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
             lin = ctl.get("sampling", ift.AbsDeltaEnergyController(deltaE=0.05, iteration_limit=GEOVI_LINEAR_CG,
                                                                     name=None))
             ham = BlockMetricHamiltonian(lh_z, metrics, offset, draws, lin)
-            # exact Newton steps are cheap: converge per row (1e-7 nats per row and step), so that
-            # the result does not depend on how many rows share the stopping rule (MPI ranks)
-            kl_ctrl = ctl.get("kl", ift.AbsDeltaEnergyController(deltaE=1e-7 * P, iteration_limit=20,
+            # exact Newton steps are cheap: converge per row (1e-8 nats per row and step), so that
+            # the result hardly depends on how many rows share the stopping rule (MPI ranks)
+            kl_ctrl = ctl.get("kl", ift.AbsDeltaEnergyController(deltaE=1e-8 * P, iteration_limit=50,
                                                                   convergence_level=2, name=None))
             samples = _block_kl(ham, pos, method, n_samples, iterations, kl_ctrl, geo_ctrl, say)
     return np.stack([s["latent"].val for s in samples.iterator()])
