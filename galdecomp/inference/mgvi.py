@@ -1,12 +1,28 @@
 """Fisher-metric posteriors of the per-pixel latents with NIFTy's MGVI or geoVI.
 
 After amortised training the decoder and the noise are held at their trained values and NIFTy's
-``optimize_kl`` approximates p(z | d) for all pixels jointly: MGVI with a Gaussian whose
+``SampledKLEnergy`` approximates p(z | d) for all pixels jointly: MGVI with a Gaussian whose
 covariance is the inverse Fisher metric ``(J^T N^-1 J + 1)^-1`` at the latent mean, geoVI with
 the metric-adapted non-linear coordinate transformation. With the decoder fixed the pixels are
-independent, so on MPI every rank runs ``optimize_kl`` on its own pixels, with no communication.
-The encoder's means are the starting point; the result tells how far the amortised q(z | d) is
-from the per-pixel optimum (the amortisation gap).
+independent, so on MPI every rank runs it on its own pixels, with no communication. The
+encoder's means are the starting point; the result tells how far the amortised q(z | d) is from
+the per-pixel optimum (the amortisation gap).
+
+Every metric involved is block-diagonal, one L x L block per pixel. The default solver
+(``solver="block"``) gives NIFTy these blocks with exact inverses (:mod:`.block_metric`):
+
+- samples: :class:`BlockMetricHamiltonian`, a ``StandardHamiltonian`` whose metric is the whole
+  posterior metric as a :class:`~.block_metric.BlockDiagonalMetric`; NIFTy's ``draw_samples``
+  calls its ``special_draw_sample`` (exact, Cholesky per pixel) instead of conjugate gradients.
+- KL minimisation and geoVI's non-linear sample update:
+  :class:`~.block_metric.BlockNewton`, a NIFTy ``DescentMinimizer`` (NIFTy's line search and
+  iteration controllers) whose direction is the exact Newton direction of the block metric.
+- NIFTy's ``optimize_kl`` builds its own ``StandardHamiltonian`` (no hook for the metric), so its
+  loop (``SampledKLEnergy``, then the minimiser, per iteration) is repeated in
+  :func:`_block_kl`; geoVI's linear sampling step is always NIFTy's CG (hard-coded in
+  ``draw_samples``), here only a few iterations, as it only starts the exact non-linear update.
+
+``solver="cg"`` is NIFTy's ``optimize_kl`` with conjugate gradients (the reference).
 """
 import numpy as np
 import nifty8 as ift
