@@ -367,7 +367,7 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
         p = cfg["posterior"]
         _say(f"{method}: {2 * p['n_samples']} samples, {p['iterations']} iterations, decoder and noise fixed")
         samples = latent_posterior_samples(model, params, data0, mask, mean, method, p["n_samples"],
-                                           p["iterations"], seed=cfg["seed"] * 65536 + comm.rank, log=_say)
+                                           p["iterations"], seed=cfg["seed"], log=_say, offset=rows.start)
     products = write_run_products(run_dir, data_set, pre, model, params, data, mean, cov, state.history,
                                   cfg, catalog.path, samples=samples, comm=comm, progress=_say)
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
