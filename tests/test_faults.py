@@ -237,11 +237,11 @@ def test_sigterm_inside_an_epoch_checkpoints_and_resumes_bitwise(sky, small, tmp
     assert main(["fit", sky, "--out", str(whole)] + args) == 0
     orig, calls = ELBOObjective.value_and_gradient, []
 
-    def term_at_step_30(self, *a):
+    def term_at_step_30(self, *a, **kw):
         calls.append(1)
         if len(calls) == 30:
             os.kill(os.getpid(), signal.SIGTERM)  # what SLURM sends
-        return orig(self, *a)
+        return orig(self, *a, **kw)
 
     monkeypatch.setattr(ELBOObjective, "value_and_gradient", term_at_step_30)
     capsys.readouterr()
