@@ -309,9 +309,9 @@ def test_a_map_changed_under_a_run_is_refused(small_catalog, small, tmp_path, ca
 def test_a_diverging_fit_stops_with_one_line(sky, small, tmp_path, monkeypatch, capsys):
     orig, calls = ELBOObjective.value_and_gradient, []
 
-    def nan_at_step_4(self, *a):
+    def nan_at_step_4(self, *a, **kw):
         calls.append(1)
-        value, grad, terms = orig(self, *a)
+        value, grad, terms = orig(self, *a, **kw)
         return (np.nan if len(calls) == 4 else value), grad, terms
 
     monkeypatch.setattr(ELBOObjective, "value_and_gradient", nan_at_step_4)

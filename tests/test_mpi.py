@@ -127,10 +127,10 @@ def test_a_failing_rank_aborts_the_job(sky, tmp_path):
         "from galdecomp.parallel import world\n"
         "from galdecomp.cli import main\n"
         "orig = a.ELBOObjective.value_and_gradient\n"
-        "def broken(self, *args):\n"
+        "def broken(self, *args, **kw):\n"
         "    if world().rank == 1:\n"
         "        raise RuntimeError('disk on fire')\n"
-        "    return orig(self, *args)\n"
+        "    return orig(self, *args, **kw)\n"
         "a.ELBOObjective.value_and_gradient = broken\n"
         f"sys.exit(main(['fit', {sky!r}, '--out', {str(tmp_path / 'r')!r}, '--nside', '8', '--max-epochs', '2']))\n")
     t0 = time.time()
@@ -166,11 +166,11 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step(sky, tmp_path):
         "from galdecomp.parallel import world\n"
         "from galdecomp.cli import main\n"
         "orig, calls = a.ELBOObjective.value_and_gradient, []\n"
-        "def term(self, *args):\n"
+        "def term(self, *args, **kw):\n"
         "    calls.append(1)\n"
         "    if world().rank == 1 and len(calls) == 14:\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return orig(self, *args)\n"
+        "    return orig(self, *args, **kw)\n"
         "a.ELBOObjective.value_and_gradient = term\n"
         f"sys.exit(main(['fit', {sky!r}, '--out', {str(run)!r}] + {args!r}))\n")
     p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
