@@ -202,15 +202,9 @@ def torch_fit(X, seed, latent_dim, epochs=200, lr=2e-3, batch=1024, valid=None, 
     n, C = X.shape
     L = latent_dim
 
-    def mlp(sizes):
-        mods = []
-        for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            mods.append(nn.Linear(a, b))
-            if k < len(sizes) - 2:
-                mods.append(nn.Tanh())
-        return nn.Sequential(*mods)
+    from benchutil import torch_mlp
 
-    enc, dec = mlp([C, 128, 128, 2 * L]), mlp([L, 128, 128, C])
+    enc, dec = torch_mlp(torch, [C, 128, 128, 2 * L]), torch_mlp(torch, [L, 128, 128, C])
     log_sigma = nn.Parameter(torch.zeros(C))
     params = [*enc.parameters(), *dec.parameters(), log_sigma]
     opt = torch.optim.Adam(params, lr=lr)

@@ -71,6 +71,17 @@ def optional_torch(disabled=False, hint=""):
     return torch
 
 
+def torch_mlp(torch, sizes):
+    """``torch.nn.Sequential`` of Linear layers of widths ``sizes`` with tanh between them."""
+    nn = torch.nn
+    mods = []
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        mods.append(nn.Linear(a, b))
+        if k < len(sizes) - 2:
+            mods.append(nn.Tanh())
+    return nn.Sequential(*mods)
+
+
 def torch_vae(torch, n_features, latent_dim, encoder_hidden, decoder_hidden, floor2, sigma0, beta=1.0):
     """The reference PyTorch f32 VAE of the benchmarks (tanh MLPs, learned per-channel noise).
 
@@ -92,12 +103,7 @@ def torch_vae(torch, n_features, latent_dim, encoder_hidden, decoder_hidden, flo
     L = latent_dim
 
     def mlp(sizes):
-        mods = []
-        for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            mods.append(nn.Linear(a, b))
-            if k < len(sizes) - 2:
-                mods.append(nn.Tanh())
-        return nn.Sequential(*mods)
+        return torch_mlp(torch, sizes)
 
     enc = mlp([2 * n_features, *encoder_hidden, 2 * L])
     dec = mlp([L, *decoder_hidden, n_features])
