@@ -328,8 +328,14 @@ def summarise(rows_path):
     def num(x):
         try:
             return float(x)
-        except ValueError:
+        except (TypeError, ValueError):
             return np.nan
+
+    def to_peer(rr):
+        v = [r.get("seconds_to_peer_elbo") or "" for r in rr]
+        if v and all(x == "never" for x in v):
+            return "never"
+        return med([num(x) for x in v], ".0f") + (f" ({v.count('never')} never)" if "never" in v else "")
 
     def med(v, fmt):
         v = np.array([x for x in v if np.isfinite(x)])
@@ -374,7 +380,7 @@ def summarise(rows_path):
                        f"| {med([num(r['val_neg_elbo']) for r in rr], '.2f')} | {med(mean_r2, '.4f')} "
                        f"| {med(ratio, '.3f')} | {beats} | {med(mean_mi, '.3f')} "
                        f"| {med([num(r['seconds']) for r in rr], '.0f')} "
-                       f"| {med([num(r.get('seconds_to_peer_elbo', '')) for r in rr], '.0f')} |")
+                       f"| {to_peer(rr)} |")
         out.append("")
         out.append("| template | ceiling | " + " | ".join(label[m] for m in methods if m[0] != "ceiling") + " |")
         out.append("|---|---|" + "---|" * (len(methods) - 1))
