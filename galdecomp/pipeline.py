@@ -68,6 +68,20 @@ def _stored_config(run_dir):
     if not isinstance(stored, dict):
         raise _unusable(path, "run configuration", "not a mapping of settings")
     stored.pop("catalog", None)
+    return _with_former_defaults(stored)
+
+
+#: Settings added on 2026-12-04, with the values that reproduce the runs written before them.
+_FORMER_DEFAULTS = {"encoder": {"output_scale": 0.1},
+                    "training": {"schedule": "plateau", "kl_warmup_epochs": 0}}
+
+
+def _with_former_defaults(stored):
+    """A stored run configuration with the settings it predates filled in as they were then."""
+    for part, values in _FORMER_DEFAULTS.items():
+        if isinstance(stored.get(part), dict):
+            for k, v in values.items():
+                stored[part].setdefault(k, v)
     return stored
 
 

@@ -86,3 +86,20 @@ def test_adam_equals_the_textbook_update_bitwise():
 def test_config_validation(bad, needle):
     with pytest.raises(InputError, match=needle):
         resolve_config(bad)
+
+
+def test_runs_of_the_previous_release_resume_with_their_settings(tmp_path):
+    """A config.yaml written before the 2026-12-04 settings resumes with the values of then."""
+    import yaml
+
+    from galdecomp.inference.config import DEFAULTS, resolve_config
+    from galdecomp.pipeline import _stored_config
+
+    old = resolve_config()
+    del old["encoder"]["output_scale"], old["training"]["schedule"], old["training"]["kl_warmup_epochs"]
+    del old["training"]["schedule_epochs"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"catalog": "x.yaml", **old}))
+    cfg = resolve_config(_stored_config(str(tmp_path)))
+    assert cfg["training"]["schedule"] == "plateau" and cfg["training"]["kl_warmup_epochs"] == 0
+    assert cfg["encoder"]["output_scale"] == 0.1
+    assert DEFAULTS["training"]["schedule"] == "cosine"

@@ -41,7 +41,7 @@ class Autoencoder:
         ``"float64"`` or ``"float32"`` for the MLP kernels.
     """
 
-    def __init__(self, n_features, latent_dim=10, decoder_hidden=(64, 64), encoder_hidden=(128, 128),
+    def __init__(self, n_features, latent_dim=10, decoder_hidden=(128, 128), encoder_hidden=(128, 128),
                  decoder_activation="tanh", encoder_activation="tanh", covariance="diagonal",
                  floor=0.0, sigma0=_noise.SIGMA0, tau=_noise.TAU, beta=1.0, dtype="float64",
                  encoder_output_scale=1.0):
