@@ -251,6 +251,8 @@ def read_map(entry, nside):
     -------
     values : ndarray, shape (12 * nside**2,)
     kind : str
+    native_nside : int
+        The map's resolution before regrading.
 
     Raises
     ------
@@ -263,7 +265,7 @@ def read_map(entry, nside):
     full = _regrade(v, n, nside, kind)
     if not np.isfinite(full).any():
         raise InputError(f"map '{entry.name}' ({entry.path}): no valid pixel at nside {nside}")
-    return full, kind
+    return full, kind, n
 
 
 def _native_nside(entry):
@@ -338,14 +340,9 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None):
     values = np.empty((len(cat.maps), len(range(npix)[pixels])))
     native, kinds = [], []
     for i, e in enumerate(cat.maps):
-        v, n, kind = read_healpix(e)
+        full, kind, n = read_map(e, nside)
         native.append(n)
         kinds.append(kind)
-        if not np.isfinite(v).any():
-            raise InputError(f"map '{e.name}' ({e.path}): no valid pixel")
-        full = _regrade(v, n, nside, kind)
-        if not np.isfinite(full).any():
-            raise InputError(f"map '{e.name}' ({e.path}): no valid pixel at nside {nside}")
         if e.transform == "log" and np.nanmin(full) <= 0:
             raise InputError(f"map '{e.name}' ({e.path}): transform 'log' needs positive values, "
                              f"the map has values <= 0 (use asinh or auto)")

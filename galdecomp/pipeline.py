@@ -18,7 +18,7 @@ from .catalog import is_power_of_two, load_catalog, read_catalog, working_nside
 from .errors import InputError, JobStopped, WriteError
 from .fileio import LOCK_FILE, atomic_path, folder_lock, write_text
 from .inference.config import model_signature, resolve_config
-from .inference.training import TrainingState, split_rows, train
+from .inference.training import TrainingState, finished, split_rows, train
 from .model.autoencoder import Autoencoder, ELBOObjective
 from .preprocessing import ChannelTransform, Preprocessor
 
@@ -331,8 +331,7 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
             raise InputError(f"{run_dir}: --resume with other data than the run was started on "
                              f"({str(arrays['fingerprint']).split('|')[0]})")
         was_done = state.done  # max_epochs and patience may have changed: train longer, or stop
-        state.done = state.epoch >= tcfg["max_epochs"] or (
-            tcfg["schedule"] == "plateau" and state.since_best >= tcfg["patience"])
+        state.done = finished(state, tcfg)
         at = f"epoch {state.epoch}" + (f", step {state.step}" if state.batch else "")
         more = " (finished; training longer)" if was_done and not state.done else ""
         _say(f"resuming {run_dir} after {at}{more}")

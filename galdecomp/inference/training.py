@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import JobStopped
 
-__all__ = ["Adam", "TrainingState", "split_rows", "train"]
+__all__ = ["Adam", "TrainingState", "split_rows", "finished", "train"]
 
 
 class Adam:
@@ -143,6 +143,13 @@ def split_rows(n_rows, validation_fraction, seed):
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def finished(state, cfg):
+    """Whether training stops at ``state``: ``max_epochs`` reached or, under the plateau
+    schedule, ``patience`` epochs without validation improvement (``cfg``: the training settings)."""
+    plateau = cfg.get("schedule", "plateau") == "plateau"
+    return state.epoch >= cfg["max_epochs"] or plateau and state.since_best >= cfg["patience"]
+
+
 def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None, progress=None,
           stop=None):
     """Run (or continue) the optimisation until it stops.
@@ -238,7 +245,7 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         if not cosine and state.since_lr >= cfg["lr_patience"] and state.lr > cfg["min_learning_rate"]:
             state.lr = max(state.lr * cfg["lr_factor"], cfg["min_learning_rate"])
             state.since_lr = 0
-        if state.epoch >= cfg["max_epochs"] or not cosine and state.since_best >= cfg["patience"]:
+        if finished(state, cfg):
             state.done = True
         if checkpoint is not None:
             checkpoint(state)
