@@ -17,7 +17,7 @@ import yaml
 from .catalog import is_power_of_two, load_catalog, read_catalog, working_nside
 from .errors import InputError, JobStopped, WriteError
 from .fileio import LOCK_FILE, atomic_path, folder_lock, write_text
-from .inference.config import model_signature, resolve_config
+from .inference.config import model_signature, resolve_config, with_former_defaults
 from .inference.training import TrainingState, finished, split_rows, train
 from .model.autoencoder import Autoencoder, ELBOObjective
 from .preprocessing import ChannelTransform, Preprocessor
@@ -68,21 +68,7 @@ def _stored_config(run_dir):
     if not isinstance(stored, dict):
         raise _unusable(path, "run configuration", "not a mapping of settings")
     stored.pop("catalog", None)
-    return _with_former_defaults(stored)
-
-
-#: Settings added on 2026-12-04, with the values that reproduce the runs written before them.
-_FORMER_DEFAULTS = {"encoder": {"output_scale": 0.1},
-                    "training": {"schedule": "plateau", "kl_warmup_epochs": 0}}
-
-
-def _with_former_defaults(stored):
-    """A stored run configuration with the settings it predates filled in as they were then."""
-    for part, values in _FORMER_DEFAULTS.items():
-        if isinstance(stored.get(part), dict):
-            for k, v in values.items():
-                stored[part].setdefault(k, v)
-    return stored
+    return with_former_defaults(stored)
 
 
 def _read_checkpoint(path):
@@ -383,6 +369,11 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
                                            p["iterations"], seed=cfg["seed"], log=_say, offset=rows.start)
     products = write_run_products(run_dir, data_set, pre, model, params, data, mean, cov, state.history,
                                   cfg, catalog.path, samples=samples, comm=comm, progress=_say)
+    if comm.rank == 0:
+        from .inference.trained import TrainedModel
+
+        TrainedModel(model, params, pre, cfg, data_set.units, dict(kind="sky", path=catalog.path, nside=nside),
+                     products["order"]).save(run_dir)
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
 
 

@@ -9,7 +9,8 @@ import yaml
 
 from ..errors import InputError
 
-__all__ = ["DEFAULTS", "POSTERIOR_METHODS", "resolve_config", "load_config_file", "model_signature"]
+__all__ = ["DEFAULTS", "POSTERIOR_METHODS", "resolve_config", "load_config_file", "model_signature",
+           "with_former_defaults"]
 
 #: Every setting of a fit, with its default.
 DEFAULTS = {
@@ -178,3 +179,17 @@ def model_signature(cfg):
     sig = {k: cfg[k] for k in _MODEL_KEYS if k != "training"}
     sig.update({f"training.{k}": v for k, v in cfg["training"].items() if k not in _DURATION_KEYS})
     return sig
+
+
+#: Settings added on 2026-12-04, with the values that reproduce the runs written before them.
+_FORMER_DEFAULTS = {"encoder": {"output_scale": 0.1},
+                    "training": {"schedule": "plateau", "kl_warmup_epochs": 0}}
+
+
+def with_former_defaults(stored):
+    """A stored run configuration with the settings it predates filled in as they were then."""
+    for part, values in _FORMER_DEFAULTS.items():
+        if isinstance(stored.get(part), dict):
+            for k, v in values.items():
+                stored[part].setdefault(k, v)
+    return stored

@@ -10,8 +10,10 @@ import nifty8 as ift
 
 from . import noise as _noise
 from .elbo import AmortisedELBO
+from .likelihood import GaussianLikelihood
 from .mlp import MLP
 from .posteriors import POSTERIORS
+from .prior import STANDARD_NORMAL
 
 __all__ = ["Autoencoder", "ELBOObjective"]
 
@@ -53,6 +55,8 @@ class Autoencoder:
                            encoder_activation, dtype=dt)
         self.floor = np.broadcast_to(np.asarray(floor, float), (n_features,)).copy()
         self.sigma0, self.tau, self.beta = float(sigma0), float(tau), float(beta)
+        self.likelihood = GaussianLikelihood(self.floor, self.sigma0, self.tau)
+        self.prior = STANDARD_NORMAL
         self.encoder_output_scale = float(encoder_output_scale)
         self.enc_scales = self.encoder.init_scales()
         self.dec_scales = self.decoder.init_scales()
@@ -91,7 +95,7 @@ class Autoencoder:
 
     def sigma(self, params):
         """Noise standard deviation per feature (standardised units)."""
-        return _noise.sigma(params[self.slices["noise"]], self.floor, self.sigma0, self.tau)
+        return self.likelihood.sigma(params[self.slices["noise"]])
 
     # -- NIFTy energy -----------------------------------------------------------------------------
     def elbo(self, data, mask, xi, n_total, with_prior=True):
@@ -151,9 +155,7 @@ class Autoencoder:
 
     def nll_rows(self, params, data, mask, z):
         """Per-row negative log-likelihood ``-log N(d | f(z), N)`` over observed features."""
-        sig = self.sigma(params)
-        r = np.where(mask, (data - self.decode(params, z)) / sig, 0.0)
-        return 0.5 * (r ** 2).sum(1) + (mask * np.log(np.sqrt(2 * np.pi) * sig)).sum(1)
+        return self.likelihood.nll_rows(data, mask, self.decode(params, z), params[self.slices["noise"]])
 
 
 class ELBOObjective:

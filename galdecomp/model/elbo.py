@@ -5,6 +5,7 @@ import numpy as np
 import nifty8 as ift
 
 from . import noise as _noise
+from .likelihood import GaussianLikelihood
 from .operators import _PartialConstant, channel_domain
 from .posteriors import POSTERIORS, LatentPosterior
 
@@ -12,7 +13,6 @@ __all__ = ["AmortisedELBO", "KEYS"]
 
 #: domain keys: encoder excitations, decoder excitations, noise excitations
 KEYS = ("encoder", "decoder", "noise")
-_LOG2PI = np.log(2.0 * np.pi)
 
 
 class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
@@ -195,11 +195,10 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         _, gte, _ = enc.vjp(theta_e, batch["x"], enc_cb, want_theta="encoder" in grad_keys,
                             want_x=False, return_y=False)
         rr, cnt = acc["rr"], batch["count"]
-        log_term = _LOG2PI - np.log(w)
-        out = {"nll": 0.5 * (w @ rr + cnt @ log_term), "kl": acc["kl"],
+        out = {"nll": GaussianLikelihood.value_from_sums(rr, cnt, w), "kl": acc["kl"],
                "prior": pw * 0.5 * (xi_d @ xi_d + s @ s), "B": norm}
         if per_row:
-            out["nll_rows"] = rows_nll + 0.5 * (batch["m"] @ log_term)
+            out["nll_rows"] = rows_nll + GaussianLikelihood.log_norm_rows(batch["m"], w)
             out["kl_rows"] = rows_kl
         if grad:
             g = {}
@@ -208,7 +207,7 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
             if want_d:
                 g["decoder"] = self._dsc * acc["gtd"] / norm + pw * xi_d / self._n_total
             if "noise" in grad_keys:
-                gw = 0.5 * (rr - cnt / w) + acc["gw"]
+                gw = GaussianLikelihood.grad_inv_var_from_sums(rr, cnt, w) + acc["gw"]
                 g["noise"] = gw * dw / norm + pw * s / self._n_total
             out["grad"] = g
         return out

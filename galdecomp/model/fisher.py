@@ -17,6 +17,7 @@ import numpy as np
 
 from .mlp import ACTIVATIONS, unpack_params
 from .posteriors import POSTERIORS, LatentPosterior
+from .prior import STANDARD_NORMAL
 
 __all__ = ["jacobian_forward", "jacobian_backward", "metric", "cholesky", "cholesky_backward",
            "inv_lower", "solve_lower", "logdet", "covariance", "gaussian_kl", "FisherGaussian"]
@@ -311,7 +312,7 @@ class FisherGaussian(LatentPosterior):
             Lc = cholesky(M)
             Li = inv_lower(Lc)
             z[s] = mu[s] + np.einsum("bji,bj->bi", Li, xi[s])  # L^-T xi
-            kl[s] = 0.5 * ((Li * Li).sum(axis=(1, 2)) + (mu[s] ** 2).sum(axis=1) - L + logdet(Lc))
+            kl[s] = STANDARD_NORMAL.kl_precision(mu[s], Li, logdet(Lc))[0]
             Linv[s] = Li
             caches.append(cache if B <= self.cache_rows else None)
         ctx = dict(mu=mu, xi=xi, inv_var=inv_var, decoder=decoder, theta=theta_dec, Linv=Linv, caches=caches)
@@ -331,17 +332,18 @@ class FisherGaussian(LatentPosterior):
         B, L = mu.shape
         g_z = np.asarray(g_z, dtype=float)
         g_kl = np.broadcast_to(np.asarray(g_kl, dtype=float), (B,))
-        g_mu = g_z + g_kl[:, None] * mu  # z = mu + s; kl contains |mu|^2 / 2
+        g_mu = g_z.copy()  # z = mu + s; the KL's d/dmu is added per block
         g_iv, g_theta = np.empty_like(inv_var), np.zeros(np.size(theta))
-        eye, low = np.eye(L), np.tri(L, k=-1) + 0.5 * np.eye(L)  # Phi: lower triangle, halved diagonal
+        low = np.tri(L, k=-1) + 0.5 * np.eye(L)  # Phi: lower triangle, halved diagonal
         for s, cache in zip(self._blocks(B), ctx["caches"]):
             if cache is None:
                 cache = jacobian_forward(theta, dec.sizes, dec.activation, mu[s])[2]
             Li, Jt = Linv[s], cache["Jt"]
             LiT = np.ascontiguousarray(Li.transpose(0, 2, 1))  # contiguous: numpy's fast batched matmul
-            # kl: d tr M^-1 = -tr(M^-2 dM), d log det M = tr(M^-1 dM)  =>  G_kl = g_kl (M^-1 - M^-2) / 2,
-            #     i.e. G_kl = L^-T Q_kl L^-1 with Q_kl = g_kl (1 - L^-1 L^-T) / 2 (M^-1 = L^-T L^-1)
-            Q = (0.5 * g_kl[s, None, None]) * (eye - Li @ LiT)
+            # kl: G_kl = dKL/dM = L^-T Q_kl L^-1 with Q_kl from the prior (M^-1 = L^-T L^-1)
+            _, d_mu, q_kl = STANDARD_NORMAL.kl_precision(mu[s], Li, 0.0)
+            g_mu[s] += g_kl[s, None] * d_mu
+            Q = g_kl[s, None, None] * q_kl
             # z = mu + L^-T xi: g_L = -tril(L^-T xi u^T), u = L^-1 g_z; Murray's G = L^-T Phi(L^T g_L) L^-1
             #     symmetrised, and Phi(L^T g_L) = Phi(-xi u^T) since L^T L^-T xi = xi
             u = np.einsum("bij,bj->bi", Li, g_z[s])

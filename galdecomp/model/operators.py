@@ -14,11 +14,10 @@ import numpy as np
 import nifty8 as ift
 
 from . import noise as _noise
+from .likelihood import GaussianLikelihood
 
 __all__ = ["MLPOperator", "MaskedGaussianEnergy", "DecoderLikelihood", "NoiseInvVar",
            "channel_domain", "rows_domain"]
-
-_LOG2PI = np.log(2.0 * np.pi)
 
 
 def rows_domain(row_domain, n_features):
@@ -241,11 +240,11 @@ class _NoiseSetup:
 
     def _value(self, rr, w):
         """``0.5 sum_c [w_c rr_c + n_c log(2 pi / w_c)]``."""
-        return 0.5 * (w @ rr + self._count @ (_LOG2PI - np.log(w)))
+        return GaussianLikelihood.value_from_sums(rr, self._count, w)
 
     def _g_w(self, rr, w):
         """Derivative of :meth:`_value` with respect to ``w``."""
-        return 0.5 * (rr - self._count / w)
+        return GaussianLikelihood.grad_inv_var_from_sums(rr, self._count, w)
 
     def _stock_transformation(self, pk, nk):
         """Metric-whitening transformation from stock operators (as in VariableCovarianceGaussianEnergy)."""

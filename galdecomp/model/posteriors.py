@@ -7,6 +7,8 @@ families in :data:`POSTERIORS`.
 """
 import numpy as np
 
+from .prior import STANDARD_NORMAL
+
 __all__ = ["LatentPosterior", "DiagonalGaussian", "POSTERIORS"]
 
 
@@ -74,7 +76,7 @@ class DiagonalGaussian(LatentPosterior):
     """``q(z | d) = N(mu, diag(exp(2 log_sigma)))``, the standard VAE posterior.
 
     ``enc_out = [mu, log_sigma]`` (first L columns, last L columns); ``z = mu + exp(log_sigma) xi``;
-    analytic ``KL = 0.5 sum_l (mu^2 + sigma^2 - 1 - 2 log_sigma)``. An encoder whose outputs start
+    analytic KL to the prior (:meth:`.prior.StandardNormal.kl_diagonal`). An encoder whose outputs start
     near 0 starts at the prior (sigma = 1, KL = 0). The decoder and noise are not used.
     """
 
@@ -94,14 +96,14 @@ class DiagonalGaussian(LatentPosterior):
         mu, log_sigma = self._split(enc_out)
         sd = np.exp(log_sigma)
         z = mu + sd * xi
-        kl = 0.5 * np.sum(mu * mu + sd * sd - 1.0 - 2.0 * log_sigma, axis=1)
-        return z, kl, (mu, sd, xi)
+        kl, d_mu, d_ls = STANDARD_NORMAL.kl_diagonal(mu, log_sigma)
+        return z, kl, (sd, xi, d_mu, d_ls)
 
     def backward(self, ctx, g_z, g_kl):
-        mu, sd, xi = ctx
-        g_kl = np.broadcast_to(np.asarray(g_kl, dtype=np.float64), (len(mu),))[:, None]
-        g_mu = g_z + g_kl * mu
-        g_ls = g_z * xi * sd + g_kl * (sd * sd - 1.0)
+        sd, xi, d_mu, d_ls = ctx
+        g_kl = np.broadcast_to(np.asarray(g_kl, dtype=np.float64), (len(sd),))[:, None]
+        g_mu = g_z + g_kl * d_mu
+        g_ls = g_z * xi * sd + g_kl * d_ls
         return np.concatenate([g_mu, g_ls], axis=1), None, None
 
     def mean_and_cov(self, enc_out, decoder=None, theta_dec=None, inv_var=None):

@@ -1,0 +1,306 @@
+"""A trained model as an object: load a run folder, encode, decode, sample, score, condition.
+
+Shapes (rows x features, as everywhere): data and masks (P, C) in physical units unless
+``standardised=True``; latents (P, L) in the model's own latent order (the run's FITS columns
+feature_01, feature_02, ... are the latents ``feature_order[0], feature_order[1], ...``);
+covariances (P, L, L).
+
+A run folder written by ``galdecomp fit`` holds ``model.npz``: the trained parameters, the noise
+floor, the resolved configuration, the preprocessing, channel names and units, the data set it
+was trained on and the order of the features by significance. Runs written before model.npz
+existed are read from their ``checkpoint.npz`` and ``noise.csv``.
+"""
+import csv
+import json
+import os
+
+import numpy as np
+
+from ..errors import InputError
+from ..fileio import atomic_path
+from ..model.autoencoder import Autoencoder
+from ..model.prior import STANDARD_NORMAL
+from ..preprocessing import Preprocessor
+from .conditional import latent_map
+from .config import resolve_config, with_former_defaults
+
+__all__ = ["TrainedModel", "load", "MODEL_FILE"]
+
+#: the trained model inside a run folder
+MODEL_FILE = "model.npz"
+
+
+def _bad(path, why):
+    return InputError(f"{path}: {why}")
+
+
+class TrainedModel:
+    """A trained probabilistic autoencoder with its preprocessing.
+
+    Parameters
+    ----------
+    model : Autoencoder
+    params : ndarray
+        Trained parameters (excitations).
+    preprocessor : Preprocessor
+        Physical <-> standardised, per channel.
+    config : dict
+        Resolved fit configuration.
+    units : list of str
+        Physical unit per channel.
+    data : dict
+        The data set the model was trained on: ``kind`` (``"sky"`` or ``"table"``), ``path``,
+        and for a sky ``nside``.
+    feature_order : ndarray of int, shape (L,), optional
+        Latent index of feature_01, feature_02, ... (by significance); default 0..L-1.
+    prior : LatentPrior, optional
+        Latent prior for sampling and densities; default N(0, 1).
+    """
+
+    def __init__(self, model, params, preprocessor, config, units, data, feature_order=None, prior=None):
+        self.model, self.params = model, np.asarray(params, dtype=float)
+        self.preprocessor, self.config = preprocessor, config
+        self.names, self.units = list(preprocessor.names), list(units)
+        self.data = dict(data)
+        L = model.latent_dim
+        self.feature_order = np.arange(L) if feature_order is None else np.asarray(feature_order, int)
+        self.prior = STANDARD_NORMAL if prior is None else prior
+
+    @property
+    def latent_dim(self):
+        return self.model.latent_dim
+
+    @property
+    def n_features(self):
+        return self.model.n_features
+
+    @property
+    def sigma(self):
+        """Noise standard deviation per channel (standardised units), shape (C,)."""
+        return self.model.sigma(self.params)
+
+    # -- loading and saving --------------------------------------------------------------------
+    @classmethod
+    def load(cls, run_dir):
+        """Read the trained model of a run folder.
+
+        Raises
+        ------
+        InputError
+            The folder holds no finished run, or its files are unreadable.
+        """
+        path = os.path.join(run_dir, MODEL_FILE)
+        if os.path.isfile(path):
+            return cls._from_model_file(path)
+        return cls._from_checkpoint(run_dir)
+
+    @classmethod
+    def _from_model_file(cls, path):
+        try:
+            with open(path, "rb") as fh, np.load(fh) as f:
+                a = dict(f)
+            cfg = resolve_config(with_former_defaults(json.loads(str(a["config"]))), where=path)
+            pre = Preprocessor.from_dict(json.loads(str(a["preprocessing"])))
+            model = Autoencoder.from_config(cfg, len(pre.names), a["floor"])
+            model_ok = a["params"].shape == (model.n_params,)
+            out = cls(model, a["params"], pre, cfg, [str(u) for u in a["units"]], json.loads(str(a["data"])),
+                      a["feature_order"])
+        except InputError:
+            raise
+        except Exception as e:  # a damaged or foreign file: zipfile, json, a missing key
+            raise _bad(path, f"not a galdecomp model or unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
+        if not model_ok:
+            raise _bad(path, "parameters do not match the configuration")
+        return out
+
+    @classmethod
+    def _from_checkpoint(cls, run_dir):
+        """A run of the release before model.npz: checkpoint.npz, noise.csv, significance.csv."""
+        ckpt, noise = os.path.join(run_dir, "checkpoint.npz"), os.path.join(run_dir, "noise.csv")
+        if not os.path.isfile(ckpt):
+            raise _bad(run_dir, f"not a galdecomp run folder (no {MODEL_FILE} or checkpoint.npz)")
+        if not os.path.isfile(noise):
+            raise _bad(run_dir, "the run has not finished (no model.npz or noise.csv): "
+                                "finish it with `galdecomp fit ... --resume`")
+        try:
+            with open(ckpt, "rb") as fh, np.load(fh) as f:
+                a = {k: f[k] for k in ("best_params", "config", "preprocessing", "fingerprint")}
+            cfg = resolve_config(with_former_defaults(json.loads(str(a["config"]))), where=ckpt)
+            pre = Preprocessor.from_dict(json.loads(str(a["preprocessing"])))
+            with open(noise, newline="") as f:
+                rows = list(csv.DictReader(f))
+            floor = np.array([float(r["floor_standardised"]) for r in rows])
+            units = [r["unit"] for r in rows]
+            order = _significance_order(run_dir)
+        except InputError:
+            raise
+        except Exception as e:
+            raise _bad(run_dir, f"cannot read the run written by an earlier release "
+                                f"({type(e).__name__}: {e})".splitlines()[0]) from None
+        if len(floor) != len(pre.names):
+            raise _bad(noise, f"{len(floor)} channels, the model has {len(pre.names)}")
+        parts = str(a["fingerprint"]).split("|")
+        data = dict(kind="sky", path=parts[0], nside=int(parts[1])) if len(parts) > 2 else dict(kind="unknown")
+        model = Autoencoder.from_config(cfg, len(pre.names), floor)
+        return cls(model, a["best_params"], pre, cfg, units, data, order)
+
+    def save(self, run_dir):
+        """Write ``run_dir/model.npz`` atomically; returns its path."""
+        path = os.path.join(run_dir, MODEL_FILE)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, params=self.params, floor=self.model.floor, config=json.dumps(self.config),
+                         preprocessing=json.dumps(self.preprocessor.to_dict()),
+                         units=np.array(self.units, dtype=str), data=json.dumps(self.data),
+                         feature_order=self.feature_order)
+        return path
+
+    # -- units ---------------------------------------------------------------------------------
+    def standardise(self, values):
+        """Physical values (P, C) to standardised values (NaN stays NaN)."""
+        return self.preprocessor.forward(np.asarray(values, dtype=float).T).T
+
+    def physical(self, values):
+        """Standardised values (P, C) to physical units."""
+        return self.preprocessor.inverse(np.asarray(values, dtype=float).T).T
+
+    def _rows(self, data, mask, standardised):
+        """Standardised data with missing entries zeroed, and the mask (both (P, C))."""
+        data = np.atleast_2d(np.asarray(data, dtype=float))
+        if data.shape[1] != self.n_features:
+            raise ValueError(f"data must have {self.n_features} columns ({', '.join(self.names)}), "
+                             f"got {data.shape[1]}")
+        y = data if standardised else self.standardise(data)
+        mask = np.isfinite(y) if mask is None else np.asarray(mask, bool) & np.isfinite(y)
+        return np.where(mask, y, 0.0), mask
+
+    # -- the model -----------------------------------------------------------------------------
+    def encode(self, data, mask=None, standardised=False):
+        """The encoder's posterior q(z | d) of every row.
+
+        Parameters
+        ----------
+        data : ndarray, shape (P, C)
+            NaN where missing.
+        mask : ndarray of bool, shape (P, C), optional
+            True where observed (default: finite entries).
+        standardised : bool
+            ``data`` is in standardised units (else physical).
+
+        Returns
+        -------
+        mean : ndarray, shape (P, L)
+        cov : ndarray, shape (P, L, L)
+        """
+        y, m = self._rows(data, mask, standardised)
+        return self.model.posterior_moments(self.params, y, m)
+
+    def decode(self, z, physical=True):
+        """Decoder output ``f(z)`` for latents (P, L): physical units, or standardised."""
+        f = self.model.decode(self.params, np.atleast_2d(np.asarray(z, dtype=float)))
+        return self.physical(f) if physical else f
+
+    def sample(self, n, rng, noise=True):
+        """Generate data: ``z ~ prior``, ``d = f(z) (+ noise)``.
+
+        Parameters
+        ----------
+        n : int
+        rng : numpy.random.Generator
+        noise : bool
+            Add the model's noise.
+
+        Returns
+        -------
+        dict
+            ``z`` (n, L); ``standardised`` (n, C); ``physical`` (n, C).
+        """
+        z = self.prior.sample(n, self.latent_dim, rng)
+        f = self.decode(z, physical=False)
+        if noise:
+            f = self.model.likelihood.sample(f, self.params[self.model.slices["noise"]], rng)
+        return dict(z=z, standardised=f, physical=self.physical(f))
+
+    def score_rows(self, data, mask=None, standardised=False, xi=None):
+        """Per-row terms of the ELBO under the encoder's posterior.
+
+        Parameters
+        ----------
+        data, mask, standardised
+            As for :meth:`encode`.
+        xi : ndarray, shape (P, L), optional
+            Standard-normal draws of the reparameterised sample ``z``; default 0 (the
+            posterior mean).
+
+        Returns
+        -------
+        dict of ndarray, shape (P,)
+            ``nll``: ``-log p(d | z)`` over the observed entries; ``kl``: ``KL[q || prior]``;
+            ``elbo``: ``-(nll + beta kl)``; ``chi2``: ``sum_c m_c (d_c - f(mean)_c)^2 / sigma_c^2``;
+            ``n_observed``: observed entries.
+        """
+        y, m = self._rows(data, mask, standardised)
+        P, L = len(y), self.latent_dim
+        xi = np.zeros((P, L)) if xi is None else np.asarray(xi, dtype=float)
+        op = self.model.elbo(y, m, xi, P)
+        t = op.terms(self.model.position(self.params, op.domain), per_row=True)
+        mean = self.model.posterior_moments(self.params, y, m)[0]
+        s = self.params[self.model.slices["noise"]]
+        chi2 = self.model.likelihood.chi2_rows(y, m, self.decode(mean, physical=False), s)
+        return dict(nll=t["nll_rows"], kl=t["kl_rows"], elbo=-(t["nll_rows"] + self.model.beta * t["kl_rows"]),
+                    chi2=chi2, n_observed=m.sum(axis=1))
+
+    def condition(self, data, mask=None, standardised=False, extra_noise=None, n_samples=0, seed=0,
+                  iterations=100):
+        """The latent posterior p(z | y) given only the observed entries of each row.
+
+        Not the encoder's q: the MAP of ``-log p(y | z) - log N(z; 0, 1)`` (damped Gauss-Newton from
+        the encoder's mean) and the Fisher/Laplace covariance ``M^-1``, ``M = J^T W J + 1``
+        (:func:`galdecomp.inference.conditional.latent_map`).
+
+        Parameters
+        ----------
+        data, mask, standardised
+            As for :meth:`encode`.
+        extra_noise : ndarray, shape (C,) or (P, C), optional
+            Known noise added to the model's, standardised units (in quadrature).
+        n_samples : int
+            If > 0, also ``2 n_samples`` MGVI samples from NIFTy started at the MAP.
+        seed : int
+            Seed of the MGVI samples.
+        iterations : int
+            Gauss-Newton steps at most.
+
+        Returns
+        -------
+        dict
+            ``mean`` (P, L) MAP; ``cov`` (P, L, L); ``std`` (P, L); ``converged`` (P,) bool;
+            ``samples`` (2 n_samples, P, L) if requested.
+        """
+        y, m = self._rows(data, mask, standardised)
+        var = self.sigma ** 2 + (0.0 if extra_noise is None else np.asarray(extra_noise, float) ** 2)
+        inv_var = m / var
+        start = self.model.posterior_moments(self.params, y, m)[0]
+        res = latent_map(self.model.decoder, self.model.split(self.params)[1], y, inv_var, start,
+                         iterations=iterations)
+        res["std"] = np.sqrt(np.einsum("pii->pi", res["cov"]))
+        if n_samples > 0:
+            from .mgvi import latent_posterior_samples
+
+            res["samples"] = latent_posterior_samples(self.model, self.params, y, m, res["mean"], "mgvi",
+                                                      n_samples, 1, seed=seed)
+        return res
+
+
+def _significance_order(run_dir):
+    """Latent index of feature_01, feature_02, ... from significance.csv (None without it)."""
+    path = os.path.join(run_dir, "significance.csv")
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline="") as f:
+        return np.array([int(r["latent_index"]) for r in csv.DictReader(f)])
+
+
+def load(run_dir):
+    """The trained model of a run folder (:meth:`TrainedModel.load`)."""
+    return TrainedModel.load(run_dir)
