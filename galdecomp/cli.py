@@ -188,6 +188,27 @@ def cmd_run(args):
     return 0
 
 
+def cmd_anomaly(args):
+    from .products.anomaly import run_anomaly
+
+    res = run_anomaly(args.run, args.out, catalog=args.catalog, top=args.top, score=args.score,
+                      overwrite=args.overwrite, progress=log)
+    print(f"anomaly maps: {res['paths']['anomaly.fits']} (plot: {res['paths']['anomaly.png']})")
+    print(f"most anomalous pixels by {args.score}: {res['paths']['anomaly_top.csv']}")
+    return 0
+
+
+def cmd_posterior_check(args):
+    from .inference.posterior_check import run_posterior_check
+
+    res = run_posterior_check(args.run, args.out, n_pixels=args.pixels, draws=args.draws, seed=args.seed,
+                              overwrite=args.overwrite, progress=log)
+    print(res["text"], end="")
+    print(f"per pixel: {res['paths']['posterior_check.csv']}; summary: "
+          f"{res['paths']['posterior_check_summary.csv']}; plot: {res['paths']['posterior_check.png']}")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------
 
 
@@ -260,6 +281,37 @@ def build_parser():
     s.add_argument("--bins", type=int, default=512, help="bins per axis of the binned MI (default 512)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("anomaly", parents=[common], help="per-pixel anomaly scores of a catalog under a run",
+                       description="Score every pixel of a catalog (default: the run's own) with a finished "
+                                   "run: reconstruction chi2 per channel, largest normalised residual, "
+                                   "its 9-pixel mean, -ELBO, latent (prior) density; writes "
+                                   "DIR/anomaly.fits, DIR/anomaly.png and DIR/anomaly_top.csv.")
+    s.add_argument("run", metavar="RUN", help="run folder of galdecomp fit")
+    s.add_argument("--catalog", metavar="CATALOG",
+                   help="catalog to score (default: the one the run was trained on); maps matched by name")
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist)")
+    s.add_argument("--top", type=_positive_int, default=50, help="pixels in anomaly_top.csv (default 50)")
+    s.add_argument("--score", default="chi2_per_channel",
+                   help="score that ranks anomaly_top.csv (default chi2_per_channel)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    s.set_defaults(func=cmd_anomaly)
+
+    s = sub.add_parser("posterior-check", parents=[common],
+                       help="the encoder's q(z|d) against the true posterior, by importance sampling",
+                       description="For random pixels of the run's data, compare Gaussian posteriors "
+                                   "(the run's encoder, the other covariance type from the same decoder, "
+                                   "the Laplace approximation at the MAP) with p(z|d) ~ p(d|z) N(z; 0, 1) "
+                                   "by importance sampling with each as proposal: KL(q||p), effective "
+                                   "sample size, mean shift, std ratio, 68 %% coverage.")
+    s.add_argument("run", metavar="RUN", help="run folder of galdecomp fit")
+    s.add_argument("--pixels", type=_positive_int, required=True, metavar="N", help="random pixels to check")
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the pixels and draws (default 0)")
+    s.add_argument("--draws", type=_positive_int, default=2000, metavar="K",
+                   help="importance draws per pixel and q (default 2000)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    s.set_defaults(func=cmd_posterior_check)
 
     s = sub.add_parser("run", parents=[common], help="the main job: simulate the default sky, fit it, report",
                        description="Simulate the built-in default sky, fit the autoencoder to it and "

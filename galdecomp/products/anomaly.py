@@ -1,0 +1,314 @@
+"""Anomaly maps of a trained run: per-pixel scores of how badly the model explains each pixel.
+
+Every score is a HEALPix map, higher = more anomalous (standardised units, the run's noise):
+
+- ``chi2_per_channel``: ``sum_c m_c (d_c - f(mean)_c)^2 / sigma_c^2 / n_observed``, the
+  reconstruction misfit per observed channel (pixels with gaps stay comparable);
+- ``max_abs_residual``: ``max_c |d_c - f(mean)_c| / sigma_c`` over the observed channels;
+- ``local_residual``: ``max_c |r_c| * 3`` where ``r_c`` is the normalised residual averaged over
+  the pixel and its 8 neighbours (a unit-variance score for anomalies larger than one pixel);
+- ``neg_elbo``: ``-ELBO`` at the posterior mean (``-log p(d | f(mean)) + beta KL[q || p(z)]``);
+- ``neg_log_prior``: ``-log N(mean; 0, 1)`` of the encoder's posterior mean;
+- ``neg_log_latent_density``: ``-log p(mean)`` under the run's latent transform
+  (``RUN/latent_transform.npz``), only if it exists and :mod:`galdecomp.model.latent_transform`
+  is importable.
+
+The last three are p(x)-type scores (how probable the pixel is under the model); they can rank
+out-of-distribution inputs as *more* typical than in-distribution ones (an input the encoder maps
+close to the latent origin gets a high prior density), so the residual scores are the default.
+"""
+import dataclasses
+import os
+
+import healpy as hp
+import numpy as np
+
+from ..catalog import load_catalog, read_catalog
+from ..errors import InputError
+from ..fileio import write_healpix_fits, write_text
+from .plots import mollview_grid
+from .tables import format_table
+
+__all__ = ["SCORES", "load_rows", "anomaly_scores", "top_pixels", "write_anomaly_products"]
+
+#: score name -> description (the FITS columns, in this order, when present)
+SCORES = {
+    "chi2_per_channel": "reconstruction chi2 per observed channel",
+    "max_abs_residual": "largest |d - f(mean)| / sigma over channels",
+    "local_residual": "largest 9-pixel mean normalised residual, in its own sigma",
+    "neg_elbo": "-ELBO at the posterior mean (nats)",
+    "neg_log_prior": "-log N(mean; 0, 1) (nats)",
+    "neg_log_latent_density": "-log p(mean) under the run's latent transform (nats)",
+}
+#: the default primary score of the top list
+DEFAULT_SCORE = "chi2_per_channel"
+#: channels listed per pixel in the top list
+N_TOP_CHANNELS = 3
+
+
+def load_rows(model, catalog=None):
+    """The rows to score: a catalog's maps in the model's channel order, NESTED, physical units.
+
+    Parameters
+    ----------
+    model : TrainedModel
+    catalog : str, optional
+        Catalog file with (at least) the model's channel names; default the catalog the run was
+        trained on. Maps are matched by name and read at the run's nside.
+
+    Returns
+    -------
+    values : ndarray, shape (P, C)
+        NaN where missing.
+    nside : int
+    catalog : str
+        The catalog file read.
+
+    Raises
+    ------
+    InputError
+        No catalog recorded with the run, an unreadable catalog or a channel it does not hold.
+    """
+    nside = model.data.get("nside")
+    if catalog is None:
+        catalog = model.data.get("path")
+        if model.data.get("kind") != "sky" or not catalog:
+            raise InputError("the run records no sky catalog: give one with --catalog")
+        if not os.path.isfile(catalog):
+            raise InputError(f"{catalog}: the run's catalog file no longer exists: give one with --catalog")
+    cat = read_catalog(catalog)
+    by_name = {e.name: e for e in cat.maps}
+    missing = [n for n in model.names if n not in by_name]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(f"{catalog}: no map named '{missing[0]}'{more}, a channel of the run")
+    cat = dataclasses.replace(cat, maps=[by_name[n] for n in model.names])
+    ds = load_catalog(cat, nside=nside, nest=True)
+    return ds.values.T, ds.nside, catalog
+
+
+def _latent_transform(run_dir, progress):
+    """The run's latent transform (an object with ``log_density(z)``), or None."""
+    path = os.path.join(run_dir, "latent_transform.npz")
+    if not os.path.isfile(path):
+        return None
+    try:
+        from ..model import latent_transform as lt
+    except ImportError:
+        progress(f"{path} exists but galdecomp.model.latent_transform is not available: skipped")
+        return None
+    for load in (getattr(lt, "load", None), getattr(getattr(lt, "GaussianisingTransform", None), "load", None)):
+        if callable(load):
+            try:
+                return load(path)
+            except Exception as e:  # a transform of another version: the other scores still work
+                progress(f"{path}: cannot read the latent transform ({type(e).__name__}: {e}): skipped")
+                return None
+    progress(f"{path}: galdecomp.model.latent_transform has no loader: skipped")
+    return None
+
+
+def _neighbour_mean(r, nside):
+    """Mean of each pixel's value and its 8 neighbours' (NESTED), ignoring NaN; shapes (P, C)."""
+    P = len(r)
+    nb = hp.get_all_neighbours(nside, np.arange(P), nest=True)  # (8, P), -1 where none
+    idx = np.vstack([np.arange(P)[None], nb])                    # (9, P)
+    vals = np.where(idx[..., None] >= 0, r[np.maximum(idx, 0)], np.nan)  # (9, P, C)
+    n = np.isfinite(vals).sum(axis=0)
+    with np.errstate(invalid="ignore"):
+        return np.where(n > 0, np.nansum(vals, axis=0) / np.maximum(n, 1), np.nan), n
+
+
+def anomaly_scores(model, values, nside, transform=None, block=65536):
+    """Per-pixel anomaly scores of data under a trained model.
+
+    Parameters
+    ----------
+    model : TrainedModel
+    values : ndarray, shape (P, C)
+        Physical units, NESTED rows of a full sky at ``nside``, NaN where missing.
+    nside : int
+    transform : object, optional
+        With ``log_density(z)`` for latents (N, L): adds ``neg_log_latent_density``.
+    block : int
+        Rows per block.
+
+    Returns
+    -------
+    scores : dict of ndarray, shape (P,)
+        The scores of :data:`SCORES` (NaN for a pixel without any observed channel).
+    residual : ndarray, shape (P, C)
+        Normalised residuals ``(d - f(mean)) / sigma``, NaN where missing.
+    n_observed : ndarray of int, shape (P,)
+    """
+    P = len(values)
+    names = ["chi2", "n_observed", "neg_elbo", "neg_log_prior"] + (["lt"] if transform is not None else [])
+    out = {k: np.empty(P) for k in names}
+    residual = np.empty(values.shape)
+    sigma = model.sigma
+    for a in range(0, P, block):
+        s = slice(a, a + block)
+        y = model.standardise(values[s])
+        m = np.isfinite(y)
+        sc = model.score_rows(y, m, standardised=True)
+        mean = model.encode(y, m, standardised=True)[0]
+        f = model.decode(mean, physical=False)
+        residual[s] = np.where(m, (y - f) / sigma, np.nan)
+        out["chi2"][s], out["n_observed"][s], out["neg_elbo"][s] = sc["chi2"], sc["n_observed"], -sc["elbo"]
+        out["neg_log_prior"][s] = -model.prior.log_density(mean)
+        if transform is not None:
+            out["lt"][s] = -np.asarray(transform.log_density(mean), float)
+    n_obs = out["n_observed"].astype(int)
+    seen = n_obs > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        absr = np.abs(residual)
+        local, n_local = _neighbour_mean(residual, nside)
+        local = np.abs(local) * np.sqrt(n_local)
+        scores = dict(chi2_per_channel=np.where(seen, out["chi2"] / np.maximum(n_obs, 1), np.nan),
+                      max_abs_residual=np.where(seen, np.nanmax(np.where(np.isfinite(absr), absr, -np.inf), axis=1),
+                                                np.nan),
+                      local_residual=np.nanmax(np.where(np.isfinite(local), local, -np.inf), axis=1),
+                      neg_elbo=np.where(seen, out["neg_elbo"], np.nan),
+                      neg_log_prior=np.where(seen, out["neg_log_prior"], np.nan))
+        scores["local_residual"][~np.isfinite(scores["local_residual"])] = np.nan
+        if transform is not None:
+            scores["neg_log_latent_density"] = np.where(seen, out["lt"], np.nan)
+    return scores, residual, n_obs
+
+
+def top_pixels(scores, residual, channel_names, nside, score=DEFAULT_SCORE, n=50):
+    """The ``n`` most anomalous pixels by one score, as table rows.
+
+    Parameters
+    ----------
+    scores : dict of ndarray, shape (P,)
+    residual : ndarray, shape (P, C)
+        Normalised residuals, NaN where missing.
+    channel_names : list of str
+    nside : int
+        Resolution of the NESTED maps.
+    score : str
+        Key of ``scores`` to rank by (highest first; NaN last).
+    n : int
+
+    Returns
+    -------
+    list of dict
+        ``rank, pixel`` (NESTED index), ``l_deg, b_deg`` (Galactic), every score, then
+        ``channel_k, residual_k`` (k = 1..3): the channels with the largest ``|residual|`` and
+        their signed normalised residuals.
+    """
+    s = np.where(np.isfinite(scores[score]), scores[score], -np.inf)
+    pix = np.argsort(-s, kind="stable")[:n]
+    pix = pix[np.isfinite(s[pix])]
+    lon, lat = hp.pix2ang(nside, pix, nest=True, lonlat=True)
+    r = residual[pix]
+    order = np.argsort(-np.where(np.isfinite(r), np.abs(r), -np.inf), axis=1, kind="stable")[:, :N_TOP_CHANNELS]
+    top_r = np.take_along_axis(r, order, axis=1)
+    names = np.asarray(channel_names)
+    rows = []
+    for i, p in enumerate(pix):  # over the n listed pixels only
+        row = dict(rank=i + 1, pixel=int(p), l_deg=round(float(lon[i]), 4), b_deg=round(float(lat[i]), 4))
+        row.update({k: float(v[p]) for k, v in scores.items()})
+        for k in range(order.shape[1]):
+            ok = np.isfinite(top_r[i, k])
+            row[f"channel_{k + 1}"] = str(names[order[i, k]]) if ok else ""
+            row[f"residual_{k + 1}"] = float(top_r[i, k]) if ok else ""
+        rows.append(row)
+    return rows
+
+
+def write_anomaly_products(out, scores, residual, channel_names, nside, score=DEFAULT_SCORE, top=50,
+                           header=()):
+    """Write ``anomaly.fits``, ``anomaly.png`` and ``anomaly_top.csv`` into the folder ``out``.
+
+    Parameters
+    ----------
+    out : str
+        Existing folder (e.g. the temporary folder of an atomic output).
+    scores, residual, channel_names, nside, score, top
+        As for :func:`top_pixels`.
+    header : sequence of FITS cards
+
+    Returns
+    -------
+    dict
+        Name -> path written, and ``top`` (the rows of the table).
+    """
+    names = list(scores)
+    maps = np.array([np.where(np.isfinite(scores[k]), scores[k], hp.UNSEEN) for k in names])
+    paths = {k: os.path.join(out, k) for k in ("anomaly.fits", "anomaly.png", "anomaly_top.csv")}
+    write_healpix_fits(paths["anomaly.fits"], maps, names, "1", nest=True, coord="G",
+                       header=list(header) + [("CONTENT", "anomaly scores, higher = more anomalous")])
+    shown = np.array([np.log10(np.where(scores[k] > 0, scores[k], np.nan)) if k in ("chi2_per_channel", "neg_elbo")
+                      else scores[k] for k in names])
+    titles = [f"log10 {k}" if k in ("chi2_per_channel", "neg_elbo") else k for k in names]
+    mollview_grid(shown, titles, paths["anomaly.png"], nest=True, ncols=3, cmap="magma",
+                  suptitle="anomaly scores (higher = more anomalous)")
+    rows = top_pixels(scores, residual, channel_names, nside, score, top)
+    cols = ["rank", "pixel", "l_deg", "b_deg"] + names + [f"{w}_{k + 1}" for k in range(N_TOP_CHANNELS)
+                                                          for w in ("channel", "residual")]
+    write_text(paths["anomaly_top.csv"], format_table(rows, cols, "csv"))
+    return dict(paths=paths, top=rows)
+
+
+def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwrite=False, progress=print):
+    """Score a catalog with a finished run and write the anomaly products to the folder ``out``.
+
+    Every input is checked before anything is written; ``out`` is built under a temporary name
+    and renamed when complete.
+
+    Parameters
+    ----------
+    run_dir : str
+        Run folder of ``galdecomp fit``.
+    out : str
+        Output folder (must not exist unless ``overwrite``).
+    catalog : str, optional
+        Catalog to score (default the run's own).
+    top : int
+        Pixels in ``anomaly_top.csv``.
+    score : str
+        Primary score of the top list (a key of :data:`SCORES`).
+    overwrite : bool
+    progress : callable
+
+    Returns
+    -------
+    dict
+        ``out``, ``paths``, ``top`` rows, ``scores``.
+
+    Raises
+    ------
+    InputError
+        A missing or unfinished run, a bad catalog or a missing channel, an unknown score, an
+        output folder that exists.
+    """
+    from .. import __version__
+    from ..fileio import atomic_output_dir, check_output_dir
+    from ..inference.trained import load
+
+    if score not in SCORES:
+        raise InputError(f"--score: unknown score {score!r} (one of {', '.join(SCORES)})")
+    if top < 1:
+        raise InputError(f"--top: must be a positive integer, got {top}")
+    if not os.path.isdir(run_dir):
+        raise InputError(f"{run_dir}: run folder not found")
+    check_output_dir(out, overwrite)
+    model = load(run_dir)
+    transform = _latent_transform(run_dir, progress)
+    if score == "neg_log_latent_density" and transform is None:
+        raise InputError(f"--score neg_log_latent_density: {run_dir} has no usable latent_transform.npz")
+    progress(f"reading {catalog or model.data.get('path')}")
+    values, nside, cat_path = load_rows(model, catalog)
+    progress(f"scoring {len(values)} pixels x {values.shape[1]} channels")
+    scores, residual, n_obs = anomaly_scores(model, values, nside, transform)
+    hdr = [("ORIGIN", f"galdecomp {__version__}", "software"), ("NSIDE", nside),
+           ("CATALOG", os.path.basename(cat_path)[:60], "scored catalog"),
+           ("RUN", os.path.basename(os.path.abspath(run_dir))[:60], "run folder")]
+    with atomic_output_dir(out, overwrite) as tmp:
+        progress(f"writing {out}")
+        res = write_anomaly_products(tmp, scores, residual, model.names, nside, score, top, hdr)
+    paths = {k: os.path.join(os.path.abspath(out), os.path.basename(v)) for k, v in res["paths"].items()}
+    return dict(out=os.path.abspath(out), paths=paths, top=res["top"], scores=scores, residual=residual,
+                n_observed=n_obs)
