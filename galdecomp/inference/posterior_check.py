@@ -269,7 +269,6 @@ def run_posterior_check(run_dir, out, n_pixels, draws=2000, seed=0, overwrite=Fa
         raise InputError(f"{run_dir}: run folder not found")
     check_output_dir(out, overwrite)
     trained = load(run_dir)
-    progress(f"reading {trained.data.get('path')}")
     values = load_rows(trained, None)[0]
     y = trained.standardise(values)
     m = np.isfinite(y)

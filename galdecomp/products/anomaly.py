@@ -7,6 +7,11 @@ Every score is a HEALPix map, higher = more anomalous (standardised units, the r
 - ``max_abs_residual``: ``max_c |d_c - f(mean)_c| / sigma_c`` over the observed channels;
 - ``local_residual``: ``max_c |r_c| * 3`` where ``r_c`` is the normalised residual averaged over
   the pixel and its 8 neighbours (a unit-variance score for anomalies larger than one pixel);
+- ``contrast_chi2``: chi2 per observed channel of the residuals normalised by their robust
+  spread around the pixel: per channel, ``(r_c - median) / (1.4826 MAD)`` over the pixel's
+  NESTED block of 64 pixels (the nside/8 parent pixel; MAD at least 0.1), so a pixel is compared
+  with its surroundings where the model's misfit varies over the sky (e.g. the Galactic plane);
+  blind to anomalies that fill whole blocks;
 - ``neg_elbo``: ``-ELBO`` at the posterior mean (``-log p(d | f(mean)) + beta KL[q || p(z)]``);
 - ``neg_log_prior``: ``-log N(mean; 0, 1)`` of the encoder's posterior mean;
 - ``neg_log_latent_density``: ``-log p(mean)`` under the run's latent transform
@@ -19,6 +24,7 @@ close to the latent origin gets a high prior density), so the residual scores ar
 """
 import dataclasses
 import os
+import warnings
 
 import healpy as hp
 import numpy as np
@@ -29,13 +35,14 @@ from ..fileio import write_healpix_fits, write_text
 from .plots import mollview_grid
 from .tables import format_table
 
-__all__ = ["SCORES", "load_rows", "anomaly_scores", "top_pixels", "write_anomaly_products"]
+__all__ = ["SCORES", "resolve_catalog", "load_rows", "anomaly_scores", "top_pixels", "write_anomaly_products"]
 
 #: score name -> description (the FITS columns, in this order, when present)
 SCORES = {
     "chi2_per_channel": "reconstruction chi2 per observed channel",
     "max_abs_residual": "largest |d - f(mean)| / sigma over channels",
     "local_residual": "largest 9-pixel mean normalised residual, in its own sigma",
+    "contrast_chi2": "chi2 per channel of residuals normalised in their 64-pixel block",
     "neg_elbo": "-ELBO at the posterior mean (nats)",
     "neg_log_prior": "-log N(mean; 0, 1) (nats)",
     "neg_log_latent_density": "-log p(mean) under the run's latent transform (nats)",
@@ -46,30 +53,25 @@ DEFAULT_SCORE = "chi2_per_channel"
 N_TOP_CHANNELS = 3
 
 
-def load_rows(model, catalog=None):
-    """The rows to score: a catalog's maps in the model's channel order, NESTED, physical units.
+def resolve_catalog(model, catalog=None):
+    """The catalog to score, checked and reduced to the model's channels in the model's order.
 
     Parameters
     ----------
     model : TrainedModel
     catalog : str, optional
         Catalog file with (at least) the model's channel names; default the catalog the run was
-        trained on. Maps are matched by name and read at the run's nside.
+        trained on.
 
     Returns
     -------
-    values : ndarray, shape (P, C)
-        NaN where missing.
-    nside : int
-    catalog : str
-        The catalog file read.
+    Catalog
 
     Raises
     ------
     InputError
         No catalog recorded with the run, an unreadable catalog or a channel it does not hold.
     """
-    nside = model.data.get("nside")
     if catalog is None:
         catalog = model.data.get("path")
         if model.data.get("kind") != "sky" or not catalog:
@@ -82,9 +84,36 @@ def load_rows(model, catalog=None):
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise InputError(f"{catalog}: no map named '{missing[0]}'{more}, a channel of the run")
-    cat = dataclasses.replace(cat, maps=[by_name[n] for n in model.names])
-    ds = load_catalog(cat, nside=nside, nest=True)
-    return ds.values.T, ds.nside, catalog
+    return dataclasses.replace(cat, maps=[by_name[n] for n in model.names])
+
+
+def load_rows(model, catalog=None):
+    """The rows to score: a catalog's maps in the model's channel order, NESTED, physical units.
+
+    Maps are matched by name (:func:`resolve_catalog`) and read at the run's nside.
+
+    Parameters
+    ----------
+    model : TrainedModel
+    catalog : str or Catalog, optional
+        Default the catalog the run was trained on.
+
+    Returns
+    -------
+    values : ndarray, shape (P, C)
+        NaN where missing.
+    nside : int
+    catalog : str
+        The catalog file read.
+
+    Raises
+    ------
+    InputError
+        As :func:`resolve_catalog`, or a map that cannot be read.
+    """
+    cat = catalog if hasattr(catalog, "maps") else resolve_catalog(model, catalog)
+    ds = load_catalog(cat, nside=model.data.get("nside"), nest=True)
+    return ds.values.T, ds.nside, cat.path
 
 
 def _latent_transform(run_dir, progress):
@@ -117,6 +146,16 @@ def _neighbour_mean(r, nside):
     n = np.isfinite(vals).sum(axis=0)
     with np.errstate(invalid="ignore"):
         return np.where(n > 0, np.nansum(vals, axis=0) / np.maximum(n, 1), np.nan), n
+
+
+def _block_contrast(r, block=64, floor=0.1):
+    """Residuals (P, C, NESTED) normalised by median and MAD within blocks of ``block`` pixels."""
+    P, C = r.shape
+    b = min(block, P // 12)
+    rb = r.reshape(P // b, b, C)
+    med = np.nanmedian(rb, axis=1, keepdims=True)
+    mad = 1.4826 * np.nanmedian(np.abs(rb - med), axis=1, keepdims=True)
+    return ((rb - med) / np.maximum(mad, floor)).reshape(P, C)
 
 
 def anomaly_scores(model, values, nside, transform=None, block=65536):
@@ -160,7 +199,8 @@ def anomaly_scores(model, values, nside, transform=None, block=65536):
             out["lt"][s] = -np.asarray(transform.log_density(mean), float)
     n_obs = out["n_observed"].astype(int)
     seen = n_obs > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks of a missing channel
         absr = np.abs(residual)
         local, n_local = _neighbour_mean(residual, nside)
         local = np.abs(local) * np.sqrt(n_local)
@@ -168,6 +208,8 @@ def anomaly_scores(model, values, nside, transform=None, block=65536):
                       max_abs_residual=np.where(seen, np.nanmax(np.where(np.isfinite(absr), absr, -np.inf), axis=1),
                                                 np.nan),
                       local_residual=np.nanmax(np.where(np.isfinite(local), local, -np.inf), axis=1),
+                      contrast_chi2=np.where(seen, np.nansum(_block_contrast(residual) ** 2, axis=1)
+                                             / np.maximum(n_obs, 1), np.nan),
                       neg_elbo=np.where(seen, out["neg_elbo"], np.nan),
                       neg_log_prior=np.where(seen, out["neg_log_prior"], np.nan))
         scores["local_residual"][~np.isfinite(scores["local_residual"])] = np.nan
@@ -299,8 +341,9 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
     transform = _latent_transform(run_dir, progress)
     if score == "neg_log_latent_density" and transform is None:
         raise InputError(f"--score neg_log_latent_density: {run_dir} has no usable latent_transform.npz")
-    progress(f"reading {catalog or model.data.get('path')}")
-    values, nside, cat_path = load_rows(model, catalog)
+    cat = resolve_catalog(model, catalog)
+    values, nside, cat_path = load_rows(model, cat)
+    progress(f"read {cat_path}")
     progress(f"scoring {len(values)} pixels x {values.shape[1]} channels")
     scores, residual, n_obs = anomaly_scores(model, values, nside, transform)
     hdr = [("ORIGIN", f"galdecomp {__version__}", "software"), ("NSIDE", nside),

@@ -1,0 +1,241 @@
+"""Anomaly maps: ROC AUC of each score for anomalies injected into a sky the run never saw.
+
+Per sky (``demo``: the built-in simulated sky; ``realmorph``: the same with real morphologies
+from ``--morphology``) and seed: simulate the sky at ``--nside`` and fit a run on it with the CLI
+(``galdecomp simulate``, ``galdecomp fit --max-epochs E --seed S``); then, in a copy of the maps,
+inject one kind of anomaly at a time, write it as a new catalog and score it with the trained
+run (:func:`galdecomp.products.anomaly.run_anomaly`, what ``galdecomp anomaly RUN --catalog C``
+runs). Amplitudes are in units of the run's noise sigma_c of each channel (standardised units,
+added to the standardised data and converted back to physical units, so a log channel gets a
+multiplicative change):
+
+- ``source``: 50 compact sources at random positions, each the centre pixel (amplitude A) and its
+  4 edge neighbours (A/2); spectrum ``A sigma_c exp(3 (t_c - 1))``, ``t_c`` = log-frequency
+  rank in [0, 1] (rising across all 35 channels, radio to gamma rays); A ~ s U(1.5, 4) for each
+  scale s of ``--scales``;
+- ``line``: 50 compact sources as above with ``A sigma_c`` in two adjacent channels in the
+  middle of the frequency range only; A ~ s U(2, 5);
+- ``calibration``: one channel (``--cal-channel``) multiplied by each of ``--cal-factors`` (physical
+  units) in a disc of radius ``--cal-radius`` degrees at a random position.
+
+Positives are the injected pixels, negatives all others; ROC AUC per score
+(``sklearn.metrics.roc_auc_score``), also the fraction of positives above the 99th percentile of
+the negatives (``tpr@1%``).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_anomaly.py --morphology /work/shared/data/realsky32 --seeds 0 1
+
+Writes ``--out`` (default ``benchmarks/out/anomaly``): ``rows.csv`` and ``summary.md``.
+"""
+import argparse
+import copy
+import csv
+import os
+import sys
+import time
+
+import healpy as hp
+import numpy as np
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchutil  # noqa: E402
+
+from galdecomp.catalog import read_catalog  # noqa: E402
+from galdecomp.cli import main as cli  # noqa: E402
+from galdecomp.fileio import write_healpix_fits  # noqa: E402
+from galdecomp.inference.trained import load  # noqa: E402
+from galdecomp.products.anomaly import load_rows, run_anomaly  # noqa: E402
+
+KINDS = ("source", "line", "calibration")
+
+
+def compact_sources(nside, n, rng):
+    """Centre pixels and (centre + 4 edge neighbours, weight) of ``n`` sources; NESTED."""
+    centres = rng.choice(hp.nside2npix(nside), n, replace=False)
+    nb = hp.get_all_neighbours(nside, centres, nest=True)[[0, 2, 4, 6]]  # SW, NW, NE, SE: edge-sharing
+    pix = np.concatenate([centres, nb.ravel()])
+    weight = np.concatenate([np.ones(n), np.full(nb.size, 0.5)])
+    src = np.concatenate([np.arange(n), np.tile(np.arange(n), 4)])
+    keep = pix >= 0
+    return pix[keep], weight[keep], src[keep]
+
+
+def inject(model, values, freqs, kind, rng, args, scale=1.0):
+    """Anomalous copy of ``values`` (P, C physical, NESTED) and the boolean mask of injected pixels."""
+    P, C = values.shape
+    nside = hp.npix2nside(P)
+    out = values.copy()
+    pos = np.zeros(P, bool)
+    order = np.argsort(freqs, kind="stable")
+    t = np.empty(C)
+    t[order] = np.linspace(0.0, 1.0, C)
+    if kind == "calibration":
+        c = model.names.index(args.cal_channel)
+        vec = hp.ang2vec(rng.uniform(0, 360), np.degrees(np.arcsin(rng.uniform(-1, 1))), lonlat=True)
+        disc = hp.query_disc(nside, vec, np.radians(args.cal_radius), nest=True)
+        factor = scale
+        out[disc, c] *= factor
+        pos[disc] = np.isfinite(values[disc, c])
+        return out, pos, f"{args.cal_channel} x{factor:g} in {pos.sum()} pixels"
+    pix, weight, src = compact_sources(nside, args.n_sources, rng)
+    if kind == "source":
+        amp = scale * rng.uniform(1.5, 4.0, args.n_sources)
+        shape = np.exp(3.0 * (t - 1.0))
+        what = f"rising spectrum in all channels, A ~ {scale:g} x U(1.5, 4) sigma"
+    else:
+        amp = scale * rng.uniform(2.0, 5.0, args.n_sources)
+        shape = np.zeros(C)
+        mid = order[C // 2: C // 2 + 2]
+        shape[mid] = 1.0
+        what = f"line in {model.names[mid[0]]} + {model.names[mid[1]]}, A ~ {scale:g} x U(2, 5) sigma"
+    # several sources may share a pixel: add their offsets
+    delta = np.zeros((P, C))
+    np.add.at(delta, pix, (amp[src] * weight)[:, None] * (shape * model.sigma)[None, :])
+    hit = np.flatnonzero(np.abs(delta).sum(axis=1) > 0)
+    y = model.standardise(values[hit])
+    out[hit] = np.where(np.isfinite(y), model.physical(y + delta[hit]), values[hit])
+    pos[hit] = True
+    return out, pos, f"{args.n_sources} sources in {len(hit)} pixels, {what}"
+
+
+def write_catalog(sky_catalog, names, kinds, values, folder):
+    """Write ``values`` (P, C, NESTED) as a catalog like ``sky_catalog`` in ``folder``."""
+    with open(sky_catalog) as f:
+        doc = yaml.safe_load(f)
+    os.makedirs(os.path.join(folder, "maps"), exist_ok=True)
+    entries = {e["name"]: e for e in doc["maps"]}
+    maps = []
+    for c, name in enumerate(names):
+        e = copy.deepcopy(entries[name])
+        e.update(file=f"maps/{name}.fits", kind=kinds[c])
+        e.pop("field", None)
+        m = np.where(np.isfinite(values[:, c]), values[:, c], hp.UNSEEN)
+        write_healpix_fits(os.path.join(folder, e["file"]), m, name, e["unit"], nest=True)
+        maps.append(e)
+    doc["maps"] = maps
+    path = os.path.join(folder, "catalog.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    return path
+
+
+def auc_rows(scores, pos):
+    from sklearn.metrics import roc_auc_score
+
+    rows = {}
+    for k, s in scores.items():
+        ok = np.isfinite(s)
+        thr = np.percentile(s[ok & ~pos], 99)
+        rows[k] = dict(auc=float(roc_auc_score(pos[ok], s[ok])), tpr1=float(np.mean(s[ok & pos] > thr)))
+    return rows
+
+
+def prepare(sky, seed, args):
+    """Simulate the sky and fit the run (kept in --work and reused)."""
+    base = os.path.join(args.work, f"{sky}_nside{args.nside}_e{args.epochs}_s{seed}")
+    os.makedirs(base, exist_ok=True)
+    cat, run = os.path.join(base, "sky", "catalog.yaml"), os.path.join(base, "run")
+    if not os.path.isfile(cat):
+        extra = ["--morphology", args.morphology] if sky == "realmorph" else []
+        assert cli(["simulate", "--nside", str(args.nside), "--seed", str(seed), "--out",
+                    os.path.dirname(cat), "--no-plot"] + extra) == 0
+    fit_s = 0.0
+    if not os.path.isfile(os.path.join(run, "model.npz")):
+        t0 = time.perf_counter()
+        assert cli(["fit", cat, "--out", run, "--max-epochs", str(args.epochs), "--seed", str(seed),
+                    "--overwrite"]) == 0
+        fit_s = time.perf_counter() - t0
+    return base, cat, run, fit_s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skies", default="demo,realmorph")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--nside", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=80)
+    ap.add_argument("--morphology", default=os.path.join(os.environ.get("GALDECOMP_SHARED", "../shared"),
+                                                         "data", "realsky32"))
+    ap.add_argument("--n-sources", type=int, default=50)
+    ap.add_argument("--cal-channel", default="planck_545GHz")
+    ap.add_argument("--cal-factors", type=float, nargs="+", default=[1.1, 1.2, 1.3],
+                    help="calibration factors (one injection each)")
+    ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+                    help="amplitude scales of the source and line injections (one injection each)")
+    ap.add_argument("--cal-radius", type=float, default=15.0)
+    ap.add_argument("--work", default="/tmp/galdecomp_bench_anomaly")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "anomaly"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for sky in args.skies.split(","):
+        for seed in args.seeds:
+            base, cat, run, fit_s = prepare(sky, seed, args)
+            model = load(run)
+            values, nside, _ = load_rows(model, cat)
+            c = read_catalog(cat)
+            freqs = np.array([e.frequency_hz for e in c.maps])[[c.names.index(n) for n in model.names]]
+            kinds = [c.maps[c.names.index(n)].kind or "intensity" for n in model.names]
+            for k, kind in enumerate(KINDS):
+                for scale in (args.cal_factors if kind == "calibration" else args.scales):
+                    rng = np.random.default_rng([seed, 101, k])  # same positions for every scale
+                    bad, pos, what = inject(model, values, freqs, kind, rng, args, scale)
+                    tag = f"{kind}_x{scale:g}"
+                    acat = write_catalog(cat, model.names, kinds, bad, os.path.join(base, f"anomalous_{tag}"))
+                    t0 = time.perf_counter()
+                    res = run_anomaly(run, os.path.join(base, f"scores_{tag}"), catalog=acat, overwrite=True,
+                                      progress=lambda m: None)
+                    score_s = time.perf_counter() - t0
+                    new = [dict(sky=sky, seed=seed, kind=kind, scale=scale, score=name, auc=r["auc"],
+                                tpr_at_1pct=r["tpr1"], positives=int(pos.sum()), injected=what,
+                                fit_s=round(fit_s, 1), score_s=round(score_s, 2))
+                           for name, r in auc_rows(res["scores"], pos).items()]
+                    rows += new
+                    best = max(new, key=lambda r: r["auc"])
+                    print(f"{sky} seed {seed} {kind} x{scale:g}: {what}; best {best['score']} AUC {best['auc']:.3f}",
+                          file=sys.stderr, flush=True)
+    cols = list(rows[0])
+    with open(os.path.join(args.out, "rows.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    scores = list(dict.fromkeys(r["score"] for r in rows))
+    skies = args.skies.split(",")
+
+    def table(key, fmt):
+        out = ["| sky | kind | level | " + " | ".join(scores) + " | best |", "|---|---|---|" + "---|" * (len(scores) + 1)]
+        for sky in skies:
+            for kind in KINDS:
+                for scale in (args.cal_factors if kind == "calibration" else args.scales):
+                    sel = [r for r in rows if r["sky"] == sky and r["kind"] == kind and r["scale"] == scale]
+                    lo = {sc: min(r[key] for r in sel if r["score"] == sc) for sc in scores}
+                    hi = {sc: max(r[key] for r in sel if r["score"] == sc) for sc in scores}
+                    cells = [fmt(lo[sc]) if fmt(lo[sc]) == fmt(hi[sc]) else f"{fmt(lo[sc])}-{fmt(hi[sc])}"
+                             for sc in scores]
+                    best = max(scores, key=lambda sc: lo[sc])
+                    out.append(f"| {sky} | {kind} | {scale:g} | " + " | ".join(cells) + f" | {best} |")
+        return out
+
+    what = {}
+    for r in rows:
+        what.setdefault((r["kind"], r["scale"]), r["injected"].split(", ", 1)[-1] if r["kind"] != "calibration"
+                        else r["injected"].split(" in ")[0])
+    lines = [f"# Anomaly maps: ROC AUC (min-max over seeds {' '.join(map(str, args.seeds))})", "",
+             f"`{' '.join(sys.argv)}`; nside {args.nside}, {args.epochs} epochs; "
+             f"{benchutil.package_fingerprint()}; load {benchutil.load_average()}", "",
+             "Injected (level: the amplitude scale of source and line, A in units of the run's noise "
+             "sigma of each channel; the factor of calibration):", ""]
+    lines += [f"- {kind} x{scale:g}: {w}" for (kind, scale), w in what.items()]
+    lines += [""] + table("auc", lambda x: f"{x:.3f}")
+    lines += ["", "Fraction of injected pixels above the 99th percentile of the clean ones (tpr at 1 % fpr):", ""]
+    lines += table("tpr_at_1pct", lambda x: f"{x:.2f}")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""galdecomp anomaly: scores of a catalog under a trained run, the top list, the CLI's errors."""
+import csv
+import os
+
+import healpy as hp
+import numpy as np
+import pytest
+import yaml
+from astropy.io import fits
+
+import galdecomp
+from galdecomp.cli import main
+from galdecomp.fileio import write_healpix_fits
+from galdecomp.products.anomaly import SCORES, anomaly_scores, load_rows
+
+ANOMALY_PIXEL = 600  # NESTED, high latitude at nside 8
+
+
+def write_copy(sky_catalog, names, values, folder, drop=()):
+    """Write ``values`` (P, C physical, NESTED) as a catalog like ``sky_catalog``, without ``drop``."""
+    with open(sky_catalog) as f:
+        doc = yaml.safe_load(f)
+    os.makedirs(os.path.join(folder, "maps"), exist_ok=True)
+    entries = {e["name"]: e for e in doc["maps"]}
+    doc["maps"] = []
+    for c, name in enumerate(names):
+        if name in drop:
+            continue
+        e = dict(entries[name], file=f"maps/{name}.fits")
+        write_healpix_fits(os.path.join(folder, e["file"]), values[:, c], name, e["unit"], nest=True)
+        doc["maps"].append(e)
+    path = os.path.join(folder, "catalog.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A run on a small simulated sky, and a copy of the sky with one anomalous pixel."""
+    root = tmp_path_factory.mktemp("anomaly")
+    sky = str(root / "sky" / "catalog.yaml")
+    assert main(["simulate", "--nside", "8", "--out", str(root / "sky"), "--no-plot"]) == 0
+    assert main(["fit", sky, "--out", str(root / "run"), "--max-epochs", "10", "--latent-dim", "3"]) == 0
+    model = galdecomp.load(str(root / "run"))
+    values = load_rows(model, sky)[0]
+    y = model.standardise(values)
+    zigzag = 15.0 * (-1.0) ** np.arange(model.n_features)  # a spectrum no component has
+    y[ANOMALY_PIXEL] += zigzag * model.sigma
+    bad = write_copy(sky, model.names, model.physical(y), str(root / "bad"))
+    return root, model, sky, bad
+
+
+def test_injected_anomaly_is_ranked_first_by_chi2(toy, capsys):
+    root, model, sky, bad = toy
+    out = root / "scores"
+    assert main(["anomaly", str(root / "run"), "--catalog", bad, "--out", str(out), "--top", "5"]) == 0
+    assert sorted(os.listdir(out)) == ["anomaly.fits", "anomaly.png", "anomaly_top.csv"]
+    top = list(csv.DictReader(open(out / "anomaly_top.csv")))
+    assert len(top) == 5 and int(top[0]["pixel"]) == ANOMALY_PIXEL
+    assert top[0]["channel_1"] in model.names and abs(float(top[0]["residual_1"])) > 5
+    lon, lat = hp.pix2ang(8, ANOMALY_PIXEL, nest=True, lonlat=True)
+    assert float(top[0]["l_deg"]) == pytest.approx(lon, abs=1e-3) and float(top[0]["b_deg"]) == pytest.approx(lat, abs=1e-3)
+    # the FITS file: NESTED, Galactic, one column per score, the same values
+    with fits.open(out / "anomaly.fits") as f:
+        h = f[1].header
+        assert h["ORDERING"] == "NESTED" and h["COORDSYS"].startswith("G")
+        cols = [c.name for c in f[1].columns]
+    assert cols == [k for k in SCORES if k != "neg_log_latent_density"]
+    maps = np.array(hp.read_map(str(out / "anomaly.fits"), field=None, nest=True))
+    scores, _, _ = anomaly_scores(model, load_rows(model, bad)[0], 8)
+    np.testing.assert_allclose(maps[0], scores["chi2_per_channel"], rtol=1e-10)
+    assert "anomaly_top.csv" in capsys.readouterr().out
+
+
+def test_default_catalog_is_the_runs_own_and_scores_rank_by_choice(toy):
+    root, model, sky, bad = toy
+    out = root / "own"
+    assert main(["anomaly", str(root / "run"), "--out", str(out), "--score", "max_abs_residual", "--top", "3"]) == 0
+    top = list(csv.DictReader(open(out / "anomaly_top.csv")))
+    vals = [float(r["max_abs_residual"]) for r in top]
+    assert vals == sorted(vals, reverse=True) and int(top[0]["pixel"]) != ANOMALY_PIXEL
+
+
+def test_pixels_with_gaps_are_scored_per_observed_channel(toy):
+    root, model, sky, bad = toy
+    values = load_rows(model, sky)[0]
+    gappy = values.copy()
+    gappy[:100, :10] = np.nan
+    s, resid, n = anomaly_scores(model, gappy, 8)
+    assert np.all(n[:100] == model.n_features - 10) and np.all(np.isnan(resid[:100, :10]))
+    assert np.all(np.isfinite(s["chi2_per_channel"])) and np.all(s["chi2_per_channel"] >= 0)
+    full = anomaly_scores(model, values, 8)[0]
+    # per channel: the gappy pixels' scores stay on the scale of the complete ones
+    ratio = np.median(s["chi2_per_channel"][:100]) / np.median(full["chi2_per_channel"])
+    assert 0.2 < ratio < 5
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_run", "run folder not found"),
+    ("missing_channel", "no map named"),
+    ("bad_score", "unknown score"),
+    ("exists", "output folder exists"),
+    ("no_catalog", "catalog file not found"),
+])
+def test_cli_errors_are_one_line_and_write_nothing(toy, capsys, case, message):
+    root, model, sky, bad = toy
+    out = root / f"err_{case}"
+    run = str(root / "run")
+    if case == "missing_channel":
+        values = load_rows(model, sky)[0]
+        cat = write_copy(sky, model.names, values, str(root / "short"), drop=[model.names[4]])
+        argv = ["anomaly", run, "--catalog", cat, "--out", str(out)]
+        message = f"no map named '{model.names[4]}'"
+    elif case == "missing_run":
+        argv = ["anomaly", str(root / "nope"), "--out", str(out)]
+    elif case == "bad_score":
+        argv = ["anomaly", run, "--out", str(out), "--score", "loudness"]
+    elif case == "exists":
+        out = root / "sky"
+        argv = ["anomaly", run, "--out", str(out)]
+    else:
+        argv = ["anomaly", run, "--catalog", str(root / "none.yaml"), "--out", str(out)]
+    before = os.path.exists(out)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("galdecomp: error: ") and message in err[0], err
+    assert os.path.exists(out) == before
