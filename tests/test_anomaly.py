@@ -126,3 +126,40 @@ def test_cli_errors_are_one_line_and_write_nothing(toy, capsys, case, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("galdecomp: error: ") and message in err[0], err
     assert os.path.exists(out) == before
+
+
+def test_latent_transform_score_is_added_when_available_and_guarded(toy, monkeypatch, capsys):
+    import sys
+    import types
+
+    root, model, sky, bad = toy
+    run = root / "run"
+    np.savez(run / "latent_transform.npz", scale=2.0)
+    try:
+        # a run with the file but without the module: the other scores, one message
+        monkeypatch.setitem(sys.modules, "galdecomp.model.latent_transform", None)
+        assert main(["anomaly", str(run), "--out", str(root / "lt_none")]) == 0
+        assert "not available" in capsys.readouterr().err
+        assert len(hp.read_map(str(root / "lt_none" / "anomaly.fits"), field=None, nest=True)) == len(SCORES) - 1
+
+        class Fake:
+            def __init__(self, scale):
+                self.scale = scale
+
+            @classmethod
+            def load(cls, path):
+                with np.load(path) as f:
+                    return cls(float(f["scale"]))
+
+            def log_density(self, z):
+                return -0.5 * (z * z).sum(axis=1) / self.scale ** 2
+
+        mod = types.ModuleType("galdecomp.model.latent_transform")
+        mod.GaussianisingTransform = Fake
+        monkeypatch.setitem(sys.modules, "galdecomp.model.latent_transform", mod)
+        assert main(["anomaly", str(run), "--out", str(root / "lt"), "--score", "neg_log_latent_density"]) == 0
+        maps = np.array(hp.read_map(str(root / "lt" / "anomaly.fits"), field=None, nest=True))
+        mean = model.encode(load_rows(model)[0])[0]
+        np.testing.assert_allclose(maps[-1], 0.125 * (mean * mean).sum(axis=1), rtol=1e-9)
+    finally:
+        os.remove(run / "latent_transform.npz")

@@ -23,6 +23,7 @@ out-of-distribution inputs as *more* typical than in-distribution ones (an input
 close to the latent origin gets a high prior density), so the residual scores are the default.
 """
 import dataclasses
+import importlib
 import os
 import warnings
 
@@ -117,16 +118,24 @@ def load_rows(model, catalog=None):
 
 
 def _latent_transform(run_dir, progress):
-    """The run's latent transform (an object with ``log_density(z)``), or None."""
+    """The run's latent transform (an object with ``log_density(z)``), or None.
+
+    ``z`` are latents in the model's own order (as :meth:`TrainedModel.encode` returns them).
+    Guarded: without ``RUN/latent_transform.npz``, without the module, or if it cannot be read,
+    the score is left out (with a progress message).
+    """
     path = os.path.join(run_dir, "latent_transform.npz")
     if not os.path.isfile(path):
         return None
     try:
-        from ..model import latent_transform as lt
+        lt = importlib.import_module("galdecomp.model.latent_transform")
     except ImportError:
         progress(f"{path} exists but galdecomp.model.latent_transform is not available: skipped")
         return None
-    for load in (getattr(lt, "load", None), getattr(getattr(lt, "GaussianisingTransform", None), "load", None)):
+    cls = getattr(lt, "GaussianisingTransform", None)
+    loaders = [getattr(lt, k, None) for k in ("load", "load_transform", "read")]
+    loaders += [getattr(cls, k, None) for k in ("load", "from_file", "read")]
+    for load in loaders:
         if callable(load):
             try:
                 return load(path)
