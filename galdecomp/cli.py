@@ -291,9 +291,11 @@ def build_parser():
     s.add_argument("--catalog", metavar="CATALOG",
                    help="catalog to score (default: the one the run was trained on); maps matched by name")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist)")
-    s.add_argument("--top", type=_positive_int, default=50, help="pixels in anomaly_top.csv (default 50)")
-    s.add_argument("--score", default="chi2_per_channel",
-                   help="score that ranks anomaly_top.csv (default chi2_per_channel)")
+    s.add_argument("--top", type=_positive_int, default=50, metavar="N",
+                   help="pixels in anomaly_top.csv (default 50)")
+    s.add_argument("--score", default="chi2_per_channel", metavar="NAME",
+                   help="score that ranks anomaly_top.csv: chi2_per_channel (default), max_abs_residual, "
+                        "local_residual, contrast_chi2, neg_elbo, neg_log_prior, neg_log_latent_density")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(func=cmd_anomaly)
 
@@ -303,7 +305,7 @@ def build_parser():
                                    "(the run's encoder, the other covariance type from the same decoder, "
                                    "the Laplace approximation at the MAP) with p(z|d) ~ p(d|z) N(z; 0, 1) "
                                    "by importance sampling with each as proposal: KL(q||p), effective "
-                                   "sample size, mean shift, std ratio, 68 %% coverage.")
+                                   "sample size, mean shift, std ratio, 68 % coverage.")
     s.add_argument("run", metavar="RUN", help="run folder of galdecomp fit")
     s.add_argument("--pixels", type=_positive_int, required=True, metavar="N", help="random pixels to check")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist)")
