@@ -291,9 +291,11 @@ def write_anomaly_products(out, scores, residual, channel_names, nside, score=DE
     paths = {k: os.path.join(out, k) for k in ("anomaly.fits", "anomaly.png", "anomaly_top.csv")}
     write_healpix_fits(paths["anomaly.fits"], maps, names, "1", nest=True, coord="G",
                        header=list(header) + [("CONTENT", "anomaly scores, higher = more anomalous")])
-    shown = np.array([np.log10(np.where(scores[k] > 0, scores[k], np.nan)) if k in ("chi2_per_channel", "neg_elbo")
-                      else scores[k] for k in names])
-    titles = [f"log10 {k}" if k in ("chi2_per_channel", "neg_elbo") else k for k in names]
+    logged = ("chi2_per_channel", "contrast_chi2")  # positive, heavy-tailed: shown as log10
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shown = np.array([np.log10(np.where(scores[k] > 0, scores[k], np.nan)) if k in logged else scores[k]
+                          for k in names])
+    titles = [f"log10 {k}" if k in logged else k for k in names]
     mollview_grid(shown, titles, paths["anomaly.png"], nest=True, ncols=3, cmap="magma",
                   suptitle="anomaly scores (higher = more anomalous)")
     rows = top_pixels(scores, residual, channel_names, nside, score, top)
