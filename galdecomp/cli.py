@@ -202,7 +202,7 @@ def cmd_posterior_check(args):
     from .inference.posterior_check import run_posterior_check
 
     res = run_posterior_check(args.run, args.out, n_pixels=args.pixels, draws=args.draws, seed=args.seed,
-                              overwrite=args.overwrite, progress=log)
+                              overwrite=args.overwrite, progress=log, mcmc_steps=args.mcmc_steps)
     print(res["text"], end="")
     print(f"per pixel: {res['paths']['posterior_check.csv']}; summary: "
           f"{res['paths']['posterior_check_summary.csv']}; plot: {res['paths']['posterior_check.png']}")
@@ -312,6 +312,9 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, help="random seed of the pixels and draws (default 0)")
     s.add_argument("--draws", type=_positive_int, default=2000, metavar="K",
                    help="importance draws per pixel and q (default 2000)")
+    s.add_argument("--mcmc-steps", type=int, default=0, metavar="S",
+                   help="also run a Metropolis chain of S steps per pixel (all pixels at once) and compare "
+                        "each q and importance estimate with it: DIR/mcmc_check.csv (default 0: off)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(func=cmd_posterior_check)
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from galdecomp.cli import main
-from galdecomp.inference.posterior_check import (COLUMNS, SUMMARY_COLUMNS, check_pixels, importance_check,
-                                                 q_candidates, summarise)
+from galdecomp.inference.posterior_check import (COLUMNS, MCMC_COLUMNS, SUMMARY_COLUMNS, check_pixels,
+                                                 importance_check, q_candidates, summarise)
 from galdecomp.inference.trained import TrainedModel
 from galdecomp.model.autoencoder import Autoencoder
 from galdecomp.model.mlp import unpack_params
@@ -66,12 +66,18 @@ def test_laplace_is_exact_for_a_linear_decoder(linear):
     assert list(qs) == ["fisher", "diagonal", "laplace"]
     np.testing.assert_allclose(qs["fisher"][2], cov, rtol=1e-8)  # M = W N^-1 W^T + 1 at any z
     np.testing.assert_allclose(qs["laplace"][1], mean, atol=1e-6)
-    rows = check_pixels(tm, data, mask, draws=500, seed=0)
+    rows, mrows = check_pixels(tm, data, mask, draws=500, seed=0, mcmc_steps=4000)
     assert len(rows) == 3 * P and set(rows[0]) == set(COLUMNS)
     summ = {s["q"]: s for s in summarise(rows)}
     assert summ["laplace"]["kl"] < 0.02 and summ["laplace"]["ess_fraction"] > 0.99
     assert summ["diagonal"]["kl"] > summ["laplace"]["kl"]
     assert all(set(s) == set(SUMMARY_COLUMNS) for s in summ.values())
+    # the Metropolis chains agree with the exact posterior (Laplace = exact here)
+    lap = [r for r in mrows if r["q"] == "laplace"]
+    assert len(mrows) == 3 * P and set(mrows[0]) == set(MCMC_COLUMNS)
+    assert np.median([r["q_shift_vs_mcmc"] for r in lap]) < 0.15
+    assert abs(np.median([r["q_std_ratio_vs_mcmc"] for r in lap]) - 1) < 0.1
+    assert 0.15 < np.median([r["acceptance"] for r in lap]) < 0.7
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +91,10 @@ def run(tmp_path_factory):
 
 def test_cli_writes_the_tables_and_plot(run, capsys):
     out = run / "check"
-    assert main(["posterior-check", str(run / "run"), "--pixels", "15", "--draws", "300", "--out", str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["posterior_check.csv", "posterior_check.png", "posterior_check_summary.csv"]
+    assert main(["posterior-check", str(run / "run"), "--pixels", "15", "--draws", "300", "--out", str(out),
+                 "--mcmc-steps", "200"]) == 0
+    assert sorted(os.listdir(out)) == ["mcmc_check.csv", "posterior_check.csv", "posterior_check.png",
+                                       "posterior_check_summary.csv"]
     import csv
 
     rows = list(csv.DictReader(open(out / "posterior_check.csv")))

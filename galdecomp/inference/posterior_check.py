@@ -24,7 +24,7 @@ from scipy import stats
 from ..errors import InputError
 from ..model.fisher import covariance, jacobian_forward, metric
 
-__all__ = ["importance_check", "q_candidates", "check_pixels", "summarise", "run_posterior_check",
+__all__ = ["importance_check", "log_target", "metropolis", "q_candidates", "check_pixels", "summarise", "run_posterior_check",
            "COLUMNS", "SUMMARY_COLUMNS"]
 
 _LOG2PI = np.log(2.0 * np.pi)
@@ -32,6 +32,9 @@ _LOG2PI = np.log(2.0 * np.pi)
 #: columns of posterior_check.csv
 COLUMNS = ["pixel", "q", "source", "n_observed", "kl", "kl_pooled", "log_z", "ess_fraction", "shift_sigma_rms",
            "shift_sigma_max", "std_ratio", "std_ratio_min", "std_ratio_max", "coverage_68"]
+#: columns of mcmc_check.csv (``--mcmc-steps``)
+MCMC_COLUMNS = ["pixel", "q", "acceptance", "ess_fraction", "q_shift_vs_mcmc", "q_std_ratio_vs_mcmc",
+                "is_shift_vs_mcmc", "is_std_ratio_vs_mcmc"]
 #: columns of posterior_check_summary.csv (medians over pixels unless said)
 SUMMARY_COLUMNS = ["q", "source", "pixels", "kl", "kl_pooled", "ess_fraction", "frac_ess_below_0.1",
                    "shift_sigma_rms", "std_ratio", "coverage_68"]
@@ -114,6 +117,56 @@ def importance_check(model, params, data, mask, q_mean, q_cov, draws, rng, block
     return out
 
 
+def log_target(model, params, data, mask, z, prior=None):
+    """``log p~(z) = log p(d | z) + log p(z)`` per row (unnormalised log posterior); z (P, L)."""
+    prior = model.prior if prior is None else prior
+    s = params[model.slices["noise"]]
+    return prior.log_density(z) - model.likelihood.nll_rows(data, mask, model.decode(params, z), s)
+
+
+def metropolis(model, params, data, mask, start, cov, steps, rng, burn=0.25, prior=None):
+    """Random-walk Metropolis of ``p(z | d)`` for every row at once (an independent cross-check).
+
+    Proposal ``z' = z + (2.38 / sqrt(L)) Lc eps`` with ``cov = Lc Lc^T`` per row (e.g. the Laplace
+    covariance); one chain per row, all rows stepped together.
+
+    Parameters
+    ----------
+    model, params, data, mask
+        As for :func:`importance_check`.
+    start : ndarray, shape (P, L)
+    cov : ndarray, shape (P, L, L)
+    steps : int
+    rng : numpy.random.Generator
+    burn : float
+        Fraction of the steps discarded.
+    prior : LatentPrior, optional
+
+    Returns
+    -------
+    dict of ndarray
+        ``mean``, ``std`` (P, L) of the kept states; ``acceptance`` (P,).
+    """
+    z = np.array(start, dtype=float)
+    P, L = z.shape
+    chol = (2.38 / np.sqrt(L)) * np.linalg.cholesky(cov)
+    lp = log_target(model, params, data, mask, z, prior)
+    n0 = int(burn * steps)
+    s1, s2, acc = np.zeros((P, L)), np.zeros((P, L)), np.zeros(P)
+    for t in range(int(steps)):  # over steps; every row moves at once
+        prop = z + np.einsum("pij,pj->pi", chol, rng.standard_normal((P, L)))
+        lq = log_target(model, params, data, mask, prop, prior)
+        ok = np.log(rng.uniform(size=P)) < lq - lp
+        z[ok], lp[ok] = prop[ok], lq[ok]
+        if t >= n0:
+            s1 += z
+            s2 += z * z
+            acc += ok
+    n = int(steps) - n0
+    mean = s1 / n
+    return dict(mean=mean, std=np.sqrt(np.maximum(s2 / n - mean * mean, 0.0)), acceptance=acc / n)
+
+
 def q_candidates(trained, data, mask):
     """The Gaussian posteriors to check, from one trained model.
 
@@ -149,7 +202,7 @@ def q_candidates(trained, data, mask):
     return out
 
 
-def check_pixels(trained, data, mask, draws=2000, seed=0, pixels=None, progress=None):
+def check_pixels(trained, data, mask, draws=2000, seed=0, pixels=None, progress=None, mcmc_steps=0):
     """Importance check of every q candidate for the given rows.
 
     Parameters
@@ -162,13 +215,20 @@ def check_pixels(trained, data, mask, draws=2000, seed=0, pixels=None, progress=
     pixels : ndarray of int, shape (P,), optional
         Pixel index of each row (for the table; default 0..P-1).
     progress : callable, optional
+    mcmc_steps : int
+        If > 0, also run :func:`metropolis` (started at the Laplace MAP, its covariance as the
+        proposal shape) for every row and compare each q and each importance estimate with it.
 
     Returns
     -------
-    list of dict
+    rows : list of dict
         One row per pixel and q (:data:`COLUMNS`); ``kl_pooled`` uses the largest ``log Z``
         estimate of the pixel over all q (each is a lower bound in expectation, so the largest
         is the least biased).
+    mcmc_rows : list of dict
+        With ``mcmc_steps``: one row per pixel and q (:data:`MCMC_COLUMNS`): the Metropolis
+        acceptance rate, the q's and the importance estimate's mean shift (RMS over latents, in
+        the chain's std) and std ratio (geometric mean) against the chain. Else empty.
     """
     pixels = np.arange(len(data)) if pixels is None else np.asarray(pixels)
     qs = q_candidates(trained, data, mask)
@@ -180,6 +240,24 @@ def check_pixels(trained, data, mask, draws=2000, seed=0, pixels=None, progress=
                                      np.random.default_rng([seed, 17, i]), prior=trained.prior)
     best = np.max([r["log_z"] for r in res.values()], axis=0)
     n_obs = mask.sum(axis=1)
+    mcmc_rows = []
+    if mcmc_steps > 0:
+        if progress:
+            progress(f"Metropolis cross-check: {len(data)} chains x {mcmc_steps} steps")
+        ch = metropolis(trained.model, trained.params, data, mask, qs["laplace"][1], qs["laplace"][2],
+                        mcmc_steps, np.random.default_rng([seed, 23]), prior=trained.prior)
+
+        def versus(mean, std):
+            shift = (mean - ch["mean"]) / ch["std"]
+            return np.sqrt((shift * shift).mean(axis=1)), np.exp(np.log(std / ch["std"]).mean(axis=1))
+
+        for name, r in res.items():
+            q_std = np.sqrt(np.diagonal(qs[name][2], axis1=1, axis2=2))
+            cols = versus(qs[name][1], q_std) + versus(r["mean_p"], r["std_p"])
+            mcmc_rows += [dict(pixel=int(pixels[p]), q=name, acceptance=float(ch["acceptance"][p]),
+                               ess_fraction=float(r["ess_fraction"][p]),
+                               **{k: float(v[p]) for k, v in zip(MCMC_COLUMNS[4:], cols)})
+                          for p in range(len(data))]
     rows = []
     for name, r in res.items():
         r["kl_pooled"] = best - r["elbo"]
@@ -187,7 +265,7 @@ def check_pixels(trained, data, mask, draws=2000, seed=0, pixels=None, progress=
             row = dict(pixel=int(pixels[p]), q=name, source=qs[name][0], n_observed=int(n_obs[p]))
             row.update({k: float(r[k][p]) for k in COLUMNS[4:]})
             rows.append(row)
-    return rows
+    return rows, mcmc_rows
 
 
 def summarise(rows):
@@ -233,7 +311,8 @@ def plot_check(rows, path):
     plt.close(fig)
 
 
-def run_posterior_check(run_dir, out, n_pixels, draws=2000, seed=0, overwrite=False, progress=print):
+def run_posterior_check(run_dir, out, n_pixels, draws=2000, seed=0, overwrite=False, progress=print,
+                        mcmc_steps=0):
     """``galdecomp posterior-check``: check q(z|d) on random pixels of a run's data; write ``out``.
 
     Parameters
@@ -249,11 +328,13 @@ def run_posterior_check(run_dir, out, n_pixels, draws=2000, seed=0, overwrite=Fa
     seed : int
     overwrite : bool
     progress : callable
+    mcmc_steps : int
+        If > 0, the Metropolis cross-check of :func:`check_pixels`, written to ``mcmc_check.csv``.
 
     Returns
     -------
     dict
-        ``rows``, ``summary``, ``text`` (the printed summary), ``paths``.
+        ``rows``, ``summary``, ``mcmc_rows``, ``text`` (the printed summary), ``paths``.
 
     Raises
     ------
@@ -275,16 +356,31 @@ def run_posterior_check(run_dir, out, n_pixels, draws=2000, seed=0, overwrite=Fa
     ok = np.flatnonzero(m.any(axis=1))
     rng = np.random.default_rng([seed, 11])
     pix = np.sort(rng.choice(ok, size=min(int(n_pixels), len(ok)), replace=False))
-    rows = check_pixels(trained, np.where(m[pix], y[pix], 0.0), m[pix], draws, seed, pix, progress)
+    rows, mrows = check_pixels(trained, np.where(m[pix], y[pix], 0.0), m[pix], draws, seed, pix, progress,
+                               mcmc_steps)
     summary = summarise(rows)
     text = (f"q(z|d) against p(z|d) by importance sampling: {len(pix)} pixels, {draws} draws, "
             f"{trained.latent_dim} latents, run covariance {trained.model.posterior.name} (medians)\n"
             + format_table(summary, SUMMARY_COLUMNS, "text"))
+    if mrows:
+        med = [dict(q=q, **{k: float(np.median([r[k] for r in mrows if r["q"] == q])) for k in MCMC_COLUMNS[2:]})
+               for q in summary_q(summary)]
+        text += (f"against a Metropolis chain per pixel ({mcmc_steps} steps, medians; shift in the chain's "
+                 f"sigma, std ratio = std / chain std):\n" + format_table(med, MCMC_COLUMNS[1:], "text"))
     with atomic_output_dir(out, overwrite) as tmp:
         write_text(os.path.join(tmp, "posterior_check.csv"), format_table(rows, COLUMNS, "csv"))
         write_text(os.path.join(tmp, "posterior_check_summary.csv"), format_table(summary, SUMMARY_COLUMNS, "csv"))
         plot_check(rows, os.path.join(tmp, "posterior_check.png"))
+        if mrows:
+            write_text(os.path.join(tmp, "mcmc_check.csv"), format_table(mrows, MCMC_COLUMNS, "csv"))
     out = os.path.abspath(out)
     paths = {k: os.path.join(out, k) for k in ("posterior_check.csv", "posterior_check_summary.csv",
                                                 "posterior_check.png")}
-    return dict(rows=rows, summary=summary, text=text, paths=paths)
+    if mrows:
+        paths["mcmc_check.csv"] = os.path.join(out, "mcmc_check.csv")
+    return dict(rows=rows, summary=summary, mcmc_rows=mrows, text=text, paths=paths)
+
+
+def summary_q(summary):
+    """The q names of a summary, in order."""
+    return [s["q"] for s in summary]
