@@ -312,8 +312,8 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, help="random seed of the pixels and draws (default 0)")
     s.add_argument("--draws", type=_positive_int, default=2000, metavar="K",
                    help="importance draws per pixel and q (default 2000)")
-    s.add_argument("--mcmc-steps", type=int, default=0, metavar="S",
-                   help="also run a Metropolis chain of S steps per pixel (all pixels at once) and compare "
+    s.add_argument("--mcmc-steps", type=int, default=0, metavar="M",
+                   help="also run a Metropolis chain of M steps per pixel (all pixels at once) and compare "
                         "each q and importance estimate with it: DIR/mcmc_check.csv (default 0: off)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(func=cmd_posterior_check)
