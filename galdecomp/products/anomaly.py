@@ -133,7 +133,13 @@ def _latent_transform(run_dir, progress):
         progress(f"{path} exists but galdecomp.model.latent_transform is not available: skipped")
         return None
     cls = getattr(lt, "GaussianisingTransform", None)
-    loaders = [getattr(lt, k, None) for k in ("load", "load_transform", "read")]
+    loaders = []
+    if callable(getattr(lt, "load_density", None)):  # load_density(arrays of an opened .npz)
+        def from_npz(p):
+            with open(p, "rb") as fh, np.load(fh) as f:
+                return lt.load_density(dict(f))
+        loaders.append(from_npz)
+    loaders += [getattr(lt, k, None) for k in ("load", "load_transform", "read")]
     loaders += [getattr(cls, k, None) for k in ("load", "from_file", "read")]
     for load in loaders:
         if callable(load):
