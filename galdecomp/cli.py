@@ -188,6 +188,32 @@ def cmd_run(args):
     return 0
 
 
+def _load_run(path):
+    """The trained model of a run folder (InputError if there is none)."""
+    from .inference.trained import TrainedModel
+
+    if not os.path.isdir(path):
+        raise InputError(f"{path}: run folder not found")
+    return TrainedModel.load(path)
+
+
+def cmd_reconstruct(args):
+    from .products.reconstruct import reconstruct_sky
+
+    if args.samples < 2:
+        raise InputError(f"--samples must be at least 2, got {args.samples}")
+    trained = _load_run(args.run)
+    res = reconstruct_sky(trained, args.catalog, args.out, holdout=args.holdout or (),
+                          hide_fraction=args.hide_fraction, n_draws=args.samples, seed=args.seed,
+                          overwrite=args.overwrite, progress=log)
+    print(f"reconstruction: {res['out']} (MAP converged in {100 * res['converged']:.1f}% of pixels)")
+    for r in res["holdout"]:
+        print(f"  {r['channel']}: RMSE {r['rmse_standardised']:.3f} (linear {r['rmse_linear']:.3f}, "
+              f"boosting {r['rmse_boosting']:.3f}), 68% coverage {100 * r['coverage_68']:.1f}%, "
+              f"95% coverage {100 * r['coverage_95']:.1f}%")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------
 
 
@@ -271,6 +297,26 @@ def build_parser():
     s.add_argument("--resume", action="store_true", help="continue an interrupted main job")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("reconstruct", parents=[common], help="missing or corrupted channels, with uncertainties",
+                       description="For every pixel of CATALOG's sky, the latent posterior given only its "
+                                   "observed channels (MAP and Laplace covariance of the trained decoder; "
+                                   "extra_noise and gain_sigma of catalog entries are marginalised) and the "
+                                   "predictive distribution of every run channel: DIR/reconstruction_{mean,"
+                                   "std,p50,p16,p84,p02,p98}.fits, latent_mean/std.fits, and holdout.csv "
+                                   "when channels are held out.")
+    s.add_argument("run", metavar="RUN", help="run folder of galdecomp fit")
+    s.add_argument("--catalog", required=True, help="catalog with (some of) the run's channels, by name")
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    s.add_argument("--holdout", action="append", metavar="NAME",
+                   help="hide this channel entirely and score its reconstruction (repeatable)")
+    s.add_argument("--hide-fraction", type=float, default=0.0, metavar="F",
+                   help="also hide this fraction of each pixel's other channels and score them")
+    s.add_argument("--samples", type=int, default=200, metavar="K",
+                   help="Monte Carlo draws of the predictive distribution per pixel (default 200)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    s.set_defaults(func=cmd_reconstruct)
     return p
 
 
