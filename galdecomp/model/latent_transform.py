@@ -156,8 +156,9 @@ class GaussianisingTransform:
     Layer k rotates, ``y = v @ R_k.T`` (R_k orthogonal, so no volume change), then maps every
     feature j through a strictly increasing rational-quadratic spline ``g_kj`` whose knots are
     the empirical quantiles of ``y_j`` at the probabilities ``Phi(t)`` of Gaussian points ``t``
-    equally spaced in [-t_max, t_max] (knot values: ``t``), with linear tails of the end
-    slopes. Inverse and derivative are closed-form everywhere.
+    equally spaced in [-t_max, t_max] (knot values: ``t``), and linear tails whose slopes map
+    the mean excess of the draws beyond the end knots to that of N(0, 1) beyond ``t_max``.
+    Inverse and derivative are closed-form everywhere.
 
     Attributes
     ----------
@@ -195,11 +196,20 @@ class GaussianisingTransform:
         span = x[:, -1:] - x[:, :1]
         x = np.maximum.accumulate(x + 1e-9 * span * np.arange(n_knots) / n_knots, axis=1)
         yk = np.broadcast_to(t, x.shape).copy()
-        return x, yk, _knot_slopes(x, yk)
+        d = _knot_slopes(x, yk)
+        # tails: slope = Gaussian mean excess beyond t_max / the data's mean excess beyond the knot
+        gauss_excess = np.exp(-0.5 * t_max ** 2) / np.sqrt(2 * np.pi) / special.ndtr(-t_max) - t_max
+        for j in range(len(x)):
+            hi = y[:, j] - x[j, -1]
+            lo = x[j, 0] - y[:, j]
+            for end, exc in ((-1, hi[hi > 0]), (0, lo[lo > 0])):
+                if len(exc) >= 5 and exc.mean() > 0:
+                    d[j, end] = gauss_excess / exc.mean()
+        return x, yk, d
 
     @classmethod
     def fit(cls, z, seed=0, max_layers=100, validation_fraction=0.2, groups=None, rotation="random",
-            n_knots=None, patience=5, tol=1e-3, log=None):
+            n_knots=None, tail_fraction=0.005, patience=5, tol=1e-3, log=None):
         """Fit to draws of the aggregate posterior.
 
         Parameters
@@ -218,6 +228,9 @@ class GaussianisingTransform:
             Random orthogonal rotations, or the principal axes of the current layer's input.
         n_knots : int, optional
             Quantile knots per feature and layer (default ``clip(sqrt(N_train) / 4, 8, 64)``).
+        tail_fraction : float
+            Probability beyond each end knot (at least 50 training draws); the linear tails'
+            slopes match the draws' mean excess beyond the end knots to the Gaussian's.
         patience : int
             Stop after this many layers without a held-out improvement larger than ``tol``.
         tol : float
@@ -242,7 +255,7 @@ class GaussianisingTransform:
             raise ValueError(f"too few draws: {len(tr)} training, {len(va)} validation")
         L = z.shape[1]
         n_knots = int(n_knots or np.clip(np.sqrt(len(tr)) / 4, 8, 64))
-        t_max = float(special.ndtri(1 - min(0.25, 20.0 / len(tr))))
+        t_max = float(special.ndtri(1 - min(0.25, max(tail_fraction, 50.0 / len(tr)))))
         layers = []
         va_logdet = np.zeros(len(va))
         curve = [standard_normal_logpdf(va).mean()]
