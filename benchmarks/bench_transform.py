@@ -132,11 +132,14 @@ def main():
         fd = fd_of(lambda n, r: z_tr[r.choice(len(z_tr), n)])
         rows.append(("Q-train (target)", np.nan, *fd, np.nan, np.nan, ""))
 
-        models = [("prior", lambda: GaussianDensity.standard(L)), ("gauss", lambda: GaussianDensity.fit(z_tr))]
+        def rbig(rotation):
+            return lambda: GaussianisingTransform.fit(z_tr, seed=0, groups=groups, rotation=rotation)
+
+        models = [("prior", lambda: GaussianDensity.standard(L)),
+                  ("gauss", lambda: GaussianDensity.fit(z_tr))]
         models += [(f"gmm-{k}", lambda k=k: GaussianMixtureDensity.fit(z_tr, seed=0, n_components=k))
                    for k in map(int, args.gmm.split(","))]
-        models += [("rbig-auto", lambda: GaussianisingTransform.fit(z_tr, seed=0, groups=groups, rotation="random")),
-                   ("pca-auto", lambda: GaussianisingTransform.fit(z_tr, seed=0, groups=groups, rotation="pca"))]
+        models += [("rbig-auto", rbig("random")), ("pca-auto", rbig("pca"))]
         fixed = sorted(map(int, args.layers.split(",")))
         fd_prior = None
         for name, make in models:

@@ -14,9 +14,9 @@ Shapes (fixed throughout this module):
 Methods (all with ``fit``, ``log_density``, ``sample``, ``to_arrays`` / ``from_arrays``):
 
 - :class:`GaussianisingTransform`: iterative Gaussianisation (Laparra et al. 2011, "RBIG"):
-  K layers of rotation (default: principal axes) + per-feature monotone rational-quadratic spline through the empirical
-  quantiles (linear tails), exact inverse and log-determinant; layers are added while the
-  held-out log-density improves;
+  K layers of rotation (default: principal axes) + per-feature monotone rational-quadratic
+  spline through the empirical quantiles (linear tails), exact inverse and log-determinant;
+  layers are added while the held-out log-density improves;
 - :class:`GaussianDensity`: one full-covariance Gaussian (affine T, exact inverse);
 - :class:`GaussianMixtureDensity`: scikit-learn Gaussian mixture (no T; density and sampling);
 - ``GaussianDensity.standard(L)``: the prior N(0, 1) itself (T = identity).
