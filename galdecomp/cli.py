@@ -207,7 +207,7 @@ def cmd_reconstruct(args):
     trained = _load_run(args.run)
     res = reconstruct_sky(trained, args.catalog, args.out, holdout=args.holdout or (),
                           hide_fraction=args.hide_fraction, n_draws=args.samples, seed=args.seed,
-                          overwrite=args.overwrite, progress=log)
+                          overwrite=args.overwrite, progress=log, noise=args.noise)
     print(f"reconstruction: {res['out']} (MAP converged in {100 * res['converged']:.1f}% of pixels)")
     for r in res["holdout"]:
         print(f"  {r['channel']}: RMSE {r['rmse_standardised']:.3f} (linear {r['rmse_linear']:.3f}, "
@@ -371,6 +371,9 @@ def build_parser():
                    help="also hide this fraction of each pixel's other channels and score them")
     s.add_argument("--samples", type=int, default=200, metavar="K",
                    help="Monte Carlo draws of the predictive distribution per pixel (default 200)")
+    s.add_argument("--noise", choices=["recalibrated", "model"], default="recalibrated",
+                   help="channel noise: re-estimated from the residuals at the MAP on the run's data "
+                        "(default), or the trained model's")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(func=cmd_reconstruct)

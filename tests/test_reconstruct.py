@@ -113,3 +113,14 @@ def test_reconstruct_bad_input(run, tmp_path, capsys):
     assert main(["reconstruct", str(tmp_path / "missing"), "--catalog", cat, "--out", str(tmp_path / "b")]) == 2
     assert "run folder not found" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_recalibrated_noise_is_unbiased_for_the_true_model():
+    """Residuals at the MAP are smaller than the noise (the latents absorb L of the C degrees of
+    freedom); the leverage correction undoes that, so the true sigma comes back."""
+    tm, W, b, sigma = linear_model(5)
+    rng = np.random.default_rng(6)
+    data = rng.standard_normal((6000, L)) @ W + b + sigma * rng.standard_normal((6000, C))
+    r = data - tm.decode(tm.condition(data)["mean"])
+    assert np.all(r.std(0) < sigma)                     # the raw MAP residuals are biased low
+    np.testing.assert_allclose(tm.recalibrated_sigma(data), sigma, rtol=0.05)

@@ -49,7 +49,7 @@ def extra_variance(trained, physical, mask, extra_noise=None, gain_sigma=None):
 
 
 def predictive(trained, physical, mask, extra_noise=None, gain_sigma=None, n_draws=200, rng=None,
-               block=1024):
+               block=1024, sigma=None):
     """Predictive mean, standard deviation and percentiles of every channel of every row.
 
     Parameters
@@ -66,6 +66,9 @@ def predictive(trained, physical, mask, extra_noise=None, gain_sigma=None, n_dra
     rng : numpy.random.Generator, optional
     block : int
         Rows per block.
+    sigma : ndarray, shape (C,), optional
+        The noise (standardised units) of conditioning and prediction instead of the model's,
+        e.g. :meth:`TrainedModel.recalibrated_sigma`.
 
     Returns
     -------
@@ -80,10 +83,10 @@ def predictive(trained, physical, mask, extra_noise=None, gain_sigma=None, n_dra
     mask = np.asarray(mask, bool) & np.isfinite(physical)
     y = np.where(mask, trained.standardise(np.where(mask, physical, 1.0)), 0.0)
     xvar = extra_variance(trained, physical, mask, extra_noise, gain_sigma)
-    cond = trained.condition(y, mask, standardised=True, extra_noise=np.sqrt(xvar))
+    sigma = trained.sigma if sigma is None else np.asarray(sigma, float)
+    cond = trained.condition(y, mask, standardised=True, extra_noise=np.sqrt(xvar), sigma=sigma)
     en = np.zeros(C) if extra_noise is None else np.asarray(extra_noise, float)
     gs = np.zeros(C) if gain_sigma is None else np.asarray(gain_sigma, float)
-    sigma = trained.sigma
     P = len(y)
     out = {k: np.empty((P, C)) for k in ["mean", "std", "standardised_mean", *QUANTILES]}
     for a in range(0, P, block):

@@ -305,8 +305,34 @@ class TrainedModel:
         return dict(nll=t["nll_rows"], kl=t["kl_rows"], elbo=-(t["nll_rows"] + self.model.beta * t["kl_rows"]),
                     chi2=chi2, n_observed=m.sum(axis=1))
 
+    def recalibrated_sigma(self, data, mask=None, standardised=False):
+        """Noise per channel re-estimated from the residuals at the conditioned posterior's MAP.
+
+        Training fits ``sigma`` to the residuals under the encoder's q (its spread and amortisation
+        gap included); a predictive built from the MAP, the Laplace covariance and that sigma counts
+        the latent uncertainty twice. This is the residual variance at the MAP of every row (given
+        all its observed entries, with the model's sigma), corrected for the degrees of freedom
+        the latents use: ``sigma_c^2 = sum_p m_pc r_pc^2 / sum_p m_pc (1 - h_pc)`` with the leverage
+        ``h_pc = (J M^-1 J^T)_cc / sigma_c^2``; at least the noise floor.
+
+        Returns
+        -------
+        ndarray, shape (C,)
+            Standardised units.
+        """
+        from ..model.fisher import jacobian_forward
+
+        y, m = self._rows(data, mask, standardised)
+        res = self.condition(y, m, standardised=True)
+        theta, dec = self.model.split(self.params)[1], self.model.decoder
+        f, J, _ = jacobian_forward(theta, dec.sizes, dec.activation, res["mean"])
+        w = m / self.sigma ** 2
+        lev = w * np.einsum("pcl,plk,pck->pc", J, res["cov"], J)
+        var = (m * (y - f) ** 2).sum(0) / np.maximum((m * (1.0 - lev)).sum(0), 1.0)
+        return np.maximum(np.sqrt(var), self.model.floor)
+
     def condition(self, data, mask=None, standardised=False, extra_noise=None, n_samples=0, seed=0,
-                  iterations=100):
+                  iterations=100, sigma=None):
         """The latent posterior p(z | y) given only the observed entries of each row.
 
         Not the encoder's q: the MAP of ``-log p(y | z) - log N(z; 0, 1)`` (damped Gauss-Newton from
@@ -325,6 +351,8 @@ class TrainedModel:
             Seed of the MGVI samples.
         iterations : int
             Gauss-Newton steps at most.
+        sigma : ndarray, shape (C,), optional
+            Noise per channel instead of the model's (e.g. :meth:`recalibrated_sigma`).
 
         Returns
         -------
@@ -333,7 +361,8 @@ class TrainedModel:
             ``samples`` (2 n_samples, P, L) if requested.
         """
         y, m = self._rows(data, mask, standardised)
-        var = self.sigma ** 2 + (0.0 if extra_noise is None else np.asarray(extra_noise, float) ** 2)
+        var = (self.sigma if sigma is None else np.asarray(sigma, float)) ** 2 + \
+            (0.0 if extra_noise is None else np.asarray(extra_noise, float) ** 2)
         inv_var = m / var
         start = self.model.posterior_moments(self.params, y, m)[0]
         res = latent_map(self.model.decoder, self.model.split(self.params)[1], y, inv_var, start,

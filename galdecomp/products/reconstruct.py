@@ -75,7 +75,7 @@ def _run_channels(trained, catalog_path):
 
 
 def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n_draws=200, seed=0,
-                    overwrite=False, progress=None):
+                    overwrite=False, progress=None, noise="recalibrated"):
     """Reconstruct every channel of a catalog's sky with the posterior given its observed entries.
 
     Parameters
@@ -97,11 +97,15 @@ def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n
     seed : int
     overwrite : bool
     progress : callable, optional
+    noise : {"recalibrated", "model"}
+        The per-channel noise of conditioning and prediction: re-estimated from the residuals
+        at the MAP on the run's own data (:meth:`TrainedModel.recalibrated_sigma`), or the
+        trained model's.
 
     Returns
     -------
     dict
-        ``out``; ``holdout`` (list of dict rows of holdout.csv, empty without scoring);
+        ``out``; ``sigma`` (the noise used, standardised); ``holdout`` (list of dict rows of holdout.csv, empty without scoring);
         ``converged`` (fraction of pixels whose MAP converged).
     """
     say = progress or (lambda msg: None)
@@ -139,10 +143,16 @@ def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n
     say(f"reconstructing {P} pixels x {C} channels from {int(mask.sum())} observed entries"
         + (f"; not in the catalog: {', '.join(lacking)}" if lacking else "")
         + (f"; held out: {', '.join(holdout)}" if len(holdout) else ""))
-    pred = predictive(trained, physical, mask, extra_noise, gain_sigma, n_draws, rng)
+    sigma = trained.sigma
+    if noise == "recalibrated":
+        say("noise re-estimated from the residuals at the MAP on the run's own data")
+        sigma = trained.recalibrated_sigma(trained.load_rows())
+    elif noise != "model":
+        raise InputError(f"--noise: must be recalibrated or model, got {noise!r}")
+    pred = predictive(trained, physical, mask, extra_noise, gain_sigma, n_draws, rng, sigma=sigma)
     rows = _score(trained, physical, mask, hold, hidden, pred, seed, hide_fraction, say)
     _write(trained, ds, out, pred, rows, hold, physical, overwrite)
-    return dict(out=os.path.abspath(out), holdout=rows, converged=float(pred["converged"].mean()))
+    return dict(out=os.path.abspath(out), sigma=sigma, holdout=rows, converged=float(pred["converged"].mean()))
 
 
 def _score(trained, physical, mask, hold, hidden, pred, seed, hide_fraction, say):
