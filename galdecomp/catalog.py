@@ -15,6 +15,10 @@ A catalog lists HEALPix maps::
                                   # default: the FITS header's KIND card, else counts for
                                   # unit counts/photons, else intensity
         noise: 0.5                # optional known per-pixel noise in `unit` (a floor for the learned noise)
+        extra_noise: 0.2          # optional, for `galdecomp reconstruct`: noise of this map beyond the
+                                  # model's (in `unit`, per pixel), e.g. a noisier survey of the channel
+        gain_sigma: 0.05          # optional, for `galdecomp reconstruct`: relative uncertainty of the
+                                  # map's calibration factor (prior N(1, gain_sigma^2), marginalised)
 """
 import os
 import warnings
@@ -33,7 +37,7 @@ TRANSFORMS = ("auto", "log", "asinh", "anscombe", "linear")
 ASINH_RULES = ("mad", "std")
 KINDS = ("intensity", "counts")
 _KEYS = {"name", "file", "frequency_hz", "unit", "field", "transform", "kind", "noise",
-         "asinh_scale", "description"}
+         "asinh_scale", "description", "extra_noise", "gain_sigma"}
 
 
 def is_power_of_two(n):
@@ -54,6 +58,8 @@ class MapEntry:
     kind: str = None
     noise: float = float("nan")
     asinh_scale: object = "mad"
+    extra_noise: float = 0.0
+    gain_sigma: float = 0.0
 
 
 @dataclass
@@ -154,6 +160,11 @@ def read_catalog(path):
             noise = _number(raw["noise"], f"{where}: noise")
             if not noise >= 0:
                 raise InputError(f"{where}: noise must be >= 0, got {raw['noise']!r}")
+        extra = {}
+        for key in ("extra_noise", "gain_sigma"):
+            extra[key] = 0.0 if raw.get(key) is None else _number(raw[key], f"{where}: {key}")
+            if not (extra[key] >= 0 and np.isfinite(extra[key])):
+                raise InputError(f"{where}: {key} must be a number >= 0, got {raw[key]!r}")
         scale = raw.get("asinh_scale", "mad")
         if scale not in ASINH_RULES:
             scale = _number(scale, f"{where}: asinh_scale")
@@ -161,7 +172,7 @@ def read_catalog(path):
                 raise InputError(f"{where}: asinh_scale must be positive or one of "
                                  f"{', '.join(ASINH_RULES)}, got {raw['asinh_scale']!r}")
         entries.append(MapEntry(name, os.path.abspath(fpath), freq, raw["unit"].strip(), fld,
-                                transform, kind, noise, scale))
+                                transform, kind, noise, scale, **extra))
     return Catalog(os.path.abspath(path), nside, entries)
 
 

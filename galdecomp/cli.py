@@ -13,6 +13,8 @@ import time
 import traceback
 import warnings
 
+import numpy as np
+
 from . import __version__
 from .errors import InputError, JobStopped, WriteError
 
@@ -209,6 +211,87 @@ def cmd_posterior_check(args):
     return 0
 
 
+def _load_run(path):
+    """The trained model of a run folder (InputError if there is none)."""
+    from .inference.trained import TrainedModel
+
+    if not os.path.isdir(path):
+        raise InputError(f"{path}: run folder not found")
+    return TrainedModel.load(path)
+
+
+def cmd_reconstruct(args):
+    from .products.reconstruct import reconstruct_sky
+
+    if args.samples < 2:
+        raise InputError(f"--samples must be at least 2, got {args.samples}")
+    trained = _load_run(args.run)
+    res = reconstruct_sky(trained, args.catalog, args.out, holdout=args.holdout or (),
+                          hide_fraction=args.hide_fraction, n_draws=args.samples, seed=args.seed,
+                          overwrite=args.overwrite, progress=log, noise=args.noise)
+    print(f"reconstruction: {res['out']} (MAP converged in {100 * res['converged']:.1f}% of pixels)")
+    for r in res["holdout"]:
+        print(f"  {r['channel']}: RMSE {r['rmse_standardised']:.3f} (linear {r['rmse_linear']:.3f}, "
+              f"boosting {r['rmse_boosting']:.3f}), 68% coverage {100 * r['coverage_68']:.1f}%, "
+              f"95% coverage {100 * r['coverage_95']:.1f}%")
+    return 0
+
+
+def cmd_transform(args):
+    from .fileio import folder_lock
+    from .inference.trained import write_transform
+    from .products.generate import aggregate_draws, fit_latent_density, transform_rows
+
+    trained = _load_run(args.run)
+    y = trained.standardise(trained.load_rows())
+    mask = np.isfinite(y)
+    log(f"posteriors of {len(y)} rows")
+    mean, cov = trained.model.posterior_moments(trained.params, np.where(mask, y, 0.0), mask)
+    cfg = trained.config
+    rows = transform_rows(len(y), cfg["training"]["validation_fraction"], cfg["seed"])
+    z, groups = aggregate_draws(mean, cov, rows, args.seed)
+    log(f"latent transform ({args.method}) on {len(z)} draws of the aggregate posterior")
+    density = fit_latent_density(z, groups, args.method, seed=args.seed)
+    with folder_lock(os.path.abspath(args.run)):
+        path = write_transform(args.run, density)
+    held = split_validation(trained, y)
+    zq = aggregate_draws(*trained.encode(held, standardised=True), np.arange(len(held)), args.seed + 1)[0]
+    print(f"latent transform: {path}")
+    print(f"held-out log-density per draw: {np.mean(density.log_density(zq)):.3f} "
+          f"(prior N(0, 1): {np.mean(trained.prior.log_density(zq)):.3f})")
+    return 0
+
+
+def split_validation(trained, y):
+    """The run's validation rows of ``y`` without missing entries (held out from training)."""
+    from .inference.training import split_rows
+
+    cfg = trained.config
+    valid = y[split_rows(len(y), cfg["training"]["validation_fraction"], cfg["seed"])[1]]
+    return valid[np.isfinite(valid).all(1)]
+
+
+def cmd_sample(args):
+    from .products.generate import write_samples
+
+    if args.n < 1:
+        raise InputError(f"--n must be positive, got {args.n}")
+    trained = _load_run(args.run)
+    if args.source == "transformed" and trained.transform is None:
+        raise InputError(f"{args.run}: no latent transform (latent_transform.npz): fit one with "
+                         f"`galdecomp transform {args.run}`")
+    real = split_validation(trained, trained.standardise(trained.load_rows()))
+    if len(real) < 2:
+        raise InputError(f"{args.run}: fewer than 2 held-out rows without missing channels to compare with")
+    res = write_samples(trained, args.out, args.n, args.source, args.seed, real, overwrite=args.overwrite,
+                        progress=log)
+    print(f"samples: {os.path.join(res['out'], 'samples.csv')}")
+    for r in res["quality"]:
+        print(f"  {r['source']:>11}: Frechet distance {r['frechet']:.3f}, median KS {r['median_ks']:.3f} "
+              f"(standardised channels, against {len(real)} held-out rows)")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------
 
 
@@ -328,6 +411,54 @@ def build_parser():
     s.add_argument("--resume", action="store_true", help="continue an interrupted main job")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("reconstruct", parents=[common], help="missing or corrupted channels, with uncertainties",
+                       description="For every pixel of CATALOG's sky, the latent posterior given only its "
+                                   "observed channels (MAP and Laplace covariance of the trained decoder; "
+                                   "extra_noise and gain_sigma of catalog entries are marginalised) and the "
+                                   "predictive distribution of every run channel: DIR/reconstruction_{mean,"
+                                   "std,p50,p16,p84,p02,p98}.fits, latent_mean/std.fits, and holdout.csv "
+                                   "when channels are held out.")
+    s.add_argument("run", metavar="RUN", help="run folder of galdecomp fit")
+    s.add_argument("--catalog", required=True, help="catalog with (some of) the run's channels, by name")
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    s.add_argument("--holdout", action="append", metavar="NAME",
+                   help="hide this channel entirely and score its reconstruction (repeatable)")
+    s.add_argument("--hide-fraction", type=float, default=0.0, metavar="F",
+                   help="also hide this fraction of each pixel's other channels and score them")
+    s.add_argument("--samples", type=int, default=200, metavar="K",
+                   help="Monte Carlo draws of the predictive distribution per pixel (default 200)")
+    s.add_argument("--noise", choices=["recalibrated", "model"], default="recalibrated",
+                   help="channel noise: re-estimated from the residuals at the MAP on the run's data "
+                        "(default), or the trained model's")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    s.set_defaults(func=cmd_reconstruct)
+
+    s = sub.add_parser("transform", parents=[common], help="(re)fit the latent transform of a finished run",
+                       description="Fit a density to the aggregate posterior Q(z) of RUN (8 draws from q(z|d) "
+                                   "of up to 20,000 training rows) and write RUN/latent_transform.npz; "
+                                   "`fit` does this at the end of training.")
+    s.add_argument("run", metavar="RUN", help="run folder of galdecomp fit")
+    s.add_argument("--method", choices=["gaussianising", "gmm", "gaussian"], default="gaussianising",
+                   help="iterative Gaussianisation (exact inverse, default), a 16-component Gaussian "
+                        "mixture (no inverse; best samples in benchmarks/README.md) or one Gaussian")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.set_defaults(func=cmd_transform)
+
+    s = sub.add_parser("sample", parents=[common], help="generate data from a trained run",
+                       description="Draw latents from the prior N(0,1) or through the run's latent "
+                                   "transform, decode and add the model's noise: DIR/samples.csv (physical "
+                                   "units), DIR/sample_quality.csv (Frechet distance and KS per channel "
+                                   "against the run's held-out rows, for every latent source) and plots.")
+    s.add_argument("run", metavar="RUN", help="run folder of galdecomp fit")
+    s.add_argument("--n", type=int, default=1000, help="rows to generate (default 1000)")
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    s.add_argument("--from", dest="source", choices=["prior", "transformed"], default="transformed",
+                   help="latent source of samples.csv (default transformed)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    s.set_defaults(func=cmd_sample)
     return p
 
 

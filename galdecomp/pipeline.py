@@ -374,7 +374,38 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
 
         TrainedModel(model, params, pre, cfg, data_set.units, dict(kind="sky", path=catalog.path, nside=nside),
                      products["order"]).save(run_dir)
+    fit_transform(run_dir, mean, cov, cfg, rows.start, n_rows, comm)
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
+
+
+def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm):
+    """Fit the latent density of ``cfg["transform"]`` to the aggregate posterior; rank 0 writes it.
+
+    Parameters
+    ----------
+    run_dir : str
+    mean, cov : ndarray, shape (P_local, L), (P_local, L, L)
+        Posterior moments of this process's rows.
+    cfg : dict
+    offset, n_rows : int
+        Global index of the first local row; rows of all processes.
+    comm : SerialComm or MPIComm
+    """
+    from .inference.trained import write_transform
+    from .products.generate import aggregate_draws, fit_latent_density, transform_rows
+
+    method = cfg["transform"]["method"]
+    if method == "none":
+        return None
+    rows = transform_rows(n_rows, cfg["training"]["validation_fraction"], cfg["seed"], offset, len(mean))
+    z, _ = aggregate_draws(mean, cov, rows, cfg["seed"] + offset)
+    groups = np.repeat(rows + offset, len(z) // max(len(rows), 1))
+    z, groups = comm.gather_rows(z), comm.gather_rows(groups.astype(float))
+    if comm.rank != 0:
+        return None
+    _say(f"latent transform ({method}) on {len(z)} draws of the aggregate posterior")
+    density = fit_latent_density(z, groups, method, seed=cfg["seed"])
+    return write_transform(run_dir, density)
 
 
 #: Defaults of the main job (`galdecomp run`).

@@ -32,6 +32,9 @@ DEFAULTS = {
         "n_samples": 2,            # antithetic sample pairs per MGVI/geoVI iteration
         "iterations": 3,           # optimize_kl iterations
     },
+    "transform": {
+        "method": "gaussianising",  # gaussianising | gmm | gaussian | none: latent density fitted after training
+    },
     "training": {
         "batch_size": 1024,
         "max_epochs": 150,
@@ -51,6 +54,7 @@ DEFAULTS = {
 
 _CHOICES = {"covariance": ("diagonal", "fisher")}
 POSTERIOR_METHODS = ("amortised", "mgvi", "geovi")
+TRANSFORM_METHODS = ("gaussianising", "gmm", "gaussian", "none")
 #: Settings that define the model and its optimisation path: a run can only be resumed with them
 #: unchanged (the posterior method is applied after training and may change on --resume).
 _MODEL_KEYS = ("latent_dim", "covariance", "beta", "seed", "nside", "decoder", "encoder", "noise", "training")
@@ -146,6 +150,9 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     _positive(cfg["noise"], "tau", f"{where}: noise")
     _positive(cfg["noise"], "floor", f"{where}: noise", allow_zero=True)
     _positive(cfg["encoder"], "output_scale", f"{where}: encoder")
+    if cfg["transform"]["method"] not in TRANSFORM_METHODS:
+        raise InputError(f"{where}: transform.method must be one of {', '.join(TRANSFORM_METHODS)}, "
+                         f"got {cfg['transform']['method']!r}")
     t = cfg["training"]
     if t["schedule"] not in ("plateau", "cosine"):
         raise InputError(f"{where}: training.schedule must be plateau or cosine, got {t['schedule']!r}")

@@ -24,10 +24,12 @@ from ..preprocessing import Preprocessor
 from .conditional import latent_map
 from .config import resolve_config, with_former_defaults
 
-__all__ = ["TrainedModel", "load", "MODEL_FILE"]
+__all__ = ["TrainedModel", "load", "MODEL_FILE", "TRANSFORM_FILE"]
 
 #: the trained model inside a run folder
 MODEL_FILE = "model.npz"
+#: the latent transform fitted to the aggregate posterior (optional)
+TRANSFORM_FILE = "latent_transform.npz"
 
 
 def _bad(path, why):
@@ -54,10 +56,15 @@ class TrainedModel:
     feature_order : ndarray of int, shape (L,), optional
         Latent index of feature_01, feature_02, ... (by significance); default 0..L-1.
     prior : LatentPrior, optional
-        Latent prior for sampling and densities; default N(0, 1).
+        The training prior; default N(0, 1).
+    transform : object, optional
+        A density fitted to the aggregate posterior (:mod:`galdecomp.model.latent_transform`:
+        ``log_density``, ``sample``; a transform also ``forward``/``inverse``), read from
+        ``RUN/latent_transform.npz`` by :meth:`load`.
     """
 
-    def __init__(self, model, params, preprocessor, config, units, data, feature_order=None, prior=None):
+    def __init__(self, model, params, preprocessor, config, units, data, feature_order=None, prior=None,
+                 transform=None):
         self.model, self.params = model, np.asarray(params, dtype=float)
         self.preprocessor, self.config = preprocessor, config
         self.names, self.units = list(preprocessor.names), list(units)
@@ -65,6 +72,7 @@ class TrainedModel:
         L = model.latent_dim
         self.feature_order = np.arange(L) if feature_order is None else np.asarray(feature_order, int)
         self.prior = STANDARD_NORMAL if prior is None else prior
+        self.transform = transform
 
     @property
     def latent_dim(self):
@@ -90,9 +98,9 @@ class TrainedModel:
             The folder holds no finished run, or its files are unreadable.
         """
         path = os.path.join(run_dir, MODEL_FILE)
-        if os.path.isfile(path):
-            return cls._from_model_file(path)
-        return cls._from_checkpoint(run_dir)
+        out = cls._from_model_file(path) if os.path.isfile(path) else cls._from_checkpoint(run_dir)
+        out.transform = read_transform(run_dir)
+        return out
 
     @classmethod
     def _from_model_file(cls, path):
@@ -155,6 +163,36 @@ class TrainedModel:
                          feature_order=self.feature_order)
         return path
 
+    # -- the data set ----------------------------------------------------------------------------
+    def load_rows(self, path=None):
+        """The rows of the run's data set (or of another of the same kind) in physical units.
+
+        Parameters
+        ----------
+        path : str, optional
+            Another catalog (sky runs; maps matched to the run's channels by name, at the run's
+            nside) instead of the one the run was trained on.
+
+        Returns
+        -------
+        ndarray, shape (P, C)
+            NaN where missing; rows in the order the run was trained on (NESTED pixels).
+        """
+        from ..catalog import Catalog, load_catalog, read_catalog
+
+        kind = self.data.get("kind")
+        if kind != "sky":
+            raise InputError(f"{path or self.data.get('path')}: reading a data set of kind {kind!r} "
+                             f"is not supported")
+        cat = read_catalog(path or self.data["path"])
+        by_name = {e.name: e for e in cat.maps}
+        lacking = [n for n in self.names if n not in by_name]
+        if lacking:
+            raise InputError(f"{cat.path}: lacks the run's channel(s) {', '.join(lacking)}")
+        nside = int(self.data["nside"])
+        ds = load_catalog(Catalog(cat.path, nside, [by_name[n] for n in self.names]), nside=nside, nest=True)
+        return ds.values.T
+
     # -- units ---------------------------------------------------------------------------------
     def standardise(self, values):
         """Physical values (P, C) to standardised values (NaN stays NaN)."""
@@ -200,8 +238,22 @@ class TrainedModel:
         f = self.model.decode(self.params, np.atleast_2d(np.asarray(z, dtype=float)))
         return self.physical(f) if physical else f
 
-    def sample(self, n, rng, noise=True):
-        """Generate data: ``z ~ prior``, ``d = f(z) (+ noise)``.
+    def latent_log_density(self, z, source="prior"):
+        """``log p(z)`` under the prior (``"prior"``) or the fitted transform (``"transformed"``), (N,)."""
+        return self._latent_source(source).log_density(np.asarray(z, dtype=float))
+
+    def _latent_source(self, source):
+        if source == "prior":
+            return _PriorDensity(self.prior, self.latent_dim)
+        if source == "transformed":
+            if self.transform is None:
+                raise InputError(f"the run has no latent transform ({TRANSFORM_FILE}): "
+                                 f"fit one with `galdecomp transform RUN`")
+            return self.transform
+        raise ValueError(f"source must be 'prior' or 'transformed', got {source!r}")
+
+    def sample(self, n, rng, noise=True, source="prior"):
+        """Generate data: ``z`` from the prior or the fitted transform, ``d = f(z) (+ noise)``.
 
         Parameters
         ----------
@@ -209,13 +261,16 @@ class TrainedModel:
         rng : numpy.random.Generator
         noise : bool
             Add the model's noise.
+        source : {"prior", "transformed"}
+            ``z ~ N(0, 1)``, or ``z = T^-1(u)``, ``u ~ N(0, 1)`` (a density without inverse
+            samples itself).
 
         Returns
         -------
         dict
             ``z`` (n, L); ``standardised`` (n, C); ``physical`` (n, C).
         """
-        z = self.prior.sample(n, self.latent_dim, rng)
+        z = self._latent_source(source).sample(int(n), rng)
         f = self.decode(z, physical=False)
         if noise:
             f = self.model.likelihood.sample(f, self.params[self.model.slices["noise"]], rng)
@@ -250,8 +305,34 @@ class TrainedModel:
         return dict(nll=t["nll_rows"], kl=t["kl_rows"], elbo=-(t["nll_rows"] + self.model.beta * t["kl_rows"]),
                     chi2=chi2, n_observed=m.sum(axis=1))
 
+    def recalibrated_sigma(self, data, mask=None, standardised=False):
+        """Noise per channel re-estimated from the residuals at the conditioned posterior's MAP.
+
+        Training fits ``sigma`` to the residuals under the encoder's q (its spread and amortisation
+        gap included); a predictive built from the MAP, the Laplace covariance and that sigma counts
+        the latent uncertainty twice. This is the residual variance at the MAP of every row (given
+        all its observed entries, with the model's sigma), corrected for the degrees of freedom
+        the latents use: ``sigma_c^2 = sum_p m_pc r_pc^2 / sum_p m_pc (1 - h_pc)`` with the leverage
+        ``h_pc = (J M^-1 J^T)_cc / sigma_c^2``; at least the noise floor.
+
+        Returns
+        -------
+        ndarray, shape (C,)
+            Standardised units.
+        """
+        from ..model.fisher import jacobian_forward
+
+        y, m = self._rows(data, mask, standardised)
+        res = self.condition(y, m, standardised=True)
+        theta, dec = self.model.split(self.params)[1], self.model.decoder
+        f, J, _ = jacobian_forward(theta, dec.sizes, dec.activation, res["mean"])
+        w = m / self.sigma ** 2
+        lev = w * np.einsum("pcl,plk,pck->pc", J, res["cov"], J)
+        var = (m * (y - f) ** 2).sum(0) / np.maximum((m * (1.0 - lev)).sum(0), 1.0)
+        return np.maximum(np.sqrt(var), self.model.floor)
+
     def condition(self, data, mask=None, standardised=False, extra_noise=None, n_samples=0, seed=0,
-                  iterations=100):
+                  iterations=100, sigma=None):
         """The latent posterior p(z | y) given only the observed entries of each row.
 
         Not the encoder's q: the MAP of ``-log p(y | z) - log N(z; 0, 1)`` (damped Gauss-Newton from
@@ -270,6 +351,8 @@ class TrainedModel:
             Seed of the MGVI samples.
         iterations : int
             Gauss-Newton steps at most.
+        sigma : ndarray, shape (C,), optional
+            Noise per channel instead of the model's (e.g. :meth:`recalibrated_sigma`).
 
         Returns
         -------
@@ -278,7 +361,8 @@ class TrainedModel:
             ``samples`` (2 n_samples, P, L) if requested.
         """
         y, m = self._rows(data, mask, standardised)
-        var = self.sigma ** 2 + (0.0 if extra_noise is None else np.asarray(extra_noise, float) ** 2)
+        var = (self.sigma if sigma is None else np.asarray(sigma, float)) ** 2 + \
+            (0.0 if extra_noise is None else np.asarray(extra_noise, float) ** 2)
         inv_var = m / var
         start = self.model.posterior_moments(self.params, y, m)[0]
         res = latent_map(self.model.decoder, self.model.split(self.params)[1], y, inv_var, start,
@@ -290,6 +374,42 @@ class TrainedModel:
             res["samples"] = latent_posterior_samples(self.model, self.params, y, m, res["mean"], "mgvi",
                                                       n_samples, 1, seed=seed)
         return res
+
+
+class _PriorDensity:
+    """A LatentPrior with the density interface of :mod:`galdecomp.model.latent_transform`."""
+
+    def __init__(self, prior, latent_dim):
+        self.prior, self.latent_dim = prior, latent_dim
+
+    def log_density(self, z):
+        return self.prior.log_density(z)
+
+    def sample(self, n, rng):
+        return self.prior.sample(n, self.latent_dim, rng)
+
+
+def read_transform(run_dir):
+    """The latent density of ``run_dir/latent_transform.npz``, or None without one."""
+    from ..model.latent_transform import load_density
+
+    path = os.path.join(run_dir, TRANSFORM_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as fh, np.load(fh) as f:
+            return load_density(dict(f))
+    except Exception as e:
+        raise _bad(path, f"not a galdecomp latent transform or unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def write_transform(run_dir, density):
+    """Write ``run_dir/latent_transform.npz`` atomically; returns its path."""
+    path = os.path.join(run_dir, TRANSFORM_FILE)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **density.to_arrays())
+    return path
 
 
 def _significance_order(run_dir):

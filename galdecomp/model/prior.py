@@ -56,7 +56,8 @@ class StandardNormal(LatentPrior):
         d_log_sigma : ndarray, shape (B, L)
             ``dKL / dlog sigma = sigma^2 - 1``.
         """
-        var = np.exp(2.0 * log_sigma)
+        sd = np.exp(log_sigma)
+        var = sd * sd
         kl = 0.5 * np.sum(mu * mu + var - 1.0 - 2.0 * log_sigma, axis=1)
         return kl, mu, var - 1.0
 
@@ -85,7 +86,7 @@ class StandardNormal(LatentPrior):
         """
         L = mu.shape[1]
         kl = 0.5 * ((chol_inv * chol_inv).sum(axis=(1, 2)) + (mu * mu).sum(axis=1) - L + logdet_precision)
-        q = 0.5 * (np.eye(L) - chol_inv @ np.swapaxes(chol_inv, 1, 2))
+        q = 0.5 * (np.eye(L) - chol_inv @ np.ascontiguousarray(np.swapaxes(chol_inv, 1, 2)))
         return kl, mu, q
 
 
