@@ -6,10 +6,10 @@ goes to a log file; ``--debug`` shows it instead).
 """
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import tempfile
-import time
 import traceback
 import warnings
 
@@ -38,12 +38,7 @@ def _nside(text):
     return n
 
 
-_T0 = time.perf_counter()
-
-
-def log(msg):
-    """Progress message on stderr, with the wall-clock time since the command started."""
-    print(f"[galdecomp {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -61,7 +56,7 @@ def _template_pairs(pairs):
     return mapping
 
 
-def cmd_simulate(args):
+def cmd_simulate(args, comm):
     from .fileio import atomic_output_dir
     from .simulation import (describe_morphology, plot_overview, resolve_morphology, simulate_sky,
                              write_simulated_sky)
@@ -75,14 +70,14 @@ def cmd_simulate(args):
         morphology.load(args.nside)
     with atomic_output_dir(out, args.overwrite) as tmp:
         real = f", spatial templates from {morphology.catalog}" if morphology else ""
-        log(f"simulating the sky at nside {args.nside} (seed {args.seed}{real})")
+        log.info(f"simulating the sky at nside {args.nside} (seed {args.seed}{real})")
         sky = simulate_sky(args.nside, seed=args.seed, morphology=morphology)
         for line in describe_morphology(sky)[1:]:
-            log(line.strip())
-        log(f"writing {len(sky.maps)} channel maps and the truth maps")
+            log.info(line.strip())
+        log.info(f"writing {len(sky.maps)} channel maps and the truth maps")
         write_simulated_sky(sky, tmp)
         if not args.no_plot:
-            log("plotting the overview")
+            log.info("plotting the overview")
             plot_overview(sky, os.path.join(tmp, "overview.png"))
     print(f"simulated sky: {os.path.join(out, 'catalog.yaml')}")
     if not args.no_plot:
@@ -90,7 +85,7 @@ def cmd_simulate(args):
     return 0
 
 
-def cmd_inspect(args):
+def cmd_inspect(args, comm):
     from .catalog import load_catalog
     from .preprocessing import Preprocessor
     from .products.catalog_summary import COLUMNS, summarise
@@ -126,8 +121,7 @@ def _config_file(path):
     return cfg
 
 
-def cmd_fit(args):
-    from .parallel import world
+def cmd_fit(args, comm):
     from .pipeline import fit_catalog
 
     overrides = dict(nside=args.nside, latent_dim=args.latent_dim, covariance=args.covariance,
@@ -137,8 +131,8 @@ def cmd_fit(args):
     if args.posterior is not None:
         overrides["posterior"] = {"method": args.posterior}
     res = fit_catalog(args.catalog, args.out, overrides, _config_file(args.config), args.resume,
-                      args.overwrite)
-    if world().rank == 0:
+                      args.overwrite, comm=comm)
+    if comm.rank == 0:
         _print_fit(res)
     return 0
 
@@ -150,11 +144,10 @@ def _print_fit(res):
     print(f"plots: {p['plots']}")
 
 
-def cmd_report(args):
+def cmd_report(args, comm):
     from .fileio import folder_lock
-    from .parallel import world
 
-    if world().size > 1:
+    if comm.size > 1:
         raise InputError("galdecomp report runs on one process (start it without mpiexec)")
     if args.bins < 2:
         raise InputError(f"--bins must be at least 2, got {args.bins}")
@@ -165,12 +158,12 @@ def cmd_report(args):
         from .products.report import make_report
 
         res = make_report(args.run, args.templates, out=args.out, bins=args.bins, seed=args.seed,
-                          progress=log)
+                          progress=log.info)
     print(f"report: {res['paths'].get('report.md', os.path.join(res['out'], 'report.md'))}")
     return 0
 
 
-def cmd_run(args):
+def cmd_run(args, comm):
     from .pipeline import run_main_job
 
     cfg = None
@@ -178,7 +171,8 @@ def cmd_run(args):
         from .inference.config import load_config_file
         cfg = load_config_file(args.config)
     base = os.path.dirname(os.path.abspath(args.config)) if args.config else None
-    res = run_main_job(cfg, out=args.out, overwrite=args.overwrite, resume=args.resume, config_dir=base)
+    res = run_main_job(cfg, out=args.out, overwrite=args.overwrite, resume=args.resume, config_dir=base,
+                       comm=comm)
     if res["fit"]["products"] is None:  # not rank 0
         return 0
     print(f"simulated sky: {res['sky']}")
@@ -306,7 +300,10 @@ def main(argv=None):
     """
     from .parallel import world
 
+    from .logs import configure
+
     comm = world()
+    configure(comm)
     parser = build_parser()
     debug = False
     try:
@@ -317,7 +314,7 @@ def main(argv=None):
             return 0
         with warnings.catch_warnings():
             warnings.simplefilter("default" if comm.rank == 0 else "ignore")
-            return args.func(args)
+            return args.func(args, comm)
     except InputError as e:
         if comm.rank == 0:
             print(f"galdecomp: error: {e}", file=sys.stderr)

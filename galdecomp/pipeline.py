@@ -6,6 +6,7 @@
 """
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -27,12 +28,7 @@ __all__ = ["fit_rows", "fit_catalog", "run_main_job", "CHECKPOINT"]
 CHECKPOINT = "checkpoint.npz"
 
 
-def _say(msg):
-    from .cli import log
-    from .parallel import world
-
-    if world().rank == 0:
-        log(msg)
+log = logging.getLogger(__name__)
 
 
 def _write_config(run_dir, catalog_path, cfg):
@@ -259,7 +255,8 @@ def noise_floor(preprocessor, data_set, cfg):
     return np.sqrt(known ** 2 + cfg["noise"]["floor"] ** 2)
 
 
-def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=False, overwrite=False):
+def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=False, overwrite=False,
+                comm=None):
     """Fit the probabilistic autoencoder to the maps of a catalog and write the run folder.
 
     Runs on one process or pixel-sharded over the ranks of ``mpiexec`` (same results).
@@ -279,6 +276,8 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
         number of MPI ranks may differ).
     overwrite : bool
         Replace an existing run folder.
+    comm : SerialComm or MPIComm, optional
+        The processes of the job (default :func:`galdecomp.parallel.world`).
 
     Returns
     -------
@@ -287,15 +286,18 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
         (from :func:`galdecomp.products.run_outputs.write_run_products`: order, significance,
         sigma, paths; on rank 0 only, None elsewhere).
     """
+    if comm is None:
+        from .parallel import world
+
+        comm = world()
     with contextlib.ExitStack() as held:  # the run folder's lock, once taken
-        return _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, held)
+        return _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, held, comm)
 
 
-def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, held):
+def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, held, comm):
     """:func:`fit_catalog`, holding the run folder's lock in the ExitStack ``held``."""
-    from .parallel import row_block, world
+    from .parallel import row_block
 
-    comm = world()
     catalog = read_catalog(catalog_path)
     run_dir = os.path.abspath(out)
     ckpt = os.path.join(run_dir, CHECKPOINT)
@@ -334,7 +336,7 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
         state.done = finished(state, tcfg)
         at = f"epoch {state.epoch}" + (f", step {state.step}" if state.batch else "")
         more = " (finished; training longer)" if was_done and not state.done else ""
-        _say(f"resuming {run_dir} after {at}{more}")
+        log.info(f"resuming {run_dir} after {at}{more}")
         comm.barrier()  # every rank has validated its input before rank 0 writes
         if comm.rank == 0:  # the posterior and duration settings may have changed
             _write_config(run_dir, catalog.path, cfg)
@@ -351,38 +353,39 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
     extra = dict(preprocessing=json.dumps(pre.to_dict()), fingerprint=fingerprint,
                  config=json.dumps(cfg), catalog=catalog.path)
     ranks = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
-    _say(f"fitting {n_rows} pixels x {C} channels, {L} latent features, {cfg['covariance']} covariance{ranks}")
+    log.info(f"fitting {n_rows} pixels x {C} channels, {L} latent features, {cfg['covariance']} covariance{ranks}")
     save = (lambda st: _save_checkpoint(ckpt, st, extra)) if comm.rank == 0 else None
     hint = f"continue with `galdecomp fit {catalog_path} --out {out} --resume`"
     try:
         with _StopSignals(comm) as stop:
-            fit_rows(model, data, state, cfg, checkpoint=save, log=_say, offset=rows.start, n_rows=n_rows,
+            fit_rows(model, data, state, cfg, checkpoint=save, log=log.info, offset=rows.start, n_rows=n_rows,
                      comm=comm, stop=stop)
     except JobStopped as e:
         comm.barrier()  # rank 0 has written the checkpoint
         at = f"step {state.step} (in epoch {state.epoch + 1})" if state.batch else f"epoch {state.epoch}"
-        _say(f"stopped by {signal.Signals(e.signum).name} after {at}, checkpoint written: {hint}")
+        log.info(f"stopped by {signal.Signals(e.signum).name} after {at}, checkpoint written: {hint}")
         raise
     except KeyboardInterrupt:
-        _say(f"interrupted: {hint} (from the last checkpoint)")
+        log.info(f"interrupted: {hint} (from the last checkpoint)")
         raise
     from .products.run_outputs import write_run_products
 
     params = state.best_params
     mask = np.isfinite(data)
     data0 = np.where(mask, data, 0.0)
-    _say("posterior means and covariances of all pixels")
+    log.info("posterior means and covariances of all pixels")
     mean, cov = model.posterior_moments(params, data0, mask)
     samples, method = None, cfg["posterior"]["method"]
     if method != "amortised":
         from .inference.mgvi import latent_posterior_samples
 
         p = cfg["posterior"]
-        _say(f"{method}: {2 * p['n_samples']} samples, {p['iterations']} iterations, decoder and noise fixed")
+        log.info(f"{method}: {2 * p['n_samples']} samples, {p['iterations']} iterations, decoder and noise fixed")
         samples = latent_posterior_samples(model, params, data0, mask, mean, method, p["n_samples"],
-                                           p["iterations"], seed=cfg["seed"], log=_say, offset=rows.start)
+                                           p["iterations"], seed=cfg["seed"], log=log.info, offset=rows.start,
+                                           comm=comm)
     products = write_run_products(run_dir, data_set, pre, model, params, data, mean, cov, state.history,
-                                  cfg, catalog.path, samples=samples, comm=comm, progress=_say)
+                                  cfg, catalog.path, samples=samples, comm=comm, progress=log.info)
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
 
 
@@ -390,7 +393,7 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
 RUN_DEFAULTS = {"out": "runs/main", "simulate": {"nside": 32, "seed": 0, "morphology": None}, "fit": {}}
 
 
-def run_main_job(config_file=None, out=None, overwrite=False, resume=False, config_dir=None):
+def run_main_job(config_file=None, out=None, overwrite=False, resume=False, config_dir=None, comm=None):
     """The main job: simulate the default sky, fit it, and write the products.
 
     Parameters
@@ -407,6 +410,8 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
     config_dir : str, optional
         Folder of the configuration file: relative ``morphology`` folders are taken from there
         (default: the working folder).
+    comm : SerialComm or MPIComm, optional
+        The processes of the job (default :func:`galdecomp.parallel.world`).
 
     Returns
     -------
@@ -414,9 +419,12 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
         ``sky`` (catalog path of the simulated sky), ``fit`` (the result of :func:`fit_catalog`),
         ``report`` (path of report.md; None on ranks other than 0).
     """
-    from .parallel import world
     from .simulation.morphology import morphology_from_config
 
+    if comm is None:
+        from .parallel import world
+
+        comm = world()
     cfg = {**RUN_DEFAULTS, **(config_file or {})}
     unknown = sorted(set(cfg) - set(RUN_DEFAULTS))
     if unknown:
@@ -442,42 +450,41 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
             raise InputError(f"{out}: --resume, but it holds no main-job run (no sky/catalog.yaml)")
     elif os.path.exists(out) and not overwrite:
         raise InputError(f"{out}: output folder exists (use --overwrite to replace it or --resume)")
-    world().barrier()  # every rank has checked the folder before rank 0 writes into it
-    if world().rank == 0:
+    comm.barrier()  # every rank has checked the folder before rank 0 writes into it
+    if comm.rank == 0:
         try:
             os.makedirs(out, exist_ok=True)
         except OSError as e:
             raise WriteError(f"{out}: cannot create the output folder ({e.strerror})") from None
-    world().barrier()
-    with folder_lock(out, world()):
-        return _run_main_job(cfg, sim, morphology, out, sky_dir, resume)
+    comm.barrier()
+    with folder_lock(out, comm):
+        return _run_main_job(cfg, sim, morphology, out, sky_dir, resume, comm)
 
 
-def _run_main_job(cfg, sim, morphology, out, sky_dir, resume):
+def _run_main_job(cfg, sim, morphology, out, sky_dir, resume, comm):
     """:func:`run_main_job` once the output folder exists and is held."""
     from .fileio import atomic_output_dir
-    from .parallel import world
     from .simulation import plot_overview, simulate_sky, write_simulated_sky
 
     if not resume:
-        if world().rank == 0:
+        if comm.rank == 0:
             with atomic_output_dir(sky_dir, overwrite=True) as tmp:
                 real = f", spatial templates from {morphology.catalog}" if morphology else ""
-                _say(f"simulating the sky at nside {sim['nside']} (seed {sim['seed']}{real})")
+                log.info(f"simulating the sky at nside {sim['nside']} (seed {sim['seed']}{real})")
                 sky = simulate_sky(sim["nside"], seed=sim["seed"], morphology=morphology)
                 write_simulated_sky(sky, tmp)
                 plot_overview(sky, os.path.join(tmp, "overview.png"))
-        world().barrier()
+        comm.barrier()
     fit_cfg = {"nside": sim["nside"], **(cfg["fit"] or {})}
     result = fit_catalog(os.path.join(sky_dir, "catalog.yaml"), os.path.join(out, "fit"),
-                         config_file=fit_cfg, resume=resume, overwrite=True)
+                         config_file=fit_cfg, resume=resume, overwrite=True, comm=comm)
     report = None
-    with folder_lock(result["run_dir"], world()):  # the report goes into the fit's run folder
-        if world().rank == 0:
+    with folder_lock(result["run_dir"], comm):  # the report goes into the fit's run folder
+        if comm.rank == 0:
             from .products.report import make_report
 
-            _say("report: the latent features against the truth maps")
+            log.info("report: the latent features against the truth maps")
             rep = make_report(result["run_dir"], os.path.join(sky_dir, "truth", "catalog.yaml"),
-                              progress=_say)
+                              progress=log.info)
             report = os.path.join(rep["out"], "report.md")
     return dict(sky=os.path.join(sky_dir, "catalog.yaml"), fit=result, report=report)

@@ -39,7 +39,7 @@ GEOVI_LINEAR_CG = 5
 
 def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_samples=4,
                              iterations=4, seed=0, log=None, offset=0, solver="block", draws="rows",
-                             controllers=None):
+                             controllers=None, comm=None):
     """MGVI or geoVI posterior samples of the latents of every row, decoder and noise fixed.
 
     Parameters
@@ -73,6 +73,8 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
     controllers : dict, optional
         Replace the default IterationControllers: ``sampling`` (CG of the samples; block solver:
         geoVI's linear step only), ``kl`` (KL minimisation), ``geo`` (geoVI's non-linear update).
+    comm : SerialComm or MPIComm, optional
+        The processes holding the rows (NIFTy's messages are silenced on ranks other than 0).
 
     Returns
     -------
@@ -96,9 +98,7 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
     ctl = dict(controllers or {})
     sampling, kl_ctrl, geo_ctrl = (ctl.get(k, v) for k, v in
                                    (("sampling", sampling), ("kl", kl_ctrl), ("geo", geo_ctrl)))
-    from ..parallel import world
-
-    if world().rank != 0:  # NIFTy's own progress messages: rank 0 only
+    if comm is not None and comm.rank != 0:  # NIFTy's own progress messages: rank 0 only
         import logging
 
         logging.getLogger("NIFTy8").setLevel(logging.ERROR)
