@@ -122,16 +122,21 @@ def _config_file(path):
 
 
 def cmd_fit(args, comm):
-    from .pipeline import fit_catalog
+    from .pipeline import fit_catalog, fit_table
 
+    if (args.catalog is None) == (args.data is None):
+        raise InputError("fit: give exactly one of CATALOG or --data FILE")
+    if args.data is not None and args.nside is not None:
+        raise InputError("--nside: only for a catalog of maps, not with --data")
     overrides = dict(nside=args.nside, latent_dim=args.latent_dim, covariance=args.covariance,
                      beta=args.beta, seed=args.seed)
     if args.max_epochs is not None:
         overrides["training"] = {"max_epochs": args.max_epochs}
     if args.posterior is not None:
         overrides["posterior"] = {"method": args.posterior}
-    res = fit_catalog(args.catalog, args.out, overrides, _config_file(args.config), args.resume,
-                      args.overwrite, comm=comm)
+    fit = fit_catalog if args.data is None else fit_table
+    res = fit(args.catalog if args.data is None else args.data, args.out, overrides, _config_file(args.config),
+              args.resume, args.overwrite, comm=comm)
     if comm.rank == 0:
         _print_fit(res)
     return 0
@@ -140,7 +145,10 @@ def cmd_fit(args, comm):
 def _print_fit(res):
     p = res["products"]["paths"]
     print(f"run folder: {res['run_dir']}")
-    print(f"latent feature maps: {p['latent_mean.fits']} (std: {p['latent_std.fits']})")
+    if "latent_mean.fits" in p:
+        print(f"latent feature maps: {p['latent_mean.fits']} (std: {p['latent_std.fits']})")
+    else:
+        print(f"latent features: {p['latent_mean.csv']} (std: {p['latent_std.csv']})")
     print(f"plots: {p['plots']}")
 
 
@@ -222,11 +230,16 @@ def build_parser():
     s.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("fit", parents=[common], help="fit the probabilistic autoencoder to a catalog's maps",
+    s = sub.add_parser("fit", parents=[common],
+                       help="fit the probabilistic autoencoder to a catalog's maps or a table",
                        description="Fit the probabilistic autoencoder (decoder, adaptive noise, "
-                                   "amortised encoder) to the maps of CATALOG and write latent-feature "
-                                   "maps and diagnostics to RUN. Ctrl-C leaves a resumable run.")
-    s.add_argument("catalog", help="catalog YAML file")
+                                   "amortised encoder) to the maps of CATALOG, or to the rows of a "
+                                   "table (--data FILE), and write latent features and diagnostics "
+                                   "to RUN. Ctrl-C leaves a resumable run.")
+    s.add_argument("catalog", nargs="?", help="catalog YAML file (or --data FILE)")
+    s.add_argument("--data", metavar="FILE",
+                   help="a table instead of a catalog: FILE.npy (rows x features), FILE.npz (key data, "
+                        "optional names) or FILE.csv (header of feature names); NaN = missing")
     s.add_argument("--out", required=True, metavar="RUN", help="run folder")
     s.add_argument("--nside", type=_nside, help="working resolution (default: catalog's or lowest)")
     s.add_argument("--latent-dim", type=_positive_int, help="number of latent features (default 10)")

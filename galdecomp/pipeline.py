@@ -1,21 +1,25 @@
 """Recipes: the jobs the command line runs, as plain functions.
 
-``fit_catalog`` fits the autoencoder to a catalog's maps and writes a run folder;
+``fit_data`` fits the autoencoder to a data source (a catalog's maps, :class:`SkySource`, or a
+plain table, :class:`TableSource`) and writes a run folder (``fit_catalog``, ``fit_table``);
 ``run_main_job`` simulates the default sky and fits it. Both hold their output folder's lock
 (one writer per run folder).
 """
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import yaml
 
 from .catalog import is_power_of_two, load_catalog, read_catalog, working_nside
+from .dataset import DataSet, read_table
 from .errors import InputError, JobStopped, WriteError
 from .fileio import LOCK_FILE, atomic_path, folder_lock, write_text
 from .inference.config import model_signature, resolve_config
@@ -23,7 +27,8 @@ from .inference.training import TrainingState, finished, split_rows, train
 from .model.autoencoder import Autoencoder, ELBOObjective
 from .preprocessing import ChannelTransform, Preprocessor
 
-__all__ = ["fit_rows", "fit_catalog", "run_main_job", "CHECKPOINT"]
+__all__ = ["fit_rows", "fit_data", "fit_catalog", "fit_table", "SkySource", "TableSource", "Prepared",
+           "run_main_job", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -31,11 +36,13 @@ CHECKPOINT = "checkpoint.npz"
 log = logging.getLogger(__name__)
 
 
-def _write_config(run_dir, catalog_path, cfg):
-    """Write RUN/config.yaml: the resolved configuration, usable as ``--config``."""
+def _write_config(run_dir, cfg):
+    """Write RUN/config.yaml: the resolved configuration, usable as ``--config``; a sky run's
+    also names its catalog as ``catalog`` (read by ``galdecomp report``)."""
+    head = {"catalog": cfg["data"]["path"]} if cfg["data"]["kind"] == "sky" else {}
     write_text(os.path.join(run_dir, "config.yaml"),
                "# galdecomp fit configuration (resolved); re-run with --config this file\n"
-               + yaml.safe_dump({"catalog": catalog_path, **cfg}, sort_keys=False))
+               + yaml.safe_dump({**head, **cfg}, sort_keys=False))
 
 
 def _unusable(path, what, why):
@@ -250,9 +257,94 @@ def load_preprocessed(catalog, nside, pixels=None):
 
 
 def noise_floor(preprocessor, data_set, cfg):
-    """Per-channel noise floor (standardised): the catalog's known noise and ``noise.floor`` in quadrature."""
-    known = preprocessor.noise_to_standardised(data_set.noise)
+    """Per-channel noise floor (standardised): the data set's known noise (if any) and
+    ``noise.floor`` in quadrature."""
+    noise = getattr(data_set, "noise", None)
+    known = preprocessor.noise_to_standardised(np.full(data_set.n_features, np.nan) if noise is None else noise)
     return np.sqrt(known ** 2 + cfg["noise"]["floor"] ** 2)
+
+
+@dataclass
+class Prepared:
+    """A data set read and preprocessed for one process of a fit.
+
+    Attributes
+    ----------
+    data_set : DataSet
+        This process's rows in physical units.
+    preprocessor : Preprocessor
+    data : ndarray, shape (P_local, C)
+        Standardised values, NaN where missing.
+    rows : slice
+        This process's rows among all ``n_rows``.
+    n_rows : int
+    fingerprint : str
+        Identifies the data (``--resume`` refuses other data): ``path|...|preprocessing``.
+    record : dict
+        The ``data`` section of the run's configuration: ``kind``, ``path`` (and ``nside``).
+    """
+
+    data_set: object
+    preprocessor: object
+    data: np.ndarray
+    rows: slice
+    n_rows: int
+    fingerprint: str
+    record: dict
+
+
+class SkySource:
+    """The maps of a catalog as the data set of a fit: rows are NESTED pixels, features channels."""
+
+    kind, row_word, feature_word = "sky", "pixels", "channels"
+
+    def __init__(self, catalog_path):
+        self.argument = catalog_path
+        self.catalog = read_catalog(catalog_path)
+        self.path = self.catalog.path
+
+    def resume_command(self, out):
+        return f"galdecomp fit {self.argument} --out {out} --resume"
+
+    def prepare(self, cfg, comm):
+        """Read this process's pixels at the configured nside and standardise them."""
+        from .parallel import row_block
+
+        nside = working_nside(self.catalog, cfg["data"]["nside"])
+        rows = row_block(nside, comm)
+        data_set, pre, data = load_preprocessed(self.catalog, nside, rows)
+        fingerprint = f"{self.path}|{nside}|" + json.dumps(pre.to_dict(), sort_keys=True)
+        return Prepared(data_set, pre, data, rows, 12 * nside * nside, fingerprint,
+                        dict(kind="sky", path=self.path, nside=nside))
+
+
+class TableSource:
+    """A plain table (``.npy``, ``.npz``, ``.csv``; see :func:`galdecomp.dataset.read_table`) as
+    the data set of a fit: each feature is standardised (``linear`` transform)."""
+
+    kind, row_word, feature_word = "table", "rows", "features"
+
+    def __init__(self, path):
+        self.argument = path
+        self.path = os.path.abspath(path)
+        self.table = read_table(path)
+
+    def resume_command(self, out):
+        return f"galdecomp fit --data {self.argument} --out {out} --resume"
+
+    def prepare(self, cfg, comm):
+        """This process's block of rows, standardised per feature over all rows."""
+        from .parallel import block_rows
+
+        t = self.table
+        pre = Preprocessor([ChannelTransform.fit(v[o], "linear", n) for v, o, n in zip(t.values, t.observed, t.names)],
+                           t.names)
+        rows = block_rows(t.n_samples, comm)
+        local = DataSet(t.values[:, rows], t.observed[:, rows], t.names, t.units)
+        digest = hashlib.sha256(np.ascontiguousarray(t.values).tobytes()).hexdigest()[:16]
+        fingerprint = f"{self.path}|{t.n_samples}x{t.n_features}|{digest}|" + json.dumps(pre.to_dict(), sort_keys=True)
+        return Prepared(local, pre, pre.forward(local.values).T.copy(), rows, t.n_samples, fingerprint,
+                        dict(kind="table", path=self.path))
 
 
 def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=False, overwrite=False,
@@ -283,22 +375,50 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
     -------
     dict
         ``run_dir``; ``config`` (resolved); ``state`` (final TrainingState); ``products``
-        (from :func:`galdecomp.products.run_outputs.write_run_products`: order, significance,
-        sigma, paths; on rank 0 only, None elsewhere).
+        (on rank 0: ``order``, ``significance``, ``sigma``, ``paths``; None elsewhere).
+    """
+    return fit_data(SkySource(catalog_path), out, overrides, config_file, resume, overwrite, comm)
+
+
+def fit_table(path, out, overrides=None, config_file=None, resume=False, overwrite=False, comm=None):
+    """Fit the probabilistic autoencoder to a plain table and write the run folder (CSV products).
+
+    Parameters as :func:`fit_catalog`, with ``path`` a ``.npy``, ``.npz`` or ``.csv`` table of
+    rows x features (see :func:`galdecomp.dataset.read_table`); rows are sharded over MPI ranks.
+
+    Returns
+    -------
+    dict
+        As :func:`fit_catalog`.
+    """
+    return fit_data(TableSource(path), out, overrides, config_file, resume, overwrite, comm)
+
+
+def fit_data(source, out, overrides=None, config_file=None, resume=False, overwrite=False, comm=None):
+    """Fit the autoencoder to a data source, with the run folder, its lock, checkpoints and signals.
+
+    Parameters
+    ----------
+    source : SkySource or TableSource
+        The data set (read and checked already).
+    out, overrides, config_file, resume, overwrite, comm
+        As for :func:`fit_catalog`.
+
+    Returns
+    -------
+    dict
+        As :func:`fit_catalog`.
     """
     if comm is None:
         from .parallel import world
 
         comm = world()
     with contextlib.ExitStack() as held:  # the run folder's lock, once taken
-        return _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, held, comm)
+        return _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm)
 
 
-def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, held, comm):
-    """:func:`fit_catalog`, holding the run folder's lock in the ExitStack ``held``."""
-    from .parallel import row_block
-
-    catalog = read_catalog(catalog_path)
+def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm):
+    """:func:`fit_data`, holding the run folder's lock in the ExitStack ``held``."""
     run_dir = os.path.abspath(out)
     ckpt = os.path.join(run_dir, CHECKPOINT)
     # everything that can fail is checked, on every rank, before the run folder is touched
@@ -317,19 +437,17 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
         check_run_dir(run_dir, overwrite)
         if os.path.isdir(run_dir):
             held.enter_context(folder_lock(run_dir, comm))
-    nside = working_nside(catalog, cfg["nside"])
-    rows = row_block(nside, comm)
-    data_set, pre, data = load_preprocessed(catalog, nside, rows)
-    C, L = data_set.n_features, cfg["latent_dim"]
+    ready = source.prepare(cfg, comm)
+    cfg["data"] = ready.record
+    data, rows, n_rows = ready.data, ready.rows, ready.n_rows
+    C, L = ready.data_set.n_features, cfg["latent_dim"]
     if C < L:
-        raise InputError(f"{catalog_path}: {C} channels cannot support {L} latent features "
+        raise InputError(f"{source.argument}: {C} {source.feature_word} cannot support {L} latent features "
                          f"(use --latent-dim {C} or fewer)")
-    n_rows = 12 * nside * nside
-    model = Autoencoder.from_config(cfg, C, noise_floor(pre, data_set, cfg))
-    fingerprint = f"{catalog.path}|{nside}|" + json.dumps(pre.to_dict(), sort_keys=True)
+    model = Autoencoder.from_config(cfg, C, noise_floor(ready.preprocessor, ready.data_set, cfg))
     tcfg = cfg["training"]
     if resume:
-        if str(arrays["fingerprint"]) != fingerprint:
+        if str(arrays["fingerprint"]) != ready.fingerprint:
             raise InputError(f"{run_dir}: --resume with other data than the run was started on "
                              f"({str(arrays['fingerprint']).split('|')[0]})")
         was_done = state.done  # max_epochs and patience may have changed: train longer, or stop
@@ -339,7 +457,7 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
         log.info(f"resuming {run_dir} after {at}{more}")
         comm.barrier()  # every rank has validated its input before rank 0 writes
         if comm.rank == 0:  # the posterior and duration settings may have changed
-            _write_config(run_dir, catalog.path, cfg)
+            _write_config(run_dir, cfg)
     else:
         comm.barrier()  # every rank has validated its input before rank 0 replaces anything
         if comm.rank == 0:
@@ -347,15 +465,16 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
         comm.barrier()
         held.enter_context(folder_lock(run_dir, comm))  # already held if the folder existed
         if comm.rank == 0:
-            _write_config(run_dir, catalog.path, cfg)
+            _write_config(run_dir, cfg)
         state = TrainingState(model.init_params(cfg["seed"]), tcfg["learning_rate"], cfg["seed"])
     comm.barrier()
-    extra = dict(preprocessing=json.dumps(pre.to_dict()), fingerprint=fingerprint,
-                 config=json.dumps(cfg), catalog=catalog.path)
+    extra = dict(preprocessing=json.dumps(ready.preprocessor.to_dict()), fingerprint=ready.fingerprint,
+                 config=json.dumps(cfg), catalog=source.path)
     ranks = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
-    log.info(f"fitting {n_rows} pixels x {C} channels, {L} latent features, {cfg['covariance']} covariance{ranks}")
+    log.info(f"fitting {n_rows} {source.row_word} x {C} {source.feature_word}, {L} latent features, "
+             f"{cfg['covariance']} covariance{ranks}")
     save = (lambda st: _save_checkpoint(ckpt, st, extra)) if comm.rank == 0 else None
-    hint = f"continue with `galdecomp fit {catalog_path} --out {out} --resume`"
+    hint = f"continue with `{source.resume_command(out)}`"
     try:
         with _StopSignals(comm) as stop:
             fit_rows(model, data, state, cfg, checkpoint=save, log=log.info, offset=rows.start, n_rows=n_rows,
@@ -368,12 +487,12 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
     except KeyboardInterrupt:
         log.info(f"interrupted: {hint} (from the last checkpoint)")
         raise
-    from .products.run_outputs import write_run_products
+    from .products.run_outputs import WRITERS, compute_products, gather_products
 
     params = state.best_params
     mask = np.isfinite(data)
     data0 = np.where(mask, data, 0.0)
-    log.info("posterior means and covariances of all pixels")
+    log.info(f"posterior means and covariances of all {source.row_word}")
     mean, cov = model.posterior_moments(params, data0, mask)
     samples, method = None, cfg["posterior"]["method"]
     if method != "amortised":
@@ -384,8 +503,14 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
         samples = latent_posterior_samples(model, params, data0, mask, mean, method, p["n_samples"],
                                            p["iterations"], seed=cfg["seed"], log=log.info, offset=rows.start,
                                            comm=comm)
-    products = write_run_products(run_dir, data_set, pre, model, params, data, mean, cov, state.history,
-                                  cfg, catalog.path, samples=samples, comm=comm, progress=log.info)
+    prod = compute_products(ready.preprocessor, model, params, data, mean, cov, cfg, samples, comm, log.info)
+    prod = gather_products(prod, comm)
+    products = None
+    if prod is not None:
+        paths = WRITERS[source.kind](run_dir, prod, ready.data_set, ready.preprocessor, model, state.history,
+                                     cfg, source.path, log.info)
+        products = dict(order=prod["order"], significance=prod["significance"][prod["order"]],
+                        sigma=prod["sigma"], paths=paths)
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
 
 
