@@ -28,6 +28,7 @@ import numpy as np
 import nifty8 as ift
 
 from ..model.operators import DecoderLikelihood
+from ..random import seed_sequence
 from .block_metric import BlockDiagonalMetric, BlockNewton, LatentMetrics
 
 __all__ = ["latent_posterior_samples", "BlockMetricHamiltonian", "amortisation_gap"]
@@ -104,7 +105,7 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
         logging.getLogger("NIFTy8").setLevel(logging.ERROR)
     say = (lambda it: log(f"{method} iteration {it + 1}/{iterations}")) if log else None
     keyed = solver == "block" and method == "mgvi" and draws == "rows"
-    with ift.random.Context(seed if keyed else np.random.SeedSequence([seed, offset])):
+    with ift.random.Context(seed if keyed else seed_sequence(seed, "mgvi", offset)):
         if solver == "cg":
             samples = ift.optimize_kl(lh_z, iterations, n_samples, ift.NewtonCG(kl_ctrl), sampling,
                                       ift.NewtonCG(geo_ctrl) if method == "geovi" else None,

@@ -12,6 +12,7 @@ from . import noise as _noise
 from .elbo import AmortisedELBO
 from .mlp import MLP
 from .posteriors import POSTERIORS
+from ..random import stream
 
 __all__ = ["Autoencoder", "ELBOObjective"]
 
@@ -76,7 +77,7 @@ class Autoencoder:
     def init_params(self, seed):
         """Initial excitations: a prior draw for the decoder, encoder outputs scaled by
         ``encoder_output_scale``, noise at sigma0."""
-        rng = np.random.default_rng([seed, 3])
+        rng = stream(seed, "model", "init")
         p = np.zeros(self.n_params)
         p[self.slices["encoder"]] = rng.standard_normal(self.encoder.n_params)
         n_last = self.encoder.sizes[-2] * self.encoder.sizes[-1] + self.encoder.sizes[-1]
