@@ -27,13 +27,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _nside(text):
-    from .catalog import is_power_of_two
+    from .catalog import valid_nside
 
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"nside must be an integer, got {text!r}") from None
-    if not is_power_of_two(n):
+    if not valid_nside(n):
         raise argparse.ArgumentTypeError(f"nside {n} is not a power of two")
     return n
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
-from .catalog import is_power_of_two, load_catalog, read_catalog, working_nside
+from .catalog import load_catalog, read_catalog, valid_nside, working_nside
 from .dataset import DataSet, read_table
 from .errors import InputError, JobStopped, WriteError
 from .fileio import LOCK_FILE, atomic_path, folder_lock, write_text
@@ -562,7 +562,7 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
         raise InputError(f"run config: simulate: unknown setting(s) {', '.join(unknown)}")
     out = os.path.abspath(out or cfg["out"])
     resolve_config(cfg["fit"], where="run config: fit")      # fail early on bad settings
-    if not is_power_of_two(sim["nside"]):
+    if not valid_nside(sim["nside"]):
         raise InputError(f"run config: simulate: nside {sim['nside']!r} is not a power of two")
     morphology = None
     if not resume:  # a resumed job keeps its simulated sky

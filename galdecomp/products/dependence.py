@@ -14,11 +14,10 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 from scipy.special import digamma
-from scipy.stats import rankdata
 
 from ..random import stream
 
-__all__ = ["pearson", "spearman", "mi_binned", "mi_ksg", "ksg_terms", "equivalent_correlation",
+__all__ = ["mi_binned", "mi_ksg", "ksg_terms", "equivalent_correlation",
            "gaussian_mi", "default_block_nside", "block_index", "block_ids", "BlockResampler",
            "block_permutation_pvalue", "rotation_pvalue", "block_split", "heldout_r2", "match_features",
            "INTERVAL"]
@@ -37,18 +36,6 @@ def _corr(x, y):
     x, y = x - x.mean(), y - y.mean()
     den = np.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / den) if den > 0 else float("nan")
-
-
-def pearson(x, y):
-    """Pearson correlation over the pixels valid in both maps (NaN if one is constant)."""
-    x, y = _pairs(x, y)
-    return _corr(x, y) if x.size > 1 else float("nan")
-
-
-def spearman(x, y):
-    """Spearman rank correlation over the pixels valid in both maps (ties get average ranks)."""
-    x, y = _pairs(x, y)
-    return _corr(rankdata(x), rankdata(y)) if x.size > 1 else float("nan")
 
 
 def _plugin_mi(h):
