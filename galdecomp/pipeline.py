@@ -21,7 +21,7 @@ import yaml
 from .catalog import load_catalog, read_catalog, valid_nside, working_nside
 from .dataset import DataSet, read_table
 from .errors import InputError, JobStopped, WriteError
-from .fileio import LOCK_FILE, atomic_path, folder_lock, write_text
+from .fileio import LOCK_FILE, atomic_path, check_output_dir, folder_lock, write_text
 from .inference.config import model_signature, resolve_config
 from .inference.training import TrainingState, finished, split_rows, train
 from .model.autoencoder import Autoencoder, ELBOObjective
@@ -103,17 +103,7 @@ def _read_checkpoint(path):
 
 def check_run_dir(run_dir, overwrite):
     """Raise InputError unless ``run_dir`` can be created (or replaced, with ``overwrite``)."""
-    if os.path.exists(run_dir):
-        if not overwrite:
-            raise InputError(f"{run_dir}: run folder exists (use --resume to continue it or "
-                             f"--overwrite to replace it)")
-        if not os.path.isdir(run_dir):
-            raise InputError(f"{run_dir}: exists and is not a folder")
-    parent = os.path.dirname(run_dir)
-    if not os.path.isdir(parent):
-        raise InputError(f"{parent}: parent folder of the run does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{parent}: folder is not writable")
+    check_output_dir(run_dir, overwrite, "run", "use --resume to continue it or --overwrite to replace it")
 
 
 def make_run_dir(run_dir):
@@ -573,7 +563,7 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
     if resume:
         if not os.path.isfile(os.path.join(sky_dir, "catalog.yaml")):
             raise InputError(f"{out}: --resume, but it holds no main-job run (no sky/catalog.yaml)")
-    elif os.path.exists(out) and not overwrite:
+    elif os.path.exists(out) and not overwrite:  # created with its parents below
         raise InputError(f"{out}: output folder exists (use --overwrite to replace it or --resume)")
     comm.barrier()  # every rank has checked the folder before rank 0 writes into it
     if comm.rank == 0:
