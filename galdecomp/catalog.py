@@ -31,7 +31,7 @@ from .dataset import SkyDataSet
 from .errors import InputError
 
 __all__ = ["MapEntry", "Catalog", "read_catalog", "load_catalog", "read_map", "working_nside",
-           "is_power_of_two", "TRANSFORMS", "KINDS"]
+           "valid_nside", "unseen_to_nan", "TRANSFORMS", "KINDS"]
 
 TRANSFORMS = ("auto", "log", "asinh", "anscombe", "linear")
 ASINH_RULES = ("mad", "std")
@@ -40,9 +40,20 @@ _KEYS = {"name", "file", "frequency_hz", "unit", "field", "transform", "kind", "
          "asinh_scale", "description", "extra_noise", "gain_sigma"}
 
 
-def is_power_of_two(n):
-    """True for a positive integer power of two (a valid HEALPix nside)."""
-    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 and (n & (n - 1)) == 0
+def valid_nside(n):
+    """True for an integer that ``healpy.isnsideok`` accepts for NESTED maps (a power of two)."""
+    import healpy as hp
+
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and bool(hp.isnsideok(int(n), nest=True))
+
+
+def unseen_to_nan(values):
+    """Set missing pixels of float maps to NaN in place: ``healpy.UNSEEN`` (also as rounded
+    through float32), NaN and inf; returns ``values``."""
+    import healpy as hp
+
+    values[~np.isfinite(values) | (np.abs(values / hp.UNSEEN - 1) < 1e-5)] = np.nan
+    return values
 
 
 @dataclass
@@ -115,7 +126,7 @@ def read_catalog(path):
     if not isinstance(doc, dict) or not isinstance(doc.get("maps"), list) or not doc["maps"]:
         raise InputError(f"{path}: not a catalog (expected a mapping with a non-empty 'maps' list)")
     nside = doc.get("nside")
-    if nside is not None and not is_power_of_two(nside):
+    if nside is not None and not valid_nside(nside):
         raise InputError(f"{path}: nside: {nside!r} is not a power of two")
     folder = os.path.dirname(os.path.abspath(path))
     entries, seen = [], set()
@@ -228,8 +239,7 @@ def read_healpix(entry):
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"{where}: not a HEALPix map ({msg})") from None
     values = np.array(values, dtype=np.float64)
-    # UNSEEN may come back rounded through float32: compare with a relative tolerance
-    values[~np.isfinite(values) | (np.abs(values / hp.UNSEEN - 1) < 1e-5)] = np.nan
+    unseen_to_nan(values)
     return values, hp.npix2nside(values.size), kind
 
 
@@ -288,7 +298,7 @@ def _native_nside(entry):
             n = hdul[1].header.get("NSIDE") if len(hdul) > 1 else None
     except OSError:
         n = None
-    return int(n) if n is not None and is_power_of_two(int(n)) else None
+    return int(n) if n is not None and valid_nside(int(n)) else None
 
 
 def working_nside(catalog, nside=None):
@@ -303,7 +313,7 @@ def working_nside(catalog, nside=None):
     -------
     int
     """
-    if nside is not None and not is_power_of_two(nside):
+    if nside is not None and not valid_nside(nside):
         raise InputError(f"nside {nside!r} is not a power of two")
     if nside or catalog.nside:
         return nside or catalog.nside

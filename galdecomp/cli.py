@@ -6,10 +6,10 @@ goes to a log file; ``--debug`` shows it instead).
 """
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import tempfile
-import time
 import traceback
 import warnings
 
@@ -29,23 +29,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _nside(text):
-    from .catalog import is_power_of_two
+    from .catalog import valid_nside
 
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"nside must be an integer, got {text!r}") from None
-    if not is_power_of_two(n):
+    if not valid_nside(n):
         raise argparse.ArgumentTypeError(f"nside {n} is not a power of two")
     return n
 
 
-_T0 = time.perf_counter()
-
-
-def log(msg):
-    """Progress message on stderr, with the wall-clock time since the command started."""
-    print(f"[galdecomp {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -63,7 +58,7 @@ def _template_pairs(pairs):
     return mapping
 
 
-def cmd_simulate(args):
+def cmd_simulate(args, comm):
     from .fileio import atomic_output_dir
     from .simulation import (describe_morphology, plot_overview, resolve_morphology, simulate_sky,
                              write_simulated_sky)
@@ -77,14 +72,14 @@ def cmd_simulate(args):
         morphology.load(args.nside)
     with atomic_output_dir(out, args.overwrite) as tmp:
         real = f", spatial templates from {morphology.catalog}" if morphology else ""
-        log(f"simulating the sky at nside {args.nside} (seed {args.seed}{real})")
+        log.info(f"simulating the sky at nside {args.nside} (seed {args.seed}{real})")
         sky = simulate_sky(args.nside, seed=args.seed, morphology=morphology)
         for line in describe_morphology(sky)[1:]:
-            log(line.strip())
-        log(f"writing {len(sky.maps)} channel maps and the truth maps")
+            log.info(line.strip())
+        log.info(f"writing {len(sky.maps)} channel maps and the truth maps")
         write_simulated_sky(sky, tmp)
         if not args.no_plot:
-            log("plotting the overview")
+            log.info("plotting the overview")
             plot_overview(sky, os.path.join(tmp, "overview.png"))
     print(f"simulated sky: {os.path.join(out, 'catalog.yaml')}")
     if not args.no_plot:
@@ -92,7 +87,7 @@ def cmd_simulate(args):
     return 0
 
 
-def cmd_inspect(args):
+def cmd_inspect(args, comm):
     from .catalog import load_catalog
     from .preprocessing import Preprocessor
     from .products.catalog_summary import COLUMNS, summarise
@@ -128,19 +123,23 @@ def _config_file(path):
     return cfg
 
 
-def cmd_fit(args):
-    from .parallel import world
-    from .pipeline import fit_catalog
+def cmd_fit(args, comm):
+    from .pipeline import fit_catalog, fit_table
 
+    if (args.catalog is None) == (args.data is None):
+        raise InputError("fit: give exactly one of CATALOG or --data FILE")
+    if args.data is not None and args.nside is not None:
+        raise InputError("--nside: only for a catalog of maps, not with --data")
     overrides = dict(nside=args.nside, latent_dim=args.latent_dim, covariance=args.covariance,
                      beta=args.beta, seed=args.seed)
     if args.max_epochs is not None:
         overrides["training"] = {"max_epochs": args.max_epochs}
     if args.posterior is not None:
         overrides["posterior"] = {"method": args.posterior}
-    res = fit_catalog(args.catalog, args.out, overrides, _config_file(args.config), args.resume,
-                      args.overwrite)
-    if world().rank == 0:
+    fit = fit_catalog if args.data is None else fit_table
+    res = fit(args.catalog if args.data is None else args.data, args.out, overrides, _config_file(args.config),
+              args.resume, args.overwrite, comm=comm)
+    if comm.rank == 0:
         _print_fit(res)
     return 0
 
@@ -148,15 +147,17 @@ def cmd_fit(args):
 def _print_fit(res):
     p = res["products"]["paths"]
     print(f"run folder: {res['run_dir']}")
-    print(f"latent feature maps: {p['latent_mean.fits']} (std: {p['latent_std.fits']})")
+    if "latent_mean.fits" in p:
+        print(f"latent feature maps: {p['latent_mean.fits']} (std: {p['latent_std.fits']})")
+    else:
+        print(f"latent features: {p['latent_mean.csv']} (std: {p['latent_std.csv']})")
     print(f"plots: {p['plots']}")
 
 
-def cmd_report(args):
+def cmd_report(args, comm):
     from .fileio import folder_lock
-    from .parallel import world
 
-    if world().size > 1:
+    if comm.size > 1:
         raise InputError("galdecomp report runs on one process (start it without mpiexec)")
     if args.bins < 2:
         raise InputError(f"--bins must be at least 2, got {args.bins}")
@@ -167,12 +168,12 @@ def cmd_report(args):
         from .products.report import make_report
 
         res = make_report(args.run, args.templates, out=args.out, bins=args.bins, seed=args.seed,
-                          progress=log)
+                          progress=log.info)
     print(f"report: {res['paths'].get('report.md', os.path.join(res['out'], 'report.md'))}")
     return 0
 
 
-def cmd_run(args):
+def cmd_run(args, comm):
     from .pipeline import run_main_job
 
     cfg = None
@@ -180,7 +181,8 @@ def cmd_run(args):
         from .inference.config import load_config_file
         cfg = load_config_file(args.config)
     base = os.path.dirname(os.path.abspath(args.config)) if args.config else None
-    res = run_main_job(cfg, out=args.out, overwrite=args.overwrite, resume=args.resume, config_dir=base)
+    res = run_main_job(cfg, out=args.out, overwrite=args.overwrite, resume=args.resume, config_dir=base,
+                       comm=comm)
     if res["fit"]["products"] is None:  # not rank 0
         return 0
     print(f"simulated sky: {res['sky']}")
@@ -190,25 +192,33 @@ def cmd_run(args):
     return 0
 
 
-def cmd_anomaly(args):
+def cmd_anomaly(args, comm):
+    _one_process(comm, args.command)
     from .products.anomaly import run_anomaly
 
     res = run_anomaly(args.run, args.out, catalog=args.catalog, top=args.top, score=args.score,
-                      overwrite=args.overwrite, progress=log)
+                      overwrite=args.overwrite, progress=log.info)
     print(f"anomaly maps: {res['paths']['anomaly.fits']} (plot: {res['paths']['anomaly.png']})")
     print(f"most anomalous pixels by {args.score}: {res['paths']['anomaly_top.csv']}")
     return 0
 
 
-def cmd_posterior_check(args):
+def cmd_posterior_check(args, comm):
+    _one_process(comm, args.command)
     from .inference.posterior_check import run_posterior_check
 
     res = run_posterior_check(args.run, args.out, n_pixels=args.pixels, draws=args.draws, seed=args.seed,
-                              overwrite=args.overwrite, progress=log, mcmc_steps=args.mcmc_steps)
+                              overwrite=args.overwrite, progress=log.info, mcmc_steps=args.mcmc_steps)
     print(res["text"], end="")
     print(f"per pixel: {res['paths']['posterior_check.csv']}; summary: "
           f"{res['paths']['posterior_check_summary.csv']}; plot: {res['paths']['posterior_check.png']}")
     return 0
+
+
+def _one_process(comm, command):
+    """InputError for a single-process command started on several MPI ranks."""
+    if comm.size > 1:
+        raise InputError(f"galdecomp {command} runs on one process (start it without mpiexec)")
 
 
 def _load_run(path):
@@ -220,7 +230,8 @@ def _load_run(path):
     return TrainedModel.load(path)
 
 
-def cmd_reconstruct(args):
+def cmd_reconstruct(args, comm):
+    _one_process(comm, args.command)
     from .products.reconstruct import reconstruct_sky
 
     if args.samples < 2:
@@ -228,7 +239,7 @@ def cmd_reconstruct(args):
     trained = _load_run(args.run)
     res = reconstruct_sky(trained, args.catalog, args.out, holdout=args.holdout or (),
                           hide_fraction=args.hide_fraction, n_draws=args.samples, seed=args.seed,
-                          overwrite=args.overwrite, progress=log, noise=args.noise)
+                          overwrite=args.overwrite, progress=log.info, noise=args.noise)
     print(f"reconstruction: {res['out']} (MAP converged in {100 * res['converged']:.1f}% of pixels)")
     for r in res["holdout"]:
         print(f"  {r['channel']}: RMSE {r['rmse_standardised']:.3f} (linear {r['rmse_linear']:.3f}, "
@@ -237,7 +248,8 @@ def cmd_reconstruct(args):
     return 0
 
 
-def cmd_transform(args):
+def cmd_transform(args, comm):
+    _one_process(comm, args.command)
     from .fileio import folder_lock
     from .inference.trained import write_transform
     from .products.generate import aggregate_draws, fit_latent_density, transform_rows
@@ -245,12 +257,12 @@ def cmd_transform(args):
     trained = _load_run(args.run)
     y = trained.standardise(trained.load_rows())
     mask = np.isfinite(y)
-    log(f"posteriors of {len(y)} rows")
+    log.info(f"posteriors of {len(y)} rows")
     mean, cov = trained.model.posterior_moments(trained.params, np.where(mask, y, 0.0), mask)
     cfg = trained.config
     rows = transform_rows(len(y), cfg["training"]["validation_fraction"], cfg["seed"])
     z, groups = aggregate_draws(mean, cov, rows, args.seed)
-    log(f"latent transform ({args.method}) on {len(z)} draws of the aggregate posterior")
+    log.info(f"latent transform ({args.method}) on {len(z)} draws of the aggregate posterior")
     density = fit_latent_density(z, groups, args.method, seed=args.seed)
     with folder_lock(os.path.abspath(args.run)):
         path = write_transform(args.run, density)
@@ -271,7 +283,8 @@ def split_validation(trained, y):
     return valid[np.isfinite(valid).all(1)]
 
 
-def cmd_sample(args):
+def cmd_sample(args, comm):
+    _one_process(comm, args.command)
     from .products.generate import write_samples
 
     if args.n < 1:
@@ -284,7 +297,7 @@ def cmd_sample(args):
     if len(real) < 2:
         raise InputError(f"{args.run}: fewer than 2 held-out rows without missing channels to compare with")
     res = write_samples(trained, args.out, args.n, args.source, args.seed, real, overwrite=args.overwrite,
-                        progress=log)
+                        progress=log.info)
     print(f"samples: {os.path.join(res['out'], 'samples.csv')}")
     for r in res["quality"]:
         print(f"  {r['source']:>11}: Frechet distance {r['frechet']:.3f}, median KS {r['median_ks']:.3f} "
@@ -332,11 +345,16 @@ def build_parser():
     s.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("fit", parents=[common], help="fit the probabilistic autoencoder to a catalog's maps",
+    s = sub.add_parser("fit", parents=[common],
+                       help="fit the probabilistic autoencoder to a catalog's maps or a table",
                        description="Fit the probabilistic autoencoder (decoder, adaptive noise, "
-                                   "amortised encoder) to the maps of CATALOG and write latent-feature "
-                                   "maps and diagnostics to RUN. Ctrl-C leaves a resumable run.")
-    s.add_argument("catalog", help="catalog YAML file")
+                                   "amortised encoder) to the maps of CATALOG, or to the rows of a "
+                                   "table (--data FILE), and write latent features and diagnostics "
+                                   "to RUN. Ctrl-C leaves a resumable run.")
+    s.add_argument("catalog", nargs="?", help="catalog YAML file (or --data FILE)")
+    s.add_argument("--data", metavar="FILE",
+                   help="a table instead of a catalog: FILE.npy (rows x features), FILE.npz (key data, "
+                        "optional names) or FILE.csv (header of feature names); NaN = missing")
     s.add_argument("--out", required=True, metavar="RUN", help="run folder")
     s.add_argument("--nside", type=_nside, help="working resolution (default: catalog's or lowest)")
     s.add_argument("--latent-dim", type=_positive_int, help="number of latent features (default 10)")
@@ -494,7 +512,10 @@ def main(argv=None):
     """
     from .parallel import world
 
+    from .logs import configure
+
     comm = world()
+    configure(comm)
     parser = build_parser()
     debug = False
     try:
@@ -505,7 +526,7 @@ def main(argv=None):
             return 0
         with warnings.catch_warnings():
             warnings.simplefilter("default" if comm.rank == 0 else "ignore")
-            return args.func(args)
+            return args.func(args, comm)
     except InputError as e:
         if comm.rank == 0:
             print(f"galdecomp: error: {e}", file=sys.stderr)

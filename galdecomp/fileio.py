@@ -75,7 +75,7 @@ def write_text(path, text):
             f.write(text)
 
 
-def check_output_dir(path, overwrite):
+def check_output_dir(path, overwrite, what="output", hint="use --overwrite to replace it"):
     """Raise InputError unless ``path`` can be (re)created as an output folder.
 
     Parameters
@@ -84,17 +84,21 @@ def check_output_dir(path, overwrite):
         Output folder.
     overwrite : bool
         Whether an existing folder may be replaced.
+    what : str
+        What the folder is, for the messages (``"output"``, ``"run"``).
+    hint : str
+        What to do when the folder exists and ``overwrite`` is false.
     """
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
-        raise InputError(f"{path}: output folder exists (use --overwrite to replace it)")
+        raise InputError(f"{path}: {what} folder exists ({hint})")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"{path}: output path exists and is not a folder")
+        raise InputError(f"{path}: {what} path exists and is not a folder")
     parent = os.path.dirname(path)
     if os.path.exists(parent) and not os.path.isdir(parent):
-        raise InputError(f"{parent}: not a folder, cannot hold the output {path}")
+        raise InputError(f"{parent}: not a folder, cannot hold the {what} {path}")
     if not os.path.isdir(parent):
-        raise InputError(f"{parent}: parent folder of the output does not exist")
+        raise InputError(f"{parent}: parent folder of the {what} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{parent}: folder is not writable")
 

@@ -5,16 +5,17 @@ MPI is opt-in: mpi4py is imported only when the process was started by an MPI la
 communicator with ``rank``, ``size``, ``allreduce_sum``, ``gather_rows``, ``bcast`` and ``abort``;
 the serial one does nothing.
 
-Sharding: the data's rows are pixels in NESTED order; rank r owns one contiguous block (a
-compact patch of sky). Blocks are cut at coarse-pixel boundaries (``BLOCK_NSIDE``) so that a
-rank's patch is a union of whole coarse pixels.
+Sharding: rank r owns one contiguous block of the data's rows (:func:`block_rows`). For a sky
+the rows are pixels in NESTED order and the blocks are cut at coarse-pixel boundaries
+(``BLOCK_NSIDE``, :func:`row_block`), so that a rank's patch of sky is a union of whole coarse
+pixels.
 """
 import os
 import sys
 
 import numpy as np
 
-__all__ = ["SerialComm", "MPIComm", "world", "row_block", "BLOCK_NSIDE"]
+__all__ = ["SerialComm", "MPIComm", "world", "row_block", "block_rows", "BLOCK_NSIDE"]
 
 #: Coarse resolution whose pixels are the units of the pixel blocks of the ranks.
 BLOCK_NSIDE = 16
@@ -95,8 +96,40 @@ def world():
     return _WORLD
 
 
+def block_rows(n_rows, comm, unit=1, what="rows"):
+    """The contiguous block of rows of this rank, cut at multiples of ``unit`` rows.
+
+    Parameters
+    ----------
+    n_rows : int
+        Rows of the data set (a multiple of ``unit``).
+    comm : SerialComm or MPIComm
+    unit : int
+        Rows of the smallest block (e.g. the pixels of one coarse HEALPix pixel).
+    what : str
+        The name of the units for the error message.
+
+    Returns
+    -------
+    slice
+        Rows ``[start, stop)`` owned by ``comm.rank``; the blocks of all ranks tile the rows.
+
+    Raises
+    ------
+    InputError
+        More ranks than units.
+    """
+    from .errors import InputError
+
+    n_units = n_rows // unit
+    if comm.size > n_units:
+        raise InputError(f"{comm.size} MPI ranks but only {n_units} {what} (use at most {n_units} ranks)")
+    edges = np.linspace(0, n_units, comm.size + 1).round().astype(int) * unit
+    return slice(int(edges[comm.rank]), int(edges[comm.rank + 1]))
+
+
 def row_block(nside, comm):
-    """The contiguous NESTED pixel block of this rank.
+    """The contiguous NESTED pixel block of this rank, made of whole ``BLOCK_NSIDE`` pixels.
 
     Parameters
     ----------
@@ -114,12 +147,5 @@ def row_block(nside, comm):
     InputError
         More ranks than coarse pixel blocks.
     """
-    from .errors import InputError
-
     nb = min(nside, BLOCK_NSIDE)
-    n_blocks, per_block = 12 * nb * nb, (nside // nb) ** 2
-    if comm.size > n_blocks:
-        raise InputError(f"{comm.size} MPI ranks but only {n_blocks} pixel blocks at nside {nside} "
-                         f"(use at most {n_blocks} ranks)")
-    edges = np.linspace(0, n_blocks, comm.size + 1).round().astype(int) * per_block
-    return slice(int(edges[comm.rank]), int(edges[comm.rank + 1]))
+    return block_rows(12 * nside * nside, comm, (nside // nb) ** 2, f"pixel blocks at nside {nside}")

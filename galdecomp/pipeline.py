@@ -1,45 +1,48 @@
 """Recipes: the jobs the command line runs, as plain functions.
 
-``fit_catalog`` fits the autoencoder to a catalog's maps and writes a run folder;
+``fit_data`` fits the autoencoder to a data source (a catalog's maps, :class:`SkySource`, or a
+plain table, :class:`TableSource`) and writes a run folder (``fit_catalog``, ``fit_table``);
 ``run_main_job`` simulates the default sky and fits it. Both hold their output folder's lock
 (one writer per run folder).
 """
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import yaml
 
-from .catalog import is_power_of_two, load_catalog, read_catalog, working_nside
+from .catalog import load_catalog, read_catalog, valid_nside, working_nside
+from .dataset import DataSet, read_table
 from .errors import InputError, JobStopped, WriteError
-from .fileio import LOCK_FILE, atomic_path, folder_lock, write_text
+from .fileio import LOCK_FILE, atomic_path, check_output_dir, folder_lock, write_text
 from .inference.config import model_signature, resolve_config, with_former_defaults
 from .inference.training import TrainingState, finished, split_rows, train
 from .model.autoencoder import Autoencoder, ELBOObjective
 from .preprocessing import ChannelTransform, Preprocessor
 
-__all__ = ["fit_rows", "fit_catalog", "run_main_job", "CHECKPOINT"]
+__all__ = ["fit_rows", "fit_data", "fit_catalog", "fit_table", "SkySource", "TableSource", "Prepared",
+           "run_main_job", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.npz"
 
 
-def _say(msg):
-    from .cli import log
-    from .parallel import world
-
-    if world().rank == 0:
-        log(msg)
+log = logging.getLogger(__name__)
 
 
-def _write_config(run_dir, catalog_path, cfg):
-    """Write RUN/config.yaml: the resolved configuration, usable as ``--config``."""
+def _write_config(run_dir, cfg):
+    """Write RUN/config.yaml: the resolved configuration, usable as ``--config``; a sky run's
+    also names its catalog as ``catalog`` (read by ``galdecomp report``)."""
+    head = {"catalog": cfg["data"]["path"]} if cfg["data"]["kind"] == "sky" else {}
     write_text(os.path.join(run_dir, "config.yaml"),
                "# galdecomp fit configuration (resolved); re-run with --config this file\n"
-               + yaml.safe_dump({"catalog": catalog_path, **cfg}, sort_keys=False))
+               + yaml.safe_dump({**head, **cfg}, sort_keys=False))
 
 
 def _unusable(path, what, why):
@@ -86,17 +89,7 @@ def _read_checkpoint(path):
 
 def check_run_dir(run_dir, overwrite):
     """Raise InputError unless ``run_dir`` can be created (or replaced, with ``overwrite``)."""
-    if os.path.exists(run_dir):
-        if not overwrite:
-            raise InputError(f"{run_dir}: run folder exists (use --resume to continue it or "
-                             f"--overwrite to replace it)")
-        if not os.path.isdir(run_dir):
-            raise InputError(f"{run_dir}: exists and is not a folder")
-    parent = os.path.dirname(run_dir)
-    if not os.path.isdir(parent):
-        raise InputError(f"{parent}: parent folder of the run does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{parent}: folder is not writable")
+    check_output_dir(run_dir, overwrite, "run", "use --resume to continue it or --overwrite to replace it")
 
 
 def make_run_dir(run_dir):
@@ -240,12 +233,98 @@ def load_preprocessed(catalog, nside, pixels=None):
 
 
 def noise_floor(preprocessor, data_set, cfg):
-    """Per-channel noise floor (standardised): the catalog's known noise and ``noise.floor`` in quadrature."""
-    known = preprocessor.noise_to_standardised(data_set.noise)
+    """Per-channel noise floor (standardised): the data set's known noise (if any) and
+    ``noise.floor`` in quadrature."""
+    noise = getattr(data_set, "noise", None)
+    known = preprocessor.noise_to_standardised(np.full(data_set.n_features, np.nan) if noise is None else noise)
     return np.sqrt(known ** 2 + cfg["noise"]["floor"] ** 2)
 
 
-def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=False, overwrite=False):
+@dataclass
+class Prepared:
+    """A data set read and preprocessed for one process of a fit.
+
+    Attributes
+    ----------
+    data_set : DataSet
+        This process's rows in physical units.
+    preprocessor : Preprocessor
+    data : ndarray, shape (P_local, C)
+        Standardised values, NaN where missing.
+    rows : slice
+        This process's rows among all ``n_rows``.
+    n_rows : int
+    fingerprint : str
+        Identifies the data (``--resume`` refuses other data): ``path|...|preprocessing``.
+    record : dict
+        The ``data`` section of the run's configuration: ``kind``, ``path`` (and ``nside``).
+    """
+
+    data_set: object
+    preprocessor: object
+    data: np.ndarray
+    rows: slice
+    n_rows: int
+    fingerprint: str
+    record: dict
+
+
+class SkySource:
+    """The maps of a catalog as the data set of a fit: rows are NESTED pixels, features channels."""
+
+    kind, row_word, feature_word = "sky", "pixels", "channels"
+
+    def __init__(self, catalog_path):
+        self.argument = catalog_path
+        self.catalog = read_catalog(catalog_path)
+        self.path = self.catalog.path
+
+    def resume_command(self, out):
+        return f"galdecomp fit {self.argument} --out {out} --resume"
+
+    def prepare(self, cfg, comm):
+        """Read this process's pixels at the configured nside and standardise them."""
+        from .parallel import row_block
+
+        nside = working_nside(self.catalog, cfg["data"]["nside"])
+        rows = row_block(nside, comm)
+        data_set, pre, data = load_preprocessed(self.catalog, nside, rows)
+        fingerprint = f"{self.path}|{nside}|" + json.dumps(pre.to_dict(), sort_keys=True)
+        return Prepared(data_set, pre, data, rows, 12 * nside * nside, fingerprint,
+                        dict(kind="sky", path=self.path, nside=nside))
+
+
+class TableSource:
+    """A plain table (``.npy``, ``.npz``, ``.csv``; see :func:`galdecomp.dataset.read_table`) as
+    the data set of a fit: each feature is standardised (``linear`` transform)."""
+
+    kind, row_word, feature_word = "table", "rows", "features"
+
+    def __init__(self, path):
+        self.argument = path
+        self.path = os.path.abspath(path)
+        self.table = read_table(path)
+
+    def resume_command(self, out):
+        return f"galdecomp fit --data {self.argument} --out {out} --resume"
+
+    def prepare(self, cfg, comm):
+        """This process's block of rows, standardised per feature over all rows."""
+        from .parallel import block_rows
+
+        t = self.table
+        pre = Preprocessor([ChannelTransform.fit(v[o], "linear", n) for v, o, n in zip(t.values, t.observed, t.names)],
+                           t.names)
+        rows = block_rows(t.n_samples, comm)
+        local = DataSet(t.values[:, rows], t.observed[:, rows], t.names, t.units)
+        digest = hashlib.sha256(np.ascontiguousarray(t.values).tobytes()).hexdigest()[:16]
+        fingerprint = f"{self.path}|{t.n_samples}x{t.n_features}|{digest}|" + json.dumps(pre.to_dict(), sort_keys=True)
+        return Prepared(local, pre, pre.forward(local.values).T.copy(), rows, t.n_samples, fingerprint,
+                        dict(kind="table", path=self.path))
+
+
+def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=False, overwrite=False,
+                comm=None):
     """Fit the probabilistic autoencoder to the maps of a catalog and write the run folder.
 
     Runs on one process or pixel-sharded over the ranks of ``mpiexec`` (same results).
@@ -265,24 +344,57 @@ def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=Fals
         number of MPI ranks may differ).
     overwrite : bool
         Replace an existing run folder.
+    comm : SerialComm or MPIComm, optional
+        The processes of the job (default :func:`galdecomp.parallel.world`).
 
     Returns
     -------
     dict
         ``run_dir``; ``config`` (resolved); ``state`` (final TrainingState); ``products``
-        (from :func:`galdecomp.products.run_outputs.write_run_products`: order, significance,
-        sigma, paths; on rank 0 only, None elsewhere).
+        (on rank 0: ``order``, ``significance``, ``sigma``, ``paths``; None elsewhere).
     """
+    return fit_data(SkySource(catalog_path), out, overrides, config_file, resume, overwrite, comm)
+
+
+def fit_table(path, out, overrides=None, config_file=None, resume=False, overwrite=False, comm=None):
+    """Fit the probabilistic autoencoder to a plain table and write the run folder (CSV products).
+
+    Parameters as :func:`fit_catalog`, with ``path`` a ``.npy``, ``.npz`` or ``.csv`` table of
+    rows x features (see :func:`galdecomp.dataset.read_table`); rows are sharded over MPI ranks.
+
+    Returns
+    -------
+    dict
+        As :func:`fit_catalog`.
+    """
+    return fit_data(TableSource(path), out, overrides, config_file, resume, overwrite, comm)
+
+
+def fit_data(source, out, overrides=None, config_file=None, resume=False, overwrite=False, comm=None):
+    """Fit the autoencoder to a data source, with the run folder, its lock, checkpoints and signals.
+
+    Parameters
+    ----------
+    source : SkySource or TableSource
+        The data set (read and checked already).
+    out, overrides, config_file, resume, overwrite, comm
+        As for :func:`fit_catalog`.
+
+    Returns
+    -------
+    dict
+        As :func:`fit_catalog`.
+    """
+    if comm is None:
+        from .parallel import world
+
+        comm = world()
     with contextlib.ExitStack() as held:  # the run folder's lock, once taken
-        return _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, held)
+        return _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm)
 
 
-def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, held):
-    """:func:`fit_catalog`, holding the run folder's lock in the ExitStack ``held``."""
-    from .parallel import row_block, world
-
-    comm = world()
-    catalog = read_catalog(catalog_path)
+def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm):
+    """:func:`fit_data`, holding the run folder's lock in the ExitStack ``held``."""
     run_dir = os.path.abspath(out)
     ckpt = os.path.join(run_dir, CHECKPOINT)
     # everything that can fail is checked, on every rank, before the run folder is touched
@@ -301,29 +413,27 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
         check_run_dir(run_dir, overwrite)
         if os.path.isdir(run_dir):
             held.enter_context(folder_lock(run_dir, comm))
-    nside = working_nside(catalog, cfg["nside"])
-    rows = row_block(nside, comm)
-    data_set, pre, data = load_preprocessed(catalog, nside, rows)
-    C, L = data_set.n_features, cfg["latent_dim"]
+    ready = source.prepare(cfg, comm)
+    cfg["data"] = ready.record
+    data, rows, n_rows = ready.data, ready.rows, ready.n_rows
+    C, L = ready.data_set.n_features, cfg["latent_dim"]
     if C < L:
-        raise InputError(f"{catalog_path}: {C} channels cannot support {L} latent features "
+        raise InputError(f"{source.argument}: {C} {source.feature_word} cannot support {L} latent features "
                          f"(use --latent-dim {C} or fewer)")
-    n_rows = 12 * nside * nside
-    model = Autoencoder.from_config(cfg, C, noise_floor(pre, data_set, cfg))
-    fingerprint = f"{catalog.path}|{nside}|" + json.dumps(pre.to_dict(), sort_keys=True)
+    model = Autoencoder.from_config(cfg, C, noise_floor(ready.preprocessor, ready.data_set, cfg))
     tcfg = cfg["training"]
     if resume:
-        if str(arrays["fingerprint"]) != fingerprint:
+        if str(arrays["fingerprint"]) != ready.fingerprint:
             raise InputError(f"{run_dir}: --resume with other data than the run was started on "
                              f"({str(arrays['fingerprint']).split('|')[0]})")
         was_done = state.done  # max_epochs and patience may have changed: train longer, or stop
         state.done = finished(state, tcfg)
         at = f"epoch {state.epoch}" + (f", step {state.step}" if state.batch else "")
         more = " (finished; training longer)" if was_done and not state.done else ""
-        _say(f"resuming {run_dir} after {at}{more}")
+        log.info(f"resuming {run_dir} after {at}{more}")
         comm.barrier()  # every rank has validated its input before rank 0 writes
         if comm.rank == 0:  # the posterior and duration settings may have changed
-            _write_config(run_dir, catalog.path, cfg)
+            _write_config(run_dir, cfg)
     else:
         comm.barrier()  # every rank has validated its input before rank 0 replaces anything
         if comm.rank == 0:
@@ -331,49 +441,57 @@ def _fit_catalog(catalog_path, out, overrides, config_file, resume, overwrite, h
         comm.barrier()
         held.enter_context(folder_lock(run_dir, comm))  # already held if the folder existed
         if comm.rank == 0:
-            _write_config(run_dir, catalog.path, cfg)
+            _write_config(run_dir, cfg)
         state = TrainingState(model.init_params(cfg["seed"]), tcfg["learning_rate"], cfg["seed"])
     comm.barrier()
-    extra = dict(preprocessing=json.dumps(pre.to_dict()), fingerprint=fingerprint,
-                 config=json.dumps(cfg), catalog=catalog.path)
+    extra = dict(preprocessing=json.dumps(ready.preprocessor.to_dict()), fingerprint=ready.fingerprint,
+                 config=json.dumps(cfg), catalog=source.path)
     ranks = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
-    _say(f"fitting {n_rows} pixels x {C} channels, {L} latent features, {cfg['covariance']} covariance{ranks}")
+    log.info(f"fitting {n_rows} {source.row_word} x {C} {source.feature_word}, {L} latent features, "
+             f"{cfg['covariance']} covariance{ranks}")
     save = (lambda st: _save_checkpoint(ckpt, st, extra)) if comm.rank == 0 else None
-    hint = f"continue with `galdecomp fit {catalog_path} --out {out} --resume`"
+    hint = f"continue with `{source.resume_command(out)}`"
     try:
         with _StopSignals(comm) as stop:
-            fit_rows(model, data, state, cfg, checkpoint=save, log=_say, offset=rows.start, n_rows=n_rows,
+            fit_rows(model, data, state, cfg, checkpoint=save, log=log.info, offset=rows.start, n_rows=n_rows,
                      comm=comm, stop=stop)
     except JobStopped as e:
         comm.barrier()  # rank 0 has written the checkpoint
         at = f"step {state.step} (in epoch {state.epoch + 1})" if state.batch else f"epoch {state.epoch}"
-        _say(f"stopped by {signal.Signals(e.signum).name} after {at}, checkpoint written: {hint}")
+        log.info(f"stopped by {signal.Signals(e.signum).name} after {at}, checkpoint written: {hint}")
         raise
     except KeyboardInterrupt:
-        _say(f"interrupted: {hint} (from the last checkpoint)")
+        log.info(f"interrupted: {hint} (from the last checkpoint)")
         raise
-    from .products.run_outputs import write_run_products
+    from .products.run_outputs import WRITERS, compute_products, gather_products
 
     params = state.best_params
     mask = np.isfinite(data)
     data0 = np.where(mask, data, 0.0)
-    _say("posterior means and covariances of all pixels")
+    log.info(f"posterior means and covariances of all {source.row_word}")
     mean, cov = model.posterior_moments(params, data0, mask)
     samples, method = None, cfg["posterior"]["method"]
     if method != "amortised":
         from .inference.mgvi import latent_posterior_samples
 
         p = cfg["posterior"]
-        _say(f"{method}: {2 * p['n_samples']} samples, {p['iterations']} iterations, decoder and noise fixed")
+        log.info(f"{method}: {2 * p['n_samples']} samples, {p['iterations']} iterations, decoder and noise fixed")
         samples = latent_posterior_samples(model, params, data0, mask, mean, method, p["n_samples"],
-                                           p["iterations"], seed=cfg["seed"], log=_say, offset=rows.start)
-    products = write_run_products(run_dir, data_set, pre, model, params, data, mean, cov, state.history,
-                                  cfg, catalog.path, samples=samples, comm=comm, progress=_say)
+                                           p["iterations"], seed=cfg["seed"], log=log.info, offset=rows.start,
+                                           comm=comm)
+    prod = compute_products(ready.preprocessor, model, params, data, mean, cov, cfg, samples, comm, log.info)
+    prod = gather_products(prod, comm)
+    products = None
+    if prod is not None:
+        paths = WRITERS[source.kind](run_dir, prod, ready.data_set, ready.preprocessor, model, state.history,
+                                     cfg, source.path, log.info)
+        products = dict(order=prod["order"], significance=prod["significance"][prod["order"]],
+                        sigma=prod["sigma"], paths=paths)
     if comm.rank == 0:
         from .inference.trained import TrainedModel
 
-        TrainedModel(model, params, pre, cfg, data_set.units, dict(kind="sky", path=catalog.path, nside=nside),
-                     products["order"]).save(run_dir)
+        TrainedModel(model, params, ready.preprocessor, cfg, ready.data_set.units, cfg["data"],
+                     prod["order"]).save(run_dir)
     fit_transform(run_dir, mean, cov, cfg, rows.start, n_rows, comm)
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
 
@@ -403,7 +521,7 @@ def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm):
     z, groups = comm.gather_rows(z), comm.gather_rows(groups.astype(float))
     if comm.rank != 0:
         return None
-    _say(f"latent transform ({method}) on {len(z)} draws of the aggregate posterior")
+    log.info(f"latent transform ({method}) on {len(z)} draws of the aggregate posterior")
     density = fit_latent_density(z, groups, method, seed=cfg["seed"])
     return write_transform(run_dir, density)
 
@@ -412,7 +530,7 @@ def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm):
 RUN_DEFAULTS = {"out": "runs/main", "simulate": {"nside": 32, "seed": 0, "morphology": None}, "fit": {}}
 
 
-def run_main_job(config_file=None, out=None, overwrite=False, resume=False, config_dir=None):
+def run_main_job(config_file=None, out=None, overwrite=False, resume=False, config_dir=None, comm=None):
     """The main job: simulate the default sky, fit it, and write the products.
 
     Parameters
@@ -429,6 +547,8 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
     config_dir : str, optional
         Folder of the configuration file: relative ``morphology`` folders are taken from there
         (default: the working folder).
+    comm : SerialComm or MPIComm, optional
+        The processes of the job (default :func:`galdecomp.parallel.world`).
 
     Returns
     -------
@@ -436,9 +556,12 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
         ``sky`` (catalog path of the simulated sky), ``fit`` (the result of :func:`fit_catalog`),
         ``report`` (path of report.md; None on ranks other than 0).
     """
-    from .parallel import world
     from .simulation.morphology import morphology_from_config
 
+    if comm is None:
+        from .parallel import world
+
+        comm = world()
     cfg = {**RUN_DEFAULTS, **(config_file or {})}
     unknown = sorted(set(cfg) - set(RUN_DEFAULTS))
     if unknown:
@@ -451,7 +574,7 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
         raise InputError(f"run config: simulate: unknown setting(s) {', '.join(unknown)}")
     out = os.path.abspath(out or cfg["out"])
     resolve_config(cfg["fit"], where="run config: fit")      # fail early on bad settings
-    if not is_power_of_two(sim["nside"]):
+    if not valid_nside(sim["nside"]):
         raise InputError(f"run config: simulate: nside {sim['nside']!r} is not a power of two")
     morphology = None
     if not resume:  # a resumed job keeps its simulated sky
@@ -462,44 +585,43 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
     if resume:
         if not os.path.isfile(os.path.join(sky_dir, "catalog.yaml")):
             raise InputError(f"{out}: --resume, but it holds no main-job run (no sky/catalog.yaml)")
-    elif os.path.exists(out) and not overwrite:
+    elif os.path.exists(out) and not overwrite:  # created with its parents below
         raise InputError(f"{out}: output folder exists (use --overwrite to replace it or --resume)")
-    world().barrier()  # every rank has checked the folder before rank 0 writes into it
-    if world().rank == 0:
+    comm.barrier()  # every rank has checked the folder before rank 0 writes into it
+    if comm.rank == 0:
         try:
             os.makedirs(out, exist_ok=True)
         except OSError as e:
             raise WriteError(f"{out}: cannot create the output folder ({e.strerror})") from None
-    world().barrier()
-    with folder_lock(out, world()):
-        return _run_main_job(cfg, sim, morphology, out, sky_dir, resume)
+    comm.barrier()
+    with folder_lock(out, comm):
+        return _run_main_job(cfg, sim, morphology, out, sky_dir, resume, comm)
 
 
-def _run_main_job(cfg, sim, morphology, out, sky_dir, resume):
+def _run_main_job(cfg, sim, morphology, out, sky_dir, resume, comm):
     """:func:`run_main_job` once the output folder exists and is held."""
     from .fileio import atomic_output_dir
-    from .parallel import world
     from .simulation import plot_overview, simulate_sky, write_simulated_sky
 
     if not resume:
-        if world().rank == 0:
+        if comm.rank == 0:
             with atomic_output_dir(sky_dir, overwrite=True) as tmp:
                 real = f", spatial templates from {morphology.catalog}" if morphology else ""
-                _say(f"simulating the sky at nside {sim['nside']} (seed {sim['seed']}{real})")
+                log.info(f"simulating the sky at nside {sim['nside']} (seed {sim['seed']}{real})")
                 sky = simulate_sky(sim["nside"], seed=sim["seed"], morphology=morphology)
                 write_simulated_sky(sky, tmp)
                 plot_overview(sky, os.path.join(tmp, "overview.png"))
-        world().barrier()
+        comm.barrier()
     fit_cfg = {"nside": sim["nside"], **(cfg["fit"] or {})}
     result = fit_catalog(os.path.join(sky_dir, "catalog.yaml"), os.path.join(out, "fit"),
-                         config_file=fit_cfg, resume=resume, overwrite=True)
+                         config_file=fit_cfg, resume=resume, overwrite=True, comm=comm)
     report = None
-    with folder_lock(result["run_dir"], world()):  # the report goes into the fit's run folder
-        if world().rank == 0:
+    with folder_lock(result["run_dir"], comm):  # the report goes into the fit's run folder
+        if comm.rank == 0:
             from .products.report import make_report
 
-            _say("report: the latent features against the truth maps")
+            log.info("report: the latent features against the truth maps")
             rep = make_report(result["run_dir"], os.path.join(sky_dir, "truth", "catalog.yaml"),
-                              progress=_say)
+                              progress=log.info)
             report = os.path.join(rep["out"], "report.md")
     return dict(sky=os.path.join(sky_dir, "catalog.yaml"), fit=result, report=report)

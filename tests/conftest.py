@@ -52,3 +52,11 @@ def small_catalog(tmp_path):
         write_map(tmp_path / f"m{i}.fits", m)
         entries.append(dict(name=f"m{i}", file=f"m{i}.fits", frequency_hz=1e9 * (i + 1), unit="K_RJ"))
     return write_catalog(tmp_path, entries), maps, entries
+
+
+def gaussian_kl(m0, S0, m1, S1):
+    """``KL[N(m0, S0) || N(m1, S1)]`` per row, by dense linear algebra; means (B, L), covariances (B, L, L)."""
+    S1inv = np.linalg.inv(S1)
+    r = m1 - m0
+    return 0.5 * (np.einsum("bij,bji->b", S1inv, S0) + np.einsum("bi,bij,bj->b", r, S1inv, r) - m0.shape[-1]
+                  + np.linalg.slogdet(S1)[1] - np.linalg.slogdet(S0)[1])

@@ -6,11 +6,11 @@ learned decoder and noise.
 """
 import numpy as np
 import pytest
+from conftest import gaussian_kl
 
 from galdecomp.inference.config import resolve_config
 from galdecomp.inference.training import TrainingState
 from galdecomp.model.autoencoder import Autoencoder
-from galdecomp.model.fisher import gaussian_kl
 from galdecomp.model.mlp import unpack_params
 from galdecomp.pipeline import fit_rows
 

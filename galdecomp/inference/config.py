@@ -9,7 +9,7 @@ import yaml
 
 from ..errors import InputError
 
-__all__ = ["DEFAULTS", "POSTERIOR_METHODS", "resolve_config", "load_config_file", "model_signature",
+__all__ = ["DEFAULTS", "DATA_KINDS", "POSTERIOR_METHODS", "resolve_config", "load_config_file", "model_signature",
            "with_former_defaults"]
 
 #: Every setting of a fit, with its default.
@@ -18,7 +18,11 @@ DEFAULTS = {
     "covariance": "diagonal",      # diagonal | fisher
     "beta": 1.0,                   # weight of the KL term of the ELBO
     "seed": 0,
-    "nside": None,                 # working resolution (None: the catalog's)
+    "data": {                      # the data set the run is trained on (a record, set by the fit)
+        "kind": None,              # sky | table
+        "path": None,              # the catalog or table file
+        "nside": None,             # sky: working resolution (None: the catalog's); also `nside:`
+    },
     "decoder": {"hidden": [128, 128], "activation": "tanh"},
     "encoder": {"hidden": [128, 128], "activation": "tanh",
                 "output_scale": 1.0},   # initial excitations of the encoder's output layer x this
@@ -57,10 +61,27 @@ POSTERIOR_METHODS = ("amortised", "mgvi", "geovi")
 TRANSFORM_METHODS = ("gaussianising", "gmm", "gaussian", "none")
 #: Settings that define the model and its optimisation path: a run can only be resumed with them
 #: unchanged (the posterior method is applied after training and may change on --resume).
-_MODEL_KEYS = ("latent_dim", "covariance", "beta", "seed", "nside", "decoder", "encoder", "noise", "training")
+#: The data set (``data``, with the sky's nside) is not among them: the checkpoint's fingerprint of
+#: the data guards it.
+_MODEL_KEYS = ("latent_dim", "covariance", "beta", "seed", "decoder", "encoder", "noise", "training")
+#: Kinds of data set a run can be trained on.
+DATA_KINDS = ("sky", "table")
 #: Training settings that only govern how long training runs or how often it is checkpointed:
 #: ``--resume`` may change them (e.g. a larger max_epochs trains a finished run longer).
 _DURATION_KEYS = ("max_epochs", "patience", "checkpoint_seconds")
+
+
+def _nside_into_data(settings):
+    """``settings`` with a top-level ``nside`` (configuration files before the ``data`` section,
+    ``--nside``) moved to ``data.nside``."""
+    if not settings or "nside" not in settings:
+        return settings
+    settings = dict(settings)
+    nside = settings.pop("nside")
+    if nside is not None:
+        data = settings.get("data")
+        settings["data"] = {**(data if isinstance(data, dict) else {}), "nside": nside}
+    return settings
 
 
 def _merge(base, new, where="config"):
@@ -113,10 +134,11 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     Parameters
     ----------
     file_config : dict, optional
-        Settings from a YAML file (nested like ``DEFAULTS``; may hold extra top-level keys
-        listed in ``extra``).
+        Settings from a YAML file (nested like ``DEFAULTS``); a top-level ``nside`` is
+        ``data.nside``.
     overrides : dict, optional
-        Top-level settings from the command line (``None`` values are ignored).
+        Top-level settings from the command line (``None`` values are ignored; ``nside`` is
+        ``data.nside``).
     where : str
         Name of the source for error messages.
 
@@ -125,8 +147,10 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     dict
         The full, validated configuration.
     """
-    cfg = _merge(DEFAULTS, file_config, where)
-    cfg = _merge(cfg, {k: v for k, v in (overrides or {}).items() if v is not None}, where)
+    cfg = _merge(DEFAULTS, _nside_into_data(file_config), where)
+    cfg = _merge(cfg, _nside_into_data({k: v for k, v in (overrides or {}).items() if v is not None}), where)
+    if cfg["data"]["kind"] not in (None,) + DATA_KINDS:
+        raise InputError(f"{where}: data.kind must be one of {', '.join(DATA_KINDS)}, got {cfg['data']['kind']!r}")
     _positive_int(cfg, "latent_dim", where)
     for k, choices in _CHOICES.items():
         if cfg[k] not in choices:

@@ -28,6 +28,7 @@ import numpy as np
 import nifty8 as ift
 
 from ..model.operators import DecoderLikelihood
+from ..random import seed_sequence
 from .block_metric import BlockDiagonalMetric, BlockNewton, LatentMetrics
 
 __all__ = ["latent_posterior_samples", "BlockMetricHamiltonian", "amortisation_gap"]
@@ -39,7 +40,7 @@ GEOVI_LINEAR_CG = 5
 
 def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_samples=4,
                              iterations=4, seed=0, log=None, offset=0, solver="block", draws="rows",
-                             controllers=None):
+                             controllers=None, comm=None):
     """MGVI or geoVI posterior samples of the latents of every row, decoder and noise fixed.
 
     Parameters
@@ -73,6 +74,8 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
     controllers : dict, optional
         Replace the default IterationControllers: ``sampling`` (CG of the samples; block solver:
         geoVI's linear step only), ``kl`` (KL minimisation), ``geo`` (geoVI's non-linear update).
+    comm : SerialComm or MPIComm, optional
+        The processes holding the rows (NIFTy's messages are silenced on ranks other than 0).
 
     Returns
     -------
@@ -96,15 +99,13 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
     ctl = dict(controllers or {})
     sampling, kl_ctrl, geo_ctrl = (ctl.get(k, v) for k, v in
                                    (("sampling", sampling), ("kl", kl_ctrl), ("geo", geo_ctrl)))
-    from ..parallel import world
-
-    if world().rank != 0:  # NIFTy's own progress messages: rank 0 only
+    if comm is not None and comm.rank != 0:  # NIFTy's own progress messages: rank 0 only
         import logging
 
         logging.getLogger("NIFTy8").setLevel(logging.ERROR)
     say = (lambda it: log(f"{method} iteration {it + 1}/{iterations}")) if log else None
     keyed = solver == "block" and method == "mgvi" and draws == "rows"
-    with ift.random.Context(seed if keyed else np.random.SeedSequence([seed, offset])):
+    with ift.random.Context(seed if keyed else seed_sequence(seed, "mgvi", offset)):
         if solver == "cg":
             samples = ift.optimize_kl(lh_z, iterations, n_samples, ift.NewtonCG(kl_ctrl), sampling,
                                       ift.NewtonCG(geo_ctrl) if method == "geovi" else None,

@@ -170,8 +170,9 @@ class TrainedModel:
         Parameters
         ----------
         path : str, optional
-            Another catalog (sky runs; maps matched to the run's channels by name, at the run's
-            nside) instead of the one the run was trained on.
+            Another data set of the run's kind instead of the one it was trained on: a catalog
+            (sky runs; maps matched to the run's channels by name, at the run's nside) or a
+            table with the same features (table runs).
 
         Returns
         -------
@@ -179,8 +180,15 @@ class TrainedModel:
             NaN where missing; rows in the order the run was trained on (NESTED pixels).
         """
         from ..catalog import Catalog, load_catalog, read_catalog
+        from ..dataset import read_table
 
         kind = self.data.get("kind")
+        if kind == "table":
+            ds = read_table(path or self.data["path"])
+            if ds.names != self.names:
+                raise InputError(f"{path or self.data['path']}: features {', '.join(ds.names[:4])}... are not "
+                                 f"the run's ({', '.join(self.names[:4])}...)")
+            return ds.values.T
         if kind != "sky":
             raise InputError(f"{path or self.data.get('path')}: reading a data set of kind {kind!r} "
                              f"is not supported")

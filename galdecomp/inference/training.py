@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from ..errors import JobStopped
+from ..random import stream
 
 __all__ = ["Adam", "TrainingState", "split_rows", "finished", "train"]
 
@@ -92,7 +93,7 @@ class TrainingState:
         self.lr = float(lr)
         self.best_val = np.inf
         self.since_best = self.since_lr = 0
-        self.rng_state = np.random.default_rng([seed, 1]).bit_generator.state
+        self.rng_state = stream(seed, "training", "minibatches").bit_generator.state
         self.batch, self.batch_rng_state = 0, None
         self.epoch_sums, self.epoch_seconds = np.zeros(3), 0.0
         self.history = []
@@ -138,7 +139,7 @@ def split_rows(n_rows, validation_fraction, seed):
     valid : ndarray of int
         Sorted validation row indices.
     """
-    perm = np.random.default_rng([seed, 0]).permutation(n_rows)
+    perm = stream(seed, "training", "split").permutation(n_rows)
     n_val = max(1, int(round(validation_fraction * n_rows)))
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
@@ -191,7 +192,7 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
     warmup = int(cfg.get("kl_warmup_epochs", 0))
     cosine = cfg.get("schedule", "plateau") == "cosine"
     lr0 = float(cfg["learning_rate"])
-    val_xi = np.random.default_rng([seed, 2]).standard_normal((valid_rows.size, objective.latent_dim))
+    val_xi = stream(seed, "training", "validation").standard_normal((valid_rows.size, objective.latent_dim))
     t_start, epoch0 = time.perf_counter(), state.epoch
     t_saved, signum = t_start, None
     while not state.done:

@@ -14,6 +14,7 @@ from .likelihood import GaussianLikelihood
 from .mlp import MLP
 from .posteriors import POSTERIORS
 from .prior import STANDARD_NORMAL
+from ..random import stream
 
 __all__ = ["Autoencoder", "ELBOObjective"]
 
@@ -80,7 +81,7 @@ class Autoencoder:
     def init_params(self, seed):
         """Initial excitations: a prior draw for the decoder, encoder outputs scaled by
         ``encoder_output_scale``, noise at sigma0."""
-        rng = np.random.default_rng([seed, 3])
+        rng = stream(seed, "model", "init")
         p = np.zeros(self.n_params)
         p[self.slices["encoder"]] = rng.standard_normal(self.encoder.n_params)
         n_last = self.encoder.sizes[-2] * self.encoder.sizes[-1] + self.encoder.sizes[-1]

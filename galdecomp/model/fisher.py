@@ -16,11 +16,11 @@ direction, contiguous); the public API uses ``J`` of shape (B, C, L), a transpos
 import numpy as np
 
 from .mlp import ACTIVATIONS, unpack_params
-from .posteriors import POSTERIORS, LatentPosterior
+from .posteriors import LatentPosterior
 from .prior import STANDARD_NORMAL
 
-__all__ = ["jacobian_forward", "jacobian_backward", "metric", "cholesky", "cholesky_backward",
-           "inv_lower", "solve_lower", "logdet", "covariance", "gaussian_kl", "FisherGaussian"]
+__all__ = ["jacobian_forward", "jacobian_backward", "metric", "cholesky",
+           "inv_lower", "solve_lower", "logdet", "covariance", "FisherGaussian"]
 
 
 # ----------------------------------------------------------------------------- MLP Jacobian
@@ -217,39 +217,6 @@ def covariance(M):
     return cov, np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
 
 
-def cholesky_backward(Lc, g_L, Linv=None):
-    """Cotangent of ``M`` from that of its Cholesky factor (Murray 2016).
-
-    Parameters
-    ----------
-    Lc : ndarray, shape (B, n, n)
-        Lower Cholesky factor of ``M``.
-    g_L : ndarray, shape (B, n, n)
-        Cotangent of ``L`` (only its lower triangle is used).
-    Linv : ndarray, shape (B, n, n), optional
-        ``L^-1`` if already known.
-
-    Returns
-    -------
-    G : ndarray, shape (B, n, n)
-        Symmetric ``dloss/dM`` such that ``dloss = sum(G * dM)`` for symmetric ``dM``.
-    """
-    Linv = inv_lower(Lc) if Linv is None else Linv
-    # L^-1 dL = Phi(L^-1 dM L^-T) (Phi: lower triangle, halved diagonal) => G = L^-T Phi(L^T g_L) L^-1, symmetrised
-    P = np.tril(np.swapaxes(Lc, 1, 2) @ np.tril(g_L))
-    n = P.shape[-1]
-    P[:, np.arange(n), np.arange(n)] *= 0.5
-    G = np.swapaxes(Linv, 1, 2) @ P @ Linv
-    return 0.5 * (G + np.swapaxes(G, 1, 2))
-
-
-def gaussian_kl(m0, S0, m1, S1):
-    """``KL[N(m0, S0) || N(m1, S1)]`` per row; means (B, L), covariances (B, L, L)."""
-    L0, L1 = np.linalg.cholesky(S0), np.linalg.cholesky(S1)
-    A, r = solve_lower(L1, L0), solve_lower(L1, m1 - m0)  # tr(S1^-1 S0) = |A|^2, Mahalanobis term |r|^2
-    return 0.5 * ((A * A).sum(axis=(1, 2)) + (r * r).sum(axis=1) - m0.shape[-1] + logdet(L1) - logdet(L0))
-
-
 # ----------------------------------------------------------------------------- posterior
 
 class FisherGaussian(LatentPosterior):
@@ -374,5 +341,3 @@ class FisherGaussian(LatentPosterior):
             cov[s] = covariance(self._precision(mu[s], decoder, theta_dec, inv_var[s])[0])[0]
         return mu.copy(), cov
 
-
-POSTERIORS["fisher"] = FisherGaussian

@@ -2,8 +2,9 @@
 
 A family maps the encoder output of a row block (and, if it wants, the decoder and the
 per-entry inverse noise variances) to a reparameterised sample ``z = g(enc_out, xi)``, the
-per-row ``KL[q || N(0, 1)]`` (or an estimate) and the backward pass of both. Register new
-families in :data:`POSTERIORS`.
+per-row ``KL[q || N(0, 1)]`` (or an estimate) and the backward pass of both. The registry of
+families, :data:`POSTERIORS` (name -> class), is built in one place,
+:mod:`galdecomp.model.families`, which imports every family; it is also available here.
 """
 import numpy as np
 
@@ -114,8 +115,11 @@ class DiagonalGaussian(LatentPosterior):
         return mu.copy(), cov
 
 
-#: name -> LatentPosterior class (fisher.py registers "fisher")
-POSTERIORS = {"diagonal": DiagonalGaussian}
+def __getattr__(name):
+    """``POSTERIORS``: the registry of :mod:`galdecomp.model.families` (imported on first use, as
+    the families import this module)."""
+    if name == "POSTERIORS":
+        from .families import POSTERIORS
 
-
-from . import fisher as _fisher  # noqa: E402,F401  (registers POSTERIORS["fisher"]; fisher imports this module)
+        return POSTERIORS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

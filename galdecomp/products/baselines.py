@@ -13,6 +13,8 @@ import warnings
 
 import numpy as np
 
+from ..random import stream
+
 __all__ = ["METHODS", "component_names", "linear_baselines"]
 
 METHODS = ("pca", "ica", "nmf")
@@ -64,7 +66,7 @@ def linear_baselines(data, n_components, seed=0, max_iter=1000, fit_pixels=10000
     pca = PCA(n, random_state=seed)
     out["pca"] = pca.fit_transform(X).T
 
-    rng = np.random.default_rng([seed, 311])
+    rng = stream(seed, "report", "baselines")
     pick = slice(None) if len(X) <= fit_pixels else np.sort(rng.choice(len(X), fit_pixels, replace=False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)

@@ -14,9 +14,10 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 from scipy.special import digamma
-from scipy.stats import rankdata
 
-__all__ = ["pearson", "spearman", "mi_binned", "mi_ksg", "ksg_terms", "equivalent_correlation",
+from ..random import stream
+
+__all__ = ["mi_binned", "mi_ksg", "ksg_terms", "equivalent_correlation",
            "gaussian_mi", "default_block_nside", "block_index", "block_ids", "BlockResampler",
            "block_permutation_pvalue", "rotation_pvalue", "block_split", "heldout_r2", "match_features",
            "INTERVAL"]
@@ -35,18 +36,6 @@ def _corr(x, y):
     x, y = x - x.mean(), y - y.mean()
     den = np.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / den) if den > 0 else float("nan")
-
-
-def pearson(x, y):
-    """Pearson correlation over the pixels valid in both maps (NaN if one is constant)."""
-    x, y = _pairs(x, y)
-    return _corr(x, y) if x.size > 1 else float("nan")
-
-
-def spearman(x, y):
-    """Spearman rank correlation over the pixels valid in both maps (ties get average ranks)."""
-    x, y = _pairs(x, y)
-    return _corr(rankdata(x), rankdata(y)) if x.size > 1 else float("nan")
 
 
 def _plugin_mi(h):
@@ -325,7 +314,7 @@ class BlockResampler:
         nb, s = full.shape
         per = int(min(s, max(1, -(-max_pixels // nb))))
         self.index = full[:, np.linspace(0, s, per, endpoint=False).astype(int)]
-        rng = np.random.default_rng([seed, 7103])
+        rng = stream(seed, "report", "resampling")
         self.perms = np.argsort(rng.random((n_perm, nb)), axis=1)
         self.weights = rng.multinomial(nb, np.full(nb, 1.0 / nb), size=n_boot).astype(float)
         self.seed = seed
@@ -339,7 +328,7 @@ class BlockResampler:
             from scipy.spatial.transform import Rotation
 
             v = np.array(hp.pix2vec(self._nside, self.index.ravel()))
-            q = np.random.default_rng([self.seed, 9157]).normal(size=(self._n_rot, 4))
+            q = stream(self.seed, "report", "rotations").normal(size=(self._n_rot, 4))
             rot = Rotation.from_quat(q / np.linalg.norm(q, axis=1, keepdims=True)).as_matrix()  # uniform
             src = np.einsum("rji,jm->irm", rot, v)          # R^T v: where each pixel comes from
             self._rot = hp.vec2pix(self._nside, *src).reshape((self._n_rot,) + self.index.shape)
@@ -402,7 +391,7 @@ def block_split(nside, valid, seed=0, nside_block=None):
     """
     ids = block_ids(nside, nside_block)
     used = np.unique(ids[valid])
-    rng = np.random.default_rng([seed, 2417])
+    rng = stream(seed, "report", "split")
     first = rng.permutation(used)[: (len(used) + 1) // 2]
     train = np.isin(ids, first) & valid
     return train, valid & ~train
@@ -438,7 +427,7 @@ def heldout_r2(X, y, train, test, seed=0, max_train=8192, max_test=8192):
     tr, te = np.nonzero(train & ok)[0], np.nonzero(test & ok)[0]
     if tr.size < 10 or te.size < 10:
         return float("nan")
-    rng = np.random.default_rng([seed, 5501])
+    rng = stream(seed, "report", "r2")
     if tr.size > max_train:
         tr = np.sort(rng.choice(tr, max_train, replace=False))
     if te.size > max_test:

@@ -13,10 +13,11 @@ import warnings
 import numpy as np
 import yaml
 
-from ..catalog import load_catalog
+from ..catalog import load_catalog, unseen_to_nan
 from ..errors import InputError
 from ..fileio import atomic_output_dir, check_output_dir, write_text
 from ..preprocessing import Preprocessor
+from .baselines import METHODS as BASELINES
 from .baselines import component_names, linear_baselines
 from .dependence import (INTERVAL, BlockResampler, _corr, block_index,
                          block_split, equivalent_correlation, gaussian_mi, heldout_r2,
@@ -38,7 +39,7 @@ MIN_COMMON = 20
 #: Bins per axis of the 2-D histograms.
 HIST_BINS = 256
 
-METHODS = ("galdecomp", "pca", "ica", "nmf")
+METHODS = ("galdecomp",) + BASELINES
 CORRELATION_COLUMNS = ["method", "feature", "template", "pearson", "spearman", "mi_binned", "mi_ksg",
                        "mi_ksg_low", "mi_ksg_high", "p_value"]
 SUMMARY_COLUMNS = ["template", "method", "best_feature", "mi_ksg", "mi_ksg_low", "mi_ksg_high",
@@ -60,7 +61,7 @@ def _read_maps(path):
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"{path}: not a readable HEALPix map ({msg})") from None
     maps = np.atleast_2d(np.array(maps, dtype=np.float64))
-    maps[~np.isfinite(maps) | (np.abs(maps / hp.UNSEEN - 1) < 1e-5)] = np.nan
+    unseen_to_nan(maps)
     header = dict(header)
     names = [str(header.get(f"TTYPE{i + 1}", f"feature_{i + 1:02d}")) for i in range(len(maps))]
     return maps, names

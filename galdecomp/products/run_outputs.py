@@ -1,12 +1,20 @@
-"""The products of a fit on a sky: feature maps, reconstruction, residuals, tables, figures.
+"""The products of a fit: latent features, reconstruction, residuals, tables, figures.
 
-Output contract (RUN/):
-latent_mean.fits, latent_std.fits (and latent_cov.fits for the Fisher covariance),
-reconstruction.fits, residual.fits, noise.csv, significance.csv, history.csv, plots/.
+Three steps: :func:`compute_products` (each process its own rows), :func:`gather_products`
+(the rows of all processes on rank 0) and a writer, chosen by the kind of data set
+(:data:`WRITERS`):
+
+- sky (:func:`write_sky_products`): latent_mean.fits, latent_std.fits (and latent_cov.fits for
+  the Fisher covariance), reconstruction.fits, residual.fits, plots/latent_*.png (mollview);
+- table (:func:`write_table_products`): the same arrays as CSV tables (latent_mean.csv, ...,
+  one row per data row);
+
+and for both noise.csv, significance.csv, history.csv, plots/training.png, plots/residuals.png.
+:func:`write_run_products` does all three for a sky.
 """
+import io
 import os
 
-import healpy as hp
 import numpy as np
 
 from .. import __version__
@@ -14,7 +22,8 @@ from ..fileio import write_healpix_fits, write_text
 from .plots import mollview_grid, plot_history, plot_residual_summary
 from .tables import format_table
 
-__all__ = ["feature_significance", "write_run_products", "feature_names"]
+__all__ = ["feature_significance", "compute_products", "gather_products", "write_sky_products",
+           "write_table_products", "WRITERS", "write_run_products", "feature_names"]
 
 
 def feature_names(n):
@@ -60,47 +69,43 @@ def _header(dataset, cfg, extra=()):
     return cards + list(extra)
 
 
-def write_run_products(run_dir, dataset, preprocessor, model, params, data, mean, cov, history, cfg,
-                       catalog_path, samples=None, comm=None, progress=print):
-    """Compute and write every product of a trained model.
-
-    Pixel-sharded: each process computes its own rows, the maps are gathered and written by
-    rank 0 only.
+def compute_products(preprocessor, model, params, data, mean, cov, cfg, samples=None, comm=None,
+                     progress=None):
+    """The per-row products of a trained model on this process's rows, and the global summaries.
 
     Parameters
     ----------
-    run_dir : str
-    dataset : SkyDataSet
-        The data the model was fit to (this process's pixels; names, units, ordering).
     preprocessor : Preprocessor
     model : Autoencoder
     params : ndarray
         Trained parameters.
     data : ndarray, shape (P_local, C)
-        Standardised data (rows = this process's pixels), NaN where missing.
+        Standardised data (rows = this process's rows), NaN where missing.
     mean, cov : ndarray, shape (P_local, L) and (P_local, L, L)
         The encoder's posterior means and covariances.
-    history : list of dict
     cfg : dict
         Resolved configuration.
-    catalog_path : str
     samples : ndarray, shape (S, P_local, L), optional
-        MGVI/geoVI posterior samples: then the latent maps are their mean and std, the encoder's
-        are written beside them (encoder_latent_*.fits) with the amortisation gap.
+        MGVI/geoVI posterior samples: then the latent products are their mean and std, and the
+        encoder's are kept beside them with the amortisation gap.
     comm : SerialComm or MPIComm, optional
-    progress : callable
+    progress : callable, optional
 
     Returns
     -------
-    dict or None
-        On rank 0: ``order`` (latent index of feature_01, feature_02, ...), ``significance``
-        (nats, in that order), ``sigma`` (noise per channel, standardised), ``paths`` (name ->
-        file written). None on other ranks.
+    dict
+        ``rows``: name -> array with this process's rows first (``mean``, ``std`` (P_local, L)
+        by significance; ``recon`` (P_local, C) physical units; ``resid`` (P_local, C)
+        standardised, NaN where missing; ``cov`` (P_local, L (L + 1) / 2) for the Fisher
+        covariance; with samples ``enc_mean``, ``enc_std``, ``samples``, ``gap``, ``shift``,
+        ``ratio``); ``significance`` (L,) nats summed over all rows, by latent index; ``order``
+        (latent index of feature_01, ...); ``sigma`` (C,) learned noise, standardised;
+        ``n_samples`` (S or None).
     """
     from ..parallel import SerialComm
 
     comm = comm or SerialComm()
-    nest, coord = dataset.nest, dataset.coord
+    progress = progress or (lambda msg: None)
     L = model.latent_dim
     mask = np.isfinite(data)
     data = np.where(mask, data, 0.0)
@@ -119,7 +124,7 @@ def write_run_products(run_dir, dataset, preprocessor, model, params, data, mean
     sigma = model.sigma(params)
     pred = model.decode(params, post_mean)
     local = dict(mean=post_mean[:, order], std=post_std[:, order], recon=preprocessor.inverse(pred.T).T,
-                 resid=np.where(mask, (data - pred) / sigma, hp.UNSEEN))
+                 resid=np.where(mask, (data - pred) / sigma, np.nan))
     if cfg["covariance"] == "fisher":
         local["cov"] = cov[:, order][:, :, order][:, iu[0], iu[1]]
     if samples is not None:
@@ -127,73 +132,181 @@ def write_run_products(run_dir, dataset, preprocessor, model, params, data, mean
                      samples=np.concatenate(samples[:, :, order], axis=1),
                      gap=np.column_stack([gap["mahalanobis"], np.log(gap["std_ratio"]).mean(1)]),
                      shift=gap["shift"][:, order], ratio=gap["std_ratio"][:, order])
-    full = {k: comm.gather_rows(v) for k, v in local.items()}
-    if comm.rank != 0:
-        return None
+    return dict(rows=local, significance=sig_nats, order=order, sigma=sigma,
+                n_samples=None if samples is None else len(samples))
 
+
+def gather_products(products, comm=None):
+    """The products of :func:`compute_products` with the rows of all processes, on rank 0.
+
+    Returns
+    -------
+    dict or None
+        ``products`` with ``rows`` holding all rows in order, on rank 0; None on other ranks.
+    """
+    if comm is None:
+        return products
+    rows = {k: comm.gather_rows(v) for k, v in products["rows"].items()}
+    return {**products, "rows": rows} if comm.rank == 0 else None
+
+
+def _arrays(prod, dataset, cfg):
+    """The per-row products as (file stem, array (P, K), column names, units, content)."""
+    full, L = prod["rows"], len(prod["order"])
     names = feature_names(L)
-    hdr = _header(dataset, cfg, [("CATALOG", os.path.basename(catalog_path)[:60], "input catalog")])
-    paths = {}
+    how = "encoder" if prod["n_samples"] is None else f"{cfg['posterior']['method']} samples"
+    out = [("latent_mean", full["mean"], names, "1", f"posterior mean of latent features ({how})"),
+           ("latent_std", full["std"], names, "1", f"posterior std of latent features ({how})")]
+    if prod["n_samples"] is not None:
+        out += [("encoder_latent_mean", full["enc_mean"], names, "1", "amortised (encoder) posterior mean"),
+                ("encoder_latent_std", full["enc_std"], names, "1", "amortised (encoder) posterior std"),
+                ("latent_samples", full["samples"],
+                 [f"s{k:02d}_{n}" for k in range(prod["n_samples"]) for n in names], "1",
+                 f"{cfg['posterior']['method']} posterior samples"),
+                ("amortisation_gap", full["gap"], ["mean_shift_sigma", "mean_log_std_ratio"], "1",
+                 "encoder vs MGVI/geoVI: RMS mean shift in posterior sigmas, mean log(std_enc/std)")]
+    if "cov" in full:
+        iu = np.triu_indices(L)
+        out.append(("latent_cov", full["cov"], [f"cov_{i + 1:02d}_{j + 1:02d}" for i, j in zip(*iu)], "1",
+                    "posterior covariance M^-1, upper triangle"))
+    out += [("reconstruction", full["recon"], dataset.names, dataset.units, "decoded posterior mean, physical units"),
+            ("residual", full["resid"], dataset.names, "1", "(d - f(mean)) / sigma, standardised units")]
+    return out
 
-    def fits(name, maps, cols, units, content):
-        paths[name] = os.path.join(run_dir, name)
-        write_healpix_fits(paths[name], maps, cols, units, nest=nest, coord=coord,
-                           header=hdr + [("CONTENT", content)])
 
-    how = "encoder" if samples is None else f"{cfg['posterior']['method']} samples"
-    fits("latent_mean.fits", full["mean"].T, names, "1", f"posterior mean of latent features ({how})")
-    fits("latent_std.fits", full["std"].T, names, "1", f"posterior std of latent features ({how})")
-    if samples is not None:
-        fits("encoder_latent_mean.fits", full["enc_mean"].T, names, "1", "amortised (encoder) posterior mean")
-        fits("encoder_latent_std.fits", full["enc_std"].T, names, "1", "amortised (encoder) posterior std")
-        fits("latent_samples.fits", full["samples"].T,
-             [f"s{k:02d}_{n}" for k in range(len(samples)) for n in names], "1",
-             f"{cfg['posterior']['method']} posterior samples")
-        fits("amortisation_gap.fits", full["gap"].T, ["mean_shift_sigma", "mean_log_std_ratio"], "1",
-             "encoder vs MGVI/geoVI: RMS mean shift in posterior sigmas, mean log(std_enc/std)")
+def _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, gap_name, progress):
+    """The products that do not depend on the kind of data set: CSV tables and training plots.
+
+    ``gap_name``: the file of the amortisation-gap summary per feature (MGVI/geoVI only).
+    """
+    full, order, sig_nats, sigma = prod["rows"], prod["order"], prod["significance"], prod["sigma"]
+    names = feature_names(len(order))
+    tables = []
+    if prod["n_samples"] is not None:
         shift, ratio = np.abs(full["shift"]), full["ratio"]
         grows = [dict(feature=n, median_abs_shift_sigma=float(np.median(shift[:, k])),
                       p90_abs_shift_sigma=float(np.percentile(shift[:, k], 90)),
                       median_std_ratio=float(np.median(ratio[:, k])),
                       p10_std_ratio=float(np.percentile(ratio[:, k], 10)),
                       p90_std_ratio=float(np.percentile(ratio[:, k], 90))) for k, n in enumerate(names)]
-        paths["amortisation_gap.csv"] = os.path.join(run_dir, "amortisation_gap.csv")
-        write_text(paths["amortisation_gap.csv"], format_table(grows, list(grows[0]), "csv"))
-    if "cov" in full:
-        fits("latent_cov.fits", full["cov"].T, [f"cov_{i + 1:02d}_{j + 1:02d}" for i, j in zip(*iu)], "1",
-             "posterior covariance M^-1, upper triangle")
-    fits("reconstruction.fits", full["recon"].T, dataset.names, dataset.units,
-         "decoded posterior mean, physical units")
-    fits("residual.fits", full["resid"].T, dataset.names, "1", "(d - f(mean)) / sigma, standardised units")
-    # noise in physical units: sigma / median |dy/dx| over observed pixels
+        tables.append((gap_name, grows, list(grows[0])))
+    # noise in physical units: sigma / median |dy/dx| over observed rows
     rows = [dict(channel=n, sigma_standardised=float(sigma[c]), sigma_physical=float(sigma[c] / t.slope),
                  unit=u, floor_standardised=float(model.floor[c]))
             for c, (n, t, u) in enumerate(zip(dataset.names, preprocessor.transforms, dataset.units))]
-    n_pix = len(full["mean"])
+    n_rows = len(full["mean"])
     srows = [dict(feature=names[r], rank=r + 1, latent_index=int(order[r]),
                   delta_loglike_nats=float(sig_nats[order[r]]),
-                  delta_loglike_per_pixel=float(sig_nats[order[r]] / n_pix)) for r in range(L)]
+                  delta_loglike_per_pixel=float(sig_nats[order[r]] / n_rows)) for r in range(len(order))]
     hcols = ["epoch", "step", "elbo", "reconstruction", "kl", "validation_elbo", "lr", "seconds"]
-    for name, table, cols in [("noise.csv", rows, list(rows[0])), ("significance.csv", srows, list(srows[0])),
-                              ("history.csv", history, hcols)]:
+    tables += [("noise.csv", rows, list(rows[0])), ("significance.csv", srows, list(srows[0])),
+               ("history.csv", history, hcols)]
+    for name, table, cols in tables:
         paths[name] = os.path.join(run_dir, name)
         write_text(paths[name], format_table(table, cols, "csv"))
-
-    progress("plots")
+    if progress:
+        progress("plots")
     pdir = os.path.join(run_dir, "plots")
     os.makedirs(pdir, exist_ok=True)
-    sig_txt = [f"{n} ({s:.3g} nats/pix)" for n, s in zip(names, sig_nats[order] / n_pix)]
+    plot_history(history, os.path.join(pdir, "training.png"))
+    plot_residual_summary(dataset.names, full["resid"].T, sigma, os.path.join(pdir, "residuals.png"))
+    paths["plots"] = pdir
+    return pdir
+
+
+def write_sky_products(run_dir, prod, dataset, preprocessor, model, history, cfg, source, progress=None):
+    """Write the gathered products of a sky: HEALPix FITS maps, tables and mollview plots.
+
+    Parameters
+    ----------
+    run_dir : str
+    prod : dict
+        From :func:`gather_products` (all pixels, the data set's ordering).
+    dataset : SkyDataSet
+        The data the model was fit to (names, units, nside, ordering).
+    preprocessor : Preprocessor
+    model : Autoencoder
+    history : list of dict
+    cfg : dict
+        Resolved configuration.
+    source : str
+        The input catalog (a header card).
+    progress : callable, optional
+
+    Returns
+    -------
+    dict
+        File name -> path written (``plots``: the plots folder).
+    """
+    import healpy as hp
+
+    nest, coord = dataset.nest, dataset.coord
+    hdr = _header(dataset, cfg, [("CATALOG", os.path.basename(source)[:60], "input catalog")])
+    paths = {}
+    for stem, rows, cols, units, content in _arrays(prod, dataset, cfg):
+        paths[f"{stem}.fits"] = os.path.join(run_dir, f"{stem}.fits")
+        write_healpix_fits(paths[f"{stem}.fits"], np.where(np.isnan(rows), hp.UNSEEN, rows).T, cols, units,
+                           nest=nest, coord=coord, header=hdr + [("CONTENT", content)])
+    pdir = _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, "amortisation_gap.csv",
+                         progress)
+    full, names = prod["rows"], feature_names(len(prod["order"]))
+    sig = prod["significance"][prod["order"]] / len(full["mean"])
+    sig_txt = [f"{n} ({s:.3g} nats/pix)" for n, s in zip(names, sig)]
     mollview_grid(full["mean"].T, sig_txt, os.path.join(pdir, "latent_mean.png"), nest=nest,
                   suptitle="posterior mean of the latent features, by significance")
     mollview_grid(full["std"].T, names, os.path.join(pdir, "latent_std.png"), nest=nest, cmap="magma",
                   suptitle="posterior standard deviation of the latent features")
-    plot_history(history, os.path.join(pdir, "training.png"))
-    resid = full["resid"].T
-    plot_residual_summary(dataset.names, np.where(resid == hp.UNSEEN, np.nan, resid), sigma,
-                          os.path.join(pdir, "residuals.png"))
-    if samples is not None:
+    if prod["n_samples"] is not None:
         mollview_grid(full["gap"].T, ["RMS mean shift [posterior sigma]", "mean log(std_encoder / std)"],
                       os.path.join(pdir, "amortisation_gap.png"), nest=nest, ncols=2, cmap="coolwarm",
                       suptitle=f"amortisation gap: encoder vs {cfg['posterior']['method']}")
-    paths["plots"] = pdir
-    return dict(order=order, significance=sig_nats[order], sigma=sigma, paths=paths)
+    return paths
+
+
+def _csv(path, rows, columns):
+    """Write an array (P, K) as CSV with a header, atomically (NaN as ``nan``)."""
+    buf = io.StringIO()
+    np.savetxt(buf, rows, delimiter=",", fmt="%.10g", header=",".join(columns), comments="")
+    write_text(path, buf.getvalue())
+
+
+def write_table_products(run_dir, prod, dataset, preprocessor, model, history, cfg, source, progress=None):
+    """Write the gathered products of a table as CSV tables (one row per data row) and plots.
+
+    Parameters and returns as :func:`write_sky_products` (``dataset``: a DataSet, ``source``:
+    the table file).
+    """
+    paths = {}
+    for stem, rows, cols, _, _ in _arrays(prod, dataset, cfg):
+        paths[f"{stem}.csv"] = os.path.join(run_dir, f"{stem}.csv")
+        _csv(paths[f"{stem}.csv"], rows, cols)
+    _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, "amortisation_gap_summary.csv",
+                  progress)
+    return paths
+
+
+#: The writer of each kind of data set (``config: data: kind``).
+WRITERS = {"sky": write_sky_products, "table": write_table_products}
+
+
+def write_run_products(run_dir, dataset, preprocessor, model, params, data, mean, cov, history, cfg,
+                       catalog_path, samples=None, comm=None, progress=print):
+    """Compute, gather and write every product of a model trained on a sky.
+
+    Parameters as :func:`compute_products` and :func:`write_sky_products` (``dataset``: this
+    process's pixels).
+
+    Returns
+    -------
+    dict or None
+        On rank 0: ``order`` (latent index of feature_01, feature_02, ...), ``significance``
+        (nats, in that order), ``sigma`` (noise per channel, standardised), ``paths`` (name ->
+        file written). None on other ranks.
+    """
+    prod = compute_products(preprocessor, model, params, data, mean, cov, cfg, samples, comm, progress)
+    prod = gather_products(prod, comm)
+    if prod is None:
+        return None
+    paths = write_sky_products(run_dir, prod, dataset, preprocessor, model, history, cfg, catalog_path, progress)
+    return dict(order=prod["order"], significance=prod["significance"][prod["order"]], sigma=prod["sigma"],
+                paths=paths)

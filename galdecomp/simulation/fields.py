@@ -6,10 +6,11 @@ coefficients are drawn in order of increasing multipole: the large scales of a f
 same at every nside for a given seed.
 """
 import functools
-import zlib
 
 import healpy as hp
 import numpy as np
+
+from ..random import stream
 
 __all__ = ["rng_for", "sky_coords", "angular_distance_deg", "power_law_cl", "gaussian_field",
            "lognormal_field", "shell_profile", "ring_profile", "lobe_mask", "blob"]
@@ -31,8 +32,7 @@ def rng_for(seed, name):
     -------
     numpy.random.Generator
     """
-    key = zlib.crc32(name.encode("utf-8"))
-    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(key,)))
+    return stream(seed, name)
 
 
 @functools.lru_cache(maxsize=8)

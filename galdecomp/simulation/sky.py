@@ -16,7 +16,7 @@ from .morphology import Morphology, resolve_morphology
 
 __all__ = ["channel_table_path", "load_channel_table", "SimulatedSky", "ComponentMaps",
            "channel_components", "simulate_sky", "write_simulated_sky", "plot_overview",
-           "plot_truth", "describe_morphology"]
+           "describe_morphology"]
 
 NSIDE_REF = 64  # nside at which the table's noise levels are given
 INTENSITY_UNITS = ("K_RJ", "K_CMB", "MJy/sr", "Rayleigh")
@@ -370,13 +370,3 @@ def plot_overview(sky, path, ncols=7, xsize=400):
     panels = [(m, ch["kind"], f"{ch['name']} [{ch['unit']}]") for ch, m in zip(sky.channels, sky.maps)]
     _mollview_grid(panels, sky.nside, path, ncols,
                    f"Simulated sky, nside {sky.nside}, seed {sky.seed}: observed channels", xsize)
-
-
-def plot_truth(sky, path, ncols=6, xsize=400):
-    """Save a PNG grid of Mollweide views of all truth maps (components and spectral parameters).
-
-    Parameters are as for `plot_overview`.
-    """
-    panels = [(v[0], "intensity", f"{name} [{v[1]}]") for name, v in sky.truth.items()]
-    _mollview_grid(panels, sky.nside, path, ncols,
-                   f"Simulated sky, nside {sky.nside}, seed {sky.seed}: truth maps", xsize)
