@@ -24,7 +24,7 @@ from .dependence import (INTERVAL, BlockResampler, _corr, block_index,
                          match_features, mi_binned)
 from .tables import format_table
 
-__all__ = ["make_report", "read_run", "CORRELATION_COLUMNS", "SUMMARY_COLUMNS", "METHODS"]
+__all__ = ["make_report", "compute_report", "write_report", "read_run", "CORRELATION_COLUMNS", "SUMMARY_COLUMNS", "METHODS"]
 
 #: Pixels of the subsample for the KSG estimate, its bootstrap and the permutation test.
 KSG_PIXELS = 4096
@@ -324,6 +324,25 @@ def _markdown(info, corr, summary, matches, sig, figures):
 def make_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progress=None):
     """Compare the latent features of a run, and linear baselines, with template maps.
 
+    :func:`compute_report`, then :func:`write_report`; parameters as :func:`compute_report`.
+
+    Returns
+    -------
+    dict
+        As :func:`compute_report`'s result, with ``paths`` (file name -> path in ``out``) and
+        the ``write`` and ``total`` timings.
+    """
+    t0 = time.perf_counter()
+    result, parts = compute_report(run_dir, templates_catalog, out, bins, seed, progress)
+    result["paths"] = write_report(result, parts, progress)
+    result["timings"]["write"] = time.perf_counter() - t0 - sum(result["timings"].values())
+    result["timings"]["total"] = sum(result["timings"].values())
+    return result
+
+
+def compute_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progress=None):
+    """Compare the latent features of a run, and linear baselines, with template maps (no files written).
+
     Every (method, feature, template) with method in galdecomp (the latent posterior means),
     pca, ica, nmf (of the run's preprocessed input channels, same pixels, as many components
     as features; NMF skipped if it does not converge) gets: Pearson, Spearman, binned MI,
@@ -350,12 +369,16 @@ def make_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progress
 
     Returns
     -------
-    dict
-        ``out`` (the report folder); ``correlations`` (rows of correlations.csv);
+    result : dict
+        ``out`` (the report folder to write); ``correlations`` (rows of correlations.csv);
         ``summary`` (rows of summary.csv); ``matches`` ({method: {template: feature}});
         ``methods`` (the methods computed); ``skipped`` ({method: reason});
         ``nside``; ``n_pixels`` (pixels with valid features); ``ksg_pixels`` (subsample size);
-        ``paths`` (file name -> path in ``out``); ``timings`` (stage -> seconds).
+        ``timings`` (stage -> seconds).
+    parts : dict
+        What :func:`write_report` needs besides: ``info``, ``methods`` (name -> (feature names,
+        maps)), ``templates`` (DataSet), ``T`` (standardised templates), ``cm`` (correlation
+        rows by (method, feature, template)), ``significance``.
 
     Raises
     ------
@@ -441,6 +464,23 @@ def make_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progress
     info["stats_text"] = _STATS.format(bins=bins, null_binned=null_binned, k=KSG_K, lo=INTERVAL[0],
                                        hi=INTERVAL[1], n_boot=N_BOOT, n_perm=N_PERM, pmin=1 / (1 + N_PERM))
     info["notes"] = _notes(info, null_binned, bins)
+    result = dict(out=out, correlations=corr, summary=summary, matches=matches, methods=list(methods),
+                  skipped=skipped, nside=nside, n_pixels=int(valid.sum()), ksg_pixels=res.n_pixels,
+                  timings=timings)
+    parts = dict(info=info, methods=methods, templates=tset, T=T, cm=cm, significance=run["significance"])
+    return result, parts
+
+
+def write_report(result, parts, progress=None):
+    """Write the report folder of :func:`compute_report`'s result (atomically).
+
+    Returns
+    -------
+    dict
+        File name -> path: correlations.csv, summary.csv, report.md, plots.
+    """
+    say = progress or (lambda msg: None)
+    out, corr, summary = result["out"], result["correlations"], result["summary"]
     paths = {}
     say(f"writing {out}")
     with atomic_output_dir(out, overwrite=True) as tmp:
@@ -451,17 +491,13 @@ def make_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progress
         write_text(os.path.join(tmp, "correlations.csv"), format_table(crow, CORRELATION_COLUMNS, "csv"))
         write_text(os.path.join(tmp, "summary.csv"), format_table(srow, SUMMARY_COLUMNS, "csv"))
         say("plots")
-        figures = _figures(pdir, methods, tset, T, summary, cm)
+        figures = _figures(pdir, parts["methods"], parts["templates"], parts["T"], summary, parts["cm"])
         write_text(os.path.join(tmp, "report.md"),
-                   _markdown(info, corr, summary, matches, run["significance"], figures))
+                   _markdown(parts["info"], corr, summary, result["matches"], parts["significance"], figures))
         for f in ["correlations.csv", "summary.csv", "report.md"]:
             paths[f] = os.path.join(out, f)
         paths["plots"] = os.path.join(out, "plots")
-    lap("write")
-    timings["total"] = sum(timings.values())
-    return dict(out=out, correlations=corr, summary=summary, matches=matches, methods=list(methods),
-                skipped=skipped, nside=nside, n_pixels=int(valid.sum()), ksg_pixels=res.n_pixels,
-                paths=paths, timings=timings)
+    return paths
 
 
 def _summary(methods, templates, T, cm, r2, res):
