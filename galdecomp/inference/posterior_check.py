@@ -247,9 +247,10 @@ def check_pixels(trained, data, mask, draws=2000, seed=0, pixels=None, progress=
         ch = metropolis(trained.model, trained.params, data, mask, qs["laplace"][1], qs["laplace"][2],
                         mcmc_steps, np.random.default_rng([seed, 23]), prior=trained.prior)
 
-        def versus(mean, std):
-            shift = (mean - ch["mean"]) / ch["std"]
-            return np.sqrt((shift * shift).mean(axis=1)), np.exp(np.log(std / ch["std"]).mean(axis=1))
+        def versus(mean, std):  # inf where a chain never moved (std 0): too few steps
+            with np.errstate(divide="ignore", invalid="ignore"):
+                shift = (mean - ch["mean"]) / ch["std"]
+                return np.sqrt((shift * shift).mean(axis=1)), np.exp(np.log(std / ch["std"]).mean(axis=1))
 
         for name, r in res.items():
             q_std = np.sqrt(np.diagonal(qs[name][2], axis1=1, axis2=2))
