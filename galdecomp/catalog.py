@@ -187,6 +187,35 @@ def read_catalog(path):
     return Catalog(os.path.abspath(path), nside, entries)
 
 
+def select_maps(catalog, names, allow_missing=False, what="a channel of the run"):
+    """A catalog's entries for ``names``, in that order (matched by map name).
+
+    Parameters
+    ----------
+    catalog : Catalog
+    names : list of str
+    allow_missing : bool
+        Give None for a name the catalog lacks instead of raising.
+    what : str
+        What a name is, for the error message.
+
+    Returns
+    -------
+    list of MapEntry (or None)
+
+    Raises
+    ------
+    InputError
+        ``<catalog>: no map named '<name>' (and N more), <what>`` unless ``allow_missing``.
+    """
+    by_name = {e.name: e for e in catalog.maps}
+    missing = [n for n in names if n not in by_name]
+    if missing and not allow_missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(f"{catalog.path}: no map named '{missing[0]}'{more}, {what}")
+    return [by_name.get(n) for n in names]
+
+
 def read_healpix(entry):
     """Read one catalog map as a full-sky RING array with NaN for missing pixels.
 

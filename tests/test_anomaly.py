@@ -133,41 +133,19 @@ def test_cli_errors_are_one_line_and_write_nothing(toy, capsys, case, message):
     assert os.path.exists(out) == before
 
 
-def test_latent_transform_score_is_added_when_available_and_guarded(toy, monkeypatch, capsys):
-    import sys
-    import types
+def test_latent_transform_score_is_the_runs_transform_and_left_out_without_one(toy, tmp_path):
+    import shutil
 
     root, model, sky, bad = toy
     run = root / "run"
-    real = run / "latent_transform.npz"
-    if os.path.exists(real):
-        os.replace(real, run / "kept.npz")
-    np.savez(real, scale=2.0)
-    try:
-        import galdecomp.inference.trained as trained_module
-
-        if not hasattr(trained_module, "read_transform"):  # a release without the transform module
-            # a run with the file but without the module: the other scores, one message
-            monkeypatch.setitem(sys.modules, "galdecomp.model.latent_transform", None)
-            assert main(["anomaly", str(run), "--out", str(root / "lt_none")]) == 0
-            assert "not available" in capsys.readouterr().err
-            assert len(hp.read_map(str(root / "lt_none" / "anomaly.fits"), field=None, nest=True)) == len(SCORES) - 1
-
-        class Fake:  # the interface of galdecomp.model.latent_transform: load_density(arrays)
-            def __init__(self, scale):
-                self.scale = scale
-
-            def log_density(self, z):
-                return -0.5 * (z * z).sum(axis=1) / self.scale ** 2
-
-        mod = types.ModuleType("galdecomp.model.latent_transform")
-        mod.load_density = lambda arrays: Fake(float(arrays["scale"]))
-        monkeypatch.setitem(sys.modules, "galdecomp.model.latent_transform", mod)
-        assert main(["anomaly", str(run), "--out", str(root / "lt"), "--score", "neg_log_latent_density"]) == 0
-        maps = np.array(hp.read_map(str(root / "lt" / "anomaly.fits"), field=None, nest=True))
-        mean = model.encode(load_rows(model)[0])[0]
-        np.testing.assert_allclose(maps[-1], 0.125 * (mean * mean).sum(axis=1), rtol=1e-9)
-    finally:
-        os.remove(real)
-        if os.path.exists(run / "kept.npz"):
-            os.replace(run / "kept.npz", real)
+    assert model.transform is not None  # fit writes one
+    assert main(["anomaly", str(run), "--out", str(root / "lt"), "--score", "neg_log_latent_density"]) == 0
+    maps = np.array(hp.read_map(str(root / "lt" / "anomaly.fits"), field=None, nest=True))
+    mean = model.encode(load_rows(model)[0])[0]
+    np.testing.assert_allclose(maps[-1], -model.transform.log_density(mean), rtol=1e-6)
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    os.remove(copy / "latent_transform.npz")
+    assert main(["anomaly", str(copy), "--out", str(tmp_path / "none")]) == 0
+    assert len(hp.read_map(str(tmp_path / "none" / "anomaly.fits"), field=None, nest=True)) == len(SCORES) - 1
+    assert main(["anomaly", str(copy), "--out", str(tmp_path / "x"), "--score", "neg_log_latent_density"]) == 2

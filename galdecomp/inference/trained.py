@@ -179,7 +179,7 @@ class TrainedModel:
         ndarray, shape (P, C)
             NaN where missing; rows in the order the run was trained on (NESTED pixels).
         """
-        from ..catalog import Catalog, load_catalog, read_catalog
+        from ..catalog import Catalog, load_catalog, read_catalog, select_maps
         from ..dataset import read_table
 
         kind = self.data.get("kind")
@@ -193,12 +193,8 @@ class TrainedModel:
             raise InputError(f"{path or self.data.get('path')}: reading a data set of kind {kind!r} "
                              f"is not supported")
         cat = read_catalog(path or self.data["path"])
-        by_name = {e.name: e for e in cat.maps}
-        lacking = [n for n in self.names if n not in by_name]
-        if lacking:
-            raise InputError(f"{cat.path}: lacks the run's channel(s) {', '.join(lacking)}")
         nside = int(self.data["nside"])
-        ds = load_catalog(Catalog(cat.path, nside, [by_name[n] for n in self.names]), nside=nside, nest=True)
+        ds = load_catalog(Catalog(cat.path, nside, select_maps(cat, self.names)), nside=nside, nest=True)
         return ds.values.T
 
     # -- units ---------------------------------------------------------------------------------

@@ -22,21 +22,18 @@ The last three are p(x)-type scores (how probable the pixel is under the model);
 out-of-distribution inputs as *more* typical than in-distribution ones (an input the encoder maps
 close to the latent origin gets a high prior density), so the residual scores are the default.
 """
-import dataclasses
-import importlib
 import os
 import warnings
 
 import healpy as hp
 import numpy as np
 
-from ..catalog import load_catalog, read_catalog
 from ..errors import InputError
 from ..fileio import write_healpix_fits, write_text
 from .plots import mollview_grid
 from .tables import format_table
 
-__all__ = ["SCORES", "resolve_catalog", "load_rows", "anomaly_scores", "top_pixels", "write_anomaly_products"]
+__all__ = ["SCORES", "load_rows", "anomaly_scores", "top_pixels", "write_anomaly_products"]
 
 #: score name -> description (the FITS columns, in this order, when present)
 SCORES = {
@@ -54,49 +51,15 @@ DEFAULT_SCORE = "chi2_per_channel"
 N_TOP_CHANNELS = 3
 
 
-def resolve_catalog(model, catalog=None):
-    """The catalog to score, checked and reduced to the model's channels in the model's order.
+def load_rows(model, catalog=None):
+    """The rows to score: a catalog's maps in the model's channel order, NESTED, physical units.
+
+    Maps are matched by name and read at the run's nside (:meth:`TrainedModel.load_rows`).
 
     Parameters
     ----------
     model : TrainedModel
     catalog : str, optional
-        Catalog file with (at least) the model's channel names; default the catalog the run was
-        trained on.
-
-    Returns
-    -------
-    Catalog
-
-    Raises
-    ------
-    InputError
-        No catalog recorded with the run, an unreadable catalog or a channel it does not hold.
-    """
-    if catalog is None:
-        catalog = model.data.get("path")
-        if model.data.get("kind") != "sky" or not catalog:
-            raise InputError("the run records no sky catalog: give one with --catalog")
-        if not os.path.isfile(catalog):
-            raise InputError(f"{catalog}: the run's catalog file no longer exists: give one with --catalog")
-    cat = read_catalog(catalog)
-    by_name = {e.name: e for e in cat.maps}
-    missing = [n for n in model.names if n not in by_name]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise InputError(f"{catalog}: no map named '{missing[0]}'{more}, a channel of the run")
-    return dataclasses.replace(cat, maps=[by_name[n] for n in model.names])
-
-
-def load_rows(model, catalog=None):
-    """The rows to score: a catalog's maps in the model's channel order, NESTED, physical units.
-
-    Maps are matched by name (:func:`resolve_catalog`) and read at the run's nside.
-
-    Parameters
-    ----------
-    model : TrainedModel
-    catalog : str or Catalog, optional
         Default the catalog the run was trained on.
 
     Returns
@@ -110,46 +73,16 @@ def load_rows(model, catalog=None):
     Raises
     ------
     InputError
-        As :func:`resolve_catalog`, or a map that cannot be read.
+        No catalog recorded with the run, an unreadable catalog, a channel it does not hold, a
+        map that cannot be read.
     """
-    cat = catalog if hasattr(catalog, "maps") else resolve_catalog(model, catalog)
-    ds = load_catalog(cat, nside=model.data.get("nside"), nest=True)
-    return ds.values.T, ds.nside, cat.path
-
-
-def _latent_transform(run_dir, progress):
-    """The run's latent transform (an object with ``log_density(z)``), or None.
-
-    ``z`` are latents in the model's own order (as :meth:`TrainedModel.encode` returns them).
-    Guarded: without ``RUN/latent_transform.npz``, without the module, or if it cannot be read,
-    the score is left out (with a progress message).
-    """
-    path = os.path.join(run_dir, "latent_transform.npz")
-    if not os.path.isfile(path):
-        return None
-    try:
-        lt = importlib.import_module("galdecomp.model.latent_transform")
-    except ImportError:
-        progress(f"{path} exists but galdecomp.model.latent_transform is not available: skipped")
-        return None
-    cls = getattr(lt, "GaussianisingTransform", None)
-    loaders = []
-    if callable(getattr(lt, "load_density", None)):  # load_density(arrays of an opened .npz)
-        def from_npz(p):
-            with open(p, "rb") as fh, np.load(fh) as f:
-                return lt.load_density(dict(f))
-        loaders.append(from_npz)
-    loaders += [getattr(lt, k, None) for k in ("load", "load_transform", "read")]
-    loaders += [getattr(cls, k, None) for k in ("load", "from_file", "read")]
-    for load in loaders:
-        if callable(load):
-            try:
-                return load(path)
-            except Exception as e:  # a transform of another version: the other scores still work
-                progress(f"{path}: cannot read the latent transform ({type(e).__name__}: {e}): skipped")
-                return None
-    progress(f"{path}: galdecomp.model.latent_transform has no loader: skipped")
-    return None
+    if catalog is None:
+        catalog = model.data.get("path")
+        if model.data.get("kind") != "sky" or not catalog:
+            raise InputError("the run records no sky catalog: give one with --catalog")
+        if not os.path.isfile(catalog):
+            raise InputError(f"{catalog}: the run's catalog file no longer exists: give one with --catalog")
+    return model.load_rows(catalog), int(model.data["nside"]), os.path.abspath(catalog)
 
 
 def _neighbour_mean(r, nside):
@@ -355,11 +288,10 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
         raise InputError(f"{run_dir}: run folder not found")
     check_output_dir(out, overwrite)
     model = load(run_dir)
-    transform = _latent_transform(run_dir, progress)
+    transform = model.transform
     if score == "neg_log_latent_density" and transform is None:
         raise InputError(f"--score neg_log_latent_density: {run_dir} has no usable latent_transform.npz")
-    cat = resolve_catalog(model, catalog)
-    values, nside, cat_path = load_rows(model, cat)
+    values, nside, cat_path = load_rows(model, catalog)
     progress(f"read {cat_path}")
     progress(f"scoring {len(values)} pixels x {values.shape[1]} channels")
     scores, residual, n_obs = anomaly_scores(model, values, nside, transform)

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from ..catalog import Catalog, load_catalog, read_catalog
+from ..catalog import Catalog, load_catalog, read_catalog, select_maps
 from ..errors import InputError
 from ..fileio import atomic_output_dir, write_healpix_fits, write_text
 from ..inference.reconstruction import QUANTILES, predictive
@@ -67,8 +67,7 @@ def regression_baselines(features, target, folds=5, seed=0):
 def _run_channels(trained, catalog_path):
     """The catalog's entries for the run's channels (None for a channel the catalog lacks)."""
     cat = read_catalog(catalog_path)
-    by_name = {e.name: e for e in cat.maps}
-    entries = [by_name.get(n) for n in trained.names]
+    entries = select_maps(cat, trained.names, allow_missing=True)
     if not any(entries):
         raise InputError(f"{catalog_path}: none of the run's channels ({', '.join(trained.names[:4])}, ...)")
     return cat, entries
