@@ -352,7 +352,7 @@ def working_nside(catalog, nside=None):
     return min(headers)
 
 
-def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None):
+def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, comm=None):
     """Read every map of a catalog into one data set at a common resolution.
 
     Maps are read one at a time, so at most one full map is held besides the result.
@@ -369,7 +369,12 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None):
         Keep only these pixels (in the returned ordering), e.g. one MPI rank's block.
     on_channel : callable, optional
         ``on_channel(index, full_map, kind)`` called with each channel's full map (working nside
-        and ordering, NaN where missing) and kind, e.g. to fit a transform on all pixels.
+        and ordering, NaN where missing) and kind, e.g. to fit a transform on all pixels (on
+        the reading rank only, with ``comm``).
+    comm : SerialComm or MPIComm, optional
+        With a communicator, rank 0 alone reads each full map and sends every rank its
+        ``pixels`` block (one Scatterv per map); other ranks never hold a full map. Without one,
+        this process reads every map.
 
     Returns
     -------
@@ -386,21 +391,32 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None):
     cat = read_catalog(catalog) if isinstance(catalog, str) else catalog
     nside = working_nside(cat, nside)
     npix = hp.nside2npix(nside)
-    pixels = slice(0, npix) if pixels is None else pixels
-    values = np.empty((len(cat.maps), len(range(npix)[pixels])))
+    pixels = slice(*(slice(0, npix) if pixels is None else pixels).indices(npix)[:2])
+    values = np.empty((len(cat.maps), pixels.stop - pixels.start))
     native, kinds = [], []
+    reader = comm is None or comm.rank == 0
     for i, e in enumerate(cat.maps):
-        full, kind, n = read_map(e, nside)
-        native.append(n)
-        kinds.append(kind)
-        if e.transform == "log" and np.nanmin(full) <= 0:
-            raise InputError(f"map '{e.name}' ({e.path}): transform 'log' needs positive values, "
-                             f"the map has values <= 0 (use asinh or auto)")
-        if nest:
-            full = full[hp.nest2ring(nside, np.arange(npix))]
-        if on_channel is not None:
-            on_channel(i, full, kind)
-        values[i] = full[pixels]
+        full, got = None, None
+        if reader:
+            try:
+                full, kind, n = read_map(e, nside)
+                if e.transform == "log" and np.nanmin(full) <= 0:
+                    raise InputError(f"map '{e.name}' ({e.path}): transform 'log' needs positive values, "
+                                     f"the map has values <= 0 (use asinh or auto)")
+                if nest:
+                    full = full[hp.nest2ring(nside, np.arange(npix))]
+                if on_channel is not None:
+                    on_channel(i, full, kind)
+                got = (kind, n)
+            except InputError as err:
+                got = err
+        if comm is not None:
+            got = comm.bcast(got if reader else None)  # the reader's error stops every rank alike
+        if isinstance(got, InputError):
+            raise InputError(str(got))
+        kinds.append(got[0])
+        native.append(got[1])
+        values[i] = full[pixels] if comm is None else comm.scatter_block(full, pixels)
     return SkyDataSet(values=values, observed=np.isfinite(values), names=cat.names,
                       units=[e.unit for e in cat.maps],
                       frequencies_hz=np.array([e.frequency_hz for e in cat.maps]),

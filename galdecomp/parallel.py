@@ -2,7 +2,8 @@
 
 MPI is opt-in: mpi4py is imported only when the process was started by an MPI launcher
 (``mpiexec -n K galdecomp ...``) with more than one rank. Everything else in galdecomp sees a
-communicator with ``rank``, ``size``, ``allreduce_sum``, ``gather_rows``, ``bcast`` and ``abort``;
+communicator with ``rank``, ``size``, ``allreduce_sum``, ``gather_rows``, ``bcast``,
+``scatter_block`` and ``abort``;
 the serial one does nothing.
 
 Sharding: rank r owns one contiguous block of the data's rows (:func:`block_rows`). For a sky
@@ -40,6 +41,10 @@ class SerialComm:
     def bcast(self, obj):
         return obj
 
+    def scatter_block(self, full, block):
+        """Each rank's ``block`` (a slice) of rank 0's 1-D array ``full`` (here: ``full[block]``)."""
+        return np.array(full[block], dtype=np.float64)
+
     def barrier(self):
         pass
 
@@ -68,6 +73,19 @@ class MPIComm(SerialComm):
 
     def bcast(self, obj):
         return self.comm.bcast(obj, root=0)
+
+    def scatter_block(self, full, block):
+        """Each rank's ``block`` (a slice) of rank 0's 1-D array ``full``, by one Scatterv."""
+        from mpi4py import MPI
+
+        blocks = self.comm.allgather((block.start, block.stop))
+        out = np.empty(block.stop - block.start)
+        send = None
+        if self.rank == 0:
+            send = [np.ascontiguousarray(full, dtype=np.float64), [b - a for a, b in blocks],
+                    [a for a, _ in blocks], MPI.DOUBLE]
+        self.comm.Scatterv(send, out, root=0)
+        return out
 
     def barrier(self):
         self.comm.Barrier()

@@ -199,7 +199,7 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_row
     return state
 
 
-def load_preprocessed(catalog, nside, pixels=None):
+def load_preprocessed(catalog, nside, pixels=None, comm=None):
     """Read a catalog's maps (NESTED pixel order) and standardise them.
 
     Each channel's transform is fitted on all pixels of its full map, while only ``pixels`` are
@@ -211,6 +211,9 @@ def load_preprocessed(catalog, nside, pixels=None):
     nside : int
     pixels : slice, optional
         The NESTED rows to keep (default all).
+    comm : SerialComm or MPIComm, optional
+        Rank 0 reads the maps and fits the transforms, every rank gets its block and the
+        transforms (default: this process reads everything).
 
     Returns
     -------
@@ -227,7 +230,9 @@ def load_preprocessed(catalog, nside, pixels=None):
         transforms[i] = ChannelTransform.fit(full[np.isfinite(full)], e.transform, e.name,
                                              counts=kind == "counts", asinh_scale=e.asinh_scale)
 
-    data_set = load_catalog(catalog, nside=nside, nest=True, pixels=pixels, on_channel=fit_transform)
+    data_set = load_catalog(catalog, nside=nside, nest=True, pixels=pixels, on_channel=fit_transform, comm=comm)
+    if comm is not None:
+        transforms = comm.bcast(transforms)
     pre = Preprocessor(transforms, data_set.names)
     return data_set, pre, pre.forward(data_set.values).T.copy()
 
@@ -288,7 +293,7 @@ class SkySource:
 
         nside = working_nside(self.catalog, cfg["data"]["nside"])
         rows = row_block(nside, comm)
-        data_set, pre, data = load_preprocessed(self.catalog, nside, rows)
+        data_set, pre, data = load_preprocessed(self.catalog, nside, rows, comm if comm.size > 1 else None)
         fingerprint = f"{self.path}|{nside}|" + json.dumps(pre.to_dict(), sort_keys=True)
         return Prepared(data_set, pre, data, rows, 12 * nside * nside, fingerprint,
                         dict(kind="sky", path=self.path, nside=nside))

@@ -102,3 +102,18 @@ def test_realsky64_regrades_to_32_and_conserves_counts():
     assert d32.values[i].sum() == pytest.approx(d64.values[i].sum())
     j = d64.names.index("hi4pi_NHI")
     assert np.nanmean(d32.values[j]) == pytest.approx(np.nanmean(d64.values[j]), rel=1e-10)
+
+
+def test_reading_with_a_communicator_gives_the_same_block(small_catalog):
+    """With a communicator rank 0 reads and scatters (one process here: the same block)."""
+    from galdecomp.catalog import load_catalog
+    from galdecomp.parallel import SerialComm
+
+    path, maps, _ = small_catalog
+    seen = []
+    a = load_catalog(path, nest=True, pixels=slice(100, 300))
+    b = load_catalog(path, nest=True, pixels=slice(100, 300), comm=SerialComm(),
+                     on_channel=lambda i, full, kind: seen.append((i, full.size)))
+    np.testing.assert_array_equal(a.values, b.values)
+    assert a.kinds == b.kinds and a.native_nside == b.native_nside and a.values.shape == (3, 200)
+    assert seen == [(0, 768), (1, 768), (2, 768)]
