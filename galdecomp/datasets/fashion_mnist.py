@@ -30,7 +30,7 @@ PRESET = {
     "encoder": {"hidden": [256, 128]},
     "decoder": {"hidden": [128, 256]},
     "noise": {"floor": 0.01},
-    "training": {"batch_size": 128, "max_epochs": 10, "learning_rate": 3e-3, "min_learning_rate": 1e-4,
+    "training": {"batch_size": 128, "max_epochs": 10, "learning_rate": 3e-2, "min_learning_rate": 1e-4,
                  "kl_warmup_epochs": 1, "validation_fraction": 0.1, "dtype": "float32"},
 }
 
