@@ -250,6 +250,7 @@ def main(argv=None):
     ap.add_argument("--k-check", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (set OMP_NUM_THREADS equal)")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--only-fisher", action="store_true", help="train no diagonal model (e.g. Fisher L=32 alone)")
     a = ap.parse_args(argv)
     q = a.quick
     epochs = a.epochs or (2 if q else 8)
@@ -290,7 +291,7 @@ def main(argv=None):
     Tcls = latent_transform_class()
 
     ood_sets = {"inverted": 1.0 - Xte, "vflip": Xte.reshape(-1, 28, 28)[:, ::-1, :].reshape(len(Xte), -1)}
-    models = [(L, "diagonal") for L in dims] + [(L, "fisher") for L in dims if L in fdims]
+    models = [(L, "diagonal") for L in dims if not a.only_fisher] + [(L, "fisher") for L in dims if L in fdims]
     grids = {}
     for L, cov in models:
         print(f"== L={L} {cov}: training {epochs} epochs on {n_train} images", flush=True)
