@@ -265,6 +265,7 @@ def main(argv=None):
     ap.add_argument("--k-check", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (set OMP_NUM_THREADS equal)")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--eps", type=float, default=None, help="logit eps (default LOGIT_EPS)")
     ap.add_argument("--heldout", default="1,8", help="classes left out of training for the held-out-class "
                     "OOD test (default Trouser, Bag; '' to skip)")
     ap.add_argument("--heldout-covariances", default="diagonal,fisher")
@@ -291,7 +292,8 @@ def main(argv=None):
     Xte_all, yte_all = load_fashion_mnist("test")
     Xtr, ytr = Xtr_all[:n_train], ytr_all[:n_train]
     Xte, yte = Xte_all[:n_test], yte_all[:n_test]
-    pre = image_preprocessor(Xtr)
+    eps = LOGIT_EPS if a.eps is None else a.eps
+    pre = image_preprocessor(Xtr, eps)
     std = lambda X: pre.forward(X.T).T  # noqa: E731
     Dtr, Dte = std(Xtr), std(Xte)
     rng = np.random.default_rng(0)
@@ -404,7 +406,7 @@ def main(argv=None):
     say(f"## Fashion-MNIST ({mode}): {n_train} training images, {n_test} test images, {epochs} epochs")
     say()
     say(f"`{' '.join(['OMP_NUM_THREADS=' + omp, 'python benchmarks/bench_fashion.py'] + (argv or sys.argv[1:]))}`; "
-        f"{benchutil.package_fingerprint()}; torch threads {a.threads}; logit eps {LOGIT_EPS}; "
+        f"{benchutil.package_fingerprint()}; torch threads {a.threads}; logit eps {eps}; "
         f"widths encoder {PRESET['encoder']['hidden']}, decoder {PRESET['decoder']['hidden']}, "
         f"batch {PRESET['training']['batch_size']}, float32.")
     say()
