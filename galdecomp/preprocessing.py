@@ -10,6 +10,11 @@ Channel values ``x`` (physical units) become ``y = (T(x) - mean) / std`` with ``
   standard deviation;
 - ``anscombe``: ``2 sqrt(x + 3/8)``, the variance-stabilising transform of Poisson counts (the
   noise becomes ~N(0, 1) for counts >~ 1 whatever the rate), for photon-count maps;
+- ``logit``: ``logit(eps + (1 - 2 eps) x)``, for intensities in [0, 1] (image pixels): the
+  Gaussian likelihood on logit pixels keeps decoded intensities inside (0, 1) after the
+  inverse, and stretches the ends where pixel noise is small; ``eps`` (stored as ``scale``,
+  default 1e-2) keeps 0 and 1 finite (``logit(eps) = -4.6`` for 1e-2, -6.9 for 1e-3);
+  the inverse ``(sigmoid(t) - eps) / (1 - 2 eps)`` is exact;
 - ``linear``: ``x``.
 
 ``auto`` picks ``anscombe`` for photon counts (``kind: counts``, no negative value), ``log``
@@ -32,9 +37,9 @@ class ChannelTransform:
     Attributes
     ----------
     kind : str
-        ``"log"``, ``"asinh"``, ``"anscombe"`` or ``"linear"``.
+        ``"log"``, ``"asinh"``, ``"anscombe"``, ``"logit"`` or ``"linear"``.
     scale : float
-        ``asinh`` scale in the channel's unit (1 otherwise).
+        ``asinh`` scale in the channel's unit; ``logit``: eps; 1 otherwise.
     mean, std : float
         Standardisation of ``T(x)`` over the observed pixels.
     slope : float
@@ -55,6 +60,9 @@ class ChannelTransform:
             return np.arcsinh(x / self.scale)
         if self.kind == "anscombe":
             return 2.0 * np.sqrt(np.asarray(x, dtype=float) + 0.375)
+        if self.kind == "logit":
+            u = self.scale + (1.0 - 2.0 * self.scale) * np.asarray(x, dtype=float)
+            return np.log(u) - np.log1p(-u)
         return np.asarray(x, dtype=float)
 
     def forward(self, x):
@@ -71,6 +79,8 @@ class ChannelTransform:
             return self.scale * np.sinh(t)
         if self.kind == "anscombe":
             return 0.25 * t * t - 0.375
+        if self.kind == "logit":
+            return (0.5 * (1.0 + np.tanh(0.5 * t)) - self.scale) / (1.0 - 2.0 * self.scale)
         return t
 
     def derivative(self, x):
@@ -81,12 +91,15 @@ class ChannelTransform:
             d = 1.0 / np.sqrt(self.scale ** 2 + np.asarray(x, dtype=float) ** 2)
         elif self.kind == "anscombe":
             d = 1.0 / np.sqrt(np.asarray(x, dtype=float) + 0.375)
+        elif self.kind == "logit":
+            u = self.scale + (1.0 - 2.0 * self.scale) * np.asarray(x, dtype=float)
+            d = (1.0 - 2.0 * self.scale) / (u * (1.0 - u))
         else:
             d = np.ones_like(np.asarray(x, dtype=float))
         return d / self.std
 
     @classmethod
-    def fit(cls, x, kind="auto", name="channel", counts=False, asinh_scale="mad"):
+    def fit(cls, x, kind="auto", name="channel", counts=False, asinh_scale="mad", logit_eps=1e-2):
         """Choose and fit the transform to the observed values ``x`` of one channel.
 
         Parameters
@@ -94,7 +107,8 @@ class ChannelTransform:
         x : ndarray
             Observed (finite) values in physical units.
         kind : str
-            ``"auto"``, ``"log"``, ``"asinh"``, ``"anscombe"`` or ``"linear"``.
+            ``"auto"``, ``"log"``, ``"asinh"``, ``"anscombe"``, ``"logit"`` or ``"linear"``
+            (``auto`` never picks ``logit``).
         name : str
             Channel name for error messages.
         counts : bool
@@ -103,6 +117,8 @@ class ChannelTransform:
             standard deviations in a mostly-empty map.
         asinh_scale : float or str
             A number (the channel's unit), or the rule ``"mad"`` or ``"std"``.
+        logit_eps : float
+            ``eps`` of the ``logit`` kind, in (0, 0.5).
         """
         x = np.asarray(x, dtype=float)
         x = x[np.isfinite(x)]
@@ -116,7 +132,14 @@ class ChannelTransform:
         if kind == "anscombe" and x.min() < 0:
             raise InputError(f"map '{name}': transform 'anscombe' needs counts >= 0, "
                              f"the map has negative values (use asinh or auto)")
-        scale = 1.0
+        if kind == "logit" and (x.min() < 0 or x.max() > 1):
+            raise InputError(f"map '{name}': transform 'logit' needs values in [0, 1], "
+                             f"the map has values in [{x.min():.3g}, {x.max():.3g}]")
+        if kind == "logit" and not 0 < logit_eps < 0.5:
+            raise InputError(f"map '{name}': logit eps must be in (0, 0.5), got {logit_eps!r}")
+        if kind not in ("log", "asinh", "anscombe", "logit", "linear"):
+            raise InputError(f"map '{name}': unknown transform {kind!r}")
+        scale = float(logit_eps) if kind == "logit" else 1.0
         if kind == "asinh":
             if asinh_scale == "std":
                 scale = np.std(x)
