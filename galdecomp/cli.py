@@ -354,7 +354,8 @@ def build_parser():
     s.add_argument("catalog", nargs="?", help="catalog YAML file (or --data FILE)")
     s.add_argument("--data", metavar="FILE",
                    help="a table instead of a catalog: FILE.npy (rows x features), FILE.npz (key data, "
-                        "optional names) or FILE.csv (header of feature names); NaN = missing")
+                        "optional names) or FILE.csv (header of feature names); NaN = missing; or "
+                        "'fashion-mnist': the 60,000 Fashion-MNIST training images with the image preset")
     s.add_argument("--out", required=True, metavar="RUN", help="run folder")
     s.add_argument("--nside", type=_nside, help="working resolution (default: catalog's or lowest)")
     s.add_argument("--latent-dim", type=_positive_int, help="number of latent features (default 10)")

@@ -328,6 +328,34 @@ class TableSource:
                         dict(kind="table", path=self.path))
 
 
+class FashionMNISTSource(TableSource):
+    """The 60,000 Fashion-MNIST training images as a table (784 pixel features, one shared
+    ``logit`` transform: :func:`galdecomp.datasets.fashion_mnist.image_preprocessor`)."""
+
+    NAME = "fashion-mnist"
+
+    def __init__(self, root=None):
+        from .datasets.fashion_mnist import load_fashion_mnist
+
+        images, _ = load_fashion_mnist("train", root)
+        self.argument = self.path = self.NAME
+        names = [f"px{i:03d}" for i in range(images.shape[1])]
+        self.table = DataSet(images.T.copy(), np.ones(images.T.shape, bool), names, ["1"] * len(names))
+
+    def prepare(self, cfg, comm):
+        """This process's block of images, logit-transformed and standardised with one transform."""
+        from .datasets.fashion_mnist import image_preprocessor
+        from .parallel import block_rows
+
+        t = self.table
+        pre = image_preprocessor(t.values.T)
+        rows = block_rows(t.n_samples, comm)
+        local = DataSet(t.values[:, rows], t.observed[:, rows], t.names, t.units)
+        fingerprint = f"{self.NAME}|{t.n_samples}x{t.n_features}|" + json.dumps(pre.to_dict()["px000"], sort_keys=True)
+        return Prepared(local, pre, pre.forward(local.values).T.copy(), rows, t.n_samples, fingerprint,
+                        dict(kind="table", path=self.NAME))
+
+
 def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=False, overwrite=False,
                 comm=None):
     """Fit the probabilistic autoencoder to the maps of a catalog and write the run folder.
@@ -365,13 +393,21 @@ def fit_table(path, out, overrides=None, config_file=None, resume=False, overwri
     """Fit the probabilistic autoencoder to a plain table and write the run folder (CSV products).
 
     Parameters as :func:`fit_catalog`, with ``path`` a ``.npy``, ``.npz`` or ``.csv`` table of
-    rows x features (see :func:`galdecomp.dataset.read_table`); rows are sharded over MPI ranks.
+    rows x features (see :func:`galdecomp.dataset.read_table`), or ``"fashion-mnist"``: the
+    60,000 training images with the image preset (:data:`galdecomp.datasets.fashion_mnist.PRESET`,
+    under the configuration file's settings); rows are sharded over MPI ranks.
 
     Returns
     -------
     dict
         As :func:`fit_catalog`.
     """
+    if path == FashionMNISTSource.NAME:
+        from .datasets.fashion_mnist import PRESET
+        from .inference.config import DEFAULTS, _merge
+
+        config_file = _merge(_merge(DEFAULTS, PRESET), config_file or {}, "config")
+        return fit_data(FashionMNISTSource(), out, overrides, config_file, resume, overwrite, comm)
     return fit_data(TableSource(path), out, overrides, config_file, resume, overwrite, comm)
 
 

@@ -91,3 +91,24 @@ def test_fit_on_a_few_hundred_images():
     assert np.all(np.isfinite(s["elbo"])) and s["n_observed"].min() == 784
     inverted = tm.score_rows(1.0 - X[va])
     assert np.median(inverted["chi2"]) > np.median(s["chi2"])
+
+
+def test_fit_data_fashion_mnist_preset_writes_tables_and_image_grids(tmp_path, monkeypatch, capsys):
+    """`galdecomp fit --data fashion-mnist` on a small idx file (via $GALDECOMP_FASHION_MNIST)."""
+    import galdecomp
+    from galdecomp.cli import main
+
+    X = fashion("train")[0][:400]
+    _write_idx(str(tmp_path / "train-images-idx3-ubyte.gz"), np.round(X * 255).astype(np.uint8).reshape(-1, 28, 28), 0x08)
+    _write_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), np.zeros(400, np.uint8), 0x08)
+    monkeypatch.setenv("GALDECOMP_FASHION_MNIST", str(tmp_path))
+    run = tmp_path / "run"
+    assert main(["fit", "--data", "fashion-mnist", "--out", str(run), "--max-epochs", "2", "--latent-dim", "4"]) == 0
+    for f in ["latent_mean.csv", "reconstruction.npy", "residual.npy", "plots/reconstructions.png", "model.npz"]:
+        assert (run / f).is_file(), f
+    assert np.load(run / "reconstruction.npy").shape == (400, 784)
+    model = galdecomp.load(str(run))
+    assert model.config["decoder"]["hidden"] == PRESET["decoder"]["hidden"]  # the image preset
+    assert model.load_rows().shape == (400, 784)
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "20", "--out", str(tmp_path / "s")]) == 0

@@ -183,6 +183,10 @@ class TrainedModel:
         from ..dataset import read_table
 
         kind = self.data.get("kind")
+        if kind == "table" and (path or self.data["path"]) == "fashion-mnist":
+            from ..datasets.fashion_mnist import load_fashion_mnist
+
+            return load_fashion_mnist("train")[0]
         if kind == "table":
             ds = read_table(path or self.data["path"])
             if ds.names != self.names:

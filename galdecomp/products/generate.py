@@ -24,6 +24,8 @@ __all__ = ["METHODS", "transform_rows", "aggregate_draws", "fit_latent_density",
 METHODS = {"gaussianising": GaussianisingTransform, "gmm": GaussianMixtureDensity, "gaussian": GaussianDensity}
 MAX_ROWS = 20000
 DRAWS_PER_ROW = 8
+#: histogram panels at most (wide tables show the channels of largest spread)
+MAX_PANELS = 36
 
 
 def transform_rows(n_rows, validation_fraction, seed, offset=0, n_local=None, max_rows=MAX_ROWS):
@@ -155,14 +157,18 @@ def _plots(trained, generated, real, folder):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    C = trained.n_features
+    shown = np.arange(trained.n_features)
+    if len(shown) > MAX_PANELS:  # wide tables (images): the channels with the largest spread
+        shown = np.sort(np.argsort(-real.std(0))[:MAX_PANELS])
+    C = len(shown)
     ncol = 6
     fig, axes = plt.subplots(int(np.ceil(C / ncol)), ncol, figsize=(2.6 * ncol, 2.0 * np.ceil(C / ncol)),
                              squeeze=False)
-    for c, ax in enumerate(axes.flat):
-        if c >= C:
+    for i, ax in enumerate(axes.flat):
+        if i >= C:
             ax.axis("off")
             continue
+        c = shown[i]
         lo, hi = np.percentile(real[:, c], [0.5, 99.5])
         bins = np.linspace(lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo), 40)
         ax.hist(real[:, c], bins, density=True, histtype="stepfilled", color="0.8", label="held-out data")

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from .. import __version__
-from ..fileio import write_healpix_fits, write_text
+from ..fileio import atomic_path, write_healpix_fits, write_text
 from .plots import mollview_grid, plot_history, plot_residual_summary
 from .tables import format_table
 
@@ -278,11 +278,40 @@ def write_table_products(run_dir, prod, dataset, preprocessor, model, history, c
     """
     paths = {}
     for stem, rows, cols, _, _ in _arrays(prod, dataset, cfg):
-        paths[f"{stem}.csv"] = os.path.join(run_dir, f"{stem}.csv")
-        _csv(paths[f"{stem}.csv"], rows, cols)
+        if len(cols) > WIDE_TABLE:  # images: a CSV of 60,000 x 784 numbers would be ~0.6 GB
+            paths[f"{stem}.npy"] = os.path.join(run_dir, f"{stem}.npy")
+            with atomic_path(paths[f"{stem}.npy"]) as tmp:
+                np.save(tmp, np.asarray(rows, dtype=np.float32))
+        else:
+            paths[f"{stem}.csv"] = os.path.join(run_dir, f"{stem}.csv")
+            _csv(paths[f"{stem}.csv"], rows, cols)
     _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, "amortisation_gap_summary.csv",
                   progress)
+    side = int(round(np.sqrt(dataset.n_features)))
+    if side * side == dataset.n_features and side >= 8:  # square images: a grid of data and reconstructions
+        paths["plots/reconstructions.png"] = os.path.join(run_dir, "plots", "reconstructions.png")
+        _image_grid(dataset.values.T[:32], prod["rows"]["recon"][:32], side, paths["plots/reconstructions.png"])
     return paths
+
+
+#: Tables wider than this many features are written as float32 .npy instead of CSV.
+WIDE_TABLE = 100
+
+
+def _image_grid(data, recon, side, path):
+    """Rows of data images over their reconstructions (physical units), one PNG."""
+    from .plots import _pyplot, _save
+
+    plt = _pyplot()
+    n = len(data)
+    fig, axes = plt.subplots(2, n, figsize=(0.6 * n, 1.4), squeeze=False)
+    for j in range(n):
+        for i, img in enumerate((data[j], recon[j])):
+            axes[i, j].imshow(np.reshape(img, (side, side)), cmap="gray_r", vmin=0, vmax=1)
+            axes[i, j].axis("off")
+    fig.suptitle("data (top) and reconstructions of the posterior means (bottom)", fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
 
 
 #: The writer of each kind of data set (``config: data: kind``).
