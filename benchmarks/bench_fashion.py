@@ -132,16 +132,6 @@ def to_pixels(pre, Y):
     return np.clip(pre.inverse(Y.T).T, 0.0, 1.0)
 
 
-def latent_transform_class():
-    """``GaussianisingTransform`` if the module exists (after the merge), else None."""
-    try:
-        from galdecomp.model.latent_transform import GaussianisingTransform
-    except ImportError:
-        return None
-    return GaussianisingTransform
-
-
-# ------------------------------------------------------------------------------ classifier features
 def train_classifier(torch, X, y, epochs=4, seed=0):
     """784-256-64-10 ReLU MLP (Adam, batch 256); returns ``features(X) -> (N, 64)`` and the net."""
     nn = torch.nn
@@ -172,21 +162,11 @@ def train_classifier(torch, X, y, epochs=4, seed=0):
 
 def frechet(f1, f2):
     """Fréchet distance between Gaussians fitted to two feature sets (rows = samples)."""
-    try:
-        from galdecomp.products.sample_quality import frechet_distance
-        return float(frechet_distance(f1, f2))
-    except ImportError:
-        pass
-    from scipy.linalg import sqrtm
+    from galdecomp.products.sample_quality import frechet_distance
 
-    m1, m2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    off = 1e-6 * np.eye(len(m1))  # dead ReLU units make the covariances singular
-    cs = sqrtm((s1 + off) @ (s2 + off))
-    return float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(cs)))
+    return float(frechet_distance(f1, f2))
 
 
-# ------------------------------------------------------------------------------ throughput
 def torch_epoch(torch, D, L, cfg, seed=0):
     """Seconds of one epoch of the PyTorch peer (same widths, batch, float32) over rows ``D``."""
     torch.manual_seed(seed)
@@ -283,6 +263,7 @@ def main(argv=None):
     from sklearn.metrics import roc_auc_score
 
     from galdecomp.datasets.fashion_mnist import CLASSES, LOGIT_EPS, PRESET, image_preprocessor, load_fashion_mnist
+    from galdecomp.products.generate import aggregate_draws, fit_latent_density, transform_rows
 
     torch.set_num_threads(a.threads)
     omp = os.environ.get("OMP_NUM_THREADS", "unset")
@@ -308,7 +289,6 @@ def main(argv=None):
     clf_s = time.perf_counter() - t0
     mean_img = Xtr.mean(0)
     mse_mean = float(((Xte - mean_img) ** 2).mean())
-    Tcls = latent_transform_class()
 
     ood_sets = {"inverted": 1.0 - Xte, "vflip": Xte.reshape(-1, 28, 28)[:, ::-1, :].reshape(len(Xte), -1)}
     models = [(L, "diagonal") for L in dims if not a.only_fisher] + [(L, "fisher") for L in dims if L in fdims]
@@ -333,21 +313,15 @@ def main(argv=None):
         S = to_pixels(pre, model.decode(params, zs))
         rec["fd_prior"] = frechet(features(S), F_te)
         rec["fd_floor"] = fd_floor
-        trans = None
-        if Tcls is None:
-            rec["fd_transform"] = "transform not available"
-        else:
-            from galdecomp.products.generate import aggregate_draws, fit_latent_density, transform_rows
-
-            # the recipe of `galdecomp fit` / `galdecomp transform`: 8 draws from q(z|d) of up to
-            # 20,000 training images, iterative Gaussianisation (and the 16-component mixture)
-            mtr, ctr = model.posterior_moments(params, Dtr, np.ones(Dtr.shape, bool))
-            z, groups = aggregate_draws(mtr, ctr, transform_rows(len(Dtr), 0.1, 0), 0)
-            for method, key in (("gmm", "fd_gmm"), ("gaussianising", "fd_transform")):
-                trans = fit_latent_density(z, groups, method, seed=0)
-                St = to_pixels(pre, model.decode(params, np.asarray(trans.sample(n_s, rng))))
-                rec[key] = frechet(features(St), F_te)
-            grids[(L, cov, "transform")] = St[:64]
+        # the recipe of `galdecomp fit` / `galdecomp transform`: 8 draws from q(z|d) of up to
+        # 20,000 training images, iterative Gaussianisation (and the 16-component mixture)
+        mtr, ctr = model.posterior_moments(params, Dtr, np.ones(Dtr.shape, bool))
+        z, groups = aggregate_draws(mtr, ctr, transform_rows(len(Dtr), 0.1, 0), 0)
+        for method, key in (("gmm", "fd_gmm"), ("gaussianising", "fd_transform")):
+            trans = fit_latent_density(z, groups, method, seed=0)
+            St = to_pixels(pre, model.decode(params, np.asarray(trans.sample(n_s, rng))))
+            rec[key] = frechet(features(St), F_te)
+        grids[(L, cov, "transform")] = St[:64]
         grids[(L, cov, "prior")] = S[:64]
         grids[(L, cov, "recon")] = (Xte[:32], to_pixels(pre, model.decode(params, mean[:32])))
         # out of distribution
