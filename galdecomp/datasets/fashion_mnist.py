@@ -22,7 +22,8 @@ __all__ = ["load_fashion_mnist", "read_idx", "image_preprocessor", "PRESET", "CL
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
            "Ankle boot")
-#: eps of the logit transform of pixels: y = logit(eps + (1 - 2 eps) x)
+#: eps of the logit transform of pixels: y = logit(eps + (1 - 2 eps) x). At L = 10 (diagonal, 8 epochs)
+#: the test pixel MSE is 0.0212 / 0.0177 / 0.0161 for eps 1e-3 / 1e-2 / 5e-2 (benchmarks/README.md)
 LOGIT_EPS = 1e-2
 #: fit configuration for 784-pixel images (overrides of :data:`galdecomp.inference.config.DEFAULTS`).
 #: Widths chosen for cost (a diagonal epoch on 60,000 images in ~10 s on one core), not swept;
