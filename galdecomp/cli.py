@@ -13,8 +13,6 @@ import tempfile
 import traceback
 import warnings
 
-import numpy as np
-
 from . import __version__
 from .errors import InputError, JobStopped, WriteError
 
@@ -252,40 +250,21 @@ def cmd_transform(args, comm):
     _one_process(comm, args.command)
     from .fileio import folder_lock
     from .inference.trained import write_transform
-    from .products.generate import aggregate_draws, fit_latent_density, transform_rows
+    from .products.generate import refit_transform
 
     trained = _load_run(args.run)
-    y = trained.standardise(trained.load_rows())
-    mask = np.isfinite(y)
-    log.info(f"posteriors of {len(y)} rows")
-    mean, cov = trained.model.posterior_moments(trained.params, np.where(mask, y, 0.0), mask)
-    cfg = trained.config
-    rows = transform_rows(len(y), cfg["training"]["validation_fraction"], cfg["seed"])
-    z, groups = aggregate_draws(mean, cov, rows, args.seed)
-    log.info(f"latent transform ({args.method}) on {len(z)} draws of the aggregate posterior")
-    density = fit_latent_density(z, groups, args.method, seed=args.seed)
+    res = refit_transform(trained, args.method, args.seed, progress=log.info)
     with folder_lock(os.path.abspath(args.run)):
-        path = write_transform(args.run, density)
-    held = split_validation(trained, y)
-    zq = aggregate_draws(*trained.encode(held, standardised=True), np.arange(len(held)), args.seed + 1)[0]
+        path = write_transform(args.run, res["density"])
     print(f"latent transform: {path}")
-    print(f"held-out log-density per draw: {np.mean(density.log_density(zq)):.3f} "
-          f"(prior N(0, 1): {np.mean(trained.prior.log_density(zq)):.3f})")
+    print(f"held-out log-density per draw: {res['held_out_log_density']:.3f} "
+          f"(prior N(0, 1): {res['held_out_log_prior']:.3f})")
     return 0
-
-
-def split_validation(trained, y):
-    """The run's validation rows of ``y`` without missing entries (held out from training)."""
-    from .inference.training import split_rows
-
-    cfg = trained.config
-    valid = y[split_rows(len(y), cfg["training"]["validation_fraction"], cfg["seed"])[1]]
-    return valid[np.isfinite(valid).all(1)]
 
 
 def cmd_sample(args, comm):
     _one_process(comm, args.command)
-    from .products.generate import write_samples
+    from .products.generate import held_out_rows, write_samples
 
     if args.n < 1:
         raise InputError(f"--n must be positive, got {args.n}")
@@ -293,7 +272,7 @@ def cmd_sample(args, comm):
     if args.source == "transformed" and trained.transform is None:
         raise InputError(f"{args.run}: no latent transform (latent_transform.npz): fit one with "
                          f"`galdecomp transform {args.run}`")
-    real = split_validation(trained, trained.standardise(trained.load_rows()))
+    real = held_out_rows(trained, trained.standardise(trained.load_rows()))
     if len(real) < 2:
         raise InputError(f"{args.run}: fewer than 2 held-out rows without missing channels to compare with")
     res = write_samples(trained, args.out, args.n, args.source, args.seed, real, overwrite=args.overwrite,

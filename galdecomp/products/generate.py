@@ -17,7 +17,7 @@ from ..model.latent_transform import (GaussianDensity, GaussianisingTransform, G
 from .sample_quality import frechet_distance, ks_per_feature
 from .tables import format_table
 
-__all__ = ["METHODS", "transform_rows", "aggregate_draws", "fit_latent_density", "sample_quality",
+__all__ = ["METHODS", "transform_rows", "held_out_rows", "refit_transform", "aggregate_draws", "fit_latent_density", "sample_quality",
            "write_samples", "MAX_ROWS", "DRAWS_PER_ROW"]
 
 #: latent density methods: name -> class (benchmarks/README.md, "Latent transform", for the choice)
@@ -53,6 +53,13 @@ def transform_rows(n_rows, validation_fraction, seed, offset=0, n_local=None, ma
     return keep - offset
 
 
+def held_out_rows(trained, y):
+    """The run's validation rows of ``y`` (P, C) without missing entries (held out from training)."""
+    cfg = trained.config
+    valid = y[split_rows(len(y), cfg["training"]["validation_fraction"], cfg["seed"])[1]]
+    return valid[np.isfinite(valid).all(1)]
+
+
 def aggregate_draws(mean, cov, rows, seed, n_per_row=DRAWS_PER_ROW):
     """Draws of the aggregate posterior from the posteriors of ``rows``.
 
@@ -82,6 +89,39 @@ def fit_latent_density(z, groups, method="gaussianising", seed=0, log=None):
     if method == "gaussianising":
         return GaussianisingTransform.fit(z, seed=seed, groups=groups, log=log)
     return METHODS[method].fit(z, seed=seed)
+
+
+def refit_transform(trained, method="gaussianising", seed=0, progress=None):
+    """``galdecomp transform``: the latent density of a finished run, fitted again on its data.
+
+    Parameters
+    ----------
+    trained : TrainedModel
+    method : str
+        A key of :data:`METHODS`.
+    seed : int
+    progress : callable, optional
+
+    Returns
+    -------
+    dict
+        ``density`` (the fitted object); ``held_out_log_density`` and ``held_out_log_prior``:
+        mean log-density per draw of 8 posterior draws of each held-out row without gaps, under
+        the density and under N(0, 1).
+    """
+    say = progress or (lambda m: None)
+    y = trained.standardise(trained.load_rows())
+    say(f"posteriors of {len(y)} rows")
+    mean, cov = trained.encode(y, standardised=True)
+    cfg = trained.config
+    z, groups = aggregate_draws(mean, cov, transform_rows(len(y), cfg["training"]["validation_fraction"],
+                                                          cfg["seed"]), seed)
+    say(f"latent transform ({method}) on {len(z)} draws of the aggregate posterior")
+    density = fit_latent_density(z, groups, method, seed=seed)
+    held = held_out_rows(trained, y)
+    zq = aggregate_draws(*trained.encode(held, standardised=True), np.arange(len(held)), seed + 1)[0]
+    return dict(density=density, held_out_log_density=float(np.mean(density.log_density(zq))),
+                held_out_log_prior=float(np.mean(trained.prior.log_density(zq))))
 
 
 def sample_quality(trained, real, n, seed=0):
