@@ -60,3 +60,12 @@ def gaussian_kl(m0, S0, m1, S1):
     r = m1 - m0
     return 0.5 * (np.einsum("bij,bji->b", S1inv, S0) + np.einsum("bi,bij,bj->b", r, S1inv, r) - m0.shape[-1]
                   + np.linalg.slogdet(S1)[1] - np.linalg.slogdet(S0)[1])
+
+
+def fit_small_sky(root, *fit_options):
+    """Simulate the nside-8 sky into ROOT/sky and fit it into ROOT/run with ``fit_options``; returns ROOT."""
+    from galdecomp.cli import main
+
+    assert main(["simulate", "--nside", "8", "--out", str(root / "sky"), "--no-plot"]) == 0
+    assert main(["fit", str(root / "sky" / "catalog.yaml"), "--out", str(root / "run"), *fit_options]) == 0
+    return root

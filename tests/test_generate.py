@@ -6,16 +6,14 @@ import numpy as np
 import pytest
 
 import galdecomp
+from conftest import fit_small_sky
 from galdecomp.cli import main
 from galdecomp.products.generate import transform_rows
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    assert main(["simulate", "--nside", "8", "--out", str(root / "sky"), "--no-plot"]) == 0
-    assert main(["fit", str(root / "sky" / "catalog.yaml"), "--out", str(root / "run"), "--max-epochs", "15",
-                 "--latent-dim", "4"]) == 0
+    root = fit_small_sky(tmp_path_factory.mktemp("gen"), "--max-epochs", "15", "--latent-dim", "4")
     return root / "run"
 
 

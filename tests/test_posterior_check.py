@@ -10,6 +10,7 @@ import types
 import numpy as np
 import pytest
 
+from conftest import fit_small_sky
 from galdecomp.cli import main
 from galdecomp.inference.posterior_check import (COLUMNS, MCMC_COLUMNS, SUMMARY_COLUMNS, check_pixels,
                                                  importance_check, q_candidates, summarise)
@@ -82,10 +83,7 @@ def test_laplace_is_exact_for_a_linear_decoder(linear):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pcheck")
-    assert main(["simulate", "--nside", "8", "--out", str(root / "sky"), "--no-plot"]) == 0
-    assert main(["fit", str(root / "sky" / "catalog.yaml"), "--out", str(root / "run"), "--max-epochs", "4",
-                 "--latent-dim", "3"]) == 0
+    root = fit_small_sky(tmp_path_factory.mktemp("pcheck"), "--max-epochs", "4", "--latent-dim", "3")
     return root
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import galdecomp
+from conftest import fit_small_sky
 from galdecomp.cli import main
 from galdecomp.inference.config import resolve_config
 from galdecomp.inference.reconstruction import predictive
@@ -79,10 +80,7 @@ def test_extra_noise_and_gain_widen_the_predictive():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rec")
-    assert main(["simulate", "--nside", "8", "--out", str(root / "sky"), "--no-plot"]) == 0
-    assert main(["fit", str(root / "sky" / "catalog.yaml"), "--out", str(root / "run"), "--max-epochs", "6",
-                 "--latent-dim", "4"]) == 0
+    root = fit_small_sky(tmp_path_factory.mktemp("rec"), "--max-epochs", "6", "--latent-dim", "4")
     return root
 
 
