@@ -23,9 +23,10 @@ Methods (``--methods``):
   validation ELBO is comparable with galdecomp's);
 - ``pca``: PCA with as many components as latent features, on galdecomp's preprocessed data.
 
-Per data set, method and seed: validation -ELBO per pixel (32 draws per pixel, on galdecomp's
-validation pixels of galdecomp's preprocessed data, complete pixels only; galdecomp and
-torch-same only), active features (std over pixels of the posterior mean > 0.1), held-out R^2
+Per data set, method and seed: validation -ELBO per pixel, mean and median over the pixels (32
+draws per pixel, on the complete pixels among galdecomp's validation pixels of that seed, which
+torch-same also holds out, of galdecomp's preprocessed data; galdecomp and torch-same only; one
+anomalous pixel can dominate the mean), active features (std over pixels of the posterior mean > 0.1), held-out R^2
 of every template from the features (gradient boosting, half-sky block split, as the report;
 ``ceiling``: from all input channels), the best single-feature KSG MI per template, wall time of
 training. R^2 and MI use the pixels valid for every method (the peer drops incomplete pixels).
@@ -183,7 +184,7 @@ def galdecomp_fit(data, seed, settings, log=None):
     mask = np.isfinite(data.data)
     mean, _ = model.posterior_moments(state.best_params, np.where(mask, data.data, 0.0), mask)
     return dict(features=mean, seconds=seconds, model=model, params=state.best_params, cfg=cfg,
-                history=state.history, epochs=state.epoch)
+                history=state.history, epochs=state.epoch, last_params=state.params)
 
 
 def peer_transform(x):
@@ -250,7 +251,8 @@ def torch_fit(X, seed, latent_dim, epochs=200, lr=2e-3, batch=1024, valid=None, 
         val = None
         if valid is not None:
             g = torch.Generator().manual_seed(12345)
-            val = float(neg_elbo(Xt[torch.as_tensor(valid)], EVAL_DRAWS, g).mean())
+            per_row = neg_elbo(Xt[torch.as_tensor(valid)], EVAL_DRAWS, g).numpy().astype(float)
+            val = (float(per_row.mean()), float(np.median(per_row)))
     return dict(features=mu, seconds=seconds, validation=val, weights=weights)
 
 
@@ -278,7 +280,7 @@ def galdecomp_at_peer(data, weights, rows):
             b[...] = bp
         params[model.slices[part]] = theta / scales
     params[model.slices["noise"]] = (weights["log_sigma"] - np.log(model.sigma0)) / model.tau
-    return galdecomp_validation(dict(model=model, params=params), data, rows)
+    return galdecomp_validation(dict(model=model, params=params), data, rows)[0]
 
 
 def galdecomp_validation(res, data, rows):
@@ -289,11 +291,11 @@ def galdecomp_validation(res, data, rows):
     op = model.elbo(np.where(mask, d, 0.0)[:1], mask[:1], np.zeros((1, model.latent_dim)), len(rows))
     pos = model.position(params, op.domain)
     xi = np.random.default_rng(12345).standard_normal((EVAL_DRAWS, len(rows), model.latent_dim))
-    vals = []
+    per_row = np.zeros(len(rows))
     for k in range(EVAL_DRAWS):
-        t = op.terms(pos, np.where(mask, d, 0.0), mask, xi[k])
-        vals.append(t["nll"] + t["kl"])
-    return float(np.mean(vals))
+        t = op.terms(pos, np.where(mask, d, 0.0), mask, xi[k], per_row=True)
+        per_row += (t["nll_rows"] + t["kl_rows"]) / EVAL_DRAWS
+    return float(np.mean(per_row)), float(np.median(per_row))
 
 
 # ------------------------------------------------------------------------------------ scores
@@ -355,9 +357,9 @@ def summarise(rows_path):
             per[k][r["template"]].append((num(r["r2"]), num(r["mi_ksg"])))
             run[k][r["seed"]] = r
         out.append(f"\n### {ds}\n")
-        out.append("| method | seeds | active features | validation -ELBO/pixel | mean R^2 | mean R^2 / ceiling "
+        out.append("| method | seeds | active features | validation -ELBO/pixel | median -ELBO/pixel | mean R^2 | mean R^2 / ceiling "
                    "| templates with R^2 >= torch and >= PCA | mean best-feature MI | train s | s to peer ELBO |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
         ceil = {t: np.mean([x[0] for x in per[("ceiling", "")][t]]) for t in templates}
         seeds_of = {m: sorted(run[m]) for m in methods}
         for m in methods:
@@ -377,7 +379,8 @@ def summarise(rows_path):
                 beats = f"{n}/{len(templates)}"
             rr = list(run[m].values())
             out.append(f"| {label[m]} | {len(rr)} | {med([num(r['active']) for r in rr], '.0f')} "
-                       f"| {med([num(r['val_neg_elbo']) for r in rr], '.2f')} | {med(mean_r2, '.4f')} "
+                       f"| {med([num(r['val_neg_elbo']) for r in rr], '.2f')} "
+                       f"| {med([num(r.get('val_median_neg_elbo')) for r in rr], '.2f')} | {med(mean_r2, '.4f')} "
                        f"| {med(ratio, '.3f')} | {beats} | {med(mean_mi, '.3f')} "
                        f"| {med([num(r['seconds']) for r in rr], '.0f')} "
                        f"| {to_peer(rr)} |")
@@ -457,7 +460,7 @@ def main(argv=None):
     w = csv.writer(fcsv)
     if new_file:
         w.writerow(["dataset", "method", "tag", "seed", "template", "r2", "mi_ksg", "active", "val_neg_elbo",
-                    "seconds", "epochs", "settings", "seconds_to_peer_elbo"])
+                    "seconds", "epochs", "settings", "seconds_to_peer_elbo", "val_median_neg_elbo"])
     for ds in a.datasets.split(","):
         inputs, templates = prepare(ds, a.work)
         inputs = with_entries(inputs, parse_set(a.catalog_set), a.work)
@@ -467,8 +470,12 @@ def main(argv=None):
         valid_ring = data.ring(data.complete)
         from galdecomp.inference.training import split_rows
 
-        _, val_rows = split_rows(len(data.data), 0.1, 0)
-        val_rows = val_rows[data.complete[val_rows]]
+
+        def validation_rows(seed):
+            """The complete pixels among galdecomp's validation rows at ``seed`` (held out by both fits)."""
+            _, v = split_rows(len(data.data), 0.1, seed)
+            return v[data.complete[v]]
+
         Xc = data.data[data.complete]
         pos_in_complete = np.cumsum(data.complete) - 1
         X_ring = data.ring(np.where(np.isfinite(data.data), data.data, np.nan))
@@ -480,13 +487,20 @@ def main(argv=None):
               + ", ".join(f"{t} {v['r2']:.3f}" for t, v in sc.items()), flush=True)
         peer_val = {}
         for seed in seeds:
+            val_rows = validation_rows(seed)
             for m in methods:
                 t0 = time.perf_counter()
-                val, epochs, tag, to_peer = "", "", "", ""
+                val, val_med, epochs, tag, to_peer = "", "", "", "", ""
                 if m == "galdecomp":
                     res = galdecomp_fit(data, seed, copy.deepcopy(settings), log=log)
                     F = res["features"]
-                    val = galdecomp_validation(res, data, val_rows)
+                    val, val_med = galdecomp_validation(res, data, val_rows)
+                    last, last_med = galdecomp_validation(dict(res, params=res["last_params"]), data, val_rows)
+                    key = "validation_median" if res["cfg"]["training"]["select"] == "median" else "validation_elbo"
+                    best_epoch = 1 + int(np.argmax([h[key] for h in res["history"]]))
+                    print(f"{ds} galdecomp[{a.tag}] seed {seed}: parameters of the kept epoch "
+                          f"({best_epoch}) {val:.3f} (median {val_med:.3f}); of the last epoch "
+                          f"{last:.3f} (median {last_med:.3f})", flush=True)
                     epochs, tag = res["epochs"], a.tag
                     if seed in peer_val:  # training time until the validation ELBO beat the peer's final one
                         t_cum = np.cumsum([h["seconds"] for h in res["history"]])
@@ -502,7 +516,7 @@ def main(argv=None):
                                     if m == "torch-same" else None, log=log)
                     F = np.full((len(data.data), L), np.nan)
                     F[data.complete] = res["features"]
-                    val = "" if res["validation"] is None else res["validation"]
+                    val, val_med = ("", "") if res["validation"] is None else res["validation"]
                     if m == "torch-same":
                         peer_val[seed] = val
                         at_peer = galdecomp_at_peer(data, res["weights"], val_rows)
@@ -520,7 +534,7 @@ def main(argv=None):
                 active, sc = scores(data.ring(F), data, valid_ring)
                 for t, v in sc.items():
                     w.writerow([ds, m, tag, seed, t, v["r2"], v["mi"], active, val, round(res["seconds"], 1),
-                                epochs, json.dumps(settings) if m == "galdecomp" else "", to_peer])
+                                epochs, json.dumps(settings) if m == "galdecomp" else "", to_peer, val_med])
                 if m == "galdecomp":  # the same features after an ICA rotation of the posterior means
                     from sklearn.decomposition import FastICA
 
@@ -536,7 +550,7 @@ def main(argv=None):
                 fcsv.flush()
                 r2s = [v["r2"] for v in sc.values()]
                 print(f"{ds} {m}{'[' + tag + ']' if tag else ''} seed {seed}: active {active}, "
-                      f"val -ELBO {val if val == '' else f'{val:.3f}'}, mean R2 {np.mean(r2s):.4f}, "
+                      f"val -ELBO {val if val == '' else f'{val:.3f} (median {val_med:.3f})'}, mean R2 {np.mean(r2s):.4f}, "
                       f"min R2 {min(r2s):.3f}, mean MI {np.mean([v['mi'] for v in sc.values()]):.3f}, "
                       f"{res['seconds']:.0f} s, epochs {epochs}"
                       + (f", seconds to the peer's ELBO {to_peer}" if to_peer != "" else ""), flush=True)

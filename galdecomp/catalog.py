@@ -372,9 +372,10 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, 
         and ordering, NaN where missing) and kind, e.g. to fit a transform on all pixels (on
         the reading rank only, with ``comm``).
     comm : SerialComm or MPIComm, optional
-        With a communicator, rank 0 alone reads each full map and sends every rank its
-        ``pixels`` block (one Scatterv per map); other ranks never hold a full map. Without one,
-        this process reads every map.
+        With a communicator, the maps are read in rounds of ``comm.size``: in a round, rank r
+        reads map ``first + r`` and sends every rank its ``pixels`` block (one Scatterv per map),
+        so every map is read once, by one rank, the ranks read side by side, and no rank holds
+        more than one full map. Without one, this process reads every map.
 
     Returns
     -------
@@ -394,29 +395,36 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, 
     pixels = slice(*(slice(0, npix) if pixels is None else pixels).indices(npix)[:2])
     values = np.empty((len(cat.maps), pixels.stop - pixels.start))
     native, kinds = [], []
-    reader = comm is None or comm.rank == 0
-    for i, e in enumerate(cat.maps):
-        full, got = None, None
-        if reader:
-            try:
-                full, kind, n = read_map(e, nside)
-                if e.transform == "log" and np.nanmin(full) <= 0:
-                    raise InputError(f"map '{e.name}' ({e.path}): transform 'log' needs positive values, "
-                                     f"the map has values <= 0 (use asinh or auto)")
-                if nest:
-                    full = full[hp.nest2ring(nside, np.arange(npix))]
-                if on_channel is not None:
-                    on_channel(i, full, kind)
-                got = (kind, n)
-            except InputError as err:
-                got = err
-        if comm is not None:
-            got = comm.bcast(got if reader else None)  # the reader's error stops every rank alike
-        if isinstance(got, InputError):
-            raise InputError(str(got))
-        kinds.append(got[0])
-        native.append(got[1])
-        values[i] = full[pixels] if comm is None else comm.scatter_block(full, pixels)
+    order = hp.nest2ring(nside, np.arange(npix)) if nest else None
+
+    def read(i):
+        e = cat.maps[i]
+        try:
+            full, kind, n = read_map(e, nside)
+            if e.transform == "log" and np.nanmin(full) <= 0:
+                raise InputError(f"map '{e.name}' ({e.path}): transform 'log' needs positive values, "
+                                 f"the map has values <= 0 (use asinh or auto)")
+            if nest:
+                full = full[order]
+            if on_channel is not None:
+                on_channel(i, full, kind)
+            return full, (kind, n)
+        except InputError as err:
+            return None, err
+
+    size = 1 if comm is None else comm.size
+    for first in range(0, len(cat.maps), size):  # a round: map first + r is read by rank r
+        batch = range(first, min(first + size, len(cat.maps)))
+        mine = first + (0 if comm is None else comm.rank)
+        full, got = read(mine) if mine in batch else (None, None)
+        for i in batch:
+            root = i - first
+            status = got if comm is None else comm.bcast(got if comm.rank == root else None, root)
+            if isinstance(status, InputError):  # the reader's error stops every rank alike
+                raise InputError(str(status))
+            kinds.append(status[0])
+            native.append(status[1])
+            values[i] = full[pixels] if comm is None else comm.scatter_block(full, pixels, root)
     return SkyDataSet(values=values, observed=np.isfinite(values), names=cat.names,
                       units=[e.unit for e in cat.maps],
                       frequencies_hz=np.array([e.frequency_hz for e in cat.maps]),

@@ -34,15 +34,16 @@ class SerialComm:
         """Sum over ranks (here: ``x`` itself, as float64 array)."""
         return np.asarray(x, dtype=np.float64)
 
-    def gather_rows(self, x):
-        """Concatenate the ranks' row blocks on rank 0 (here: ``x``)."""
+    def gather_rows(self, x, root=0):
+        """Concatenate the ranks' row blocks on rank ``root`` (here: ``x``)."""
         return x
 
-    def bcast(self, obj):
+    def bcast(self, obj, root=0):
+        """Rank ``root``'s ``obj`` on every rank (here: ``obj``)."""
         return obj
 
-    def scatter_block(self, full, block):
-        """Each rank's ``block`` (a slice) of rank 0's 1-D array ``full`` (here: ``full[block]``)."""
+    def scatter_block(self, full, block, root=0):
+        """Each rank's ``block`` (a slice) of rank ``root``'s 1-D array ``full`` (here: ``full[block]``)."""
         return np.array(full[block], dtype=np.float64)
 
     def barrier(self):
@@ -67,24 +68,24 @@ class MPIComm(SerialComm):
         self.comm.Allreduce(x, out, op=MPI.SUM)
         return out
 
-    def gather_rows(self, x):
-        parts = self.comm.gather(np.ascontiguousarray(x), root=0)
-        return np.concatenate(parts, axis=0) if self.rank == 0 else None
+    def gather_rows(self, x, root=0):
+        parts = self.comm.gather(np.ascontiguousarray(x), root=root)
+        return np.concatenate(parts, axis=0) if self.rank == root else None
 
-    def bcast(self, obj):
-        return self.comm.bcast(obj, root=0)
+    def bcast(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
 
-    def scatter_block(self, full, block):
-        """Each rank's ``block`` (a slice) of rank 0's 1-D array ``full``, by one Scatterv."""
+    def scatter_block(self, full, block, root=0):
+        """Each rank's ``block`` (a slice) of rank ``root``'s 1-D array ``full``, by one Scatterv."""
         from mpi4py import MPI
 
         blocks = self.comm.allgather((block.start, block.stop))
         out = np.empty(block.stop - block.start)
         send = None
-        if self.rank == 0:
+        if self.rank == root:
             send = [np.ascontiguousarray(full, dtype=np.float64), [b - a for a, b in blocks],
                     [a for a, _ in blocks], MPI.DOUBLE]
-        self.comm.Scatterv(send, out, root=0)
+        self.comm.Scatterv(send, out, root=root)
         return out
 
     def barrier(self):

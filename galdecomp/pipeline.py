@@ -185,17 +185,19 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_row
     def progress(st, eta):
         h = st.history[-1]
         log(f"epoch {st.epoch:4d}/{tcfg['max_epochs']}  ELBO {h['elbo']:10.4f}  "
-            f"validation {h['validation_elbo']:10.4f}  lr {h['lr']:.2g}  "
+            f"validation {h['validation_elbo']:10.4f} (median {h.get('validation_median', np.nan):.4f})  "
+            f"lr {h['lr']:.2g}  "
             f"{h['seconds']:.1f}s/epoch  ETA {eta / 60:.1f} min (at most)")
 
     t0 = time.perf_counter()
     if log:
         log(f"{train_rows.size} training / {valid_rows.size} validation rows, batch {tcfg['batch_size']}")
     train(objective, state, train_rows, valid_rows, tcfg, seed=cfg["seed"], checkpoint=checkpoint,
-          progress=progress if log else None, stop=stop)
+          progress=progress if log else None, stop=stop,
+          step_scale=model.step_scales() if tcfg["step_on"] == "weights" else None)
     if log:
         log(f"training done after {state.epoch} epochs in {time.perf_counter() - t0:.1f} s; "
-            f"best validation ELBO {-state.best_val:.4f}")
+            f"best validation ELBO ({tcfg['select']} over the rows) {-state.best_val:.4f}")
     return state
 
 
@@ -212,8 +214,9 @@ def load_preprocessed(catalog, nside, pixels=None, comm=None):
     pixels : slice, optional
         The NESTED rows to keep (default all).
     comm : SerialComm or MPIComm, optional
-        Rank 0 reads the maps and fits the transforms, every rank gets its block and the
-        transforms (default: this process reads everything).
+        The ranks read the maps side by side (map i by rank ``i % size``) and fit their
+        transforms; every rank gets its block and all transforms (default: this process reads
+        everything).
 
     Returns
     -------
@@ -231,8 +234,8 @@ def load_preprocessed(catalog, nside, pixels=None, comm=None):
                                              counts=kind == "counts", asinh_scale=e.asinh_scale)
 
     data_set = load_catalog(catalog, nside=nside, nest=True, pixels=pixels, on_channel=fit_transform, comm=comm)
-    if comm is not None:
-        transforms = comm.bcast(transforms)
+    if comm is not None:  # map i was read, and its transform fitted, by rank i % size
+        transforms = [comm.bcast(t, i % comm.size) for i, t in enumerate(transforms)]
     pre = Preprocessor(transforms, data_set.names)
     return data_set, pre, pre.forward(data_set.values).T.copy()
 
@@ -522,6 +525,8 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
                                            comm=comm)
     prod = compute_products(ready.preprocessor, model, params, data, mean, cov, cfg, samples, comm, log.info)
     prod = gather_products(prod, comm)
+    # the last rank fits the latent transform while rank 0 writes the products (one rank: in turn)
+    fit_transform(run_dir, mean, cov, cfg, rows.start, n_rows, comm, root=comm.size - 1)
     products = None
     if prod is not None:
         paths = WRITERS[source.kind](run_dir, prod, ready.data_set, ready.preprocessor, model, state.history,
@@ -533,12 +538,13 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
 
         TrainedModel(model, params, ready.preprocessor, cfg, ready.data_set.units, cfg["data"],
                      prod["order"]).save(run_dir)
-    fit_transform(run_dir, mean, cov, cfg, rows.start, n_rows, comm)
+    comm.barrier()  # every file of the run is written when the fit returns on any rank
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
 
 
-def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm):
-    """Fit the latent density of ``cfg["transform"]`` to the aggregate posterior; rank 0 writes it.
+def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm, root=0):
+    """Fit the latent density of ``cfg["transform"]`` to the aggregate posterior on rank ``root``,
+    which writes it (collective: the draws of all ranks are gathered there).
 
     Parameters
     ----------
@@ -549,6 +555,13 @@ def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm):
     offset, n_rows : int
         Global index of the first local row; rows of all processes.
     comm : SerialComm or MPIComm
+    root : int
+        The rank that fits and writes the transform.
+
+    Returns
+    -------
+    str or None
+        The path written, on ``root``; None elsewhere (and for ``method: none``).
     """
     from .inference.trained import write_transform
     from .products.generate import aggregate_draws, fit_latent_density, transform_rows
@@ -559,8 +572,10 @@ def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm):
     rows = transform_rows(n_rows, cfg["training"]["validation_fraction"], cfg["seed"], offset, len(mean))
     z, _ = aggregate_draws(mean, cov, rows, cfg["seed"] + offset)
     groups = np.repeat(rows + offset, len(z) // max(len(rows), 1))
-    z, groups = comm.gather_rows(z), comm.gather_rows(groups.astype(float))
-    if comm.rank != 0:
+    z, groups = comm.gather_rows(z, root), comm.gather_rows(groups.astype(float), root)
+    if comm.rank != root:
+        if comm.rank == 0:
+            log.info(f"latent transform ({method}) fitted on rank {root} meanwhile")
         return None
     log.info(f"latent transform ({method}) on {len(z)} draws of the aggregate posterior")
     density = fit_latent_density(z, groups, method, seed=cfg["seed"])

@@ -97,9 +97,58 @@ def test_runs_of_the_previous_release_resume_with_their_settings(tmp_path):
 
     old = resolve_config()
     del old["encoder"]["output_scale"], old["training"]["schedule"], old["training"]["kl_warmup_epochs"]
-    del old["training"]["schedule_epochs"]
+    del old["training"]["schedule_epochs"], old["training"]["step_on"], old["training"]["select"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"catalog": "x.yaml", **old}))
     cfg = resolve_config(_stored_config(str(tmp_path)))
     assert cfg["training"]["schedule"] == "plateau" and cfg["training"]["kl_warmup_epochs"] == 0
     assert cfg["encoder"]["output_scale"] == 0.1
+    assert cfg["training"]["step_on"] == "excitations" and cfg["training"]["select"] == "mean"
     assert DEFAULTS["training"]["schedule"] == "cosine"
+    assert DEFAULTS["training"]["step_on"] == "weights" and DEFAULTS["training"]["select"] == "median"
+
+
+def test_one_anomalous_validation_row_does_not_pick_the_kept_parameters():
+    """The median validation ELBO (the default selection statistic) ignores one row the model
+    cannot fit, which dominates the mean; both are the per-row values' mean and median."""
+    data, _ = simulated_truth(P=800)
+    cfg = small_config(max_epochs=1)
+    model = Autoencoder.from_config(cfg, data.shape[1])
+    params = model.init_params(0)
+    rows = np.arange(0, 800, 8)
+    xi = np.random.default_rng(1).standard_normal((rows.size, 3))
+    obj = ELBOObjective(model, data, 700)
+    op = obj._energy(rows, xi)
+    t = op.terms(model.position(params, op.domain), per_row=True)
+    per_row = t["nll_rows"] + t["kl_rows"]
+    mean, median = obj.validation(params, rows, xi)
+    np.testing.assert_allclose([mean, median], [per_row.mean(), np.median(per_row)], rtol=1e-12)
+    spoiled = data.copy()
+    spoiled[rows[3]] = 1e3  # a bright compact source in one validation pixel
+    mean2, median2 = ELBOObjective(model, spoiled, 700).validation(params, rows, xi)
+    assert mean2 > mean + 100 and abs(median2 - median) < 0.05 * abs(median)
+    with pytest.raises(InputError, match="select"):
+        resolve_config({"training": {"select": "best"}})
+    with pytest.raises(InputError, match="step_on"):
+        resolve_config({"training": {"step_on": "gradients"}})
+
+
+@pytest.mark.parametrize("step_on", ["weights", "excitations"])
+def test_first_adam_step_has_the_learning_rate_in_the_chosen_units(step_on):
+    """Adam's first step moves every parameter by the learning rate: on the weights and log sigma
+    (``step_on: weights``, as an optimiser on plain weights does) or on the excitations."""
+    data, _ = simulated_truth(P=600)
+    lr = 1e-3
+    cfg = small_config(max_epochs=1, batch_size=10 ** 6, learning_rate=lr, step_on=step_on,
+                       kl_warmup_epochs=0, schedule="plateau")
+    model = Autoencoder.from_config(cfg, data.shape[1])
+    p0 = model.init_params(0)
+    state = fit_rows(model, data, TrainingState(p0, lr, 0), cfg)
+    (e0, d0, s0), (e1, d1, s1) = model.split(p0), model.split(state.params)
+    if step_on == "weights":
+        steps = [np.abs(e1 - e0), np.abs(d1 - d0), np.abs(model.tau * (s1 - s0))]
+    else:
+        steps = [np.abs(state.params - p0)]
+    for st in steps:
+        moved = st[st > 0]
+        assert moved.size > 0.9 * st.size
+        np.testing.assert_allclose(np.median(moved), lr, rtol=1e-3)

@@ -28,9 +28,9 @@ def linear_data():
 def train(data, covariance):
     cfg = resolve_config({"latent_dim": L, "covariance": covariance, "decoder": {"hidden": []},
                           "encoder": {"hidden": [32, 32]}, "noise": {"floor": 0.0},
-                          "training": {"batch_size": 200, "max_epochs": 60, "learning_rate": 1e-2}})
+                          "training": {"batch_size": 200, "max_epochs": 60}})
     model = Autoencoder.from_config(cfg, C)
-    state = fit_rows(model, data, TrainingState(model.init_params(0), 1e-2, 0), cfg)
+    state = fit_rows(model, data, TrainingState(model.init_params(0), cfg["training"]["learning_rate"], 0), cfg)
     return model, state.best_params
 
 

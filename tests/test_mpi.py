@@ -61,6 +61,9 @@ def test_two_ranks_equal_one(sky, tmp_path):
     assert np.max(np.abs(a - b)) <= 1e-8 * np.max(np.abs(a))
     np.testing.assert_allclose(maps(tmp_path / "k2" / "reconstruction.fits"),
                                maps(tmp_path / "k1" / "reconstruction.fits"), rtol=1e-8)
+    # the last rank fitted and wrote the latent transform while rank 0 wrote the maps
+    assert "fitted on rank 1 meanwhile" in p.stderr
+    assert (tmp_path / "k2" / "latent_transform.npz").is_file() and (tmp_path / "k2" / "model.npz").is_file()
 
 
 def test_killed_run_resumes_on_another_rank_count(sky, tmp_path):

@@ -42,8 +42,9 @@ DEFAULTS = {
     "training": {
         "batch_size": 1024,
         "max_epochs": 150,
-        "learning_rate": 2e-2,         # Adam step on the excitations (theta = scale * xi)
-        "min_learning_rate": 1e-4,
+        "learning_rate": 2e-3,     # Adam step (on the weights and log sigma, or on the excitations: step_on)
+        "step_on": "weights",      # weights: steps of learning_rate on the weights and log sigma | excitations (theta = scale * xi)
+        "min_learning_rate": 1e-5,
         "schedule": "cosine",      # plateau (halve on a validation plateau) | cosine (to min_learning_rate)
         "schedule_epochs": None,   # cosine: epochs of the decay (None: max_epochs of the first run)
         "kl_warmup_epochs": 10,    # KL weight rises linearly from 0 to beta over these epochs
@@ -51,6 +52,7 @@ DEFAULTS = {
         "lr_patience": 8,          # plateau: epochs without improvement before reducing the learning rate
         "patience": 20,            # plateau: epochs without improvement before stopping early
         "validation_fraction": 0.1,
+        "select": "median",        # median | mean: per-row validation ELBO statistic that picks the kept parameters
         "dtype": "float64",        # float32 runs the MLP kernels in single precision
         "checkpoint_seconds": 600,  # also checkpoint inside an epoch after this long (0: every step)
     },
@@ -178,6 +180,10 @@ def resolve_config(file_config=None, overrides=None, where="config"):
         raise InputError(f"{where}: transform.method must be one of {', '.join(TRANSFORM_METHODS)}, "
                          f"got {cfg['transform']['method']!r}")
     t = cfg["training"]
+    if t["step_on"] not in ("weights", "excitations"):
+        raise InputError(f"{where}: training.step_on must be weights or excitations, got {t['step_on']!r}")
+    if t["select"] not in ("median", "mean"):
+        raise InputError(f"{where}: training.select must be median or mean, got {t['select']!r}")
     if t["schedule"] not in ("plateau", "cosine"):
         raise InputError(f"{where}: training.schedule must be plateau or cosine, got {t['schedule']!r}")
     if isinstance(t["kl_warmup_epochs"], bool) or not isinstance(t["kl_warmup_epochs"], int) \
@@ -214,7 +220,8 @@ def model_signature(cfg):
 
 #: Settings added on 2026-12-04, with the values that reproduce the runs written before them.
 _FORMER_DEFAULTS = {"encoder": {"output_scale": 0.1},
-                    "training": {"schedule": "plateau", "kl_warmup_epochs": 0}}
+                    "training": {"schedule": "plateau", "kl_warmup_epochs": 0, "step_on": "excitations",
+                                 "select": "mean"}}
 
 
 def with_former_defaults(stored):

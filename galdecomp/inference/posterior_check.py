@@ -284,9 +284,9 @@ def summarise(rows):
 
 def plot_check(rows, path):
     """Histograms of KL(q || p) and of the std ratio per q type (one PNG)."""
-    from ..products.plots import _pyplot, _save
+    from ..figures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     qs = list(dict.fromkeys(r["q"] for r in rows))
     kl = {q: np.array([r["kl"] for r in rows if r["q"] == q]) for q in qs}
@@ -308,7 +308,7 @@ def plot_check(rows, path):
         a.set_ylabel("pixels")
         a.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

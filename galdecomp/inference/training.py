@@ -66,7 +66,8 @@ class TrainingState:
     lr : float
         Current learning rate.
     best_val : float
-        Lowest validation loss (negative ELBO per row) seen.
+        Lowest validation loss seen (negative ELBO per row: the median or mean over the
+        validation rows, ``training.select``).
     since_best, since_lr : int
         Epochs since the best validation loss / since the last learning-rate change.
     rng_state : dict
@@ -80,7 +81,8 @@ class TrainingState:
     epoch_seconds : float
         Time spent on them.
     history : list of dict
-        One row per epoch: epoch, step, elbo, reconstruction, kl, validation_elbo, lr, seconds.
+        One row per epoch: epoch, step, elbo, reconstruction, kl, validation_elbo (mean over the
+        validation rows), validation_median, lr, seconds.
     done : bool
         Training has stopped (converged, early-stopped or reached max_epochs).
     """
@@ -152,7 +154,7 @@ def finished(state, cfg):
 
 
 def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None, progress=None,
-          stop=None):
+          stop=None, step_scale=None):
     """Run (or continue) the optimisation until it stops.
 
     Parameters
@@ -160,12 +162,16 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
     objective : object
         ``objective.value_and_gradient(params, rows, xi) -> (value, grad, terms)`` for a minibatch
         of row indices (``terms``: dict with per-row means ``nll`` and ``kl``),
-        ``objective.value(params, rows, xi) -> (value, terms)`` and ``objective.latent_dim``.
+        ``objective.value(params, rows, xi) -> (value, terms)``, ``objective.latent_dim`` and,
+        for ``cfg["select"] == "median"``, ``objective.validation(params, rows, xi) -> (mean,
+        median)`` of the rows' negative ELBOs.
     state : TrainingState
         Where to start (fresh or loaded from a checkpoint); updated in place.
     train_rows, valid_rows : ndarray of int
     cfg : dict
-        The ``training`` section of the configuration.
+        The ``training`` section of the configuration. ``select`` (``median`` or ``mean``, default
+        ``mean``): the validation statistic that picks the kept parameters (``best_params``) and
+        drives the plateau schedule; the history records both.
     seed : int
         Seed of the fixed validation draws.
     checkpoint : callable, optional
@@ -176,6 +182,10 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
     stop : callable, optional
         ``stop()`` after every step: a signal number when the job must stop (collective under
         MPI, so that all ranks stop at the same step), else None.
+    step_scale : ndarray, optional
+        Per-parameter factor of the learning rate (``cfg["step_on"] == "weights"``: the model's
+        ``step_scales()``, so that Adam's steps are ``learning_rate`` on the weights and on log
+        sigma whatever the parameterisation); default 1.
 
     Returns
     -------
@@ -192,6 +202,7 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
     warmup = int(cfg.get("kl_warmup_epochs", 0))
     cosine = cfg.get("schedule", "plateau") == "cosine"
     lr0 = float(cfg["learning_rate"])
+    select = cfg.get("select", "mean")
     val_xi = stream(seed, "training", "validation").standard_normal((valid_rows.size, objective.latent_dim))
     t_start, epoch0 = time.perf_counter(), state.epoch
     t_saved, signum = t_start, None
@@ -207,6 +218,7 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
             lo = float(cfg["min_learning_rate"])
             frac = min(state.epoch / cfg["schedule_epochs"], 1.0)
             state.lr = lo + (lr0 - lo) * 0.5 * (1.0 + np.cos(np.pi * frac))
+        lr = state.lr if step_scale is None else state.lr * step_scale
         kw = {}
         if warmup > 0 and state.epoch < warmup:
             kw["beta"] = objective.beta * (state.epoch + 1) / (warmup + 1)
@@ -216,7 +228,7 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
             value, grad, terms = objective.value_and_gradient(state.params, rows, xi, **kw)
             if not np.isfinite(value) or not np.all(np.isfinite(grad)):
                 raise FloatingPointError(f"non-finite ELBO at epoch {state.epoch + 1}, step {state.step + 1}")
-            state.params = state.adam.step(state.params, grad, state.lr)
+            state.params = state.adam.step(state.params, grad, lr)
             state.step += 1
             state.epoch_sums += (value, terms["nll"], terms["kl"])
             signum = stop() if stop is not None else None
@@ -229,14 +241,20 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
                     t_saved = time.perf_counter()
                 if signum:
                     raise JobStopped(signum)
-        val, _ = objective.value(state.params, valid_rows, val_xi)
+        if select == "median":
+            val_mean, val_median = objective.validation(state.params, valid_rows, val_xi)
+            val = val_median
+        else:
+            val, _ = objective.value(state.params, valid_rows, val_xi)
+            val_mean = val_median = val
         state.epoch += 1
         state.rng_state = rng.bit_generator.state
         mean = state.epoch_sums / n_batches
         state.batch, state.batch_rng_state, state.epoch_sums, state.epoch_seconds = 0, None, np.zeros(3), 0.0
         state.history.append(dict(epoch=state.epoch, step=state.step, elbo=-mean[0],
-                                  reconstruction=-mean[1], kl=mean[2], validation_elbo=-val,
-                                  lr=state.lr, seconds=time.perf_counter() - t0))
+                                  reconstruction=-mean[1], kl=mean[2], validation_elbo=-val_mean,
+                                  validation_median=-val_median, lr=state.lr,
+                                  seconds=time.perf_counter() - t0))
         if not np.isfinite(state.best_val) or val < state.best_val - 1e-4 * abs(state.best_val):
             state.best_val, state.best_params = val, state.params.copy()
             state.since_best = state.since_lr = 0

@@ -89,6 +89,20 @@ class Autoencoder:
         p[self.slices["decoder"]] = rng.standard_normal(self.decoder.n_params)
         return p
 
+    def step_scales(self):
+        """Per-parameter factor that turns an optimiser step on the weights into one on the
+        excitations: ``1 / scales`` for the networks, ``1 / tau`` for the noise (a step in log sigma).
+
+        Returns
+        -------
+        ndarray, shape (n_params,)
+        """
+        u = np.empty(self.n_params)
+        u[self.slices["encoder"]] = 1.0 / self.enc_scales
+        u[self.slices["decoder"]] = 1.0 / self.dec_scales
+        u[self.slices["noise"]] = 1.0 / self.tau
+        return u
+
     def split(self, params):
         """Network weights and noise excitation: ``(theta_enc, theta_dec, s)``."""
         return (self.enc_scales * params[self.slices["encoder"]],
@@ -214,3 +228,20 @@ class ELBOObjective:
         t = op.terms(self.model.position(params, op.domain))
         packed = self.comm.allreduce_sum([t["value"], t["nll"], t["kl"]])
         return float(packed[0]), {"nll": packed[1], "kl": packed[2]}
+
+    def validation(self, params, rows, xi):
+        """Mean and median over ``rows`` of each row's negative ELBO (``nll + kl``, no prior
+        terms), on every rank.
+
+        The median is the robust statistic: one anomalous row (a bright compact source on a sky)
+        can dominate the mean.
+
+        Returns
+        -------
+        mean, median : float
+        """
+        op = self._energy(rows, xi)
+        t = op.terms(self.model.position(params, op.domain), per_row=True)
+        per_row = self.comm.gather_rows(t["nll_rows"] + t["kl_rows"])
+        stats = None if per_row is None else (float(np.mean(per_row)), float(np.median(per_row)))
+        return self.comm.bcast(stats)

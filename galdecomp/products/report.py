@@ -168,9 +168,9 @@ def _null_binned(x, y, idx, perm, bins):
 def _plot_hist2d(x, y, xlabel, ylabel, title, path):
     from matplotlib.colors import LogNorm
 
-    from .plots import _pyplot, _save
+    from ..figures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     m = np.isfinite(x) & np.isfinite(y)
     h, xe, ye = np.histogram2d(x[m], y[m], bins=HIST_BINS)
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
@@ -181,14 +181,14 @@ def _plot_hist2d(x, y, xlabel, ylabel, title, path):
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def _plot_heatmap(mi, rows, cols, title, path, annotate=True):
-    from .plots import _pyplot, _save
+    from ..figures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 0.42 * len(cols), 1.6 + 0.36 * len(rows)))
     im = ax.imshow(mi, cmap="magma", aspect="auto", vmin=0)
     fig.colorbar(im, ax=ax, label="KSG MI [nats]", fraction=0.03)
@@ -203,7 +203,7 @@ def _plot_heatmap(mi, rows, cols, title, path, annotate=True):
                     color="black" if v > 0.6 * vmax else "white")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -198,7 +198,7 @@ def _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, g
     srows = [dict(feature=names[r], rank=r + 1, latent_index=int(order[r]),
                   delta_loglike_nats=float(sig_nats[order[r]]),
                   delta_loglike_per_pixel=float(sig_nats[order[r]] / n_rows)) for r in range(len(order))]
-    hcols = ["epoch", "step", "elbo", "reconstruction", "kl", "validation_elbo", "lr", "seconds"]
+    hcols = ["epoch", "step", "elbo", "reconstruction", "kl", "validation_elbo", "validation_median", "lr", "seconds"]
     tables += [("noise.csv", rows, list(rows[0])), ("significance.csv", srows, list(srows[0])),
                ("history.csv", history, hcols)]
     for name, table, cols in tables:
@@ -300,9 +300,9 @@ WIDE_TABLE = 100
 
 def _image_grid(data, recon, side, path):
     """Rows of data images over their reconstructions (physical units), one PNG."""
-    from .plots import _pyplot, _save
+    from ..figures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     n = len(data)
     fig, axes = plt.subplots(2, n, figsize=(0.6 * n, 1.4), squeeze=False)
     for j in range(n):
@@ -310,7 +310,7 @@ def _image_grid(data, recon, side, path):
             axes[i, j].imshow(np.reshape(img, (side, side)), cmap="gray_r", vmin=0, vmax=1)
             axes[i, j].axis("off")
     fig.suptitle("data (top) and reconstructions of the posterior means (bottom)", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

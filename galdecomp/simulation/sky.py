@@ -1,6 +1,5 @@
 """Assemble the simulated multi-frequency sky, write it as a catalog and plot it."""
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -324,33 +323,15 @@ def _display(values, kind, b_deg):
 
 
 def _mollview_grid(panels, nside, path, ncols, title, xsize):
-    """Plot (map, kind, title) panels as Mollweide views (Galactic centre in the middle,
-    longitude increasing to the left) on a grid and save a PNG."""
-    import matplotlib
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Plot (map, kind, title) panels (RING order) as Mollweide views, each on its display
+    scale (:func:`_display`), on a grid and save a PNG."""
+    from ..figures import mollview_grid
 
     _, b_deg = sky_coords(nside)
-    proj = hp.projector.MollweideProj(xsize=xsize, flipconv="astro")
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 2.3 * nrows + 0.4), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for ax, (values, kind, label) in zip(axes.flat, panels):
-        shown, how = _display(np.asarray(values, dtype=float), kind, b_deg)
-        img = proj.projmap(shown, lambda x, y, z: hp.vec2pix(nside, x, y, z))
-        lo, hi = np.percentile(shown, [0.5, 99.8])
-        im = ax.imshow(np.ma.masked_invalid(img), origin="lower", extent=proj.get_extent(),
-                       cmap="inferno", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
-        ax.set_title(f"{label}\n{how}", fontsize=7)
-        cbar = fig.colorbar(im, ax=ax, orientation="horizontal", fraction=0.06, pad=0.02, aspect=30)
-        cbar.ax.tick_params(labelsize=5)
-    fig.suptitle(title, fontsize=11)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.75 / fig.get_figheight(),
-                        wspace=0.05, hspace=0.45)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    shown = [_display(np.asarray(values, dtype=float), kind, b_deg) for values, kind, _ in panels]
+    mollview_grid([m for m, _ in shown], [f"{label}\n{how}" for (_, _, label), (_, how) in zip(panels, shown)],
+                  path, nest=False, ncols=ncols, cmap="inferno", suptitle=title, percentiles=(0.5, 99.8),
+                  panel_size=(3.0, 2.3), xsize=xsize)
 
 
 def plot_overview(sky, path, ncols=7, xsize=400):

@@ -1,0 +1,112 @@
+"""End-to-end strong scaling of ``galdecomp fit`` at 2 ranks, and where the time goes.
+
+Runs the command a user runs, ``galdecomp fit CATALOG --out RUN --nside 64`` with default
+settings (reading, training, products, latent transform), one BLAS thread per rank:
+
+- on 1 rank and on 2 ranks (``mpiexec -n 2``), wall time of the whole command;
+- two independent 1-rank fits at the same time: the machine's own ceiling (a 2-vCPU virtual
+  machine rarely gives two busy processes twice the throughput of one);
+
+and splits rank 0's log into stages: start-up and reading (until "fitting ..."), training (until
+"training done"), the products computed over the ranks (posterior moments, significance,
+residuals; gathered on rank 0) and the end: the latent transform and the files (1 rank: one
+after the other; 2 ranks: rank 1 fits the transform while rank 0 writes the FITS maps, tables,
+plots and model.npz), until the command exits, with the interpreter's start-up (the imports before
+the log's clock starts). Repetitions run round-robin; the best wall time
+of each variant is kept.
+
+Catalog: the 18 real maps of the fit-quality protocol (``realsky64`` without dust and HI, from
+``$GALDECOMP_SHARED`` or ``../shared``), else ``--catalog``.
+
+Usage: ``python benchmarks/bench_scaling.py [--repeat 2] [--catalog CATALOG] [--nside 64]``
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+def real_catalog(work):
+    from bench_quality import prepare_real
+
+    return prepare_real(work)[0]
+
+
+def stage_times(log, wall):
+    """Seconds per stage from rank 0's ``[galdecomp   12.3s] message`` lines."""
+    marks = [(float(m.group(1)), m.group(2)) for m in re.finditer(r"\[galdecomp\s+([\d.]+)s\] (.*)", log)]
+
+    def first(pattern, after=0.0):
+        return next((t for t, msg in marks if t >= after and re.search(pattern, msg)), None)
+
+    t_fit = first(r"fitting \d+ ")
+    t_train = first(r"training done")
+    t_post = first(r"posterior means")
+    t_tr = first(r"latent transform")
+    out = dict(reading=t_fit, training=t_train - t_fit, products=t_tr - t_post, end=wall - t_tr,
+               between=t_post - t_train)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--catalog")
+    ap.add_argument("--nside", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--fit-args", default="", help="extra fit arguments in one string, e.g. \"--max-epochs 40\"")
+    a = ap.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="bench_scaling_")
+    catalog = a.catalog or real_catalog(work)
+    exe = os.path.dirname(sys.executable)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def launch(ranks, tag):
+        cmd = [os.path.join(exe, "galdecomp"), "fit", catalog, "--out", os.path.join(work, tag), "--overwrite",
+               "--nside", str(a.nside)] + a.fit_args.split()
+        if ranks > 1:
+            cmd = [os.path.join(exe, "mpiexec"), "-n", str(ranks)] + cmd
+        return time.perf_counter(), subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                     text=True, env=env)
+
+    def finish(t0, p):
+        out, err = p.communicate()
+        wall = time.perf_counter() - t0
+        if p.returncode:
+            sys.exit(f"fit failed:\n{err[-2000:]}")
+        return wall, err
+
+    best = {}
+    for rep in range(a.repeat):
+        for key in ("1 rank", "2 ranks", "pair"):
+            if key == "pair":
+                runs = [launch(1, "pa"), launch(1, "pb")]
+                res = [finish(*r) for r in runs]
+                wall, log = max(r[0] for r in res), res[0][1]
+            else:
+                wall, log = finish(*launch(1 if key == "1 rank" else 2, key.replace(" ", "")))
+            if key not in best or wall < best[key][0]:
+                best[key] = (wall, log)
+            print(f"[{rep + 1}/{a.repeat}] {key}: {wall:.1f} s", flush=True)
+    w1, w2, wp = best["1 rank"][0], best["2 ranks"][0], best["pair"][0]
+    print(f"\n{catalog} at nside {a.nside}, default settings {a.fit_args}; best of {a.repeat}")
+    print(f"speed-up at 2 ranks (end to end): {w1 / w2:.2f} (goal >= 1.8); machine ceiling (2 x one fit / "
+          f"two fits at once): {2 * w1 / wp:.2f}; speed-up / ceiling {w1 / w2 / (2 * w1 / wp):.2f}\n")
+    s1, s2 = stage_times(best["1 rank"][1], w1), stage_times(best["2 ranks"][1], w2)
+    print("| stage (rank 0's log) | 1 rank [s] | 2 ranks [s] | speed-up |")
+    print("|---|---|---|---|")
+    for k, label in (("reading", "start-up, reading, preprocessing"), ("training", "training"),
+                     ("between", "(checkpoint, best parameters)"),
+                     ("products", "posterior moments, significance, residuals (sharded), gather"),
+                     ("end", "latent transform and writing (2 ranks: side by side), exit")):
+        print(f"| {label} | {s1[k]:.1f} | {s2[k]:.1f} | {s1[k] / max(s2[k], 1e-9):.2f} |")
+    print(f"| whole command (wall) | {w1:.1f} | {w2:.1f} | {w1 / w2:.2f} |")
+    print(f"\nruns in {work}")
+
+
+if __name__ == "__main__":
+    main()
