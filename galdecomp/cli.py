@@ -342,7 +342,7 @@ def build_parser():
                    help="latent posterior covariance (default diagonal)")
     s.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
-    s.add_argument("--max-epochs", type=_positive_int, help="training epochs at most (default 150)")
+    s.add_argument("--max-epochs", type=_positive_int, help="training epochs at most (default 200)")
     s.add_argument("--posterior", choices=["amortised", "mgvi", "geovi"],
                    help="latent posterior: the encoder's (default), or NIFTy's MGVI/geoVI after "
                         "training (also on a finished run with --resume)")

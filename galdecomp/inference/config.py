@@ -41,7 +41,7 @@ DEFAULTS = {
     },
     "training": {
         "batch_size": 1024,
-        "max_epochs": 150,
+        "max_epochs": 200,
         "learning_rate": 2e-3,     # Adam step (on the weights and log sigma, or on the excitations: step_on)
         "step_on": "weights",      # weights: steps of learning_rate on the weights and log sigma | excitations (theta = scale * xi)
         "min_learning_rate": 1e-5,
