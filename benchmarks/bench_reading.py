@@ -1,4 +1,4 @@
-"""Reading a catalog on K ranks: peak memory per rank and time, rank 0 reading vs every rank reading.
+"""Reading a catalog on K ranks: peak memory per rank and time, maps read in rounds over the ranks vs every rank reading.
 
 Run under MPI, e.g. ``mpiexec -n 2 python benchmarks/bench_reading.py CATALOG --nside 128``. Each
 rank reports the peak of the memory allocated while reading (``tracemalloc``, which sees numpy's
@@ -35,7 +35,7 @@ def main(argv=None):
     tracemalloc.stop()
     out = comm.gather_rows(np.array([[comm.rank, grow, dt, data.nbytes / 2 ** 20]]))
     if comm.rank == 0:
-        how = "every rank reads" if args.every_rank else "rank 0 reads and scatters"
+        how = "every rank reads" if args.every_rank else "maps read in rounds (map i by rank i % size) and scattered"
         print(f"{how}, {comm.size} ranks, nside {args.nside}, {len(cat.maps)} maps")
         for r, g, t, b in out:
             print(f"  rank {int(r)}: peak {g:.1f} MiB allocated while reading ({b:.1f} MiB of data kept), {t:.1f} s")
