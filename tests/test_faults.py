@@ -204,7 +204,8 @@ def test_four_plus_four_epochs_equal_eight(sky, small, tmp_path, capsys):
     assert (parts / "history.csv").read_text() .count("\n") == 9
     # the duration settings are not part of the model; the model's are
     # (the cosine schedule's length is fixed when a run starts: max_epochs of the first run)
-    longer = dict(max_epochs=9, patience=50, checkpoint_seconds=5, schedule_epochs=150)
+    longer = dict(max_epochs=9, patience=50, checkpoint_seconds=5,
+                  schedule_epochs=resolve_config()["training"]["max_epochs"])
     assert model_signature(resolve_config({"training": longer})) == model_signature(resolve_config())
     assert main(["fit", sky, "--out", str(parts), "--resume", "--config", config(tmp_path, lr_patience=3)]) == 2
     error_line(capsys, "another configuration", "training.lr_patience")
