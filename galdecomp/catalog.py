@@ -30,7 +30,7 @@ import yaml
 from .dataset import SkyDataSet
 from .errors import InputError
 
-__all__ = ["MapEntry", "Catalog", "read_catalog", "load_catalog", "read_map", "working_nside",
+__all__ = ["MapEntry", "Catalog", "read_catalog", "load_catalog", "map_reader", "read_map", "working_nside",
            "valid_nside", "unseen_to_nan", "TRANSFORMS", "KINDS"]
 
 TRANSFORMS = ("auto", "log", "asinh", "anscombe", "linear")
@@ -352,6 +352,12 @@ def working_nside(catalog, nside=None):
     return min(headers)
 
 
+def map_reader(index, comm):
+    """The rank that reads map ``index`` of a catalog under :func:`load_catalog` (maps are read
+    in rounds of ``comm.size``, map ``first + r`` by rank r)."""
+    return index % comm.size
+
+
 def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, comm=None):
     """Read every map of a catalog into one data set at a common resolution.
 
@@ -418,7 +424,7 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, 
         mine = first + (0 if comm is None else comm.rank)
         full, got = read(mine) if mine in batch else (None, None)
         for i in batch:
-            root = i - first
+            root = map_reader(i, comm) if comm is not None else 0
             status = got if comm is None else comm.bcast(got if comm.rank == root else None, root)
             if isinstance(status, InputError):  # the reader's error stops every rank alike
                 raise InputError(str(status))

@@ -49,7 +49,7 @@ def mollweide_pixels(nside, nest=False, xsize=800):
 
 
 def mollview_grid(maps, titles, path, nest=False, ncols=4, unit="", cmap="viridis", suptitle=None,
-                  percentiles=(1, 99), panel_size=(4.2, 2.7), xsize=800, labels=None):
+                  percentiles=(1, 99), panel_size=(4.2, 2.7), xsize=800):
     """Mollweide views of several HEALPix maps in one PNG.
 
     Parameters
@@ -72,8 +72,6 @@ def mollview_grid(maps, titles, path, nest=False, ncols=4, unit="", cmap="viridi
         Width and height of one panel in inches.
     xsize : int
         Image pixels across each map.
-    labels : list of str, optional
-        Colour-bar label of each panel (default: ``unit``).
     """
     import healpy as hp
 
@@ -89,7 +87,7 @@ def mollview_grid(maps, titles, path, nest=False, ncols=4, unit="", cmap="viridi
                              squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
-    for i, (ax, m, t) in enumerate(zip(axes.flat, maps, titles)):
+    for ax, m, t in zip(axes.flat, maps, titles):
         m = np.where(m == hp.UNSEEN, np.nan, m)
         good = m[np.isfinite(m)]
         lo, hi = np.percentile(good, percentiles) if good.size else (0.0, 1.0)
@@ -99,9 +97,8 @@ def mollview_grid(maps, titles, path, nest=False, ncols=4, unit="", cmap="viridi
         ax.set_title(t, fontsize=8)
         cbar = fig.colorbar(im, ax=ax, orientation="horizontal", fraction=0.06, pad=0.02, aspect=30)
         cbar.ax.tick_params(labelsize=6)
-        label = labels[i] if labels is not None else unit
-        if label:
-            cbar.set_label(label, fontsize=6)
+        if unit:
+            cbar.set_label(unit, fontsize=6)
     if suptitle:
         fig.suptitle(suptitle)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - (top + 0.25) / fig.get_figheight(),

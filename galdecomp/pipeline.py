@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
-from .catalog import load_catalog, read_catalog, valid_nside, working_nside
+from .catalog import load_catalog, map_reader, read_catalog, valid_nside, working_nside
 from .dataset import DataSet, read_table
 from .errors import InputError, JobStopped, WriteError
 from .fileio import LOCK_FILE, atomic_path, check_output_dir, folder_lock, write_text
@@ -234,8 +234,8 @@ def load_preprocessed(catalog, nside, pixels=None, comm=None):
                                              counts=kind == "counts", asinh_scale=e.asinh_scale)
 
     data_set = load_catalog(catalog, nside=nside, nest=True, pixels=pixels, on_channel=fit_transform, comm=comm)
-    if comm is not None:  # map i was read, and its transform fitted, by rank i % size
-        transforms = [comm.bcast(t, i % comm.size) for i, t in enumerate(transforms)]
+    if comm is not None:  # each transform was fitted by the rank that read its map
+        transforms = [comm.bcast(t, map_reader(i, comm)) for i, t in enumerate(transforms)]
     pre = Preprocessor(transforms, data_set.names)
     return data_set, pre, pre.forward(data_set.values).T.copy()
 
