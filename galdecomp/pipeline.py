@@ -241,10 +241,16 @@ def load_preprocessed(catalog, nside, pixels=None, comm=None):
 
 
 def noise_floor(preprocessor, data_set, cfg):
-    """Per-channel noise floor (standardised): the data set's known noise (if any) and
-    ``noise.floor`` in quadrature."""
+    """Per-channel noise floor (standardised): the data set's known noise and ``noise.floor``
+    in quadrature.
+
+    The known noise is the catalog's ``noise`` where given, else, with ``noise.poisson_floor``,
+    the Poisson noise of photon-count channels (``anscombe``: 1 in its units), else 0.
+    """
     noise = getattr(data_set, "noise", None)
     known = preprocessor.noise_to_standardised(np.full(data_set.n_features, np.nan) if noise is None else noise)
+    if cfg["noise"].get("poisson_floor", False):
+        known = np.where(known > 0, known, preprocessor.poisson_noise())
     return np.sqrt(known ** 2 + cfg["noise"]["floor"] ** 2)
 
 

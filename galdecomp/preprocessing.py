@@ -218,6 +218,17 @@ class Preprocessor:
         slopes = np.array([t.slope for t in self.transforms])
         return np.where(np.isfinite(noise), noise * slopes, 0.0)
 
+    def poisson_noise(self):
+        """Poisson noise of photon-count channels in standardised units.
+
+        Returns
+        -------
+        ndarray, shape (n_channels,)
+            ``1 / std`` for ``anscombe`` channels (the transform makes Poisson noise ~N(0, 1),
+            whatever the rate), 0 for the others.
+        """
+        return np.array([1.0 / t.std if t.kind == "anscombe" else 0.0 for t in self.transforms])
+
     def to_dict(self):
         """A YAML-safe description: ``{name: {kind, scale, mean, std}}``."""
         return {n: asdict(t) for n, t in zip(self.names, self.transforms)}

@@ -82,7 +82,8 @@ def test_adam_equals_the_textbook_update_bitwise():
 @pytest.mark.parametrize("bad,needle", [({"latent_dim": 0}, "latent_dim"), ({"covariance": "full"}, "covariance"),
                                         ({"training": {"batch_size": -1}}, "batch_size"),
                                         ({"decoder": {"hidden": [64, "x"]}}, "hidden"),
-                                        ({"noise": {"sigma0": 0}}, "sigma0"), ({"bogus": 1}, "bogus")])
+                                        ({"noise": {"sigma0": 0}}, "sigma0"), ({"bogus": 1}, "bogus"),
+                                        ({"noise": {"poisson_floor": "yes"}}, "poisson_floor")])
 def test_config_validation(bad, needle):
     with pytest.raises(InputError, match=needle):
         resolve_config(bad)
@@ -98,11 +99,13 @@ def test_runs_of_the_previous_release_resume_with_their_settings(tmp_path):
     old = resolve_config()
     del old["encoder"]["output_scale"], old["training"]["schedule"], old["training"]["kl_warmup_epochs"]
     del old["training"]["schedule_epochs"], old["training"]["step_on"], old["training"]["select"]
+    del old["noise"]["poisson_floor"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"catalog": "x.yaml", **old}))
     cfg = resolve_config(_stored_config(str(tmp_path)))
     assert cfg["training"]["schedule"] == "plateau" and cfg["training"]["kl_warmup_epochs"] == 0
     assert cfg["encoder"]["output_scale"] == 0.1
     assert cfg["training"]["step_on"] == "excitations" and cfg["training"]["select"] == "mean"
+    assert cfg["noise"]["poisson_floor"] is False and DEFAULTS["noise"]["poisson_floor"] is True
     assert DEFAULTS["training"]["schedule"] == "cosine"
     assert DEFAULTS["training"]["step_on"] == "weights" and DEFAULTS["training"]["select"] == "median"
 

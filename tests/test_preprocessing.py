@@ -68,6 +68,27 @@ def test_noise_to_standardised_units():
     np.testing.assert_allclose(pre.noise_to_standardised([0.1, np.nan]), [0.1 * tr.slope, 0.0])
 
 
+def test_poisson_noise_of_counts_is_the_known_noise():
+    """Anscombe channels without a catalog noise get their Poisson noise (1 / std) as known
+    noise; a catalog noise wins; other channels and ``poisson_floor: false`` get none."""
+    from galdecomp.inference.config import resolve_config
+    from galdecomp.pipeline import noise_floor
+
+    rng = np.random.default_rng(3)
+    x = np.stack([rng.poisson(0.3, 2000), rng.poisson(5.0, 2000), rng.uniform(1, 2, 2000)]).astype(float)
+    ds = DataSet(values=x, observed=np.ones(x.shape, bool), names=["a", "b", "c"], units=["counts"] * 2 + ["K"])
+    ds.kinds = ["counts", "counts", "intensity"]
+    pre = Preprocessor.fit(ds)
+    std = np.array([np.std(2 * np.sqrt(v + 0.375)) for v in x[:2]])
+    np.testing.assert_allclose(pre.poisson_noise(), [1 / std[0], 1 / std[1], 0.0])
+    ds.noise = np.array([np.nan, 2.0, np.nan])
+    cfg = resolve_config({"noise": {"floor": 0.0}})
+    np.testing.assert_allclose(noise_floor(pre, ds, cfg),
+                               [1 / std[0], 2.0 * pre.transforms[1].slope, 0.0])
+    cfg["noise"]["poisson_floor"] = False
+    np.testing.assert_allclose(noise_floor(pre, ds, cfg), [0.0, 2.0 * pre.transforms[1].slope, 0.0])
+
+
 def test_counts_scale_is_at_least_one_photon():
     rng = np.random.default_rng(2)
     x = rng.poisson(0.02, size=5000).astype(float)

@@ -30,6 +30,7 @@ DEFAULTS = {
         "sigma0": 0.5,             # prior median of the adaptive noise (standardised units)
         "tau": 1.0,                # prior width of log sigma (e-folds)
         "floor": 0.01,             # floor added in quadrature to the catalog's noise (standardised)
+        "poisson_floor": True,     # photon counts without a catalog noise: their Poisson noise as known noise
     },
     "posterior": {
         "method": "amortised",     # amortised | mgvi | geovi (NIFTy, after training; decoder fixed)
@@ -175,6 +176,8 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     _positive(cfg["noise"], "sigma0", f"{where}: noise")
     _positive(cfg["noise"], "tau", f"{where}: noise")
     _positive(cfg["noise"], "floor", f"{where}: noise", allow_zero=True)
+    if not isinstance(cfg["noise"]["poisson_floor"], bool):
+        raise InputError(f"{where}: noise.poisson_floor must be true or false, got {cfg['noise']['poisson_floor']!r}")
     _positive(cfg["encoder"], "output_scale", f"{where}: encoder")
     if cfg["transform"]["method"] not in TRANSFORM_METHODS:
         raise InputError(f"{where}: transform.method must be one of {', '.join(TRANSFORM_METHODS)}, "
@@ -219,7 +222,7 @@ def model_signature(cfg):
 
 
 #: Settings added on 2026-12-04, with the values that reproduce the runs written before them.
-_FORMER_DEFAULTS = {"encoder": {"output_scale": 0.1},
+_FORMER_DEFAULTS = {"encoder": {"output_scale": 0.1}, "noise": {"poisson_floor": False},
                     "training": {"schedule": "plateau", "kl_warmup_epochs": 0, "step_on": "excitations",
                                  "select": "mean"}}
 
