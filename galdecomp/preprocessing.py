@@ -224,8 +224,10 @@ class Preprocessor:
         Returns
         -------
         ndarray, shape (n_channels,)
-            ``1 / std`` for ``anscombe`` channels (the transform makes Poisson noise ~N(0, 1),
-            whatever the rate), 0 for the others.
+            ``1 / std`` for ``anscombe`` channels, 0 for the others: the transform makes
+            Poisson noise ~N(0, 1) at rates >~ 1 photon and narrower below, where the counts
+            take a few discrete levels and 1 is the noise a fit cannot go under without
+            predicting single photons.
         """
         return np.array([1.0 / t.std if t.kind == "anscombe" else 0.0 for t in self.transforms])
 
