@@ -122,3 +122,19 @@ def test_asinh_scale_rules(rule):
     expect = {"mad": 1.4826 * np.median(np.abs(x - np.median(x))), "std": np.std(x)}.get(rule, rule)
     assert tr.scale == pytest.approx(expect)
     np.testing.assert_allclose(tr.inverse(tr.forward(x)), x, atol=1e-9)
+
+
+def test_inspect_warns_of_sparse_counts(capsys):
+    """`galdecomp inspect` of the real maps: the sparse Fermi count maps get their zero fraction
+    and their Poisson noise relative to the map's spread (the known noise of the fit)."""
+    import csv
+    import io
+
+    from galdecomp.cli import main
+
+    assert main(["inspect", realsky(32), "--format", "csv"]) == 0
+    rows = {r["name"]: r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    w = rows["fermi2fhl_585-2100GeV"]["warnings"]
+    assert "zero counts" in w and "Poisson noise" in w
+    assert float(w.split("Poisson noise ")[1].split("x")[0]) > 1
+    assert "Poisson noise" not in rows["wham_halpha"]["warnings"]
