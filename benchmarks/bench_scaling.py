@@ -103,7 +103,8 @@ def main(argv=None):
                      ("between", "(checkpoint, best parameters)"),
                      ("products", "posterior moments, significance, residuals (sharded), gather"),
                      ("end", "latent transform and writing (2 ranks: side by side), exit")):
-        print(f"| {label} | {s1[k]:.1f} | {s2[k]:.1f} | {s1[k] / max(s2[k], 1e-9):.2f} |")
+        ratio = f"{s1[k] / s2[k]:.2f}" if min(s1[k], s2[k]) >= 0.05 else "-"  # below the log's resolution
+        print(f"| {label} | {s1[k]:.1f} | {s2[k]:.1f} | {ratio} |")
     print(f"| whole command (wall) | {w1:.1f} | {w2:.1f} | {w1 / w2:.2f} |")
     print(f"\nruns in {work}")
 
