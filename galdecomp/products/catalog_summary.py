@@ -52,7 +52,7 @@ def summarise(dataset, preprocessor, duplicate_threshold=0.995):
             warn.append(f"{np.mean(v == 0):.0%} zero counts")
         tr = preprocessor.transforms[i]
         if tr.kind == "anscombe" and tr.std < 1:  # the fit's known noise (noise.poisson_floor)
-            warn.append(f"Poisson noise {1 / tr.std:.2g}x the map's spread")
+            warn.append(f"Poisson noise {1 / tr.std:.1f}x the map's spread")
         rows.append(dict(name=name, frequency_hz=float(dataset.frequencies_hz[i]), unit=dataset.units[i],
                          kind=dataset.kinds[i], nside=dataset.native_nside[i] if dataset.native_nside else dataset.nside,
                          coverage=f"{obs[i].mean():.4f}", min=float(v.min()), median=float(np.median(v)),
