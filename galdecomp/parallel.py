@@ -100,6 +100,27 @@ class MPIComm(SerialComm):
 _WORLD = None
 
 
+def keep_freed_memory(mmap_threshold=32 << 20, trim_threshold=256 << 20):
+    """Let glibc's malloc keep freed blocks of up to ``mmap_threshold`` bytes for reuse.
+
+    Once MPI is initialised (the mpich wheels), glibc no longer raises its mmap and trim
+    thresholds as a process frees large blocks, so every ~1 MB work array of a training step was
+    mapped and page-faulted afresh: a 2-rank fit trained no faster than one rank
+    (benchmarks/README.md, "End to end at 2 ranks"). The same as ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` set before the process starts; does nothing off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, int(mmap_threshold)) and mallopt(m_trim_threshold, int(trim_threshold)))
+
+
 def world():
     """The communicator of this process: MPI when launched by mpiexec with K > 1, else serial."""
     global _WORLD
@@ -110,8 +131,10 @@ def world():
                 from mpi4py import MPI
             except ImportError:  # launched by mpiexec, but no mpi4py: run serially
                 MPI = None
-            if MPI is not None and MPI.COMM_WORLD.Get_size() > 1:
-                _WORLD = MPIComm(MPI.COMM_WORLD)
+            if MPI is not None:
+                keep_freed_memory()
+                if MPI.COMM_WORLD.Get_size() > 1:
+                    _WORLD = MPIComm(MPI.COMM_WORLD)
     return _WORLD
 
 
