@@ -309,12 +309,14 @@ def galdecomp_at_peer(data, weights, rows):
     return galdecomp_validation(dict(model=model, params=params), data, rows)[0]
 
 
-def galdecomp_validation_channels(res, data, rows, channels):
-    """galdecomp's validation -ELBO per pixel on ``rows`` with only the likelihood terms of the
-    boolean ``channels`` (the encoder sees every channel): mean and median over the rows."""
+def galdecomp_validation(res, data, rows, channels=None):
+    """galdecomp's validation -ELBO per pixel on ``rows`` (NESTED), EVAL_DRAWS draws each: mean and
+    median over the rows; with the boolean ``channels``, only their likelihood terms (the encoder
+    still sees every channel)."""
     model, params = res["model"], res["params"]
     d = data.data[rows]
     mask = np.isfinite(d)
+    mask_lh = mask if channels is None else mask & channels[None, :]
     d0 = np.where(mask, d, 0.0)
     mean, cov = model.posterior_moments(params, d0, mask)
     chol = np.linalg.cholesky(cov)
@@ -324,24 +326,8 @@ def galdecomp_validation_channels(res, data, rows, channels):
     xi = np.random.default_rng(12345).standard_normal((EVAL_DRAWS, len(rows), L))
     nll = np.zeros(len(rows))
     for k in range(EVAL_DRAWS):
-        z = mean + np.einsum("pij,pj->pi", chol, xi[k])
-        nll += model.nll_rows(params, d0, mask & channels[None, :], z) / EVAL_DRAWS
+        nll += model.nll_rows(params, d0, mask_lh, mean + np.einsum("pij,pj->pi", chol, xi[k])) / EVAL_DRAWS
     per_row = nll + kl
-    return float(np.mean(per_row)), float(np.median(per_row))
-
-
-def galdecomp_validation(res, data, rows):
-    """galdecomp's validation -ELBO per pixel on ``rows`` (NESTED), EVAL_DRAWS draws each."""
-    model, params = res["model"], res["params"]
-    d = data.data[rows]
-    mask = np.isfinite(d)
-    op = model.elbo(np.where(mask, d, 0.0)[:1], mask[:1], np.zeros((1, model.latent_dim)), len(rows))
-    pos = model.position(params, op.domain)
-    xi = np.random.default_rng(12345).standard_normal((EVAL_DRAWS, len(rows), model.latent_dim))
-    per_row = np.zeros(len(rows))
-    for k in range(EVAL_DRAWS):
-        t = op.terms(pos, np.where(mask, d, 0.0), mask, xi[k], per_row=True)
-        per_row += (t["nll_rows"] + t["kl_rows"]) / EVAL_DRAWS
     return float(np.mean(per_row)), float(np.median(per_row))
 
 
@@ -553,7 +539,7 @@ def main(argv=None):
                     res = galdecomp_fit(data, seed, copy.deepcopy(settings), log=log)
                     F = res["features"]
                     val, val_med = galdecomp_validation(res, data, val_rows)
-                    val_ch = galdecomp_validation_channels(res, data, val_rows, data.intensity)
+                    val_ch = galdecomp_validation(res, data, val_rows, data.intensity)
                     last, last_med = galdecomp_validation(dict(res, params=res["last_params"]), data, val_rows)
                     key = "validation_median" if res["cfg"]["training"]["select"] == "median" else "validation_elbo"
                     best_epoch = 1 + int(np.argmax([h[key] for h in res["history"]]))
@@ -566,8 +552,8 @@ def main(argv=None):
                         t_cum = np.cumsum([h["seconds"] for h in res["history"]])
                         to_peer = "never"
                         for ep in sorted(res["snapshots"]):
-                            v = galdecomp_validation_channels(dict(res, params=res["snapshots"][ep]), data,
-                                                              val_rows, data.intensity)[1]
+                            v = galdecomp_validation(dict(res, params=res["snapshots"][ep]), data, val_rows,
+                                                     data.intensity)[1]
                             if v <= peer_val[seed]:
                                 to_peer = round(float(t_cum[ep - 1]), 1)
                                 break
