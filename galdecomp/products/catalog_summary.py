@@ -36,6 +36,7 @@ def summarise(dataset, preprocessor, duplicate_threshold=0.995):
         cov = sxy / n - (s1 / n) * (s1.T / n)
         var_i = sxx / n - (s1 / n) ** 2
         corr = cov / np.sqrt(var_i * var_i.T)
+    poisson = preprocessor.poisson_noise()
     rows = []
     for i, name in enumerate(dataset.names):
         v = dataset.values[i][obs[i]]
@@ -51,8 +52,8 @@ def summarise(dataset, preprocessor, duplicate_threshold=0.995):
         if dataset.kinds[i] == "counts" and np.mean(v == 0) > 0.5:
             warn.append(f"{np.mean(v == 0):.0%} zero counts")
         tr = preprocessor.transforms[i]
-        if tr.kind == "anscombe" and tr.std < 1:  # the fit's known noise (noise.poisson_floor)
-            warn.append(f"Poisson noise {1 / tr.std:.1f}x the map's spread")
+        if poisson[i] > 1:  # the fit's known noise (noise.poisson_floor)
+            warn.append(f"Poisson noise {poisson[i]:.1f}x the map's spread")
         rows.append(dict(name=name, frequency_hz=float(dataset.frequencies_hz[i]), unit=dataset.units[i],
                          kind=dataset.kinds[i], nside=dataset.native_nside[i] if dataset.native_nside else dataset.nside,
                          coverage=f"{obs[i].mean():.4f}", min=float(v.min()), median=float(np.median(v)),
