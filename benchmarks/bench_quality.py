@@ -286,7 +286,7 @@ def galdecomp_at_peer(data, weights, rows):
     """galdecomp's objective (no noise floor) evaluated at the peer's trained weights.
 
     The peer's networks are copied into a galdecomp model of the same widths (encoder input
-    ``[d * m, m]`` with zero weights on the mask half; excitations = weights / scales; noise
+    ``[d * m, 1 - m]`` with zero weights on the missing-indicator half; excitations = weights / scales; noise
     excitation from the peer's log sigma). Separates a worse objective from a worse optimiser.
     """
     from galdecomp.inference.config import resolve_config

@@ -83,7 +83,8 @@ def test_adam_equals_the_textbook_update_bitwise():
                                         ({"training": {"batch_size": -1}}, "batch_size"),
                                         ({"decoder": {"hidden": [64, "x"]}}, "hidden"),
                                         ({"noise": {"sigma0": 0}}, "sigma0"), ({"bogus": 1}, "bogus"),
-                                        ({"noise": {"poisson_floor": "yes"}}, "poisson_floor")])
+                                        ({"noise": {"poisson_floor": "yes"}}, "poisson_floor"),
+                                        ({"encoder": {"mask_input": "mask"}}, "mask_input")])
 def test_config_validation(bad, needle):
     with pytest.raises(InputError, match=needle):
         resolve_config(bad)
@@ -99,11 +100,12 @@ def test_runs_of_the_previous_release_resume_with_their_settings(tmp_path):
     old = resolve_config()
     del old["encoder"]["output_scale"], old["training"]["schedule"], old["training"]["kl_warmup_epochs"]
     del old["training"]["schedule_epochs"], old["training"]["step_on"], old["training"]["select"]
-    del old["noise"]["poisson_floor"]
+    del old["noise"]["poisson_floor"], old["encoder"]["mask_input"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"catalog": "x.yaml", **old}))
     cfg = resolve_config(_stored_config(str(tmp_path)))
     assert cfg["training"]["schedule"] == "plateau" and cfg["training"]["kl_warmup_epochs"] == 0
     assert cfg["encoder"]["output_scale"] == 0.1
+    assert cfg["encoder"]["mask_input"] == "observed" and DEFAULTS["encoder"]["mask_input"] == "missing"
     assert cfg["training"]["step_on"] == "excitations" and cfg["training"]["select"] == "mean"
     assert cfg["noise"]["poisson_floor"] is False and DEFAULTS["noise"]["poisson_floor"] is True
     assert DEFAULTS["training"]["schedule"] == "cosine"
@@ -138,7 +140,8 @@ def test_one_anomalous_validation_row_does_not_pick_the_kept_parameters():
 @pytest.mark.parametrize("step_on", ["weights", "excitations"])
 def test_first_adam_step_has_the_learning_rate_in_the_chosen_units(step_on):
     """Adam's first step moves every parameter by the learning rate: on the weights and log sigma
-    (``step_on: weights``, as an optimiser on plain weights does) or on the excitations."""
+    (``step_on: weights``, as an optimiser on plain weights does) or on the excitations; on
+    complete data, the weights of the encoder's missing-indicator inputs do not move."""
     data, _ = simulated_truth(P=600)
     lr = 1e-3
     cfg = small_config(max_epochs=1, batch_size=10 ** 6, learning_rate=lr, step_on=step_on,
@@ -147,10 +150,16 @@ def test_first_adam_step_has_the_learning_rate_in_the_chosen_units(step_on):
     p0 = model.init_params(0)
     state = fit_rows(model, data, TrainingState(p0, lr, 0), cfg)
     (e0, d0, s0), (e1, d1, s1) = model.split(p0), model.split(state.params)
+    # complete rows: the encoder's missing-indicator inputs are 0, their weights get no gradient
+    C, H = data.shape[1], model.encoder.sizes[1]
+    indicator = np.zeros(model.n_params, bool)
+    indicator[model.slices["encoder"].start + C * H:model.slices["encoder"].start + 2 * C * H] = True
+    assert np.all(state.params[indicator] == p0[indicator])
+    keep = ~indicator[model.slices["encoder"]]
     if step_on == "weights":
-        steps = [np.abs(e1 - e0), np.abs(d1 - d0), np.abs(model.tau * (s1 - s0))]
+        steps = [np.abs(e1 - e0)[keep], np.abs(d1 - d0), np.abs(model.tau * (s1 - s0))]
     else:
-        steps = [np.abs(state.params - p0)]
+        steps = [np.abs(state.params - p0)[~indicator]]
     for st in steps:
         moved = st[st > 0]
         assert moved.size > 0.9 * st.size

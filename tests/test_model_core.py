@@ -283,18 +283,22 @@ def test_amortised_elbo(dtype):
     np.testing.assert_allclose(t["kl_rows"].mean(), t["kl"], rtol=1e-12)
     np.testing.assert_allclose(el.evaluate(loc), el(loc).val, rtol=1e-14)
     np.testing.assert_allclose(el(ift.Linearization.make_var(loc)).val.val, el(loc).val, rtol=1e-12)
-    # explicit value with numpy
+    # explicit value with numpy; the encoder's second half of inputs: 1 where missing (default)
+    # or the mask itself (runs before 2026-12-05)
     th_e = enc.init_scales() * loc["encoder"].val
     th_d = dec.init_scales() * loc["decoder"].val
-    eo = MLP(enc.sizes).forward(th_e, np.concatenate([np.where(mask, data, 0), mask], 1))
-    mu, sd = eo[:, :L], np.exp(eo[:, L:])
-    f = MLP(dec.sizes).forward(th_d, mu + sd * xi)
-    var = noise.variance(loc["noise"].val, 0.05)
-    nll = 0.5 * np.sum(np.where(mask, (np.nan_to_num(data) - f) ** 2 / var + np.log(2 * np.pi * var), 0))
-    kl = 0.5 * np.sum(mu ** 2 + sd ** 2 - 1 - 2 * eo[:, L:])
-    prior = 0.5 * (loc["decoder"].val @ loc["decoder"].val + loc["noise"].val @ loc["noise"].val)
-    rtol = 1e-12 if dtype == np.float64 else 1e-5
-    np.testing.assert_allclose(el(loc).val, (nll + 0.7 * kl) / P + prior / 500, rtol=rtol)
+    for mask_input, indicator in (("missing", ~mask), ("observed", mask)):
+        op = el if mask_input == "missing" else AmortisedELBO(data, mask, xi, enc, dec, "diagonal", floor=0.05,
+                                                              beta=0.7, n_total=500, mask_input=mask_input)
+        eo = MLP(enc.sizes).forward(th_e, np.concatenate([np.where(mask, data, 0), indicator], 1))
+        mu, sd = eo[:, :L], np.exp(eo[:, L:])
+        f = MLP(dec.sizes).forward(th_d, mu + sd * xi)
+        var = noise.variance(loc["noise"].val, 0.05)
+        nll = 0.5 * np.sum(np.where(mask, (np.nan_to_num(data) - f) ** 2 / var + np.log(2 * np.pi * var), 0))
+        kl = 0.5 * np.sum(mu ** 2 + sd ** 2 - 1 - 2 * eo[:, L:])
+        prior = 0.5 * (loc["decoder"].val @ loc["decoder"].val + loc["noise"].val @ loc["noise"].val)
+        rtol = 1e-12 if dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(op(loc).val, (nll + 0.7 * kl) / P + prior / 500, rtol=rtol)
     # another batch: validation evaluation and with_batch agree
     rng2, d2, m2 = _problem(11)
     xi2 = rng2.standard_normal((P, L))

@@ -177,7 +177,7 @@ def test_per_row_elbo_terms_are_the_families(covariance):
     op = model.elbo(data, mask, xi, len(data))
     t = op.terms(model.position(params, op.domain), per_row=True)
     th_e, th_d, s = model.split(params)
-    enc = model.encoder.forward(th_e, np.concatenate([np.where(mask, data, 0), mask], 1))
+    enc = model.encoder.forward(th_e, np.concatenate([np.where(mask, data, 0), ~mask], 1))  # 1 where missing
     z, kl, _ = model.posterior.forward(enc, xi, model.decoder, th_d, mask / model.sigma(params) ** 2)
     np.testing.assert_allclose(t["nll_rows"], model.likelihood.nll_rows(data, mask, model.decode(params, z), s),
                                rtol=1e-10)

@@ -25,7 +25,8 @@ DEFAULTS = {
     },
     "decoder": {"hidden": [128, 128], "activation": "tanh"},
     "encoder": {"hidden": [128, 128], "activation": "tanh",
-                "output_scale": 1.0},   # initial excitations of the encoder's output layer x this
+                "output_scale": 1.0,    # initial excitations of the encoder's output layer x this
+                "mask_input": "missing"},  # missing: inputs 1 where a channel is missing | observed: the mask
     "noise": {
         "sigma0": 0.5,             # prior median of the adaptive noise (standardised units)
         "tau": 1.0,                # prior width of log sigma (e-folds)
@@ -179,6 +180,10 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     if not isinstance(cfg["noise"]["poisson_floor"], bool):
         raise InputError(f"{where}: noise.poisson_floor must be true or false, got {cfg['noise']['poisson_floor']!r}")
     _positive(cfg["encoder"], "output_scale", f"{where}: encoder")
+    from ..model.elbo import MASK_INPUTS
+    if cfg["encoder"]["mask_input"] not in MASK_INPUTS:
+        raise InputError(f"{where}: encoder.mask_input must be one of {', '.join(MASK_INPUTS)}, "
+                         f"got {cfg['encoder']['mask_input']!r}")
     if cfg["transform"]["method"] not in TRANSFORM_METHODS:
         raise InputError(f"{where}: transform.method must be one of {', '.join(TRANSFORM_METHODS)}, "
                          f"got {cfg['transform']['method']!r}")
@@ -222,7 +227,7 @@ def model_signature(cfg):
 
 
 #: Settings added on 2026-12-04, with the values that reproduce the runs written before them.
-_FORMER_DEFAULTS = {"encoder": {"output_scale": 0.1}, "noise": {"poisson_floor": False},
+_FORMER_DEFAULTS = {"encoder": {"output_scale": 0.1, "mask_input": "observed"}, "noise": {"poisson_floor": False},
                     "training": {"schedule": "plateau", "kl_warmup_epochs": 0, "step_on": "excitations",
                                  "select": "mean"}}
 

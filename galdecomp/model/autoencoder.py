@@ -9,7 +9,7 @@ import numpy as np
 import nifty8 as ift
 
 from . import noise as _noise
-from .elbo import AmortisedELBO
+from .elbo import AmortisedELBO, encoder_input
 from .likelihood import GaussianLikelihood
 from .mlp import MLP
 from .posteriors import POSTERIORS
@@ -42,12 +42,17 @@ class Autoencoder:
         Weight of the KL term.
     dtype : str
         ``"float64"`` or ``"float32"`` for the MLP kernels.
+    encoder_output_scale : float
+        Factor of the initial excitations of the encoder's output layer.
+    mask_input : str
+        What the encoder's second C inputs hold (:func:`~galdecomp.model.elbo.encoder_input`):
+        ``"missing"`` (1 where missing) or ``"observed"`` (the mask; runs before 2026-12-05).
     """
 
     def __init__(self, n_features, latent_dim=10, decoder_hidden=(128, 128), encoder_hidden=(128, 128),
                  decoder_activation="tanh", encoder_activation="tanh", covariance="diagonal",
                  floor=0.0, sigma0=_noise.SIGMA0, tau=_noise.TAU, beta=1.0, dtype="float64",
-                 encoder_output_scale=1.0):
+                 encoder_output_scale=1.0, mask_input="missing"):
         dt = np.dtype(dtype).type
         self.n_features, self.latent_dim = int(n_features), int(latent_dim)
         self.posterior = POSTERIORS[covariance]()
@@ -59,6 +64,7 @@ class Autoencoder:
         self.likelihood = GaussianLikelihood(self.floor, self.sigma0, self.tau)
         self.prior = STANDARD_NORMAL
         self.encoder_output_scale = float(encoder_output_scale)
+        self.mask_input = mask_input
         self.enc_scales = self.encoder.init_scales()
         self.dec_scales = self.decoder.init_scales()
         sizes = [("encoder", self.encoder.n_params), ("decoder", self.decoder.n_params),
@@ -75,7 +81,7 @@ class Autoencoder:
         return cls(n_features, cfg["latent_dim"], cfg["decoder"]["hidden"], cfg["encoder"]["hidden"],
                    cfg["decoder"]["activation"], cfg["encoder"]["activation"], cfg["covariance"],
                    floor, cfg["noise"]["sigma0"], cfg["noise"]["tau"], cfg["beta"],
-                   cfg["training"]["dtype"], cfg["encoder"]["output_scale"])
+                   cfg["training"]["dtype"], cfg["encoder"]["output_scale"], cfg["encoder"]["mask_input"])
 
     # -- parameters -------------------------------------------------------------------------------
     def init_params(self, seed):
@@ -117,7 +123,7 @@ class Autoencoder:
         """The :class:`AmortisedELBO` operator (negative ELBO per row) for one minibatch."""
         return AmortisedELBO(data, mask, xi, self.encoder, self.decoder, self.posterior, self.floor,
                              self.sigma0, self.tau, self.beta, n_total, self.enc_scales, self.dec_scales,
-                             with_prior=with_prior)
+                             with_prior=with_prior, mask_input=self.mask_input)
 
     def position(self, params, domain):
         """Flat excitations as a MultiField on an ELBO operator's domain."""
@@ -158,7 +164,7 @@ class Autoencoder:
         mean, cov = np.empty((P, L)), np.empty((P, L, L))
         for a in range(0, P, block):
             d, m = data[a:a + block], mask[a:a + block].astype(float)
-            x = np.concatenate([np.where(m > 0, d, 0.0), m], axis=1)
+            x = encoder_input(np.where(m > 0, d, 0.0), m > 0, self.mask_input)
             enc = np.asarray(self.encoder.forward(th_e, x), dtype=float)
             mean[a:a + block], cov[a:a + block] = self.posterior.mean_and_cov(
                 enc, self.decoder, th_d, self._inv_var(params, m))

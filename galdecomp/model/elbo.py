@@ -9,10 +9,41 @@ from .likelihood import GaussianLikelihood
 from .operators import _PartialConstant, channel_domain
 from .posteriors import POSTERIORS, LatentPosterior
 
-__all__ = ["AmortisedELBO", "KEYS"]
+__all__ = ["AmortisedELBO", "KEYS", "MASK_INPUTS", "encoder_input"]
 
 #: domain keys: encoder excitations, decoder excitations, noise excitations
 KEYS = ("encoder", "decoder", "noise")
+
+#: How the encoder is told which entries are missing: ``missing`` feeds ``1 - m`` (0 where
+#: observed), ``observed`` feeds ``m`` (runs before 2026-12-05).
+MASK_INPUTS = ("missing", "observed")
+
+
+def encoder_input(data, mask, mask_input="missing"):
+    """The encoder's input rows: the data (0 where missing) beside a mask indicator.
+
+    With ``missing`` the indicator is 1 only where an entry is missing, so on complete rows
+    those inputs are 0 and their weights get no gradient. With ``observed`` (the mask itself) a
+    complete row feeds C constant ones: C redundant biases per hidden unit, each moved by its own
+    Adam step, which shook the first layer and lost weak signals (benchmarks/README.md,
+    "Fourth pass").
+
+    Parameters
+    ----------
+    data : ndarray, shape (B, C)
+        Standardised data; missing entries must be 0.
+    mask : ndarray of bool, shape (B, C)
+        True where observed.
+    mask_input : str
+        One of :data:`MASK_INPUTS`.
+
+    Returns
+    -------
+    ndarray, shape (B, 2C)
+    """
+    m = np.asarray(mask, bool)
+    indicator = ~m if mask_input == "missing" else m
+    return np.concatenate([data, indicator.astype(np.float64)], axis=1)
 
 
 class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
@@ -34,7 +65,7 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
     xi : ndarray (B, L)
         Standard-normal draws for the reparameterisation.
     encoder : MLP
-        Input ``concat(d * m, m)`` (2C columns), output ``posterior.n_encoder_outputs(L)``.
+        Input :func:`encoder_input` (2C columns), output ``posterior.n_encoder_outputs(L)``.
     decoder : MLP
         L -> C.
     posterior : LatentPosterior or str
@@ -52,6 +83,8 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         global batch size, so that the ranks' energies add up to the global one.
     with_prior : bool
         Include the prior terms (one rank of a sharded energy only).
+    mask_input : str
+        How the encoder sees which entries are observed (:func:`encoder_input`).
 
     Notes
     -----
@@ -63,7 +96,11 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
 
     def __init__(self, data, mask, xi, encoder, decoder, posterior, floor=0.0,
                  sigma0=_noise.SIGMA0, tau=_noise.TAU, beta=1.0, n_total=None,
-                 encoder_scales=None, decoder_scales=None, n_batch=None, with_prior=True):
+                 encoder_scales=None, decoder_scales=None, n_batch=None, with_prior=True,
+                 mask_input="missing"):
+        if mask_input not in MASK_INPUTS:
+            raise ValueError(f"mask_input must be one of {MASK_INPUTS}, got {mask_input!r}")
+        self._mask_input = mask_input
         self._post = POSTERIORS[posterior]() if isinstance(posterior, str) else posterior
         if not isinstance(self._post, LatentPosterior):
             raise TypeError(f"posterior must be a LatentPosterior, got {type(posterior)}")
@@ -99,7 +136,7 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         d = np.where(mask, data, 0.0)
         m = mask.astype(np.float64)
         dt = self._dec.dtype
-        return {"x": np.concatenate([d, m], axis=1), "m": m, "count": m.sum(axis=0),
+        return {"x": encoder_input(d, mask, self._mask_input), "m": m, "count": m.sum(axis=0),
                 "dc": d.astype(dt), "mc": m.astype(dt), "xi": xi}
 
     def with_batch(self, data, mask, xi, n_batch=None, beta=None):
