@@ -164,7 +164,7 @@ def curved_spectra(n_rows=6000, n_channels=30, seed=0):
 def test_weak_curvature_on_complete_rows_is_kept():
     """On complete rows the encoder's missing-indicator inputs are 0 (``encoder.mask_input:
     missing``) and the fit holds the weak curvature (R^2 0.84 over seeds 1-5, 60 epochs). With
-    the mask itself as input (``observed``, the code before 2026-12-05) every complete row feeds
+    the mask itself as input (``observed``, the code before the fourth fit-quality pass) every complete row feeds
     30 constant ones, i.e. 30 redundant biases per hidden unit that Adam moves each by its own
     step; the curvature was lost (R^2 0.01-0.24, 2-4 active features) as synchrotron curvature was
     on the real-morphology sky (benchmarks/README.md, "Fourth pass")."""

@@ -284,7 +284,7 @@ def test_amortised_elbo(dtype):
     np.testing.assert_allclose(el.evaluate(loc), el(loc).val, rtol=1e-14)
     np.testing.assert_allclose(el(ift.Linearization.make_var(loc)).val.val, el(loc).val, rtol=1e-12)
     # explicit value with numpy; the encoder's second half of inputs: 1 where missing (default)
-    # or the mask itself (runs before 2026-12-05)
+    # or the mask itself (runs before the fourth fit-quality pass)
     th_e = enc.init_scales() * loc["encoder"].val
     th_d = dec.init_scales() * loc["decoder"].val
     for mask_input, indicator in (("missing", ~mask), ("observed", mask)):

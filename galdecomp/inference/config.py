@@ -30,7 +30,7 @@ DEFAULTS = {
     "noise": {
         "sigma0": 0.5,             # prior median of the adaptive noise (standardised units)
         "tau": 1.0,                # prior width of log sigma (e-folds)
-        "floor": 0.001,            # floor added in quadrature to the catalog's noise (standardised; 0.01 before 2026-12-05)
+        "floor": 0.001,            # floor added in quadrature to the catalog's noise (standardised; 0.01 before the fourth fit-quality pass)
         "poisson_floor": True,     # photon counts without a catalog noise: their Poisson noise as known noise
     },
     "posterior": {

@@ -15,7 +15,7 @@ __all__ = ["AmortisedELBO", "KEYS", "MASK_INPUTS", "encoder_input"]
 KEYS = ("encoder", "decoder", "noise")
 
 #: How the encoder is told which entries are missing: ``missing`` feeds ``1 - m`` (0 where
-#: observed), ``observed`` feeds ``m`` (runs before 2026-12-05).
+#: observed), ``observed`` feeds ``m`` (runs before the fourth fit-quality pass, 2026-12-04).
 MASK_INPUTS = ("missing", "observed")
 
 
