@@ -46,7 +46,8 @@ class Autoencoder:
         Factor of the initial excitations of the encoder's output layer.
     mask_input : str
         What the encoder's second C inputs hold (:func:`~galdecomp.model.elbo.encoder_input`):
-        ``"missing"`` (1 where missing) or ``"observed"`` (the mask; runs before the fourth fit-quality pass, 2026-12-04).
+        ``"missing"`` (1 where missing) or ``"observed"`` (the mask; runs before the fourth
+        fit-quality pass, 2026-12-04).
     """
 
     def __init__(self, n_features, latent_dim=10, decoder_hidden=(128, 128), encoder_hidden=(128, 128),
