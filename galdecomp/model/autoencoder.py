@@ -165,7 +165,7 @@ class Autoencoder:
         mean, cov = np.empty((P, L)), np.empty((P, L, L))
         for a in range(0, P, block):
             d, m = data[a:a + block], mask[a:a + block].astype(float)
-            x = encoder_input(np.where(m > 0, d, 0.0), m > 0, self.mask_input)
+            x = encoder_input(np.where(m > 0, d, 0.0), mask[a:a + block], self.mask_input)
             enc = np.asarray(self.encoder.forward(th_e, x), dtype=float)
             mean[a:a + block], cov[a:a + block] = self.posterior.mean_and_cov(
                 enc, self.decoder, th_d, self._inv_var(params, m))
