@@ -15,6 +15,12 @@ plots and model.npz), until the command exits, with the interpreter's start-up (
 the log's clock starts). Repetitions run round-robin; the best wall time
 of each variant is kept.
 
+Then where a training step's time goes, from the fit's own "training time" line (per step: the
+gradient on the rank's rows, the Allreduce with the wait for the slowest rank, Adam, the signal
+check and the rest of the loop, which every rank repeats; per epoch: validation, checkpoints),
+and how evenly minibatches fall on K ranks (rows of the busiest rank per step over the mean,
+``training.minibatches`` stratified against shuffled; no fit needed).
+
 Catalog: the 18 real maps of the fit-quality protocol (``realsky64`` without dust and HI, from
 ``$GALDECOMP_SHARED`` or ``../shared``), else ``--catalog``.
 
@@ -27,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -51,6 +59,53 @@ def stage_times(log, wall):
     out = dict(reading=t_fit, training=t_train - t_fit, products=t_tr - t_post, end=wall - t_tr,
                between=t_post - t_train)
     return out
+
+
+def step_costs(log):
+    """``{item: (min, max)}`` milliseconds from the fit's "training time" log line."""
+    line = next(ln for ln in log.splitlines() if "training time" in ln)
+    out = {}
+    for item, lo, hi in re.findall(r"(?:\] |, |; per (?:step|epoch) \[ms\] )([A-Za-z' ]+?) ([\d.]+)(?:-([\d.]+))?(?=[,;]|$)",
+                                   line.split(": ", 1)[1]):
+        out[item.strip()] = (float(lo), float(hi or lo))
+    return out
+
+
+def step_table(log1, log2):
+    """Per-step costs of the 1- and 2-rank fits, side by side."""
+    c1, c2 = step_costs(log1), step_costs(log2)
+    print("\nPer training step (ms; 2 ranks: min-max over the ranks; validation and checkpoints per epoch):\n")
+    print("| item | 1 rank | 2 ranks | 1 rank / 2 |")
+    print("|---|---|---|---|")
+    for k in c1:
+        lo, hi = c2.get(k, (np.nan, np.nan))
+        print(f"| {k} | {c1[k][0]:.2f} | {lo:.2f}-{hi:.2f} | {c1[k][0] / 2:.2f} |")
+    per_step = [k for k in c1 if k not in ("validation", "checkpoints")]
+    t1 = sum(c1[k][0] for k in per_step)
+    t2 = sum(c2[k][1] for k in per_step)
+    rep = sum(c2[k][1] for k in ("Adam", "signal check", "rest of the loop") if k in c2)
+    print(f"\nstep: 1 rank {t1:.2f} ms, 2 ranks {t2:.2f} ms (slowest rank's items; ideal {t1 / 2:.2f}); "
+          f"repeated on every rank (Adam, signal check, rest of the loop) {rep:.2f} ms")
+
+
+def balance_table(n_rows=44237, batch=1024, ranks=(2, 4, 16, 64)):
+    """Rows of the busiest rank per minibatch over the mean share, for each minibatch kind."""
+    from galdecomp.inference.training import MINIBATCH_KINDS, epoch_order
+
+    print(f"\nRows of the busiest rank per minibatch / mean share ({n_rows} rows, batch {batch}, "
+          "contiguous row blocks; mean over one epoch):\n")
+    print("| ranks | " + " | ".join(MINIBATCH_KINDS) + " |")
+    print("|---|" + "---|" * len(MINIBATCH_KINDS))
+    rows = np.arange(n_rows)
+    for k in ranks:
+        edges = (np.arange(k + 1) * n_rows) // k
+        cells = []
+        for kind in MINIBATCH_KINDS:
+            order = epoch_order(np.random.default_rng(0), rows, batch, kind)
+            steps = [order[b * batch:(b + 1) * batch] for b in range(n_rows // batch - 1)]
+            busiest = np.array([np.histogram(s, edges)[0].max() for s in steps])
+            cells.append(f"{np.mean(busiest) / (batch / k):.3f}")
+        print(f"| {k} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None):
@@ -106,6 +161,8 @@ def main(argv=None):
         ratio = f"{s1[k] / s2[k]:.2f}" if min(s1[k], s2[k]) >= 0.05 else "-"  # below the log's resolution
         print(f"| {label} | {s1[k]:.1f} | {s2[k]:.1f} | {ratio} |")
     print(f"| whole command (wall) | {w1:.1f} | {w2:.1f} | {w1 / w2:.2f} |")
+    step_table(best["1 rank"][1], best["2 ranks"][1])
+    balance_table()
     print(f"\nruns in {work}")
 
 

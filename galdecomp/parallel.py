@@ -106,7 +106,9 @@ def keep_freed_memory(mmap_threshold=32 << 20, trim_threshold=256 << 20):
     Once MPI is initialised (the mpich wheels), glibc no longer raises its mmap and trim
     thresholds as a process frees large blocks, so every ~1 MB work array of a training step was
     mapped and page-faulted afresh: a 2-rank fit trained no faster than one rank
-    (benchmarks/README.md, "End to end at 2 ranks"). The same as ``MALLOC_MMAP_THRESHOLD_`` and
+    (benchmarks/README.md, "End to end at 2 ranks"). Without MPI glibc's own adjustment depends
+    on the order of allocations (a step of 512 rows took 8.9 ms instead of 4.4 ms in a plain
+    process), so :func:`world` sets it for every run. The same as ``MALLOC_MMAP_THRESHOLD_`` and
     ``MALLOC_TRIM_THRESHOLD_`` set before the process starts; does nothing off glibc.
     """
     import ctypes
@@ -126,13 +128,13 @@ def world():
     global _WORLD
     if _WORLD is None:
         _WORLD = SerialComm()
+        keep_freed_memory()
         if any(v in os.environ for v in _LAUNCHER_VARS):
             try:
                 from mpi4py import MPI
             except ImportError:  # launched by mpiexec, but no mpi4py: run serially
                 MPI = None
             if MPI is not None:
-                keep_freed_memory()
                 if MPI.COMM_WORLD.Get_size() > 1:
                     _WORLD = MPIComm(MPI.COMM_WORLD)
     return _WORLD

@@ -192,13 +192,62 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_row
     t0 = time.perf_counter()
     if log:
         log(f"{train_rows.size} training / {valid_rows.size} validation rows, batch {tcfg['batch_size']}")
+    seconds = {}
     train(objective, state, train_rows, valid_rows, tcfg, seed=cfg["seed"], checkpoint=checkpoint,
           progress=progress if log else None, stop=stop,
-          step_scale=model.step_scales() if tcfg["step_on"] == "weights" else None)
+          step_scale=model.step_scales() if tcfg["step_on"] == "weights" else None, seconds=seconds)
+    if seconds:
+        seconds["allreduce"] = objective.allreduce_seconds
+    where = training_time_summary(seconds, comm or objective.comm)
     if log:
         log(f"training done after {state.epoch} epochs in {time.perf_counter() - t0:.1f} s; "
             f"best validation ELBO ({tcfg['select']} over the rows) {-state.best_val:.4f}")
+        if where:
+            log(where)
     return state
+
+
+def training_time_summary(seconds, comm):
+    """One line on where the training time went, per step and per epoch, over the ranks.
+
+    Parameters
+    ----------
+    seconds : dict
+        :func:`~galdecomp.inference.training.train`'s ``seconds`` of this rank, with
+        ``allreduce`` (the objective's Allreduce, waits included); empty if no epoch ran.
+    comm : SerialComm or MPIComm
+        Collective: every rank calls it.
+
+    Returns
+    -------
+    str or None
+        On rank 0 (None elsewhere, and when no epoch ran): milliseconds per step of the
+        gradient on the rank's own rows, the Allreduce with the wait for the slowest rank, Adam,
+        the signal check and the rest of the loop; per epoch of the validation and the
+        checkpoints; minimum-maximum over the ranks.
+    """
+    keys = ("gradient", "allreduce", "optimiser", "signal_check", "validation", "checkpoint", "total",
+            "steps", "epochs")
+    mine = np.array([[seconds.get(k, 0.0) for k in keys]])
+    every = comm.gather_rows(mine)
+    if every is None or every[:, -1].min() < 1:
+        return None
+    s = dict(zip(keys, every.T))
+    per_step = {"gradient on the rank's rows": s["gradient"] - s["allreduce"],
+                "Allreduce with the wait for the slowest rank": s["allreduce"],
+                "Adam": s["optimiser"], "signal check": s["signal_check"],
+                "rest of the loop": s["total"] - s["gradient"] - s["optimiser"] - s["signal_check"]
+                - s["validation"] - s["checkpoint"]}
+    per_epoch = {"validation": s["validation"], "checkpoints": s["checkpoint"]}
+
+    def fmt(v, n):
+        lo, hi = 1e3 * np.min(v / n), 1e3 * np.max(v / n)
+        return f"{lo:.2f}" if comm.size == 1 else f"{lo:.2f}-{hi:.2f}"
+
+    ranks = f" (min-max over {comm.size} ranks)" if comm.size > 1 else ""
+    return (f"training time{ranks}: per step [ms] "
+            + ", ".join(f"{k} {fmt(v, s['steps'])}" for k, v in per_step.items())
+            + "; per epoch [ms] " + ", ".join(f"{k} {fmt(v, s['epochs'])}" for k, v in per_epoch.items()))
 
 
 def load_preprocessed(catalog, nside, pixels=None, comm=None):

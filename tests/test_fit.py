@@ -30,8 +30,9 @@ def read_columns(path):
 def test_fit_writes_the_output_contract(sky, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["fit", sky, "--out", str(run)] + FAST) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert str(run / "latent_mean.fits") in out
+    assert "training time: per step [ms] gradient on the rank's rows" in err
     for f in ["config.yaml", "checkpoint.npz", "latent_mean.fits", "latent_std.fits",
               "reconstruction.fits", "residual.fits", "noise.csv", "significance.csv", "history.csv",
               "plots/latent_mean.png", "plots/latent_std.png", "plots/training.png", "plots/residuals.png"]:

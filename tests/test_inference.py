@@ -4,7 +4,7 @@ import pytest
 
 from galdecomp.errors import InputError
 from galdecomp.inference.config import resolve_config
-from galdecomp.inference.training import Adam, TrainingState, split_rows
+from galdecomp.inference.training import Adam, TrainingState, epoch_order, split_rows
 from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
 from galdecomp.model.mlp import MLP
 from galdecomp.pipeline import fit_rows
@@ -56,6 +56,39 @@ def test_training_is_deterministic_for_a_seed():
     np.testing.assert_array_equal(out[0], out[1])
 
 
+@pytest.mark.parametrize("n,bs", [(44237, 1024), (1000, 100), (1099, 100), (250, 100), (99, 100)])
+def test_stratified_minibatches_use_every_row_once_and_span_the_table(n, bs):
+    rows = np.sort(np.random.default_rng(1).choice(10 * n, n, replace=False))
+    order = epoch_order(np.random.default_rng(0), rows, bs, "stratified")
+    np.testing.assert_array_equal(np.sort(order), rows)
+    q = max(1, n // bs)
+    bounds = (np.arange(bs + 1) * n) // bs          # the strata: bs runs of consecutive rows
+    stratum = np.searchsorted(bounds, np.searchsorted(rows, order), "right") - 1
+    if q >= 2:
+        for b in range(q - 1):                      # one row of every stratum per minibatch
+            np.testing.assert_array_equal(np.sort(stratum[b * bs:(b + 1) * bs]), np.arange(bs))
+    # another generator state gives another order
+    assert not np.array_equal(order, epoch_order(np.random.default_rng(1), rows, bs, "stratified"))
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 16])
+def test_stratified_minibatches_give_every_rank_its_share_of_each_step(ranks):
+    """Rows held in contiguous blocks: each rank's rows of a minibatch are its share to within
+    two rows (a rank's block cuts at most two strata), whatever the number of ranks, so no rank
+    waits for one with more rows; shuffled minibatches are off by several sqrt(share)."""
+    n, bs = 44237, 1024
+    rows = np.arange(n)
+    edges = (np.arange(ranks + 1) * n) // ranks
+    spread = {}
+    for kind in ("stratified", "shuffled"):
+        order = epoch_order(np.random.default_rng(5), rows, bs, kind)
+        steps = [order[b * bs:(b + 1) * bs] for b in range(n // bs - 1)]
+        counts = np.array([np.histogram(s, edges)[0] for s in steps])
+        spread[kind] = np.abs(counts - bs / ranks).max()
+    assert spread["stratified"] < 2, spread
+    assert spread["shuffled"] > 1.5 * np.sqrt(bs / ranks), spread
+
+
 def test_adam_minimises_a_quadratic():
     opt, x = Adam(3), np.array([3.0, -2.0, 1.0])
     for _ in range(2000):
@@ -84,7 +117,8 @@ def test_adam_equals_the_textbook_update_bitwise():
                                         ({"decoder": {"hidden": [64, "x"]}}, "hidden"),
                                         ({"noise": {"sigma0": 0}}, "sigma0"), ({"bogus": 1}, "bogus"),
                                         ({"noise": {"poisson_floor": "yes"}}, "poisson_floor"),
-                                        ({"encoder": {"mask_input": "mask"}}, "mask_input")])
+                                        ({"encoder": {"mask_input": "mask"}}, "mask_input"),
+                                        ({"training": {"minibatches": "random"}}, "minibatches")])
 def test_config_validation(bad, needle):
     with pytest.raises(InputError, match=needle):
         resolve_config(bad)

@@ -8,7 +8,7 @@ import pytest
 
 from galdecomp.model import noise
 from galdecomp.model.elbo import AmortisedELBO
-from galdecomp.model.mlp import MLP, unpack_params
+from galdecomp.model.mlp import MLP, blas_threads, unpack_params
 from galdecomp.model.operators import (DecoderLikelihood, MaskedGaussianEnergy, MLPOperator,
                                        NoiseInvVar)
 from galdecomp.model.posteriors import POSTERIORS, DiagonalGaussian
@@ -108,6 +108,31 @@ def test_mlp_layout_and_scales():
     (W0, b0), (W1, b1) = unpack_params(theta * 1e-2, m.sizes)
     ref = np.tanh(x @ W0 + b0) @ W1 + b1
     np.testing.assert_allclose(m.forward(theta * 1e-2, x), ref, rtol=1e-14)
+
+
+def test_mlp_passes_leave_theta_alone_and_return_fresh_gradients():
+    """The layers are views of theta (no copies): a pass must not write into it, and the
+    gradient it returns must be a new array each call."""
+    rng = np.random.default_rng(4)
+    m = MLP([5, 16, 3])
+    theta = m.init_scales() * rng.standard_normal(m.n_params)
+    keep = theta.copy()
+    x, g_y = rng.standard_normal((40, 5)), rng.standard_normal((40, 3))
+    _, g1, _ = m.vjp(theta, x, g_y)
+    _, g2, _ = m.vjp(theta, x, g_y)
+    np.testing.assert_array_equal(theta, keep)
+    assert g1 is not g2 and not np.shares_memory(g1, theta)
+    np.testing.assert_array_equal(g1, g2)
+
+
+def test_blas_threads_limits_and_restores():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        with blas_threads(1):
+            assert {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"} == {1}
+        assert {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"} == {2}
+        with threadpoolctl.threadpool_limits(1, user_api="blas"), blas_threads(1):  # already 1: left as is
+            assert {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"} == {1}
 
 
 def test_mlp_float32_agrees_with_float64():

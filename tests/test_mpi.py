@@ -50,8 +50,11 @@ def sky(tmp_path_factory):
     return str(out / "catalog.yaml")
 
 
-def test_two_ranks_equal_one(sky, tmp_path):
-    args = ["--nside", "16", "--max-epochs", "6", "--latent-dim", "4"]
+@pytest.mark.parametrize("minibatches", ["shuffled", "stratified"])
+def test_two_ranks_equal_one(sky, tmp_path, minibatches):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"training: {{minibatches: {minibatches}}}\n")
+    args = ["--nside", "16", "--max-epochs", "6", "--latent-dim", "4", "--config", str(cfg)]
     assert main(["fit", sky, "--out", str(tmp_path / "k1")] + args) == 0
     p = mpirun(2, ["fit", sky, "--out", str(tmp_path / "k2")] + args)
     assert p.returncode == 0, p.stderr
@@ -64,6 +67,10 @@ def test_two_ranks_equal_one(sky, tmp_path):
     # the last rank fitted and wrote the latent transform while rank 0 wrote the maps
     assert "fitted on rank 1 meanwhile" in p.stderr
     assert (tmp_path / "k2" / "latent_transform.npz").is_file() and (tmp_path / "k2" / "model.npz").is_file()
+    # where the training time went, from both ranks, in one line of rank 0
+    line, = [ln for ln in p.stderr.splitlines() if "training time" in ln]
+    assert "(min-max over 2 ranks): per step [ms] gradient on the rank's rows " in line
+    assert "Allreduce with the wait for the slowest rank" in line and "checkpoints 0.00-" in line  # rank 1 writes none
 
 
 def test_killed_run_resumes_on_another_rank_count(sky, tmp_path):

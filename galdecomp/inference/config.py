@@ -8,6 +8,7 @@ import copy
 import yaml
 
 from ..errors import InputError
+from .training import MINIBATCH_KINDS
 
 __all__ = ["DEFAULTS", "DATA_KINDS", "POSTERIOR_METHODS", "resolve_config", "load_config_file", "model_signature",
            "with_former_defaults"]
@@ -43,6 +44,7 @@ DEFAULTS = {
     },
     "training": {
         "batch_size": 1024,
+        "minibatches": "shuffled",  # shuffled: random | stratified: one row from each of batch_size runs of rows (even MPI load)
         "max_epochs": 200,
         "learning_rate": 2e-3,     # Adam step (on the weights and log sigma, or on the excitations: step_on)
         "step_on": "weights",      # weights: steps of learning_rate on the weights and log sigma | excitations (theta = scale * xi)
@@ -192,6 +194,9 @@ def resolve_config(file_config=None, overrides=None, where="config"):
         raise InputError(f"{where}: training.step_on must be weights or excitations, got {t['step_on']!r}")
     if t["select"] not in ("median", "mean"):
         raise InputError(f"{where}: training.select must be median or mean, got {t['select']!r}")
+    if t["minibatches"] not in MINIBATCH_KINDS:
+        raise InputError(f"{where}: training.minibatches must be one of {', '.join(MINIBATCH_KINDS)}, "
+                         f"got {t['minibatches']!r}")
     if t["schedule"] not in ("plateau", "cosine"):
         raise InputError(f"{where}: training.schedule must be plateau or cosine, got {t['schedule']!r}")
     if isinstance(t["kl_warmup_epochs"], bool) or not isinstance(t["kl_warmup_epochs"], int) \

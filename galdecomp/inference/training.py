@@ -15,7 +15,10 @@ import numpy as np
 from ..errors import JobStopped
 from ..random import stream
 
-__all__ = ["Adam", "TrainingState", "split_rows", "finished", "train"]
+__all__ = ["Adam", "TrainingState", "MINIBATCH_KINDS", "split_rows", "epoch_order", "finished", "train"]
+
+#: How an epoch's rows are dealt into minibatches (``training.minibatches``).
+MINIBATCH_KINDS = ("shuffled", "stratified")
 
 
 class Adam:
@@ -146,6 +149,45 @@ def split_rows(n_rows, validation_fraction, seed):
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def epoch_order(rng, rows, batch_size, kind="shuffled"):
+    """One epoch's rows, in the order the minibatches take them (``batch_size`` at a time, the
+    last minibatch also takes the remainder).
+
+    ``shuffled``: a random permutation. ``stratified``: ``rows`` (sorted) are cut into
+    ``batch_size`` strata of consecutive rows, each stratum is shuffled, and minibatch ``b`` takes
+    the ``b``-th row of every stratum; every row is still used once per epoch. A minibatch then
+    spans the whole table (on a sky in NESTED order: the whole sky), and a process that holds a
+    contiguous range of rows gets the same number of each minibatch's rows, to one row, whatever
+    the number of processes (the ranks wait for none).
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    rows : ndarray of int, shape (n,)
+        Sorted row indices.
+    batch_size : int
+    kind : {"stratified", "shuffled"}
+
+    Returns
+    -------
+    ndarray of int, shape (n,)
+    """
+    n = rows.size
+    q = n // batch_size  # rows of the smallest stratum = number of minibatches
+    if kind == "shuffled" or q < 2:
+        return rng.permutation(rows)
+    bounds = (np.arange(batch_size + 1) * n) // batch_size  # strata of q or q + 1 rows
+    size = np.diff(bounds)
+    slots = np.full((batch_size, q + 1), -1)
+    col = np.arange(n) - np.repeat(bounds[:-1], size)
+    slots[np.repeat(np.arange(batch_size), size), col] = np.arange(n)
+    slots = rng.permuted(slots, axis=1)
+    r, c = np.nonzero(slots[:, :q] < 0)  # a stratum of q rows: its empty slot goes last
+    slots[r, c], slots[r, q] = slots[r, q], -1
+    order = np.concatenate([slots[:, :q - 1].T.ravel(), slots[:, q - 1:].ravel()])
+    return rows[order[order >= 0]]
+
+
 def finished(state, cfg):
     """Whether training stops at ``state``: ``max_epochs`` reached or, under the plateau
     schedule, ``patience`` epochs without validation improvement (``cfg``: the training settings)."""
@@ -154,7 +196,7 @@ def finished(state, cfg):
 
 
 def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None, progress=None,
-          stop=None, step_scale=None):
+          stop=None, step_scale=None, seconds=None):
     """Run (or continue) the optimisation until it stops.
 
     Parameters
@@ -186,6 +228,10 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         Per-parameter factor of the learning rate (``cfg["step_on"] == "weights"``: the model's
         ``step_scales()``, so that Adam's steps are ``learning_rate`` on the weights and on log
         sigma whatever the parameterisation); default 1.
+    seconds : dict, optional
+        Filled with where the time went (wall seconds in this call): ``gradient`` (the
+        objective's value and gradient), ``optimiser`` (Adam), ``signal_check`` (``stop()``),
+        ``validation``, ``checkpoint`` and ``total``, and ``steps`` and ``epochs`` done.
 
     Returns
     -------
@@ -206,11 +252,14 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
     val_xi = stream(seed, "training", "validation").standard_normal((valid_rows.size, objective.latent_dim))
     t_start, epoch0 = time.perf_counter(), state.epoch
     t_saved, signum = t_start, None
+    clock = time.perf_counter
+    sec = dict.fromkeys(("gradient", "optimiser", "signal_check", "validation", "checkpoint"), 0.0)
+    sec.update(steps=0, epochs=0)
     while not state.done:
         rng = np.random.default_rng()
         rng.bit_generator.state = state.rng_state
         t0 = time.perf_counter() - state.epoch_seconds
-        order = rng.permutation(train_rows)
+        order = epoch_order(rng, train_rows, bs, cfg.get("minibatches", "shuffled"))
         if state.batch:  # resuming inside the epoch
             rng.bit_generator.state = state.batch_rng_state
         n_batches = max(1, order.size // bs)
@@ -225,28 +274,39 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         for b in range(state.batch, n_batches):
             rows = np.sort(order[b * bs:(b + 1) * bs] if b < n_batches - 1 else order[b * bs:])
             xi = rng.standard_normal((rows.size, objective.latent_dim))
+            t1 = clock()
             value, grad, terms = objective.value_and_gradient(state.params, rows, xi, **kw)
+            t2 = clock()
             if not np.isfinite(value) or not np.all(np.isfinite(grad)):
                 raise FloatingPointError(f"non-finite ELBO at epoch {state.epoch + 1}, step {state.step + 1}")
             state.params = state.adam.step(state.params, grad, lr)
+            t3 = clock()
             state.step += 1
             state.epoch_sums += (value, terms["nll"], terms["kl"])
             signum = stop() if stop is not None else None
+            t4 = clock()
+            sec["gradient"] += t2 - t1
+            sec["optimiser"] += t3 - t2
+            sec["signal_check"] += t4 - t3
+            sec["steps"] += 1
             if b + 1 < n_batches and (signum or checkpoint is not None
-                                      and time.perf_counter() - t_saved >= cfg["checkpoint_seconds"]):
+                                      and t4 - t_saved >= cfg["checkpoint_seconds"]):
                 state.batch, state.batch_rng_state = b + 1, rng.bit_generator.state
-                state.epoch_seconds = time.perf_counter() - t0
+                state.epoch_seconds = clock() - t0
                 if checkpoint is not None:
                     checkpoint(state)
-                    t_saved = time.perf_counter()
+                    t_saved = clock()
+                    sec["checkpoint"] += t_saved - t4
                 if signum:
                     raise JobStopped(signum)
+        t1 = clock()
         if select == "median":
             val_mean, val_median = objective.validation(state.params, valid_rows, val_xi)
             val = val_median
         else:
             val, _ = objective.value(state.params, valid_rows, val_xi)
             val_mean = val_median = val
+        sec["validation"] += clock() - t1
         state.epoch += 1
         state.rng_state = rng.bit_generator.state
         mean = state.epoch_sums / n_batches
@@ -266,9 +326,14 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
             state.since_lr = 0
         if finished(state, cfg):
             state.done = True
+        sec["epochs"] += 1
         if checkpoint is not None:
+            t1 = clock()
             checkpoint(state)
-            t_saved = time.perf_counter()
+            t_saved = clock()
+            sec["checkpoint"] += t_saved - t1
+        if seconds is not None:
+            seconds.update(sec, total=clock() - t_start)
         if progress is not None:
             rate = (time.perf_counter() - t_start) / (state.epoch - epoch0)
             progress(state, rate * (cfg["max_epochs"] - state.epoch))

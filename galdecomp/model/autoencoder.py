@@ -5,6 +5,8 @@ optimiser, a checkpoint or an MPI Allreduce handles one array); the networks' we
 ``scales * excitation``. Rows are samples (pixels, images), columns features (channels):
 nothing here knows about HEALPix.
 """
+import time
+
 import numpy as np
 import nifty8 as ift
 
@@ -197,6 +199,11 @@ class ELBOObjective:
     offset : int
         Global index of this process's first row.
     comm : SerialComm or MPIComm, optional
+
+    Attributes
+    ----------
+    allreduce_seconds : float
+        Time spent in the gradient's Allreduce, including the wait for the slowest rank.
     """
 
     def __init__(self, model, data, n_total, offset=0, comm=None):
@@ -210,6 +217,7 @@ class ELBOObjective:
         self.offset = int(offset)
         self.latent_dim = model.latent_dim
         self.beta = model.beta
+        self.allreduce_seconds = 0.0
         L = model.latent_dim
         self._op = model.elbo(self.data[:0], self.mask[:0], np.zeros((0, L)), self.n_total,
                               with_prior=self.comm.rank == 0)
@@ -226,7 +234,10 @@ class ELBOObjective:
         """
         op = self._energy(rows, xi, beta)
         value, grad, t = op.value_gradient_terms(self.model.position(params, op.domain))
-        packed = self.comm.allreduce_sum(np.concatenate([[value, t["nll"], t["kl"]], self.model.flatten(grad)]))
+        local = np.concatenate([[value, t["nll"], t["kl"]], self.model.flatten(grad)])
+        t0 = time.perf_counter()
+        packed = self.comm.allreduce_sum(local)
+        self.allreduce_seconds += time.perf_counter() - t0
         return float(packed[0]), packed[3:], {"nll": packed[1], "kl": packed[2]}
 
     def value(self, params, rows, xi):

@@ -67,19 +67,21 @@ _CONTROLLER = None
 
 
 def blas_threads(n):
-    """Context limiting BLAS to ``n`` threads (threadpoolctl); no-op for ``n=None`` or without it."""
+    """Context limiting BLAS to ``n`` threads (threadpoolctl); no-op for ``n=None``, without
+    threadpoolctl, or when every BLAS library already uses ``n`` threads (a limit costs ~25 us,
+    asking ~1 us: this runs once per network pass)."""
     global _CONTROLLER
     if n is None:
         return contextlib.nullcontext()
     if _CONTROLLER is None:
         try:
             from threadpoolctl import ThreadpoolController
-            _CONTROLLER = ThreadpoolController()
+            _CONTROLLER = ThreadpoolController().select(user_api="blas")
         except ImportError:
             _CONTROLLER = False
-    if not _CONTROLLER:
+    if not _CONTROLLER or all(lib.num_threads == int(n) for lib in _CONTROLLER.lib_controllers):
         return contextlib.nullcontext()
-    return _CONTROLLER.limit(limits=int(n), user_api="blas")
+    return _CONTROLLER.limit(limits=int(n))
 
 
 def _act_fwd(name, a, out):
@@ -176,11 +178,22 @@ class MLP:
 
     # -- internals ----------------------------------------------------------------------------
     def _aug(self, theta):
-        """Per-layer ``[[W], [b]]`` in the compute dtype (None for ``theta=None``)."""
+        """Per-layer ``[[W], [b]]`` in the compute dtype (None for ``theta=None``): views of
+        ``theta`` (of its copy in the compute dtype), as each layer's ``W`` is followed by its
+        ``b`` in the flat vector."""
         if theta is None:
             return None
-        return [np.vstack([W, b[None]]).astype(self.dtype)
-                for W, b in unpack_params(np.asarray(theta, dtype=np.float64), self.sizes)]
+        return self._layer_views(np.asarray(theta, dtype=np.float64).astype(self.dtype, copy=False))
+
+    def _layer_views(self, flat):
+        """Per-layer ``(n_k + 1, n_{k+1})`` views of a flat ``(n_params,)`` array."""
+        if flat.shape != (self.n_params,):
+            raise ValueError(f"theta has shape {flat.shape}, expected ({self.n_params},)")
+        views, i = [], 0
+        for n, m in zip(self.sizes[:-1], self.sizes[1:]):
+            views.append(flat[i:i + (n + 1) * m].reshape(n + 1, m))
+            i += (n + 1) * m
+        return views
 
     def _check_x(self, x, n_cols=None):
         x = np.asarray(x)
@@ -222,9 +235,6 @@ class MLP:
         y = self._view(y_flat, n, self.n_out)
         np.dot(hs[-1][:n], Wb[-1], out=y)
         return y, states
-
-    def _flatten_grads(self, gs):
-        return np.concatenate([p for g in gs for p in (g[:-1].ravel(), g[-1])])
 
     # -- public passes ------------------------------------------------------------------------
     def forward(self, theta, x):
@@ -273,9 +283,10 @@ class MLP:
         x = self._check_x(x)
         P, K = len(x), len(self.sizes) - 1
         Wb = self._aug(theta)
-        WT = [np.ascontiguousarray(w[:-1].T) for w in Wb]
+        WT = [w[:-1].T for w in Wb]  # views: BLAS takes the transpose, no copy
         hs, (scratch, y_flat, g0, g1, tmp) = self._work(P, 5)
-        gth = [np.zeros(w.shape) for w in Wb] if want_theta else None
+        g_theta = np.zeros(self.n_params) if want_theta else None
+        gth = self._layer_views(g_theta) if want_theta else None
         y_out = np.empty((P, self.n_out)) if return_y else None
         gx_out = np.empty((P, self.n_in)) if want_x else None
         call = callable(g_y)
@@ -304,7 +315,7 @@ class MLP:
                 _act_scale(self.activation, hs[k][:n, :-1], states[k - 1], gn,
                            self._view(tmp, n, self.sizes[k]))
                 gk = gn
-        return y_out, (self._flatten_grads(gth) if want_theta else None), gx_out
+        return y_out, g_theta, gx_out
 
     def jvp(self, theta, x, d_theta=None, d_x=None):
         """Forward-mode pass: output and Jacobian-vector product.
