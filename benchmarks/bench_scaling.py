@@ -65,8 +65,8 @@ def step_costs(log):
     """``{item: (min, max)}`` milliseconds from the fit's "training time" log line."""
     line = next(ln for ln in log.splitlines() if "training time" in ln)
     out = {}
-    for item, lo, hi in re.findall(r"(?:\] |, |; per (?:step|epoch) \[ms\] )([A-Za-z' ]+?) ([\d.]+)(?:-([\d.]+))?(?=[,;]|$)",
-                                   line.split(": ", 1)[1]):
+    item_value = r"(?:\] |, |; per (?:step|epoch) \[ms\] )([A-Za-z' ]+?) ([\d.]+)(?:-([\d.]+))?(?=[,;]|$)"
+    for item, lo, hi in re.findall(item_value, line.split(": ", 1)[1]):
         out[item.strip()] = (float(lo), float(hi or lo))
     return out
 
@@ -84,7 +84,7 @@ def step_table(log1, log2):
     t1 = sum(c1[k][0] for k in per_step)
     t2 = sum(c2[k][1] for k in per_step)
     rep = sum(c2[k][1] for k in ("Adam", "signal check", "rest of the loop") if k in c2)
-    print(f"\nstep: 1 rank {t1:.2f} ms, 2 ranks {t2:.2f} ms (slowest rank's items; ideal {t1 / 2:.2f}); "
+    print(f"\nstep: 1 rank {t1:.2f} ms, 2 ranks {t2:.2f} ms (each item's maximum over the ranks; ideal {t1 / 2:.2f}); "
           f"repeated on every rank (Adam, signal check, rest of the loop) {rep:.2f} ms")
 
 

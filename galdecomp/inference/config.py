@@ -44,7 +44,7 @@ DEFAULTS = {
     },
     "training": {
         "batch_size": 1024,
-        "minibatches": "shuffled",  # shuffled: random | stratified: one row from each of batch_size runs of rows (even MPI load)
+        "minibatches": "shuffled",  # shuffled | stratified: one row of each of batch_size runs of rows (even MPI load)
         "max_epochs": 200,
         "learning_rate": 2e-3,     # Adam step (on the weights and log sigma, or on the excitations: step_on)
         "step_on": "weights",      # weights: steps of learning_rate on the weights and log sigma | excitations (theta = scale * xi)

@@ -157,8 +157,8 @@ def epoch_order(rng, rows, batch_size, kind="shuffled"):
     ``batch_size`` strata of consecutive rows, each stratum is shuffled, and minibatch ``b`` takes
     the ``b``-th row of every stratum; every row is still used once per epoch. A minibatch then
     spans the whole table (on a sky in NESTED order: the whole sky), and a process that holds a
-    contiguous range of rows gets the same number of each minibatch's rows, to one row, whatever
-    the number of processes (the ranks wait for none).
+    contiguous range of rows gets its share of each minibatch's rows to within two rows (its
+    range cuts at most two strata), whatever the number of processes.
 
     Parameters
     ----------
@@ -166,7 +166,7 @@ def epoch_order(rng, rows, batch_size, kind="shuffled"):
     rows : ndarray of int, shape (n,)
         Sorted row indices.
     batch_size : int
-    kind : {"stratified", "shuffled"}
+    kind : {"shuffled", "stratified"}
 
     Returns
     -------
