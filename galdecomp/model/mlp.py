@@ -283,7 +283,7 @@ class MLP:
         x = self._check_x(x)
         P, K = len(x), len(self.sizes) - 1
         Wb = self._aug(theta)
-        WT = [w[:-1].T for w in Wb]  # views: BLAS takes the transpose, no copy
+        WT = [np.ascontiguousarray(w[:-1].T) for w in Wb]  # copies: a transposed view changes the last bits
         hs, (scratch, y_flat, g0, g1, tmp) = self._work(P, 5)
         g_theta = np.zeros(self.n_params) if want_theta else None
         gth = self._layer_views(g_theta) if want_theta else None
