@@ -196,9 +196,7 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_row
     train(objective, state, train_rows, valid_rows, tcfg, seed=cfg["seed"], checkpoint=checkpoint,
           progress=progress if log else None, stop=stop,
           step_scale=model.step_scales() if tcfg["step_on"] == "weights" else None, seconds=seconds)
-    if seconds:
-        seconds["allreduce"] = objective.allreduce_seconds
-    where = training_time_summary(seconds, comm or objective.comm)
+    where = training_time_summary(dict(seconds, allreduce=objective.allreduce_seconds), objective.comm)
     if log:
         log(f"training done after {state.epoch} epochs in {time.perf_counter() - t0:.1f} s; "
             f"best validation ELBO ({tcfg['select']} over the rows) {-state.best_val:.4f}")
@@ -214,7 +212,8 @@ def training_time_summary(seconds, comm):
     ----------
     seconds : dict
         :func:`~galdecomp.inference.training.train`'s ``seconds`` of this rank, with
-        ``allreduce`` (the objective's Allreduce, waits included); empty if no epoch ran.
+        ``allreduce`` (the objective's Allreduce, waits included); without ``epochs`` if no
+        epoch ran.
     comm : SerialComm or MPIComm
         Collective: every rank calls it.
 

@@ -15,7 +15,7 @@ import contextlib
 
 import numpy as np
 
-__all__ = ["ACTIVATIONS", "MLP", "blas_threads", "n_params", "unpack_params"]
+__all__ = ["ACTIVATIONS", "MLP", "augmented_layers", "blas_threads", "n_params", "unpack_params"]
 
 
 def _tanh(a):
@@ -38,6 +38,32 @@ def n_params(sizes):
     return int(sum(n * m + m for n, m in zip(sizes[:-1], sizes[1:])))
 
 
+def augmented_layers(theta, sizes):
+    """Split a flat parameter vector into per-layer ``[[W], [b]]`` views.
+
+    Each layer's ``W`` (row-major) is followed by its ``b`` in the flat vector, so the two
+    together are one ``(n_k + 1, n_{k+1})`` block.
+
+    Parameters
+    ----------
+    theta : ndarray, shape (n_params(sizes),)
+    sizes : sequence of int
+
+    Returns
+    -------
+    list of ndarray
+        Views into ``theta`` of shape (n_k + 1, n_{k+1}).
+    """
+    theta = np.asarray(theta)
+    if theta.shape != (n_params(sizes),):
+        raise ValueError(f"theta has shape {theta.shape}, expected ({n_params(sizes)},)")
+    layers, i = [], 0
+    for n, m in zip(sizes[:-1], sizes[1:]):
+        layers.append(theta[i:i + (n + 1) * m].reshape(n + 1, m))
+        i += (n + 1) * m
+    return layers
+
+
 def unpack_params(theta, sizes):
     """Split a flat parameter vector into per-layer views.
 
@@ -51,16 +77,7 @@ def unpack_params(theta, sizes):
     list of (W, b)
         Views into ``theta``: ``W`` of shape (n_k, n_{k+1}), ``b`` of shape (n_{k+1},).
     """
-    theta = np.asarray(theta)
-    if theta.shape != (n_params(sizes),):
-        raise ValueError(f"theta has shape {theta.shape}, expected ({n_params(sizes)},)")
-    layers, i = [], 0
-    for n, m in zip(sizes[:-1], sizes[1:]):
-        W = theta[i:i + n * m].reshape(n, m)
-        i += n * m
-        layers.append((W, theta[i:i + m]))
-        i += m
-    return layers
+    return [(a[:-1], a[-1]) for a in augmented_layers(theta, sizes)]
 
 
 _CONTROLLER = None
@@ -183,17 +200,7 @@ class MLP:
         ``b`` in the flat vector."""
         if theta is None:
             return None
-        return self._layer_views(np.asarray(theta, dtype=np.float64).astype(self.dtype, copy=False))
-
-    def _layer_views(self, flat):
-        """Per-layer ``(n_k + 1, n_{k+1})`` views of a flat ``(n_params,)`` array."""
-        if flat.shape != (self.n_params,):
-            raise ValueError(f"theta has shape {flat.shape}, expected ({self.n_params},)")
-        views, i = [], 0
-        for n, m in zip(self.sizes[:-1], self.sizes[1:]):
-            views.append(flat[i:i + (n + 1) * m].reshape(n + 1, m))
-            i += (n + 1) * m
-        return views
+        return augmented_layers(np.asarray(theta, dtype=np.float64).astype(self.dtype, copy=False), self.sizes)
 
     def _check_x(self, x, n_cols=None):
         x = np.asarray(x)
@@ -286,7 +293,7 @@ class MLP:
         WT = [np.ascontiguousarray(w[:-1].T) for w in Wb]  # copies: a transposed view changes the last bits
         hs, (scratch, y_flat, g0, g1, tmp) = self._work(P, 5)
         g_theta = np.zeros(self.n_params) if want_theta else None
-        gth = self._layer_views(g_theta) if want_theta else None
+        gth = augmented_layers(g_theta, self.sizes) if want_theta else None
         y_out = np.empty((P, self.n_out)) if return_y else None
         gx_out = np.empty((P, self.n_in)) if want_x else None
         call = callable(g_y)
