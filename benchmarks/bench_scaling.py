@@ -18,8 +18,10 @@ of each variant is kept.
 Then where a training step's time goes, from the fit's own "training time" line (per step: the
 gradient on the rank's rows, the Allreduce with the wait for the slowest rank, Adam, the signal
 check and the rest of the loop, which every rank repeats; per epoch: validation, checkpoints),
-and how evenly minibatches fall on K ranks (rows of the busiest rank per step over the mean,
-``training.minibatches`` stratified against shuffled; no fit needed).
+and how evenly minibatches fall on K ranks' row blocks (owned rows of the busiest rank per step
+over the mean, ``training.minibatches`` stratified against shuffled) with the rows per step the
+fit computes on another rank than their owner to even the work out (``ELBOObjective.deal``; no
+fit needed).
 
 Catalog: the 18 real maps of the fit-quality protocol (``realsky64`` without dust and HI, from
 ``$GALDECOMP_SHARED`` or ``../shared``), else ``--catalog``.
@@ -89,23 +91,28 @@ def step_table(log1, log2):
 
 
 def balance_table(n_rows=44237, batch=1024, ranks=(2, 4, 16, 64)):
-    """Rows of the busiest rank per minibatch over the mean share, for each minibatch kind."""
+    """Owned rows of the busiest rank per minibatch over the mean share, for each minibatch kind,
+    and the rows ``ELBOObjective.deal`` hands to another rank to even them out."""
     from galdecomp.inference.training import MINIBATCH_KINDS, epoch_order
 
-    print(f"\nRows of the busiest rank per minibatch / mean share ({n_rows} rows, batch {batch}, "
-          "contiguous row blocks; mean over one epoch):\n")
-    print("| ranks | " + " | ".join(MINIBATCH_KINDS) + " |")
-    print("|---|" + "---|" * len(MINIBATCH_KINDS))
+    print(f"\nOwned rows of the busiest rank per minibatch / mean share ({n_rows} rows, batch {batch}, "
+          "contiguous row blocks; mean over one epoch), and rows per step computed by another rank than "
+          "their owner so that every rank computes n // K or n // K + 1 (`deal`):\n")
+    print("| ranks | " + " | ".join(MINIBATCH_KINDS) + " | " + " | ".join(f"dealt rows, {k}" for k in MINIBATCH_KINDS)
+          + " |")
+    print("|---|" + "---|" * 2 * len(MINIBATCH_KINDS))
     rows = np.arange(n_rows)
     for k in ranks:
         edges = (np.arange(k + 1) * n_rows) // k
-        cells = []
+        ratio, moved = [], []
         for kind in MINIBATCH_KINDS:
             order = epoch_order(np.random.default_rng(0), rows, batch, kind)
             steps = [order[b * batch:(b + 1) * batch] for b in range(n_rows // batch - 1)]
-            busiest = np.array([np.histogram(s, edges)[0].max() for s in steps])
-            cells.append(f"{np.mean(busiest) / (batch / k):.3f}")
-        print(f"| {k} | " + " | ".join(cells) + " |")
+            counts = np.array([np.histogram(s, edges)[0] for s in steps])
+            even = batch // k + (np.arange(k) < batch % k)
+            ratio.append(f"{np.mean(counts.max(axis=1)) / (batch / k):.3f}")
+            moved.append(f"{np.mean(np.maximum(counts - even, 0).sum(axis=1)):.1f}")
+        print(f"| {k} | " + " | ".join(ratio + moved) + " |")
 
 
 def main(argv=None):

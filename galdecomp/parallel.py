@@ -3,7 +3,7 @@
 MPI is opt-in: mpi4py is imported only when the process was started by an MPI launcher
 (``mpiexec -n K galdecomp ...``) with more than one rank. Everything else in galdecomp sees a
 communicator with ``rank``, ``size``, ``allreduce_sum``, ``gather_rows``, ``bcast``,
-``scatter_block`` and ``abort``;
+``scatter_block``, ``alltoall`` and ``abort``;
 the serial one does nothing.
 
 Sharding: rank r owns one contiguous block of the data's rows (:func:`block_rows`). For a sky
@@ -46,6 +46,11 @@ class SerialComm:
         """Each rank's ``block`` (a slice) of rank ``root``'s 1-D array ``full`` (here: ``full[block]``)."""
         return np.array(full[block], dtype=np.float64)
 
+    def alltoall(self, parts):
+        """Item ``j`` of ``parts`` goes to rank ``j``; returns the items received, by source rank
+        (here: ``parts``)."""
+        return list(parts)
+
     def barrier(self):
         pass
 
@@ -87,6 +92,9 @@ class MPIComm(SerialComm):
                     [a for a, _ in blocks], MPI.DOUBLE]
         self.comm.Scatterv(send, out, root=root)
         return out
+
+    def alltoall(self, parts):
+        return self.comm.alltoall(list(parts))
 
     def barrier(self):
         self.comm.Barrier()

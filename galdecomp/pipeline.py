@@ -118,13 +118,15 @@ def _save_checkpoint(path, state, extra):
 class _StopSignals:
     """While training, SIGINT and SIGTERM ask the job to stop at the next step (after a checkpoint).
 
-    A second SIGINT (Ctrl-C) interrupts at once. Outside the main thread nothing is installed.
+    The ranks agree on the step: the flags travel with the step's gradient (see
+    :func:`~galdecomp.inference.training.train`'s ``stop``). A second SIGINT (Ctrl-C) interrupts
+    at once. Outside the main thread nothing is installed.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, comm):
-        self.comm, self.got, self.old = comm, dict.fromkeys(self.SIGNALS, 0), {}
+    def __init__(self):
+        self.got, self.old = dict.fromkeys(self.SIGNALS, 0), {}
 
     def __enter__(self):
         with contextlib.suppress(ValueError):
@@ -141,10 +143,14 @@ class _StopSignals:
             raise KeyboardInterrupt
         self.got[signum] = 1
 
-    def __call__(self):
-        """The signal to stop on, agreed by all ranks (one small Allreduce), or None."""
-        n = self.comm.allreduce_sum([self.got[s] for s in self.SIGNALS])
-        return next((s for s, k in zip(self.SIGNALS[::-1], n[::-1]) if k), None)
+    def flags(self):
+        """This rank's count of each signal (``SIGNALS`` order), to be summed over the ranks."""
+        return np.array([self.got[s] for s in self.SIGNALS], dtype=np.float64)
+
+    def signal(self, sums):
+        """The signal to stop on for the ``flags`` summed over the ranks (SIGTERM before SIGINT),
+        or None."""
+        return next((s for s, k in zip(self.SIGNALS[::-1], sums[::-1]) if k), None)
 
 
 def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_rows=None, comm=None,
@@ -169,8 +175,8 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_row
         Global index of the first local row and number of rows of all processes (pixel
         sharding; default: this process holds all rows).
     comm : SerialComm or MPIComm, optional
-    stop : callable, optional
-        ``stop()`` after every step: a signal number to stop on (see :func:`train`).
+    stop : object, optional
+        Stop requests, checked at every step (see :func:`train`).
 
     Returns
     -------
@@ -550,7 +556,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
     save = (lambda st: _save_checkpoint(ckpt, st, extra)) if comm.rank == 0 else None
     hint = f"continue with `{source.resume_command(out)}`"
     try:
-        with _StopSignals(comm) as stop:
+        with _StopSignals() as stop:
             fit_rows(model, data, state, cfg, checkpoint=save, log=log.info, offset=rows.start, n_rows=n_rows,
                      comm=comm, stop=stop)
     except JobStopped as e:

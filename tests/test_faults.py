@@ -240,9 +240,10 @@ def test_sigterm_inside_an_epoch_checkpoints_and_resumes_bitwise(sky, small, tmp
 
     def term_at_step_30(self, *a, **kw):
         calls.append(1)
-        if len(calls) == 30:
-            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM sends
-        return orig(self, *a, **kw)
+        out = orig(self, *a, **kw)
+        if len(calls) == 29:  # what SLURM sends; seen with step 30's gradient
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
 
     monkeypatch.setattr(ELBOObjective, "value_and_gradient", term_at_step_30)
     capsys.readouterr()

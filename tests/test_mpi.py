@@ -178,9 +178,10 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step(sky, tmp_path):
         "orig, calls = a.ELBOObjective.value_and_gradient, []\n"
         "def term(self, *args, **kw):\n"
         "    calls.append(1)\n"
-        "    if world().rank == 1 and len(calls) == 14:\n"
+        "    out = orig(self, *args, **kw)\n"
+        "    if world().rank == 1 and len(calls) == 13:  # seen with step 14's gradient\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return orig(self, *args, **kw)\n"
+        "    return out\n"
         "a.ELBOObjective.value_and_gradient = term\n"
         f"sys.exit(main(['fit', {sky!r}, '--out', {str(run)!r}] + {args!r}))\n")
     p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
@@ -217,6 +218,56 @@ def test_full_length_fits_on_one_and_two_ranks_agree_within_the_seed_spread(sky,
     two = _validation_elbo(tmp_path / "k2")
     assert abs(two - elbo[0]) <= max(spread, 0.05 * abs(elbo[0])), (two, elbo)
     assert seeds.min() - spread <= two <= seeds.max() + spread, (two, elbo)
+
+
+DEAL = """
+import json, sys
+import numpy as np
+from galdecomp.parallel import world, block_rows
+from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
+comm = world()
+n, C = 1000, 6
+full = np.random.default_rng(0).standard_normal((n, C))
+full[np.random.default_rng(1).random((n, C)) < 0.1] = np.nan
+blk = block_rows(n, comm)
+model = Autoencoder(C, 3)
+params = model.init_params(2)
+obj = ELBOObjective(model, full[blk], n, blk.start, comm)
+rng = np.random.default_rng(3)
+order = rng.permutation(n)
+batches = [np.sort(order[i:i + 150]) for i in range(0, 900, 150)] + [np.sort(order[900:])]
+obj.deal(batches)
+out = []
+for b, rows in enumerate(batches):
+    xi = rng.standard_normal((rows.size, 3))
+    d = obj._dealt
+    guests = int(np.diff(d["guest_cut"][b:b + 2])[0])
+    mine = int(np.diff(d["own_cut"][b:b + 2])[0]) + guests
+    shares = comm.alltoall([mine] * comm.size)
+    moved = sum(comm.alltoall([guests] * comm.size))
+    v1, g1, _ = obj.value_and_gradient(params, rows, xi, dealt=b)
+    v0, g0, _ = obj.value_and_gradient(params, rows, xi)
+    out.append([int(rows.size), shares, moved, v1 - v0, float(np.max(np.abs(g1 - g0)) / np.max(np.abs(g0)))])
+if comm.rank == 0:
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_dealt_minibatches_give_each_rank_an_even_share_and_the_same_gradient(tmp_path, ranks):
+    """``ELBOObjective.deal``: every rank computes n // K or n // K + 1 rows of each minibatch
+    (rows beyond a rank's share computed elsewhere, missing channels included), and the value and
+    gradient are those of the undealt minibatch up to the order of the sums."""
+    p = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-c", DEAL], capture_output=True,
+                       text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr
+    import json
+
+    out = json.loads(p.stdout)
+    for size, shares, moved, dv, dg in out:
+        assert sum(shares) == size and max(shares) - min(shares) <= 1, (size, shares)
+        assert abs(dv) < 1e-12 and dg < 1e-12, (dv, dg)
+    assert sum(moved for _, _, moved, _, _ in out) > 0  # rows were computed away from their owner
 
 
 def test_keep_freed_memory_sets_glibc_thresholds():

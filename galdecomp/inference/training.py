@@ -202,8 +202,10 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
     Parameters
     ----------
     objective : object
-        ``objective.value_and_gradient(params, rows, xi) -> (value, grad, terms)`` for a minibatch
-        of row indices (``terms``: dict with per-row means ``nll`` and ``kl``),
+        ``objective.deal(batches)`` at the start of every epoch with its minibatches (sorted row
+        indices), then ``objective.value_and_gradient(params, batches[b], xi, extra=flags,
+        dealt=b) -> (value, grad, terms)`` for each (``terms``: dict with per-row means ``nll`` and
+        ``kl``, and ``extra``: the ``flags`` summed over the ranks with the gradient),
         ``objective.value(params, rows, xi) -> (value, terms)``, ``objective.latent_dim`` and,
         for ``cfg["select"] == "median"``, ``objective.validation(params, rows, xi) -> (mean,
         median)`` of the rows' negative ELBOs.
@@ -221,16 +223,17 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         ``cfg["checkpoint_seconds"]`` have passed since the last one (writes it atomically).
     progress : callable, optional
         ``progress(state, eta_seconds)`` called after every epoch.
-    stop : callable, optional
-        ``stop()`` after every step: a signal number when the job must stop (collective under
-        MPI, so that all ranks stop at the same step), else None.
+    stop : object, optional
+        Stop requests: ``stop.flags()``, this rank's counts (1-D array), summed over the ranks
+        with the step's gradient; ``stop.signal(sums)``, the signal number to stop on for those
+        sums, or None. All ranks therefore stop at the same step.
     step_scale : ndarray, optional
         Per-parameter factor of the learning rate (``cfg["step_on"] == "weights"``: the model's
         ``step_scales()``, so that Adam's steps are ``learning_rate`` on the weights and on log
         sigma whatever the parameterisation); default 1.
     seconds : dict, optional
         Filled with where the time went (wall seconds in this call): ``gradient`` (the
-        objective's value and gradient), ``optimiser`` (Adam), ``signal_check`` (``stop()``),
+        objective's value and gradient), ``optimiser`` (Adam), ``signal_check`` (``stop.signal``),
         ``validation``, ``checkpoint`` and ``total``, and ``steps`` and ``epochs`` done.
 
     Returns
@@ -271,11 +274,16 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         kw = {}
         if warmup > 0 and state.epoch < warmup:
             kw["beta"] = objective.beta * (state.epoch + 1) / (warmup + 1)
+        batches = [np.sort(order[b * bs:(b + 1) * bs] if b < n_batches - 1 else order[b * bs:])
+                   for b in range(n_batches)]
+        objective.deal(batches)
         for b in range(state.batch, n_batches):
-            rows = np.sort(order[b * bs:(b + 1) * bs] if b < n_batches - 1 else order[b * bs:])
+            rows = batches[b]
             xi = rng.standard_normal((rows.size, objective.latent_dim))
             t1 = clock()
-            value, grad, terms = objective.value_and_gradient(state.params, rows, xi, **kw)
+            flags = stop.flags() if stop is not None else ()
+            value, grad, terms = objective.value_and_gradient(state.params, rows, xi, extra=flags, dealt=b,
+                                                              **kw)
             t2 = clock()
             if not np.isfinite(value) or not np.all(np.isfinite(grad)):
                 raise FloatingPointError(f"non-finite ELBO at epoch {state.epoch + 1}, step {state.step + 1}")
@@ -283,7 +291,7 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
             t3 = clock()
             state.step += 1
             state.epoch_sums += (value, terms["nll"], terms["kl"])
-            signum = stop() if stop is not None else None
+            signum = stop.signal(terms["extra"]) if stop is not None else None
             t4 = clock()
             sec["gradient"] += t2 - t1
             sec["optimiser"] += t3 - t2

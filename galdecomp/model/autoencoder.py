@@ -188,6 +188,8 @@ class ELBOObjective:
     Minibatches are given as global row indices; with a communicator, this process holds only
     the rows ``[offset, offset + len(data))`` and the ranks' partial sums are added with one
     Allreduce of a packed array per step, so every rank gets the global value and gradient.
+    :meth:`deal` evens out the ranks' work: the rows of a minibatch beyond a rank's even share
+    are computed by a rank with fewer, from data sent once per epoch.
 
     Parameters
     ----------
@@ -218,6 +220,13 @@ class ELBOObjective:
         self.latent_dim = model.latent_dim
         self.beta = model.beta
         self.allreduce_seconds = 0.0
+        sizes = np.zeros(self.comm.size)
+        sizes[self.comm.rank] = len(self.data)
+        self._edges = np.concatenate([[0], np.cumsum(self.comm.allreduce_sum(sizes))]).astype(np.int64)
+        if self._edges[self.comm.rank] != self.offset:
+            raise ValueError(f"rank {self.comm.rank}: rows start at {self.offset}, not after the lower ranks' "
+                             f"{self._edges[self.comm.rank]}")
+        self._dealt = None
         L = model.latent_dim
         self._op = model.elbo(self.data[:0], self.mask[:0], np.zeros((0, L)), self.n_total,
                               with_prior=self.comm.rank == 0)
@@ -227,18 +236,86 @@ class ELBOObjective:
         r = rows[local] - self.offset
         return self._op.with_batch(self.data[r], self.mask[r], xi[local], n_batch=len(rows), beta=beta)
 
-    def value_and_gradient(self, params, rows, xi, beta=None):
+    def deal(self, batches):
+        """Share the rows of each of an epoch's minibatches evenly over the ranks (collective).
+
+        A rank computes its own rows of a minibatch up to its even share (``n // K``, one more on
+        the first ``n % K`` ranks); the rows beyond it go, in rank order, to the ranks below
+        their share, and their data travel now, in one exchange for the whole epoch. Which rank
+        computes a row changes only the order in which the partial sums are added.
+
+        Parameters
+        ----------
+        batches : list of ndarray of int
+            The epoch's minibatches (sorted global row indices), the same on every rank;
+            :meth:`value_and_gradient` with ``dealt=i`` then computes this rank's share of
+            ``batches[i]``.
+        """
+        K, me = self.comm.size, self.comm.rank
+        self._dealt = None
+        if K == 1:
+            return
+        nb = len(batches)
+        sizes = np.array([len(r) for r in batches])
+        first = np.cumsum(sizes) - sizes
+        rows = np.concatenate(batches)
+        batch = np.repeat(np.arange(nb), sizes)
+        pos = np.arange(rows.size) - first[batch]  # position in the minibatch
+        owner = np.searchsorted(self._edges, rows, side="right") - 1
+        cell = batch * K + owner
+        count = np.bincount(cell, minlength=nb * K).reshape(nb, K)
+        even = sizes[:, None] // K + (np.arange(K) < sizes[:, None] % K)
+        keep = np.minimum(count, even)
+        # rows of a minibatch are sorted, so each owner's rows are consecutive: the first `keep` stay
+        spare = pos - (np.cumsum(count, axis=1) - count).ravel()[cell] >= keep.ravel()[cell]
+        taker = np.full(rows.size, -1)
+        taker[spare] = np.repeat(np.tile(np.arange(K), nb), (even - keep).ravel())
+        given = spare & (owner == me)
+        send_rows, send_to = rows[given] - self.offset, taker[given]
+        by_dst = np.argsort(send_to, kind="stable")  # each destination's rows in epoch order
+        send_rows, cuts = send_rows[by_dst], np.searchsorted(send_to[by_dst], np.arange(K + 1))
+        raw = np.where(self.mask[send_rows], self.data[send_rows], np.nan)
+        received = self.comm.alltoall([raw[cuts[d]:cuts[d + 1]] for d in range(K)])
+        guest = taker == me
+        data = np.empty((guest.sum(), self.data.shape[1]))
+        for src in range(K):
+            data[owner[guest] == src] = received[src]
+        mask = np.isfinite(data)
+        data[~mask] = 0.0
+        own = ~spare & (owner == me)
+        self._dealt = dict(own_rows=rows[own] - self.offset, own_pos=pos[own], guest_pos=pos[guest],
+                           guest_data=data, guest_mask=mask,
+                           own_cut=np.searchsorted(batch[own], np.arange(nb + 1)),
+                           guest_cut=np.searchsorted(batch[guest], np.arange(nb + 1)))
+
+    def _dealt_energy(self, i, rows, xi, beta=None):
+        d = self._dealt
+        o, g = slice(*d["own_cut"][i:i + 2]), slice(*d["guest_cut"][i:i + 2])
+        local = d["own_rows"][o]
+        data = np.concatenate([self.data[local], d["guest_data"][g]])
+        mask = np.concatenate([self.mask[local], d["guest_mask"][g]])
+        at = np.concatenate([d["own_pos"][o], d["guest_pos"][g]])
+        return self._op.with_batch(data, mask, xi[at], n_batch=len(rows), beta=beta)
+
+    def value_and_gradient(self, params, rows, xi, beta=None, extra=(), dealt=None):
         """Negative ELBO per row of the minibatch ``rows``, its gradient and terms (nll, kl).
 
-        ``beta`` replaces the model's KL weight for this step (KL warm-up).
+        ``beta`` replaces the model's KL weight for this step (KL warm-up). ``extra``: a few
+        numbers of this rank summed over the ranks in the same Allreduce (the training loop's
+        stop and checkpoint flags), returned as ``terms["extra"]``. ``dealt``: ``rows`` is
+        minibatch ``dealt`` of the last :meth:`deal`; this rank computes its share of it.
         """
-        op = self._energy(rows, xi, beta)
+        if dealt is not None and self._dealt is not None:
+            op = self._dealt_energy(dealt, rows, xi, beta)
+        else:
+            op = self._energy(rows, xi, beta)
         value, grad, t = op.value_gradient_terms(self.model.position(params, op.domain))
-        local = np.concatenate([[value, t["nll"], t["kl"]], self.model.flatten(grad)])
+        k = 3 + len(extra)
+        local = np.concatenate([[value, t["nll"], t["kl"]], extra, self.model.flatten(grad)])
         t0 = time.perf_counter()
         packed = self.comm.allreduce_sum(local)
         self.allreduce_seconds += time.perf_counter() - t0
-        return float(packed[0]), packed[3:], {"nll": packed[1], "kl": packed[2]}
+        return float(packed[0]), packed[k:], {"nll": packed[1], "kl": packed[2], "extra": packed[3:k]}
 
     def value(self, params, rows, xi):
         """Negative ELBO per row of ``rows`` (no gradient) and its terms (nll, kl)."""
