@@ -16,8 +16,9 @@ the log's clock starts). Repetitions run round-robin; the best wall time
 of each variant is kept.
 
 Then where a training step's time goes, from the fit's own "training time" line (per step: the
-gradient on the rank's rows, the Allreduce with the wait for the slowest rank, Adam, the signal
-check and the rest of the loop, which every rank repeats; per epoch: validation, checkpoints),
+gradient on the rank's rows, the reduce-scatter with the wait for the slowest rank, Adam on the
+rank's block of the parameters, the Allgather of the blocks, the finiteness and signal checks
+and the rest of the loop, which every rank repeats; per epoch: validation, checkpoints),
 and how evenly minibatches fall on K ranks' row blocks (owned rows of the busiest rank per step
 over the mean, ``training.minibatches`` stratified against shuffled) with the rows per step the
 fit computes on another rank than their owner to even the work out (``ELBOObjective.deal``; no
@@ -85,9 +86,9 @@ def step_table(log1, log2):
     per_step = [k for k in c1 if k not in ("validation", "checkpoints")]
     t1 = sum(c1[k][0] for k in per_step)
     t2 = sum(c2[k][1] for k in per_step)
-    rep = sum(c2[k][1] for k in ("Adam", "signal check", "rest of the loop") if k in c2)
+    rep = sum(c2[k][1] for k in ("checks", "rest of the loop") if k in c2)
     print(f"\nstep: 1 rank {t1:.2f} ms, 2 ranks {t2:.2f} ms (each item's maximum over the ranks; ideal {t1 / 2:.2f}); "
-          f"repeated on every rank (Adam, signal check, rest of the loop) {rep:.2f} ms")
+          f"repeated on every rank (checks, rest of the loop) {rep:.2f} ms")
 
 
 def balance_table(n_rows=44237, batch=1024, ranks=(2, 4, 16, 64)):

@@ -3,7 +3,7 @@
 MPI is opt-in: mpi4py is imported only when the process was started by an MPI launcher
 (``mpiexec -n K galdecomp ...``) with more than one rank. Everything else in galdecomp sees a
 communicator with ``rank``, ``size``, ``allreduce_sum``, ``gather_rows``, ``bcast``,
-``scatter_block``, ``alltoall`` and ``abort``;
+``scatter_block``, ``alltoall``, ``sum_scattered``, ``allgather_blocks`` and ``abort``;
 the serial one does nothing.
 
 Sharding: rank r owns one contiguous block of the data's rows (:func:`block_rows`). For a sky
@@ -51,6 +51,22 @@ class SerialComm:
         (here: ``parts``)."""
         return list(parts)
 
+    def vector_block(self, n):
+        """This rank's block of a length-``n`` vector cut into equal blocks of ``ceil(n / size)``
+        (the last shorter), as :meth:`sum_scattered` and :meth:`allgather_blocks` cut it."""
+        size = -(-n // self.size)
+        return slice(min(self.rank * size, n), min((self.rank + 1) * size, n))
+
+    def sum_scattered(self, head, body):
+        """Sums over the ranks of ``head`` (every rank gets it whole) and of ``body`` (each rank
+        gets its :meth:`vector_block`): a reduce-scatter (here: both, as float64 arrays)."""
+        return np.asarray(head, dtype=np.float64), np.asarray(body, dtype=np.float64)
+
+    def allgather_blocks(self, part, n):
+        """The length-``n`` vector whose :meth:`vector_block` of every rank is that rank's
+        ``part``, on every rank (here: ``part``, as float64 array)."""
+        return np.asarray(part, dtype=np.float64)
+
     def barrier(self):
         pass
 
@@ -64,6 +80,14 @@ class MPIComm(SerialComm):
     def __init__(self, comm):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self._send = None
+
+    def _send_buffer(self, shape):
+        """A zeroed send buffer of ``shape``, kept between calls (a fresh one per step costs page
+        faults); only its used part is rewritten, so the padding stays zero."""
+        if self._send is None or self._send.shape != shape:
+            self._send = np.zeros(shape)
+        return self._send
 
     def allreduce_sum(self, x):
         from mpi4py import MPI
@@ -95,6 +119,32 @@ class MPIComm(SerialComm):
 
     def alltoall(self, parts):
         return self.comm.alltoall(list(parts))
+
+    def sum_scattered(self, head, body):
+        """One ``Reduce_scatter_block``: rank k's block holds ``head`` and block k of ``body``."""
+        from mpi4py import MPI
+
+        h, n = len(head), len(body)
+        size = -(-n // self.size)
+        send = self._send_buffer((self.size, h + size))
+        send[:, :h] = head
+        full = n // size  # blocks filled whole; the rest (at most one, shorter) then zeros
+        send[:full, h:] = np.reshape(body[:full * size], (full, size))
+        if full < self.size:
+            send[full, h:h + n - full * size] = body[full * size:]
+        recv = np.empty(h + size)
+        self.comm.Reduce_scatter_block(send, recv, op=MPI.SUM)
+        block = self.vector_block(n)
+        return recv[:h], recv[h:h + block.stop - block.start]
+
+    def allgather_blocks(self, part, n):
+        """One ``Allgather`` of the equal (padded) blocks."""
+        size = -(-n // self.size)
+        send = np.zeros(size)
+        send[:len(part)] = part
+        out = np.empty(self.size * size)
+        self.comm.Allgather(send, out)
+        return out[:n]
 
     def barrier(self):
         self.comm.Barrier()

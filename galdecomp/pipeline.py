@@ -202,7 +202,7 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_row
     train(objective, state, train_rows, valid_rows, tcfg, seed=cfg["seed"], checkpoint=checkpoint,
           progress=progress if log else None, stop=stop,
           step_scale=model.step_scales() if tcfg["step_on"] == "weights" else None, seconds=seconds)
-    where = training_time_summary(dict(seconds, allreduce=objective.allreduce_seconds), objective.comm)
+    where = training_time_summary(dict(seconds, reduction=objective.reduce_seconds), objective.comm)
     if log:
         log(f"training done after {state.epoch} epochs in {time.perf_counter() - t0:.1f} s; "
             f"best validation ELBO ({tcfg['select']} over the rows) {-state.best_val:.4f}")
@@ -218,8 +218,8 @@ def training_time_summary(seconds, comm):
     ----------
     seconds : dict
         :func:`~galdecomp.inference.training.train`'s ``seconds`` of this rank, with
-        ``allreduce`` (the objective's Allreduce, waits included); without ``epochs`` if no
-        epoch ran.
+        ``reduction`` (the objective's sum of the gradient over the ranks, waits included);
+        without ``epochs`` if no epoch ran.
     comm : SerialComm or MPIComm
         Collective: every rank calls it.
 
@@ -227,22 +227,24 @@ def training_time_summary(seconds, comm):
     -------
     str or None
         On rank 0 (None elsewhere, and when no epoch ran): milliseconds per step of the
-        gradient on the rank's own rows, the Allreduce with the wait for the slowest rank, Adam,
-        the signal check and the rest of the loop; per epoch of the validation and the
+        gradient on the rank's own rows, the reduce-scatter with the wait for the slowest rank,
+        Adam on the rank's block of the parameters, the Allgather of the blocks, the finiteness
+        and signal checks and the rest of the loop; per epoch of the validation and the
         checkpoints; minimum-maximum over the ranks.
     """
-    keys = ("gradient", "allreduce", "optimiser", "signal_check", "validation", "checkpoint", "total",
-            "steps", "epochs")
+    keys = ("gradient", "reduction", "optimiser", "params_gather", "checks", "validation", "checkpoint",
+            "total", "steps", "epochs")
     mine = np.array([[seconds.get(k, 0.0) for k in keys]])
     every = comm.gather_rows(mine)
     if every is None or every[:, -1].min() < 1:
         return None
     s = dict(zip(keys, every.T))
-    per_step = {"gradient on the rank's rows": s["gradient"] - s["allreduce"],
-                "Allreduce with the wait for the slowest rank": s["allreduce"],
-                "Adam": s["optimiser"], "signal check": s["signal_check"],
-                "rest of the loop": s["total"] - s["gradient"] - s["optimiser"] - s["signal_check"]
-                - s["validation"] - s["checkpoint"]}
+    per_step = {"gradient on the rank's rows": s["gradient"] - s["reduction"],
+                "reduce-scatter with the wait for the slowest rank": s["reduction"],
+                "Adam on the rank's block": s["optimiser"], "parameter Allgather": s["params_gather"],
+                "checks": s["checks"],
+                "rest of the loop": s["total"] - s["gradient"] - s["optimiser"] - s["params_gather"]
+                - s["checks"] - s["validation"] - s["checkpoint"]}
     per_epoch = {"validation": s["validation"], "checkpoints": s["checkpoint"]}
 
     def fmt(v, n):

@@ -308,13 +308,19 @@ def test_a_map_changed_under_a_run_is_refused(small_catalog, small, tmp_path, ca
     error_line(capsys, str(run), "other data than the run was started on")
 
 
-def test_a_diverging_fit_stops_with_one_line(sky, small, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("where", ["value", "gradient"])
+def test_a_diverging_fit_stops_with_one_line(sky, small, tmp_path, monkeypatch, capsys, where):
     orig, calls = ELBOObjective.value_and_gradient, []
 
     def nan_at_step_4(self, *a, **kw):
         calls.append(1)
         value, grad, terms = orig(self, *a, **kw)
-        return (np.nan if len(calls) == 4 else value), grad, terms
+        if len(calls) == 4 and where == "value":
+            value = np.nan
+        elif len(calls) == 4:
+            grad = grad.copy()
+            grad[7] = np.inf
+        return value, grad, terms
 
     monkeypatch.setattr(ELBOObjective, "value_and_gradient", nan_at_step_4)
     capsys.readouterr()

@@ -112,6 +112,26 @@ def test_adam_equals_the_textbook_update_bitwise():
     np.testing.assert_array_equal(opt.v, v)
 
 
+def test_adam_on_blocks_equals_adam_on_the_whole_vector_bitwise():
+    """Under MPI each rank updates its block of the parameters: the blocks' updates, put
+    together, are the whole vector's update, bit for bit (per-parameter learning rates too)."""
+    rng = np.random.default_rng(4)
+    whole, x, lr = Adam(50), rng.standard_normal(50), 1e-2 * rng.uniform(0.5, 2.0, 50)
+    parts, xb = Adam(50), x.copy()
+    blocks = [slice(0, 17), slice(17, 34), slice(34, 50)]
+    for _ in range(20):
+        g = rng.standard_normal(50)
+        x = whole.step(x, g, lr)
+        new = []
+        for b in blocks:  # one optimiser step, block by block, as the ranks take it
+            parts.t = whole.t - 1
+            new.append(parts.step(xb, g[b], lr, part=b))
+        xb = np.concatenate(new)
+    np.testing.assert_array_equal(xb, x)
+    np.testing.assert_array_equal(parts.m, whole.m)
+    np.testing.assert_array_equal(parts.v, whole.v)
+
+
 @pytest.mark.parametrize("bad,needle", [({"latent_dim": 0}, "latent_dim"), ({"covariance": "full"}, "covariance"),
                                         ({"training": {"batch_size": -1}}, "batch_size"),
                                         ({"decoder": {"hidden": [64, "x"]}}, "hidden"),

@@ -70,7 +70,7 @@ def test_two_ranks_equal_one(sky, tmp_path, minibatches):
     # where the training time went, from both ranks, in one line of rank 0
     line, = [ln for ln in p.stderr.splitlines() if "training time" in ln]
     assert "(min-max over 2 ranks): per step [ms] gradient on the rank's rows " in line
-    assert "Allreduce with the wait for the slowest rank" in line and "checkpoints 0.00-" in line  # rank 1 writes none
+    assert "reduce-scatter with the wait for the slowest rank" in line and "checkpoints 0.00-" in line  # rank 1 writes none
 
 
 def test_killed_run_resumes_on_another_rank_count(sky, tmp_path):
@@ -268,6 +268,63 @@ def test_dealt_minibatches_give_each_rank_an_even_share_and_the_same_gradient(tm
         assert sum(shares) == size and max(shares) - min(shares) <= 1, (size, shares)
         assert abs(dv) < 1e-12 and dg < 1e-12, (dv, dg)
     assert sum(moved for _, _, moved, _, _ in out) > 0  # rows were computed away from their owner
+
+
+COLLECTIVES = """
+import json
+import numpy as np
+from galdecomp.parallel import world
+comm = world()
+n = 1001  # not a multiple of the ranks
+rng = np.random.default_rng(comm.rank)
+head, body = rng.standard_normal(4), rng.standard_normal(n)
+h, part = comm.sum_scattered(head, body)
+block = comm.vector_block(n)
+full = comm.allreduce_sum(np.concatenate([head, body]))
+whole = comm.allgather_blocks(part, n)
+blocks = comm.alltoall([(block.start, block.stop)] * comm.size)
+if comm.rank == 0:
+    print(json.dumps([float(np.max(np.abs(h - full[:4]))), float(np.max(np.abs(whole - full[4:]))),
+                      blocks]))
+"""
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_reduce_scatter_and_allgather_of_blocks_equal_the_allreduce(ranks):
+    """The training step's collectives: ``sum_scattered`` gives every rank the summed head and
+    its block of the summed body, ``allgather_blocks`` puts the blocks together again (n not a
+    multiple of K), equal to the Allreduce up to the order of the sums."""
+    p = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-c", COLLECTIVES], capture_output=True,
+                       text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr
+    import json
+
+    d_head, d_body, blocks = json.loads(p.stdout)
+    assert d_head < 1e-14 and d_body < 1e-14, (d_head, d_body)
+    assert blocks[0][0] == 0 and blocks[-1][1] == 1001 and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+
+
+def test_a_non_finite_gradient_on_one_rank_stops_every_rank_at_the_same_step(sky, tmp_path):
+    """Each rank sees only its block of the gradient: a NaN in rank 1's rows reaches every rank
+    through the gathered parameters, and all stop with the same one-line error (no hang)."""
+    code = (
+        "import sys, numpy as np, galdecomp.model.autoencoder as a\n"
+        "from galdecomp.parallel import world\n"
+        "from galdecomp.cli import main\n"
+        "orig, calls = a.ELBOObjective.value_and_gradient, []\n"
+        "def nan(self, *args, **kw):\n"
+        "    calls.append(1)\n"
+        "    value, grad, terms = orig(self, *args, **kw)\n"
+        "    if world().rank == 1 and len(calls) == 2:  # one step per epoch at nside 8\n"
+        "        grad = grad.copy(); grad[-1] = np.nan\n"
+        "    return value, grad, terms\n"
+        "a.ELBOObjective.value_and_gradient = nan\n"
+        f"sys.exit(main(['fit', {sky!r}, '--out', {str(tmp_path / 'r')!r}, '--nside', '8', '--max-epochs', '2']))\n")
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
+                       env=ENV, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert "non-finite ELBO at epoch 2, step 2" in p.stderr and "Traceback" not in p.stderr
+    assert "aborting" not in p.stderr  # both ranks stopped on their own, at the same step
 
 
 def test_keep_freed_memory_sets_glibc_thresholds():

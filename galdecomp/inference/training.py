@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from ..errors import JobStopped
+from ..parallel import SerialComm
 from ..random import stream
 
 __all__ = ["Adam", "TrainingState", "MINIBATCH_KINDS", "split_rows", "epoch_order", "finished", "train"]
@@ -31,29 +32,47 @@ class Adam:
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self._buf = np.empty((2, n))
 
-    def step(self, x, grad, lr):
-        """Return the updated parameters ``x - lr * m_hat / (sqrt(v_hat) + eps)``.
+    def step(self, x, grad, lr, part=slice(None)):
+        """Return the updated parameters ``x - lr * m_hat / (sqrt(v_hat) + eps)`` of ``part``.
+
+        Parameters
+        ----------
+        x : ndarray, shape (n,)
+            Parameters.
+        grad : ndarray, shape of ``x[part]``
+            Gradient of the parameters ``part``.
+        lr : float or ndarray, shape (n,)
+            Learning rate (per parameter).
+        part : slice
+            The parameters to update (under MPI each rank updates its block and the blocks are
+            gathered); only their moments change.
+
+        Returns
+        -------
+        ndarray, shape of ``x[part]``
 
         The moments are updated in place and the work is done in two preallocated buffers
         (fresh arrays of this size cost a page-fault each); the arithmetic and its order are
-        those of the textbook expressions, so results do not depend on the buffering.
+        those of the textbook expressions, elementwise, so results depend neither on the
+        buffering nor on ``part``.
         """
         self.t += 1
-        a, b = self._buf
-        self.m *= self.beta1
+        a, b = self._buf[:, part]
+        m, v = self.m[part], self.v[part]
+        m *= self.beta1
         np.multiply(1 - self.beta1, grad, out=a)
-        self.m += a
-        self.v *= self.beta2
+        m += a
+        v *= self.beta2
         np.multiply(1 - self.beta2, grad, out=a)
         a *= grad
-        self.v += a
-        np.divide(self.v, 1 - self.beta2 ** self.t, out=b)
+        v += a
+        np.divide(v, 1 - self.beta2 ** self.t, out=b)
         np.sqrt(b, out=b)
         b += self.eps
-        np.divide(self.m, 1 - self.beta1 ** self.t, out=a)
-        a *= lr
+        np.divide(m, 1 - self.beta1 ** self.t, out=a)
+        a *= lr[part] if np.ndim(lr) else lr
         a /= b
-        return x - a
+        return x[part] - a
 
 
 class TrainingState:
@@ -204,11 +223,14 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
     objective : object
         ``objective.deal(batches)`` at the start of every epoch with its minibatches (sorted row
         indices), then ``objective.value_and_gradient(params, batches[b], xi, extra=flags,
-        dealt=b) -> (value, grad, terms)`` for each (``terms``: dict with per-row means ``nll`` and
-        ``kl``, and ``extra``: the ``flags`` summed over the ranks with the gradient),
+        dealt=b, scatter=True) -> (value, grad, terms)`` for each (``grad``: this rank's block
+        ``comm.vector_block(n_params)`` of the gradient; ``terms``: dict with per-row means
+        ``nll`` and ``kl``, and ``extra``: the ``flags`` summed over the ranks with it),
         ``objective.value(params, rows, xi) -> (value, terms)``, ``objective.latent_dim`` and,
         for ``cfg["select"] == "median"``, ``objective.validation(params, rows, xi) -> (mean,
-        median)`` of the rows' negative ELBOs.
+        median)`` of the rows' negative ELBOs; ``objective.comm`` (optional, default serial): the
+        ranks. Each rank takes the Adam step of its block of the parameters and the blocks are
+        gathered, so the parameters are the same on every rank.
     state : TrainingState
         Where to start (fresh or loaded from a checkpoint); updated in place.
     train_rows, valid_rows : ndarray of int
@@ -220,7 +242,9 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         Seed of the fixed validation draws.
     checkpoint : callable, optional
         ``checkpoint(state)`` called after every epoch, and inside an epoch once
-        ``cfg["checkpoint_seconds"]`` have passed since the last one (writes it atomically).
+        ``cfg["checkpoint_seconds"]`` have passed since the last one (writes it atomically). Under
+        MPI one rank has it; its decision to write inside an epoch travels with the step's
+        gradient, so that every rank takes part in gathering the Adam moments for it.
     progress : callable, optional
         ``progress(state, eta_seconds)`` called after every epoch.
     stop : object, optional
@@ -233,7 +257,8 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         sigma whatever the parameterisation); default 1.
     seconds : dict, optional
         Filled with where the time went (wall seconds in this call): ``gradient`` (the
-        objective's value and gradient), ``optimiser`` (Adam), ``signal_check`` (``stop.signal``),
+        objective's value and gradient), ``optimiser`` (Adam on this rank's block),
+        ``params_gather`` (gathering the blocks), ``checks`` (finiteness, ``stop.signal``),
         ``validation``, ``checkpoint`` and ``total``, and ``steps`` and ``epochs`` done.
 
     Returns
@@ -256,7 +281,16 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
     t_start, epoch0 = time.perf_counter(), state.epoch
     t_saved, signum = t_start, None
     clock = time.perf_counter
-    sec = dict.fromkeys(("gradient", "optimiser", "signal_check", "validation", "checkpoint"), 0.0)
+    comm = getattr(objective, "comm", None) or SerialComm()
+    n_par = state.params.size
+    part = comm.vector_block(n_par)
+
+    def gather_moments():
+        if comm.size > 1:
+            state.adam.m = comm.allgather_blocks(state.adam.m[part], n_par)
+            state.adam.v = comm.allgather_blocks(state.adam.v[part], n_par)
+
+    sec = dict.fromkeys(("gradient", "optimiser", "params_gather", "checks", "validation", "checkpoint"), 0.0)
     sec.update(steps=0, epochs=0)
     while not state.done:
         rng = np.random.default_rng()
@@ -281,30 +315,37 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
             rows = batches[b]
             xi = rng.standard_normal((rows.size, objective.latent_dim))
             t1 = clock()
-            flags = stop.flags() if stop is not None else ()
+            due = checkpoint is not None and b + 1 < n_batches and t1 - t_saved >= cfg["checkpoint_seconds"]
+            flags = np.concatenate([[float(due)], stop.flags() if stop is not None else []])
             value, grad, terms = objective.value_and_gradient(state.params, rows, xi, extra=flags, dealt=b,
-                                                              **kw)
+                                                              scatter=True, **kw)
             t2 = clock()
-            if not np.isfinite(value) or not np.all(np.isfinite(grad)):
-                raise FloatingPointError(f"non-finite ELBO at epoch {state.epoch + 1}, step {state.step + 1}")
-            state.params = state.adam.step(state.params, grad, lr)
+            mine = state.adam.step(state.params, grad, lr, part)
             t3 = clock()
+            params = comm.allgather_blocks(mine, n_par)
+            t4 = clock()
+            # a non-finite gradient makes the parameters non-finite (inf / inf in Adam), on every
+            # rank alike; their sum is non-finite exactly then (parameters are far from overflow)
+            if not np.isfinite(value + params.sum()):
+                raise FloatingPointError(f"non-finite ELBO at epoch {state.epoch + 1}, step {state.step + 1}")
+            state.params = params
             state.step += 1
             state.epoch_sums += (value, terms["nll"], terms["kl"])
-            signum = stop.signal(terms["extra"]) if stop is not None else None
-            t4 = clock()
+            signum = stop.signal(terms["extra"][1:]) if stop is not None else None
+            t5 = clock()
             sec["gradient"] += t2 - t1
             sec["optimiser"] += t3 - t2
-            sec["signal_check"] += t4 - t3
+            sec["params_gather"] += t4 - t3
+            sec["checks"] += t5 - t4
             sec["steps"] += 1
-            if b + 1 < n_batches and (signum or checkpoint is not None
-                                      and t4 - t_saved >= cfg["checkpoint_seconds"]):
+            if b + 1 < n_batches and (signum or terms["extra"][0] > 0):
+                gather_moments()
                 state.batch, state.batch_rng_state = b + 1, rng.bit_generator.state
                 state.epoch_seconds = clock() - t0
                 if checkpoint is not None:
                     checkpoint(state)
                     t_saved = clock()
-                    sec["checkpoint"] += t_saved - t4
+                    sec["checkpoint"] += t_saved - t5
                 if signum:
                     raise JobStopped(signum)
         t1 = clock()
@@ -335,6 +376,7 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         if finished(state, cfg):
             state.done = True
         sec["epochs"] += 1
+        gather_moments()
         if checkpoint is not None:
             t1 = clock()
             checkpoint(state)

@@ -187,7 +187,9 @@ class ELBOObjective:
 
     Minibatches are given as global row indices; with a communicator, this process holds only
     the rows ``[offset, offset + len(data))`` and the ranks' partial sums are added with one
-    Allreduce of a packed array per step, so every rank gets the global value and gradient.
+    collective per step: an Allreduce (every rank gets the global value and gradient) or, for
+    the training loop, a reduce-scatter (every rank gets the value and its block of the
+    gradient, for its block of the optimiser update).
     :meth:`deal` evens out the ranks' work: the rows of a minibatch beyond a rank's even share
     are computed by a rank with fewer, from data sent once per epoch.
 
@@ -204,8 +206,9 @@ class ELBOObjective:
 
     Attributes
     ----------
-    allreduce_seconds : float
-        Time spent in the gradient's Allreduce, including the wait for the slowest rank.
+    reduce_seconds : float
+        Time spent summing the gradient over the ranks (reduce-scatter or Allreduce), including
+        the wait for the slowest rank.
     """
 
     def __init__(self, model, data, n_total, offset=0, comm=None):
@@ -219,7 +222,7 @@ class ELBOObjective:
         self.offset = int(offset)
         self.latent_dim = model.latent_dim
         self.beta = model.beta
-        self.allreduce_seconds = 0.0
+        self.reduce_seconds = 0.0
         sizes = np.zeros(self.comm.size)
         sizes[self.comm.rank] = len(self.data)
         self._edges = np.concatenate([[0], np.cumsum(self.comm.allreduce_sum(sizes))]).astype(np.int64)
@@ -297,25 +300,30 @@ class ELBOObjective:
         at = np.concatenate([d["own_pos"][o], d["guest_pos"][g]])
         return self._op.with_batch(data, mask, xi[at], n_batch=len(rows), beta=beta)
 
-    def value_and_gradient(self, params, rows, xi, beta=None, extra=(), dealt=None):
+    def value_and_gradient(self, params, rows, xi, beta=None, extra=(), dealt=None, scatter=False):
         """Negative ELBO per row of the minibatch ``rows``, its gradient and terms (nll, kl).
 
         ``beta`` replaces the model's KL weight for this step (KL warm-up). ``extra``: a few
-        numbers of this rank summed over the ranks in the same Allreduce (the training loop's
+        numbers of this rank summed over the ranks in the same reduction (the training loop's
         stop and checkpoint flags), returned as ``terms["extra"]``. ``dealt``: ``rows`` is
         minibatch ``dealt`` of the last :meth:`deal`; this rank computes its share of it.
+        ``scatter``: return only this rank's block ``comm.vector_block(n_params)`` of the
+        gradient (a reduce-scatter instead of an Allreduce).
         """
         if dealt is not None and self._dealt is not None:
             op = self._dealt_energy(dealt, rows, xi, beta)
         else:
             op = self._energy(rows, xi, beta)
         value, grad, t = op.value_gradient_terms(self.model.position(params, op.domain))
-        k = 3 + len(extra)
-        local = np.concatenate([[value, t["nll"], t["kl"]], extra, self.model.flatten(grad)])
+        head = np.concatenate([[value, t["nll"], t["kl"]], extra])
         t0 = time.perf_counter()
-        packed = self.comm.allreduce_sum(local)
-        self.allreduce_seconds += time.perf_counter() - t0
-        return float(packed[0]), packed[k:], {"nll": packed[1], "kl": packed[2], "extra": packed[3:k]}
+        if scatter:
+            head, grad = self.comm.sum_scattered(head, self.model.flatten(grad))
+        else:
+            packed = self.comm.allreduce_sum(np.concatenate([head, self.model.flatten(grad)]))
+            head, grad = packed[:len(head)], packed[len(head):]
+        self.reduce_seconds += time.perf_counter() - t0
+        return float(head[0]), grad, {"nll": head[1], "kl": head[2], "extra": head[3:]}
 
     def value(self, params, rows, xi):
         """Negative ELBO per row of ``rows`` (no gradient) and its terms (nll, kl)."""
