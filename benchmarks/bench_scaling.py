@@ -68,7 +68,7 @@ def step_costs(log):
     """``{item: (min, max)}`` milliseconds from the fit's "training time" log line."""
     line = next(ln for ln in log.splitlines() if "training time" in ln)
     out = {}
-    item_value = r"(?:\] |, |; per (?:step|epoch) \[ms\] )([A-Za-z' ]+?) ([\d.]+)(?:-([\d.]+))?(?=[,;]|$)"
+    item_value = r"(?:\] |, |; per (?:step|epoch) \[ms\] )([A-Za-z' -]+?) ([\d.]+)(?:-([\d.]+))?(?=[,;]|$)"
     for item, lo, hi in re.findall(item_value, line.split(": ", 1)[1]):
         out[item.strip()] = (float(lo), float(hi or lo))
     return out
