@@ -487,8 +487,10 @@ def main(argv=None):
     """Run the command line; returns the exit status.
 
     Exit status 2: bad input (one line from rank 0, on every rank under MPI, as it is checked
-    identically everywhere); 1: a failure of the environment (a write that failed, an unexpected
-    error; under MPI it aborts the whole job); 128 + N: stopped by signal N after a checkpoint.
+    identically everywhere); 1: a diverging fit (one line from rank 0: every rank sees the same
+    non-finite ELBO or parameters at the same step) or a failure of the environment (a write
+    that failed, an unexpected error; under MPI it aborts the whole job); 128 + N: stopped by
+    signal N after a checkpoint.
     """
     from .parallel import world
 
@@ -518,7 +520,11 @@ def main(argv=None):
         if comm.size > 1:
             comm.abort(130)
         return 130
-    except (WriteError, FloatingPointError) as e:
+    except FloatingPointError as e:  # raised by every rank at the same step
+        if comm.rank == 0:
+            print(f"galdecomp: error: {e}", file=sys.stderr)
+        return 1
+    except WriteError as e:
         print(f"galdecomp: error: {e}", file=sys.stderr)
         if comm.size > 1:
             comm.abort(1)
