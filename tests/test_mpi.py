@@ -23,6 +23,23 @@ def mpirun(n, args, **kw):
                           capture_output=True, text=True, env=ENV, timeout=600, **kw)
 
 
+def fit_with_wrapped_gradient(body, fit_args, timeout=300):
+    """``galdecomp fit`` on 2 ranks with ``ELBOObjective.value_and_gradient`` wrapped: ``body``
+    (Python lines) sees ``self, args, kw``, the call count ``n`` and ``rank``, and returns."""
+    code = ("import os, signal, sys, numpy as np, galdecomp.model.autoencoder as a\n"
+            "from galdecomp.parallel import world\n"
+            "from galdecomp.cli import main\n"
+            "orig, calls = a.ELBOObjective.value_and_gradient, []\n"
+            "def wrapped(self, *args, **kw):\n"
+            "    calls.append(1)\n"
+            "    n, rank = len(calls), world().rank\n"
+            + "".join(f"    {line}\n" for line in body.strip().splitlines())
+            + "a.ELBOObjective.value_and_gradient = wrapped\n"
+            f"sys.exit(main(['fit'] + {list(fit_args)!r}))\n")
+    return subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
 def maps(path):
     return np.array(hp.read_map(str(path), field=None))
 
@@ -137,20 +154,12 @@ def test_bad_input_under_mpi_is_one_line_and_exit_2(sky, tmp_path):
 
 
 def test_a_failing_rank_aborts_the_job(sky, tmp_path):
-    code = (
-        "import sys, galdecomp.model.autoencoder as a\n"
-        "from galdecomp.parallel import world\n"
-        "from galdecomp.cli import main\n"
-        "orig = a.ELBOObjective.value_and_gradient\n"
-        "def broken(self, *args, **kw):\n"
-        "    if world().rank == 1:\n"
-        "        raise RuntimeError('disk on fire')\n"
-        "    return orig(self, *args, **kw)\n"
-        "a.ELBOObjective.value_and_gradient = broken\n"
-        f"sys.exit(main(['fit', {sky!r}, '--out', {str(tmp_path / 'r')!r}, '--nside', '8', '--max-epochs', '2']))\n")
     t0 = time.time()
-    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
-                       env=ENV, timeout=120)
+    p = fit_with_wrapped_gradient("""
+if rank == 1:
+    raise RuntimeError('disk on fire')
+return orig(self, *args, **kw)
+""", [sky, "--out", str(tmp_path / "r"), "--nside", "8", "--max-epochs", "2"], timeout=120)
     assert p.returncode != 0 and time.time() - t0 < 120
     assert "rank 1 failed: aborting all 2 ranks" in p.stderr
 
@@ -176,21 +185,12 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step(sky, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("latent_dim: 2\ntraining: {batch_size: 64}\n")  # 10 steps per epoch at nside 8
     args = ["--nside", "8", "--max-epochs", "3", "--config", str(cfg)]
-    code = (
-        "import os, signal, sys, galdecomp.model.autoencoder as a\n"
-        "from galdecomp.parallel import world\n"
-        "from galdecomp.cli import main\n"
-        "orig, calls = a.ELBOObjective.value_and_gradient, []\n"
-        "def term(self, *args, **kw):\n"
-        "    calls.append(1)\n"
-        "    out = orig(self, *args, **kw)\n"
-        "    if world().rank == 1 and len(calls) == 13:  # seen with step 14's gradient\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return out\n"
-        "a.ELBOObjective.value_and_gradient = term\n"
-        f"sys.exit(main(['fit', {sky!r}, '--out', {str(run)!r}] + {args!r}))\n")
-    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
-                       env=ENV, timeout=300)
+    p = fit_with_wrapped_gradient("""
+out = orig(self, *args, **kw)
+if rank == 1 and n == 13:  # seen with step 14's gradient
+    os.kill(os.getpid(), signal.SIGTERM)
+return out
+""", [sky, "--out", str(run)] + args)
     assert p.returncode == 128 + signal.SIGTERM, p.stderr
     assert "stopped by SIGTERM after step 14 (in epoch 2)" in p.stderr and "Traceback" not in p.stderr
     with np.load(run / "checkpoint.npz") as f:
@@ -312,21 +312,13 @@ def test_reduce_scatter_and_allgather_of_blocks_equal_the_allreduce(ranks):
 def test_a_non_finite_gradient_on_one_rank_stops_every_rank_at_the_same_step(sky, tmp_path):
     """Each rank sees only its block of the gradient: a NaN in rank 1's rows reaches every rank
     through the gathered parameters, and all stop with the same one-line error (no hang)."""
-    code = (
-        "import sys, numpy as np, galdecomp.model.autoencoder as a\n"
-        "from galdecomp.parallel import world\n"
-        "from galdecomp.cli import main\n"
-        "orig, calls = a.ELBOObjective.value_and_gradient, []\n"
-        "def nan(self, *args, **kw):\n"
-        "    calls.append(1)\n"
-        "    value, grad, terms = orig(self, *args, **kw)\n"
-        "    if world().rank == 1 and len(calls) == 2:  # one step per epoch at nside 8\n"
-        "        grad = grad.copy(); grad[-1] = np.nan\n"
-        "    return value, grad, terms\n"
-        "a.ELBOObjective.value_and_gradient = nan\n"
-        f"sys.exit(main(['fit', {sky!r}, '--out', {str(tmp_path / 'r')!r}, '--nside', '8', '--max-epochs', '2']))\n")
-    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
-                       env=ENV, timeout=120)
+    p = fit_with_wrapped_gradient("""
+value, grad, terms = orig(self, *args, **kw)
+if rank == 1 and n == 2:  # one step per epoch at nside 8
+    grad = grad.copy()
+    grad[-1] = np.nan
+return value, grad, terms
+""", [sky, "--out", str(tmp_path / "r"), "--nside", "8", "--max-epochs", "2"], timeout=120)
     assert p.returncode == 1, p.stderr
     assert "non-finite ELBO at epoch 2, step 2" in p.stderr and "Traceback" not in p.stderr
     assert p.stderr.count("galdecomp: error:") == 1  # both ranks stopped on their own, at the same step
