@@ -269,7 +269,7 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
     Raises
     ------
     JobStopped
-        ``stop()`` returned a signal: after the step (or the epoch, at its last step) and a
+        ``stop.signal`` returned a signal: after the step (or the epoch, at its last step) and a
         checkpoint of the state.
     """
     bs = int(cfg["batch_size"])

@@ -223,13 +223,14 @@ class ELBOObjective:
         self.latent_dim = model.latent_dim
         self.beta = model.beta
         self.reduce_seconds = 0.0
-        sizes = np.zeros(self.comm.size)
-        sizes[self.comm.rank] = len(self.data)
-        self._edges = np.concatenate([[0], np.cumsum(self.comm.allreduce_sum(sizes))]).astype(np.int64)
-        if self._edges[self.comm.rank] != self.offset:
-            raise ValueError(f"rank {self.comm.rank}: rows start at {self.offset}, not after the lower ranks' "
-                             f"{self._edges[self.comm.rank]}")
-        self._dealt = None
+        self._edges, self._dealt = None, None
+        if self.comm.size > 1:  # the ranks' first rows, for deal()
+            sizes = np.zeros(self.comm.size)
+            sizes[self.comm.rank] = len(self.data)
+            self._edges = np.concatenate([[0], np.cumsum(self.comm.allreduce_sum(sizes))]).astype(np.int64)
+            if self._edges[self.comm.rank] != self.offset:
+                raise ValueError(f"rank {self.comm.rank}: rows start at {self.offset}, not after the lower "
+                                 f"ranks' {self._edges[self.comm.rank]}")
         L = model.latent_dim
         self._op = model.elbo(self.data[:0], self.mask[:0], np.zeros((0, L)), self.n_total,
                               with_prior=self.comm.rank == 0)
