@@ -54,7 +54,7 @@ class SerialComm:
     def vector_block(self, n):
         """This rank's block of a length-``n`` vector cut into equal blocks of ``ceil(n / size)``
         (the last shorter), as :meth:`sum_scattered` and :meth:`allgather_blocks` cut it."""
-        size = -(-n // self.size)
+        size = _block_size(n, self.size)
         return slice(min(self.rank * size, n), min((self.rank + 1) * size, n))
 
     def sum_scattered(self, head, body):
@@ -125,7 +125,7 @@ class MPIComm(SerialComm):
         from mpi4py import MPI
 
         h, n = len(head), len(body)
-        size = -(-n // self.size)
+        size = _block_size(n, self.size)
         send = self._send_buffer((self.size, h + size))
         send[:, :h] = head
         full = n // size  # blocks filled whole; the rest (at most one, shorter) then zeros
@@ -139,7 +139,7 @@ class MPIComm(SerialComm):
 
     def allgather_blocks(self, part, n):
         """One ``Allgather`` of the equal (padded) blocks."""
-        size = -(-n // self.size)
+        size = _block_size(n, self.size)
         send = np.zeros(size)
         send[:len(part)] = part
         out = np.empty(self.size * size)
@@ -156,6 +156,12 @@ class MPIComm(SerialComm):
 
 
 _WORLD = None
+
+
+def _block_size(n, n_ranks):
+    """Length of the equal blocks (``ceil(n / n_ranks)``, the last block shorter) in which
+    :meth:`SerialComm.vector_block` and the collectives on blocks cut a length-``n`` vector."""
+    return -(-n // n_ranks)
 
 
 def keep_freed_memory(mmap_threshold=32 << 20, trim_threshold=256 << 20):

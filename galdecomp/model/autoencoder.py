@@ -316,12 +316,12 @@ class ELBOObjective:
         else:
             op = self._energy(rows, xi, beta)
         value, grad, t = op.value_gradient_terms(self.model.position(params, op.domain))
-        head = np.concatenate([[value, t["nll"], t["kl"]], extra])
+        head, grad = np.concatenate([[value, t["nll"], t["kl"]], extra]), self.model.flatten(grad)
         t0 = time.perf_counter()
         if scatter:
-            head, grad = self.comm.sum_scattered(head, self.model.flatten(grad))
+            head, grad = self.comm.sum_scattered(head, grad)
         else:
-            packed = self.comm.allreduce_sum(np.concatenate([head, self.model.flatten(grad)]))
+            packed = self.comm.allreduce_sum(np.concatenate([head, grad]))
             head, grad = packed[:len(head)], packed[len(head):]
         self.reduce_seconds += time.perf_counter() - t0
         return float(head[0]), grad, {"nll": head[1], "kl": head[2], "extra": head[3:]}
