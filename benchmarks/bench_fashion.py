@@ -81,7 +81,7 @@ def log_weights(model, params, D, k, rng, block=100):
         Posterior means.
     """
     mask = np.ones(D.shape, bool)
-    mean, cov = model.posterior_moments(params, D, mask)
+    mean, cov = model.posterior_moments(params, D, mask, full_cov=True)
     chol = np.linalg.cholesky(cov)
     N, L = mean.shape
     logdet = np.log(np.einsum("nii->ni", chol)).sum(axis=1)
@@ -315,7 +315,7 @@ def main(argv=None):
         rec["fd_floor"] = fd_floor
         # the recipe of `galdecomp fit` / `galdecomp transform`: 8 draws from q(z|d) of up to
         # 20,000 training images, iterative Gaussianisation (and the 16-component mixture)
-        mtr, ctr = model.posterior_moments(params, Dtr, np.ones(Dtr.shape, bool))
+        mtr, ctr = model.posterior_moments(params, Dtr, np.ones(Dtr.shape, bool), full_cov=True)
         z, groups = aggregate_draws(mtr, ctr, transform_rows(len(Dtr), 0.1, 0), 0)
         for method, key in (("gmm", "fd_gmm"), ("gaussianising", "fd_transform")):
             trans = fit_latent_density(z, groups, method, seed=0)

@@ -318,7 +318,7 @@ def galdecomp_validation(res, data, rows, channels=None):
     mask = np.isfinite(d)
     mask_lh = mask if channels is None else mask & channels[None, :]
     d0 = np.where(mask, d, 0.0)
-    mean, cov = model.posterior_moments(params, d0, mask)
+    mean, cov = model.posterior_moments(params, d0, mask, full_cov=True)
     chol = np.linalg.cholesky(cov)
     L = model.latent_dim
     op = model.elbo(d0, mask, np.zeros((len(rows), L)), len(rows))  # the posterior family's own KL

@@ -96,7 +96,7 @@ def main():
         cfg, model, params, data = load_run(run)
         mask = np.isfinite(data)
         data0 = np.where(mask, data, 0.0)
-        mean, cov = model.posterior_moments(params, data0, mask)
+        mean, cov = model.posterior_moments(params, data0, mask, full_cov=True)
         P, L = mean.shape
         tr, va = split_rows(P, cfg["training"]["validation_fraction"], cfg["seed"])
         rng = np.random.default_rng(0)

@@ -130,8 +130,9 @@ def cmd_fit(args, comm):
         raise InputError("--nside: only for a catalog of maps, not with --data")
     overrides = dict(nside=args.nside, latent_dim=args.latent_dim, covariance=args.covariance,
                      beta=args.beta, seed=args.seed)
-    if args.max_epochs is not None:
-        overrides["training"] = {"max_epochs": args.max_epochs}
+    training = {k: v for k, v in (("max_epochs", args.max_epochs), ("threads", args.threads)) if v is not None}
+    if training:
+        overrides["training"] = training
     if args.posterior is not None:
         overrides["posterior"] = {"method": args.posterior}
     fit = fit_catalog if args.data is None else fit_table
@@ -179,6 +180,10 @@ def cmd_run(args, comm):
         from .inference.config import load_config_file
         cfg = load_config_file(args.config)
     base = os.path.dirname(os.path.abspath(args.config)) if args.config else None
+    if args.threads is not None:
+        fit = dict((cfg or {}).get("fit") or {})
+        fit["training"] = {**(fit.get("training") or {}), "threads": args.threads}
+        cfg = {**(cfg or {}), "fit": fit}
     res = run_main_job(cfg, out=args.out, overwrite=args.overwrite, resume=args.resume, config_dir=base,
                        comm=comm)
     if res["fit"]["products"] is None:  # not rank 0
@@ -343,6 +348,10 @@ def build_parser():
     s.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     s.add_argument("--max-epochs", type=_positive_int, help="training epochs at most (default 200)")
+    s.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="cores of a one-process fit: this process and N-1 forked workers compute each "
+                        "minibatch, bitwise as one (default: every core the process may use; under "
+                        "mpiexec 1 per rank)")
     s.add_argument("--posterior", choices=["amortised", "mgvi", "geovi"],
                    help="latent posterior: the encoder's (default), or NIFTy's MGVI/geoVI after "
                         "training (also on a finished run with --resume)")
@@ -408,6 +417,8 @@ def build_parser():
     s.add_argument("--out", help="output folder (default from the config, else runs/main)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted main job")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="cores of the fit, as for galdecomp fit (default: every core the process may use)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("reconstruct", parents=[common], help="missing or corrupted channels, with uncertainties",

@@ -26,6 +26,7 @@ from .inference.config import model_signature, resolve_config, with_former_defau
 from .inference.training import TrainingState, finished, split_rows, train
 from .model.autoencoder import Autoencoder, ELBOObjective
 from .preprocessing import ChannelTransform, Preprocessor
+from .workers import blas_threads, describe_threads, threads_of
 
 __all__ = ["fit_rows", "fit_data", "fit_catalog", "fit_table", "SkySource", "TableSource", "Prepared",
            "run_main_job", "CHECKPOINT"]
@@ -196,12 +197,20 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_row
             f"{h['seconds']:.1f}s/epoch  ETA {eta / 60:.1f} min (at most)")
 
     t0 = time.perf_counter()
+    threads = objective.start_workers(threads_of(tcfg, objective.comm), tcfg["batch_size"], valid_rows.size)
     if log:
-        log(f"{train_rows.size} training / {valid_rows.size} validation rows, batch {tcfg['batch_size']}")
+        log(f"{train_rows.size} training / {valid_rows.size} validation rows, batch {tcfg['batch_size']}; "
+            f"{describe_threads(threads, objective.comm)}, {tcfg['dtype']} kernels")
+        if tcfg["threads"] and tcfg["threads"] > threads:
+            log(f"training.threads {tcfg['threads']} ignored: under MPI each rank computes its rows alone")
     seconds = {}
-    train(objective, state, train_rows, valid_rows, tcfg, seed=cfg["seed"], checkpoint=checkpoint,
-          progress=progress if log else None, stop=stop,
-          step_scale=model.step_scales() if tcfg["step_on"] == "weights" else None, seconds=seconds)
+    try:
+        with blas_threads(1):  # idle BLAS threads spin and would take the workers' cores
+            train(objective, state, train_rows, valid_rows, tcfg, seed=cfg["seed"], checkpoint=checkpoint,
+                  progress=progress if log else None, stop=stop,
+                  step_scale=model.step_scales() if tcfg["step_on"] == "weights" else None, seconds=seconds)
+    finally:
+        objective.close_workers()
     where = training_time_summary(dict(seconds, reduction=objective.reduce_seconds), objective.comm)
     if log:
         log(f"training done after {state.epoch} epochs in {time.perf_counter() - t0:.1f} s; "
@@ -510,9 +519,6 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         stored = _stored_config(run_dir)
         old = model_signature(resolve_config(stored, where=f"{run_dir}/config.yaml"))
         cfg = resolve_config(config_file if config_file is not None else stored, overrides)
-        diff = sorted(k for k, v in model_signature(cfg).items() if old[k] != v)
-        if diff:
-            raise InputError(f"{run_dir}: --resume with another configuration (differs in: {', '.join(diff)})")
         arrays, state = _read_checkpoint(ckpt)
     else:
         cfg = resolve_config(config_file, overrides)
@@ -521,6 +527,10 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
             held.enter_context(folder_lock(run_dir, comm))
     ready = source.prepare(cfg, comm)
     cfg["data"] = ready.record
+    if resume:
+        diff = sorted(k for k, v in model_signature(cfg).items() if old[k] != v)
+        if diff:
+            raise InputError(f"{run_dir}: --resume with another configuration (differs in: {', '.join(diff)})")
     data, rows, n_rows = ready.data, ready.rows, ready.n_rows
     C, L = ready.data_set.n_features, cfg["latent_dim"]
     if C < L:
@@ -574,21 +584,27 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
     params = state.best_params
     mask = np.isfinite(data)
     data0 = np.where(mask, data, 0.0)
-    log.info(f"posterior means and covariances of all {source.row_word}")
-    mean, cov = model.posterior_moments(params, data0, mask)
+    log.info(f"posterior means and standard deviations of all {source.row_word}")
+    # in row blocks: the covariances of all rows (P x L x L) are never held, only those of the
+    # rows the latent transform is fitted on (at most MAX_ROWS over all ranks)
+    t_rows = transform_fit_rows(cfg, rows.start, n_rows, len(data))
+    mean, std, t_cov = model.posterior_moments(params, data0, mask, cov_rows=t_rows)
     samples, method = None, cfg["posterior"]["method"]
     if method != "amortised":
-        from .inference.mgvi import latent_posterior_samples
+        from .inference.mgvi import latent_posterior_samples_on_cores
 
         p = cfg["posterior"]
-        log.info(f"{method}: {2 * p['n_samples']} samples, {p['iterations']} iterations, decoder and noise fixed")
-        samples = latent_posterior_samples(model, params, data0, mask, mean, method, p["n_samples"],
-                                           p["iterations"], seed=cfg["seed"], log=log.info, offset=rows.start,
-                                           comm=comm)
-    prod = compute_products(ready.preprocessor, model, params, data, mean, cov, cfg, samples, comm, log.info)
+        n = threads_of(cfg["training"], comm)
+        log.info(f"{method}: {2 * p['n_samples']} samples, {p['iterations']} iterations, decoder and noise fixed"
+                 + (f", the rows in {n} shares on {n} cores" if n > 1 else ""))
+        samples = latent_posterior_samples_on_cores(n, model, params, data0, mask, mean, method, p["n_samples"],
+                                                    p["iterations"], seed=cfg["seed"], log=log.info, offset=rows.start)
+    prod = compute_products(ready.preprocessor, model, params, data, mean, std, cfg, samples, comm, log.info)
+    del data0, mask, std, samples  # the products hold what is written: peak memory while writing
     prod = gather_products(prod, comm)
     # the last rank fits the latent transform while rank 0 writes the products (one rank: in turn)
-    fit_transform(run_dir, mean, cov, cfg, rows.start, n_rows, comm, root=comm.size - 1)
+    fit_transform(run_dir, mean, t_cov, cfg, rows.start, n_rows, comm, root=comm.size - 1)
+    del mean, t_cov
     products = None
     if prod is not None:
         paths = WRITERS[source.kind](run_dir, prod, ready.data_set, ready.preprocessor, model, state.history,
@@ -604,6 +620,16 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
 
 
+def transform_fit_rows(cfg, offset, n_rows, n_local):
+    """Local indices of this process's rows the latent transform is fitted on (sorted; empty for
+    ``transform: method: none``): :func:`galdecomp.products.generate.transform_rows`."""
+    from .products.generate import transform_rows
+
+    if cfg["transform"]["method"] == "none":
+        return np.zeros(0, dtype=np.int64)
+    return transform_rows(n_rows, cfg["training"]["validation_fraction"], cfg["seed"], offset, n_local)
+
+
 def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm, root=0):
     """Fit the latent density of ``cfg["transform"]`` to the aggregate posterior on rank ``root``,
     which writes it (collective: the draws of all ranks are gathered there).
@@ -611,8 +637,12 @@ def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm, root=0):
     Parameters
     ----------
     run_dir : str
-    mean, cov : ndarray, shape (P_local, L), (P_local, L, L)
-        Posterior moments of this process's rows.
+    mean : ndarray, shape (P_local, L)
+        Posterior means of this process's rows.
+    cov : ndarray, shape (K, L, L)
+        Posterior covariances of the rows :func:`transform_fit_rows` picks (K of them, at most
+        :data:`~galdecomp.products.generate.MAX_ROWS` over all ranks), in that order; or of
+        all local rows (P_local, L, L).
     cfg : dict
     offset, n_rows : int
         Global index of the first local row; rows of all processes.
@@ -626,13 +656,15 @@ def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm, root=0):
         The path written, on ``root``; None elsewhere (and for ``method: none``).
     """
     from .inference.trained import write_transform
-    from .products.generate import aggregate_draws, fit_latent_density, transform_rows
+    from .products.generate import aggregate_draws, fit_latent_density
 
     method = cfg["transform"]["method"]
     if method == "none":
         return None
-    rows = transform_rows(n_rows, cfg["training"]["validation_fraction"], cfg["seed"], offset, len(mean))
-    z, _ = aggregate_draws(mean, cov, rows, cfg["seed"] + offset)
+    rows = transform_fit_rows(cfg, offset, n_rows, len(mean))
+    if len(cov) != len(rows):  # covariances of all local rows
+        cov = cov[rows]
+    z, _ = aggregate_draws(mean[rows], cov, np.arange(len(rows)), cfg["seed"] + offset)
     groups = np.repeat(rows + offset, len(z) // max(len(rows), 1))
     z, groups = comm.gather_rows(z, root), comm.gather_rows(groups.astype(float), root)
     if comm.rank != root:

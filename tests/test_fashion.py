@@ -83,7 +83,8 @@ def test_fit_on_a_few_hundred_images():
     elbo1 = state.history[-1]["validation_elbo"]
     assert elbo1 > elbo0 + 200, (elbo0, elbo1)  # nats per image of 784 standardised-logit pixels
     tm = TrainedModel(model, state.best_params, pre, cfg, ["intensity"] * 784, dict(kind="table", path="fmnist"))
-    mean, cov = tm.encode(X[va])
+    mean, std = tm.encode(X[va])
+    assert std.shape == mean.shape
     R = np.clip(tm.decode(mean), 0, 1)
     mse, mse_mean = ((R - X[va]) ** 2).mean(), ((X[tr].mean(0) - X[va]) ** 2).mean()
     assert mse < 0.8 * mse_mean, (mse, mse_mean)

@@ -91,7 +91,7 @@ def test_training_energy_gradient_on_real_minibatch(covariance):
     cat = read_catalog(realsky(32))
     data_set, pre, data = load_preprocessed(cat, 32)
     rows = np.r_[np.nonzero(~np.isfinite(data).all(1))[0][:16], np.arange(0, 12288, 257)[:48]]
-    cfg = resolve_config({"covariance": covariance}, {})
+    cfg = resolve_config({"covariance": covariance, "training": {"dtype": "float64"}}, {})
     model = Autoencoder.from_config(cfg, data.shape[1], noise_floor(pre, data_set, cfg))
     d = data[rows]
     mask = np.isfinite(d)
@@ -101,6 +101,17 @@ def test_training_energy_gradient_on_real_minibatch(covariance):
         np.where(mask, d, 0.0), mask, xi, beta=0.3)
     params = model.init_params(4) + 0.3 * np.random.default_rng(5).standard_normal(model.n_params)
     ift.extra.check_operator(op, model.position(params, op.domain), ntries=2, metric_sampling=False)
+    # the default float32 kernels compute the same energy and gradient (sums stay float64)
+    model32 = Autoencoder.from_config(resolve_config({"covariance": covariance}, {}), data.shape[1],
+                                      noise_floor(pre, data_set, cfg))
+    assert model32.decoder.dtype == np.float32
+    op32 = model32.elbo(np.where(mask, d, 0.0), mask, xi, n_total=10000).with_batch(
+        np.where(mask, d, 0.0), mask, xi, beta=0.3)
+    v64, g64, _ = op.value_gradient_terms(model.position(params, op.domain))
+    v32, g32, _ = op32.value_gradient_terms(model32.position(params, op32.domain))
+    g64, g32 = model.flatten(g64), model32.flatten(g32)
+    assert abs(v32 - v64) < 1e-5 * abs(v64) + 1e-4
+    assert np.linalg.norm(g32 - g64) < 1e-4 * np.linalg.norm(g64)
 
 
 def test_sparse_photon_counts_do_not_take_features():

@@ -22,7 +22,7 @@ def test_fit_writes_a_latent_transform_that_gaussianises_the_aggregate_posterior
     model = galdecomp.load(str(run))
     assert model.transform is not None and model.transform.kind == "gaussianising"
     y = model.standardise(model.load_rows())
-    mean, cov = model.encode(y, standardised=True)
+    mean, cov = model.encode(y, standardised=True, full_cov=True)
     rows = transform_rows(len(y), 0.1, 0)
     rng = np.random.default_rng(0)
     z = mean[rows] + np.einsum("pij,pj->pi", np.linalg.cholesky(cov[rows]), rng.standard_normal(mean[rows].shape))

@@ -46,7 +46,7 @@ def test_fisher_encoder_matches_exact_posterior_and_beats_diagonal(linear_data):
     for cov_type in ("fisher", "diagonal"):
         model, params = train(linear_data, cov_type)
         mask = np.ones_like(linear_data, bool)
-        mean_q, cov_q = model.posterior_moments(params, linear_data, mask)
+        mean_q, cov_q = model.posterior_moments(params, linear_data, mask, full_cov=True)
         mean_p, cov_p = exact_posterior(model, params, linear_data)
         if cov_type == "fisher":
             # M = W N^-1 W^T + 1 does not depend on z: the covariance is exact

@@ -5,6 +5,7 @@ import pytest
 
 from galdecomp.cli import main
 from galdecomp.inference.block_metric import BlockDiagonalMetric, row_keyed_normal
+from galdecomp.inference import mgvi
 from galdecomp.inference.mgvi import amortisation_gap, latent_posterior_samples
 from galdecomp.model.autoencoder import Autoencoder
 from galdecomp.model import noise
@@ -140,3 +141,71 @@ def test_mgvi_from_the_command_line_on_a_trained_run(tmp_path, capsys):
     assert main(["fit", str(sky / "catalog.yaml"), "--out", str(empty), "--resume", "--posterior", "mgvi"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no trained model to run mgvi on" in err
+
+
+def test_block_hamiltonian_rows_match_nifty():
+    """The row-by-row value and gradient (with the row cache) equal NIFTy's StandardHamiltonian."""
+    from galdecomp.inference.block_metric import LatentMetrics
+    from galdecomp.model.operators import DecoderLikelihood
+
+    P = 300
+    model, params, data, mask = nonlinear_sky(P)
+    data = np.where(mask, data, 0.0)
+    row = ift.UnstructuredDomain(P)
+    lh = DecoderLikelihood(model.decoder, data, mask, model.floor, model.sigma0, model.tau, row_domain=row,
+                           scales=model.dec_scales)
+    const = ift.MultiField.from_dict({
+        "weights": ift.makeField(lh.domain["weights"], params[model.slices["decoder"]]),
+        "noise": ift.makeField(lh.domain["noise"], params[model.slices["noise"]])})
+    _, lh_z = lh.simplify_for_constant_input(const)
+    metrics = LatentMetrics(model.decoder, model.split(params)[1], mask / model.sigma(params) ** 2, data)
+    ham = mgvi.BlockMetricHamiltonian(lh_z, metrics, cache=2)
+    ref = ift.StandardHamiltonian(lh_z)
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((P, 3))
+    for k in range(4):  # the first call calibrates the constant; later ones move 10 rows each
+        if k:
+            z = z.copy()
+            z[rng.choice(P, 10, replace=False)] += 0.3
+        x = ift.Linearization.make_var(ift.MultiField.from_dict({"latent": ift.makeField(lh_z.domain["latent"], z)}))
+        a, b = ham(x), ref(x)
+        assert abs(a.val.val[()] - b.val.val[()]) < 1e-9 * abs(b.val.val[()])
+        np.testing.assert_allclose(a.gradient["latent"].val, b.gradient["latent"].val, rtol=1e-10, atol=1e-12)
+    assert ham.rows_evaluated == P + 3 * 10  # unchanged rows come from the cache
+
+
+def test_mgvi_prints_nothing_and_logs_one_line_per_iteration(capfd, caplog):
+    """NIFTy's messages go through the package's logging; one line per iteration reaches ``log``."""
+    import logging
+
+    model, params, data, mask = nonlinear_sky(200)
+    lines = []
+    ctl = dict(kl=ift.AbsDeltaEnergyController(1e-12, iteration_limit=2, name="KL"))  # NIFTy would print
+    with caplog.at_level(logging.DEBUG, logger="galdecomp.inference.mgvi"):
+        logging.getLogger("galdecomp").addHandler(caplog.handler)
+        try:
+            for method in ("mgvi", "geovi"):
+                latent_posterior_samples(model, params, data, mask, np.zeros((200, 3)), method, 1, 2, seed=1,
+                                         log=lines.append, controllers=ctl)
+        finally:
+            logging.getLogger("galdecomp").removeHandler(caplog.handler)
+    out, err = capfd.readouterr()
+    assert out == ""  # stderr: only the package's own handler, if an earlier test configured it
+    assert all(line.startswith("[galdecomp") for line in err.splitlines()), err[:500]
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("mgvi iteration 1/2: KL energy ") and "2 Newton steps, iteration limit reached" in lines[0]
+    assert lines[3].startswith("geovi iteration 2/2") and "sample updates:" in lines[3]
+    nifty = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NIFTy8: ")]
+    assert any("Iteration limit reached" in m for m in nifty) and any("KL: Iteration #1" in m for m in nifty)
+    assert all(r.levelno == logging.DEBUG for r in caplog.records if r.getMessage().startswith("NIFTy8: "))
+    assert logging.getLogger("NIFTy8").handlers  # NIFTy's own handler is back afterwards
+
+
+def test_block_kl_converges_before_the_iteration_limit(caplog):
+    """Per-row Newton steps: the KL minimisation stops on its energy criterion, not on the limit."""
+    model, params, data, mask = nonlinear_sky(2000)
+    lines = []
+    latent_posterior_samples(model, params, data, mask, np.zeros((2000, 3)), "mgvi", 2, 2, seed=1, log=lines.append)
+    assert len(lines) == 2 and all(line.endswith(", converged") for line in lines), lines
+    steps = [int(line.split(" Newton steps")[0].rsplit(" ", 1)[1]) for line in lines]
+    assert max(steps) < 40, steps

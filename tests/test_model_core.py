@@ -343,3 +343,25 @@ def test_elbo_float32_gradient_agrees():
     for k in grads[0].keys():
         a, b = grads[1][k].val, grads[0][k].val
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocks_without_missing_entries_skip_the_indicator_inputs_exactly(dtype):
+    """``sparse_inputs``: a block whose indicator columns are all 0 computes the first layer
+    without them, with the same results (bitwise here) and zero gradient for their weights."""
+    C = 6
+    full = MLP([2 * C, 16, 5], dtype=dtype, block_size=64)
+    skip = MLP([2 * C, 16, 5], dtype=dtype, block_size=64, sparse_inputs=slice(C, 2 * C))
+    rng = np.random.default_rng(2)
+    theta = 0.3 * rng.standard_normal(full.n_params)
+    x = np.concatenate([rng.standard_normal((150, C)), np.zeros((150, C))], axis=1)
+    x[70, C + 1] = 1.0  # the second block has a missing entry: computed in full
+    g = rng.standard_normal((150, 5))
+    y0, g0, _ = full.vjp(theta, x, g, want_x=False)
+    y1, g1, _ = skip.vjp(theta, x, g, want_x=False)
+    assert np.array_equal(y0, y1) and np.array_equal(g0, g1)
+    assert np.array_equal(full.forward(theta, x), skip.forward(theta, x))
+    x[70, C + 1] = 0.0
+    _, g2, _ = skip.vjp(theta, x, g, want_x=False)
+    W0 = unpack_params(g2, skip.sizes)[0][0]
+    assert np.all(W0[C:] == 0) and np.any(W0[:C] != 0)

@@ -70,7 +70,8 @@ def sky(tmp_path_factory):
 @pytest.mark.parametrize("minibatches", ["shuffled", "stratified"])
 def test_two_ranks_equal_one(sky, tmp_path, minibatches):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"training: {{minibatches: {minibatches}}}\n")
+    # float64 kernels: float32 rounding (1e-7) in another order grows past 1e-8 within a few epochs
+    cfg.write_text(f"training: {{minibatches: {minibatches}, dtype: float64}}\n")
     args = ["--nside", "16", "--max-epochs", "6", "--latent-dim", "4", "--config", str(cfg)]
     assert main(["fit", sky, "--out", str(tmp_path / "k1")] + args) == 0
     p = mpirun(2, ["fit", sky, "--out", str(tmp_path / "k2")] + args)
@@ -96,7 +97,9 @@ def test_two_ranks_equal_one(sky, tmp_path, minibatches):
 
 
 def test_killed_run_resumes_on_another_rank_count(sky, tmp_path):
-    args = ["--max-epochs", "25", "--latent-dim", "4", "--seed", "2"]
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("training: {dtype: float64}\n")  # equal to 1e-8 across rank counts (float32: 1e-7 steps)
+    args = ["--max-epochs", "25", "--latent-dim", "4", "--seed", "2", "--config", str(cfg)]
     run = tmp_path / "killed"
     proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "galdecomp", "fit", sky,
                              "--out", str(run)] + args, env=ENV, stdout=subprocess.DEVNULL,
@@ -183,7 +186,7 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step(sky, tmp_path):
     """SIGTERM reaching only rank 1: every rank stops after the same step, rank 0 checkpoints."""
     run, whole = tmp_path / "term", tmp_path / "whole"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("latent_dim: 2\ntraining: {batch_size: 64}\n")  # 10 steps per epoch at nside 8
+    cfg.write_text("latent_dim: 2\ntraining: {batch_size: 64, dtype: float64}\n")  # 10 steps per epoch at nside 8
     args = ["--nside", "8", "--max-epochs", "3", "--config", str(cfg)]
     p = fit_with_wrapped_gradient("""
 out = orig(self, *args, **kw)

@@ -149,6 +149,9 @@ def test_two_ranks_shard_the_rows_and_equal_one(table, tmp_path, config):
         pytest.skip("no mpiexec beside the interpreter")
     path = tmp_path / "t.npy"
     np.save(path, table)
+    config = tmp_path / "small64.yaml"  # float64 kernels: 1 and 2 ranks then agree to 1e-8
+    config.write_text(yaml.safe_dump({**SMALL, "training": {**SMALL["training"], "dtype": "float64"}}))
+    config = str(config)
     assert main(["fit", "--data", str(path), "--out", str(tmp_path / "k1"), "--config", config]) == 0
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     p = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "galdecomp", "fit", "--data", str(path),

@@ -57,7 +57,9 @@ DEFAULTS = {
         "patience": 20,            # plateau: epochs without improvement before stopping early
         "validation_fraction": 0.1,
         "select": "median",        # median | mean: per-row validation ELBO statistic that picks the kept parameters
-        "dtype": "float64",        # float32 runs the MLP kernels in single precision
+        "dtype": "float32",        # MLP kernels: float32 | float64 (sums, Adam and products stay float64)
+        "block_rows": 512,         # rows per block of a minibatch: partial sums per block, added in block order
+        "threads": None,           # threads of execution of a one-process fit (None: every core it may use; MPI: 1)
         "checkpoint_seconds": 600,  # also checkpoint inside an epoch after this long (0: every step)
     },
 }
@@ -72,9 +74,10 @@ TRANSFORM_METHODS = ("gaussianising", "gmm", "gaussian", "none")
 _MODEL_KEYS = ("latent_dim", "covariance", "beta", "seed", "decoder", "encoder", "noise", "training")
 #: Kinds of data set a run can be trained on.
 DATA_KINDS = ("sky", "table")
-#: Training settings that only govern how long training runs or how often it is checkpointed:
-#: ``--resume`` may change them (e.g. a larger max_epochs trains a finished run longer).
-_DURATION_KEYS = ("max_epochs", "patience", "checkpoint_seconds")
+#: Training settings that only govern how long training runs, how often it is checkpointed or how
+#: many cores compute it (not the result): ``--resume`` may change them (e.g. a larger max_epochs
+#: trains a finished run longer).
+_DURATION_KEYS = ("max_epochs", "patience", "checkpoint_seconds", "threads")
 
 
 def _nside_into_data(settings):
@@ -202,8 +205,10 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     if isinstance(t["kl_warmup_epochs"], bool) or not isinstance(t["kl_warmup_epochs"], int) \
             or t["kl_warmup_epochs"] < 0:
         raise InputError(f"{where}: training.kl_warmup_epochs must be a non-negative integer")
-    for k in ("batch_size", "max_epochs", "lr_patience", "patience"):
+    for k in ("batch_size", "max_epochs", "lr_patience", "patience", "block_rows"):
         _positive_int(t, k, f"{where}: training")
+    if t["threads"] is not None:
+        _positive_int(t, "threads", f"{where}: training")
     if t["schedule_epochs"] is None:
         t["schedule_epochs"] = t["max_epochs"]
     _positive_int(t, "schedule_epochs", f"{where}: training")
@@ -231,10 +236,10 @@ def model_signature(cfg):
     return sig
 
 
-#: Settings added on 2026-12-04, with the values that reproduce the runs written before them.
+#: Settings added since the first runs, with the values that reproduce the runs written before them.
 _FORMER_DEFAULTS = {"encoder": {"output_scale": 0.1, "mask_input": "observed"}, "noise": {"poisson_floor": False},
                     "training": {"schedule": "plateau", "kl_warmup_epochs": 0, "step_on": "excitations",
-                                 "select": "mean"}}
+                                 "select": "mean", "block_rows": 1024}}
 
 
 def with_former_defaults(stored):

@@ -188,7 +188,7 @@ def q_candidates(trained, data, mask):
         other type, ``"laplace"``.
     """
     am = trained.model
-    mean, cov = trained.encode(data, mask, standardised=True)
+    mean, cov = trained.encode(data, mask, standardised=True, full_cov=True)
     own = am.posterior.name
     out = {own: ("encoder", mean, cov)}
     if own == "diagonal":

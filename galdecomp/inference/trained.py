@@ -3,7 +3,7 @@
 Shapes (rows x features, as everywhere): data and masks (P, C) in physical units unless
 ``standardised=True``; latents (P, L) in the model's own latent order (the run's FITS columns
 feature_01, feature_02, ... are the latents ``feature_order[0], feature_order[1], ...``);
-covariances (P, L, L).
+posterior standard deviations (P, L); covariances (P, L, L) only where asked for.
 
 A run folder written by ``galdecomp fit`` holds ``model.npz``: the trained parameters, the noise
 floor, the resolved configuration, the preprocessing, channel names and units, the data set it
@@ -221,8 +221,11 @@ class TrainedModel:
         return np.where(mask, y, 0.0), mask
 
     # -- the model -----------------------------------------------------------------------------
-    def encode(self, data, mask=None, standardised=False):
-        """The encoder's posterior q(z | d) of every row.
+    def encode(self, data, mask=None, standardised=False, full_cov=False, cov_rows=None):
+        """The encoder's posterior q(z | d) of every row: mean and standard deviation.
+
+        Computed in row blocks; the covariances of all rows (P x L x L, 10 GB at nside 1024
+        with L = 10) only on request.
 
         Parameters
         ----------
@@ -232,14 +235,21 @@ class TrainedModel:
             True where observed (default: finite entries).
         standardised : bool
             ``data`` is in standardised units (else physical).
+        full_cov : bool
+            Return the covariances (P, L, L) instead of the standard deviations.
+        cov_rows : array of int, optional
+            Also return the covariances of these rows only (K, L, L).
 
         Returns
         -------
         mean : ndarray, shape (P, L)
-        cov : ndarray, shape (P, L, L)
+        std : ndarray, shape (P, L)
+            Marginal standard deviations; with ``full_cov`` instead ``cov`` (P, L, L).
+        cov_at_rows : ndarray, shape (K, L, L)
+            Only with ``cov_rows``.
         """
         y, m = self._rows(data, mask, standardised)
-        return self.model.posterior_moments(self.params, y, m)
+        return self.model.posterior_moments(self.params, y, m, full_cov=full_cov, cov_rows=cov_rows)
 
     def decode(self, z, physical=True):
         """Decoder output ``f(z)`` for latents (P, L): physical units, or standardised."""

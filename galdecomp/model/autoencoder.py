@@ -5,6 +5,7 @@ optimiser, a checkpoint or an MPI Allreduce handles one array); the networks' we
 ``scales * excitation``. Rows are samples (pixels, images), columns features (channels):
 nothing here knows about HEALPix.
 """
+import os
 import time
 
 import numpy as np
@@ -46,28 +47,34 @@ class Autoencoder:
         ``"float64"`` or ``"float32"`` for the MLP kernels.
     encoder_output_scale : float
         Factor of the initial excitations of the encoder's output layer.
+    block_rows : int
+        Rows per block of a minibatch whose partial sums are formed separately (and may be
+        computed by other processes, :class:`ELBOObjective`); part of the arithmetic.
     mask_input : str
         What the encoder's second C inputs hold (:func:`~galdecomp.model.elbo.encoder_input`):
-        ``"missing"`` (1 where missing) or ``"observed"`` (the mask; runs before the fourth
-        fit-quality pass, 2026-12-04).
+        ``"missing"`` (1 where missing) or ``"observed"`` (the mask; runs written before
+        2026-12-04). With ``"missing"`` a row block without missing entries skips those inputs
+        (all 0) in the encoder's first layer (:class:`~galdecomp.model.mlp.MLP`
+        ``sparse_inputs``).
     """
 
     def __init__(self, n_features, latent_dim=10, decoder_hidden=(128, 128), encoder_hidden=(128, 128),
                  decoder_activation="tanh", encoder_activation="tanh", covariance="diagonal",
                  floor=0.0, sigma0=_noise.SIGMA0, tau=_noise.TAU, beta=1.0, dtype="float64",
-                 encoder_output_scale=1.0, mask_input="missing"):
+                 encoder_output_scale=1.0, mask_input="missing", block_rows=1024):
         dt = np.dtype(dtype).type
         self.n_features, self.latent_dim = int(n_features), int(latent_dim)
         self.posterior = POSTERIORS[covariance]()
         self.decoder = MLP([latent_dim, *decoder_hidden, n_features], decoder_activation, dtype=dt)
         self.encoder = MLP([2 * n_features, *encoder_hidden, self.posterior.n_encoder_outputs(latent_dim)],
-                           encoder_activation, dtype=dt)
+                           encoder_activation, dtype=dt, sparse_inputs=slice(n_features, 2 * n_features))
         self.floor = np.broadcast_to(np.asarray(floor, float), (n_features,)).copy()
         self.sigma0, self.tau, self.beta = float(sigma0), float(tau), float(beta)
         self.likelihood = GaussianLikelihood(self.floor, self.sigma0, self.tau)
         self.prior = STANDARD_NORMAL
         self.encoder_output_scale = float(encoder_output_scale)
         self.mask_input = mask_input
+        self.block_rows = int(block_rows)
         self.enc_scales = self.encoder.init_scales()
         self.dec_scales = self.decoder.init_scales()
         sizes = [("encoder", self.encoder.n_params), ("decoder", self.decoder.n_params),
@@ -84,7 +91,8 @@ class Autoencoder:
         return cls(n_features, cfg["latent_dim"], cfg["decoder"]["hidden"], cfg["encoder"]["hidden"],
                    cfg["decoder"]["activation"], cfg["encoder"]["activation"], cfg["covariance"],
                    floor, cfg["noise"]["sigma0"], cfg["noise"]["tau"], cfg["beta"],
-                   cfg["training"]["dtype"], cfg["encoder"]["output_scale"], cfg["encoder"]["mask_input"])
+                   cfg["training"]["dtype"], cfg["encoder"]["output_scale"], cfg["encoder"]["mask_input"],
+                   cfg["training"]["block_rows"])
 
     # -- parameters -------------------------------------------------------------------------------
     def init_params(self, seed):
@@ -126,7 +134,8 @@ class Autoencoder:
         """The :class:`AmortisedELBO` operator (negative ELBO per row) for one minibatch."""
         return AmortisedELBO(data, mask, xi, self.encoder, self.decoder, self.posterior, self.floor,
                              self.sigma0, self.tau, self.beta, n_total, self.enc_scales, self.dec_scales,
-                             with_prior=with_prior, mask_input=self.mask_input)
+                             with_prior=with_prior, mask_input=self.mask_input,
+                             block_rows=self.block_rows)
 
     def position(self, params, domain):
         """Flat excitations as a MultiField on an ELBO operator's domain."""
@@ -144,8 +153,13 @@ class Autoencoder:
     def _inv_var(self, params, mask):
         return mask / self.sigma(params) ** 2
 
-    def posterior_moments(self, params, data, mask, block=8192):
-        """Posterior mean and covariance of every row.
+    def posterior_moments(self, params, data, mask, block=8192, full_cov=False, cov_rows=None):
+        """Posterior mean and standard deviation (or covariance) of every row, in row blocks.
+
+        Only one block's (block, L, L) covariance exists at a time unless ``full_cov`` asks for
+        all of them (P x L x L x 8 bytes: 10 GB at nside 1024 with L = 10). Every row's numbers
+        are the same (bitwise) whatever is asked for; products that need covariances of all rows
+        call this on slices ``[a, a + block)`` with ``a`` a multiple of ``block`` (the same blocks).
 
         Parameters
         ----------
@@ -156,22 +170,43 @@ class Autoencoder:
             True where observed.
         block : int
             Rows per block.
+        full_cov : bool
+            Return the covariances (P, L, L) instead of the standard deviations (P, L).
+        cov_rows : array of int, optional
+            Also return the covariances of these rows (K, L, L), e.g. the few rows a latent
+            transform is fitted on.
 
         Returns
         -------
         mean : ndarray, shape (P, L)
-        cov : ndarray, shape (P, L, L)
+        std : ndarray, shape (P, L)
+            ``sqrt`` of the covariances' diagonals; with ``full_cov`` instead
+            ``cov`` : ndarray, shape (P, L, L).
+        cov_at_rows : ndarray, shape (K, L, L)
+            Only with ``cov_rows``: ``cov[cov_rows]``.
         """
         th_e, th_d, _ = self.split(params)
         P, L = len(data), self.latent_dim
-        mean, cov = np.empty((P, L)), np.empty((P, L, L))
+        mean = np.empty((P, L))
+        second = np.empty((P, L, L)) if full_cov else np.empty((P, L))
+        if cov_rows is not None:
+            cov_rows = np.asarray(cov_rows, dtype=np.int64).reshape(-1)
+            at = np.empty((len(cov_rows), L, L))
         for a in range(0, P, block):
-            d, m = data[a:a + block], mask[a:a + block].astype(float)
-            x = encoder_input(np.where(m > 0, d, 0.0), mask[a:a + block], self.mask_input)
+            b = min(a + block, P)
+            d, m = data[a:b], mask[a:b].astype(float)
+            x = encoder_input(np.where(m > 0, d, 0.0), mask[a:b], self.mask_input)
             enc = np.asarray(self.encoder.forward(th_e, x), dtype=float)
-            mean[a:a + block], cov[a:a + block] = self.posterior.mean_and_cov(
-                enc, self.decoder, th_d, self._inv_var(params, m))
-        return mean, cov
+            inv_var = self._inv_var(params, m)
+            if not full_cov and cov_rows is None:
+                mean[a:b], second[a:b] = self.posterior.mean_and_std(enc, self.decoder, th_d, inv_var)
+                continue
+            mean[a:b], cov = self.posterior.mean_and_cov(enc, self.decoder, th_d, inv_var)
+            second[a:b] = cov if full_cov else np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+            if cov_rows is not None:
+                here = (cov_rows >= a) & (cov_rows < b)
+                at[here] = cov[cov_rows[here] - a]
+        return (mean, second) if cov_rows is None else (mean, second, at)
 
     def decode(self, params, z):
         """Decoder output ``f(z)`` (standardised units), shape (P, C)."""
@@ -224,6 +259,7 @@ class ELBOObjective:
         self.beta = model.beta
         self.reduce_seconds = 0.0
         self._edges, self._dealt = None, None
+        self._workers = self._shared = None
         if self.comm.size > 1:  # the ranks' first rows, for deal()
             sizes = np.zeros(self.comm.size)
             sizes[self.comm.rank] = len(self.data)
@@ -301,6 +337,98 @@ class ELBOObjective:
         at = np.concatenate([d["own_pos"][o], d["guest_pos"][g]])
         return self._op.with_batch(data, mask, xi[at], n_batch=len(rows), beta=beta)
 
+    # -- worker processes (one process only) ------------------------------------------------------
+    def start_workers(self, n, batch_rows, max_rows=None):
+        """Compute the row blocks of every later call with ``n - 1`` forked worker processes and
+        this one (:mod:`galdecomp.workers`); results are bitwise those of one process.
+
+        Parameters
+        ----------
+        n : int
+            Threads of execution in all (1: none forked).
+        batch_rows : int
+            Most rows of a call with gradients (the minibatch size).
+        max_rows : int, optional
+            Most rows of a call without gradients (the validation rows; default ``batch_rows``).
+            Larger calls are computed by this process alone.
+
+        Returns
+        -------
+        int
+            The threads of execution used: ``n``, or 1 under MPI or for ``n <= 1``.
+        """
+        from ..workers import ForkedWorkers, SharedArrays
+
+        self.close_workers()
+        if n <= 1 or self.comm.size > 1 or not hasattr(os, "fork"):
+            return 1
+        m, L, C = self.model, self.latent_dim, self.model.n_features
+        max_rows = max(int(max_rows or 0), int(batch_rows))
+        nb, ng = len(self._op.blocks(max_rows)), len(self._op.blocks(batch_rows))
+        f8 = np.float64
+        self._shared = SharedArrays(dict(
+            header=((8,), f8), params=((m.n_params,), f8), rows=((max_rows,), np.int64), xi=((max_rows, L), f8),
+            rr=((nb, C), f8), kl=((nb,), f8), gw=((nb, C), f8), gtd=((ng, m.decoder.n_params), f8),
+            gte=((ng, m.encoder.n_params), f8), nll_rows=((max_rows,), f8), kl_rows=((max_rows,), f8)))
+        # set before the fork: the workers see them
+        self._max_rows, self._batch_rows, self._n_workers = max_rows, int(batch_rows), int(n)
+        self._workers = ForkedWorkers(n, self._work_share)
+        return self._workers.n
+
+    def close_workers(self):
+        """End the worker processes (if any)."""
+        if getattr(self, "_workers", None) is not None:
+            self._workers.close()
+        self._workers, self._shared = None, None
+
+    #: header of a task in shared memory: rows, beta (NaN: the model's), then the wanted flags
+    _WANT = ("grad", "encoder", "decoder", "noise", "per_row")
+
+    def _work_share(self, k):
+        """Worker ``k``'s share of the task in shared memory: every block ``c`` with ``c % n == k``,
+        each on a minibatch of its own rows (the rows of a block give the same arrays as the
+        block of the whole minibatch, rows being independent)."""
+        sh, n = self._shared, self._n_workers
+        head = sh["header"]
+        B, beta = int(head[0]), (None if np.isnan(head[1]) else float(head[1]))
+        want = {key: bool(head[2 + i]) for i, key in enumerate(self._WANT)}
+        weights = None
+        for c, rows in enumerate(self._op.blocks(B)):
+            if c % n != k:
+                continue
+            op = self._energy(sh["rows"][rows], sh["xi"][rows], beta)
+            weights = weights or op.prepare(self._excitations(sh["params"]))
+            part = op.block_sums(weights, slice(0, rows.stop - rows.start), want)
+            sh["rr"][c], sh["kl"][c], sh["gw"][c] = part["rr"], part["kl"], part["gw"]
+            for key in ("gtd", "gte"):
+                if part[key] is not None:
+                    sh[key][c] = part[key]
+            if want["per_row"]:
+                sh["nll_rows"][rows], sh["kl_rows"][rows] = part["nll_rows"], part["kl_rows"]
+
+    def _excitations(self, params):
+        return {key: params[s] for key, s in self.model.slices.items()}
+
+    def _sums(self, params, rows, xi, beta=None, grad_keys=(), per_row=False):
+        """The ELBO operator of the minibatch ``rows`` and its sums (``AmortisedELBO.sums``), the
+        row blocks computed by the workers if there are any."""
+        v = self._excitations(params)
+        if self._workers is None or len(rows) > (self._batch_rows if grad_keys else self._max_rows):
+            op = self._energy(rows, xi, beta)
+            return op, op.sums(v, grad_keys=grad_keys, per_row=per_row)
+        sh, B = self._shared, len(rows)
+        op = self._op.for_rows(B, beta)
+        want = op.wanted(grad_keys, per_row)
+        sh["header"][:] = [B, np.nan if beta is None else beta] + [float(want[key]) for key in self._WANT] + [0.0]
+        sh["params"][:], sh["rows"][:B], sh["xi"][:B] = params, rows, xi
+        self._workers.run()
+        # views of the shared memory: op.sums only reads them (into new arrays) before returning
+        parts = [dict(rr=sh["rr"][c], kl=float(sh["kl"][c]), gw=sh["gw"][c],
+                      gtd=sh["gtd"][c] if want["decoder"] else None, gte=sh["gte"][c] if want["encoder"] else None,
+                      nll_rows=sh["nll_rows"][r], kl_rows=sh["kl_rows"][r])
+                 for c, r in enumerate(op.blocks(B))]
+        return op, op.sums(v, op.counts(self.mask[rows], B, per_row), grad_keys, per_row, parts)
+
     def value_and_gradient(self, params, rows, xi, beta=None, extra=(), dealt=None, scatter=False):
         """Negative ELBO per row of the minibatch ``rows``, its gradient and terms (nll, kl).
 
@@ -313,10 +441,11 @@ class ELBOObjective:
         """
         if dealt is not None and self._dealt is not None:
             op = self._dealt_energy(dealt, rows, xi, beta)
+            t = op.sums(self._excitations(params), grad_keys=self.model.slices)
         else:
-            op = self._energy(rows, xi, beta)
-        value, grad, t = op.value_gradient_terms(self.model.position(params, op.domain))
-        head, grad = np.concatenate([[value, t["nll"], t["kl"]], extra]), self.model.flatten(grad)
+            op, t = self._sums(params, rows, xi, beta, grad_keys=self.model.slices)
+        grad = np.concatenate([t["grad"][key] for key in self.model.slices])
+        head = np.concatenate([[op.value_of(t), t["nll"] / t["B"], t["kl"] / t["B"]], extra])
         t0 = time.perf_counter()
         if scatter:
             head, grad = self.comm.sum_scattered(head, grad)
@@ -328,9 +457,8 @@ class ELBOObjective:
 
     def value(self, params, rows, xi):
         """Negative ELBO per row of ``rows`` (no gradient) and its terms (nll, kl)."""
-        op = self._energy(rows, xi)
-        t = op.terms(self.model.position(params, op.domain))
-        packed = self.comm.allreduce_sum([t["value"], t["nll"], t["kl"]])
+        op, t = self._sums(params, rows, xi)
+        packed = self.comm.allreduce_sum([op.value_of(t), t["nll"] / t["B"], t["kl"] / t["B"]])
         return float(packed[0]), {"nll": packed[1], "kl": packed[2]}
 
     def validation(self, params, rows, xi):
@@ -344,8 +472,7 @@ class ELBOObjective:
         -------
         mean, median : float
         """
-        op = self._energy(rows, xi)
-        t = op.terms(self.model.position(params, op.domain), per_row=True)
+        _, t = self._sums(params, rows, xi, per_row=True)
         per_row = self.comm.gather_rows(t["nll_rows"] + t["kl_rows"])
         stats = None if per_row is None else (float(np.mean(per_row)), float(np.median(per_row)))
         return self.comm.bcast(stats)

@@ -15,7 +15,7 @@ __all__ = ["AmortisedELBO", "KEYS", "MASK_INPUTS", "encoder_input"]
 KEYS = ("encoder", "decoder", "noise")
 
 #: How the encoder is told which entries are missing: ``missing`` feeds ``1 - m`` (0 where
-#: observed), ``observed`` feeds ``m`` (runs before the fourth fit-quality pass, 2026-12-04).
+#: observed), ``observed`` feeds ``m`` (runs written before 2026-12-04).
 MASK_INPUTS = ("missing", "observed")
 
 
@@ -85,6 +85,10 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         Include the prior terms (one rank of a sharded energy only).
     mask_input : str
         How the encoder sees which entries are observed (:func:`encoder_input`).
+    block_rows : int
+        Rows per block: the partial sums of a batch are formed per block of this many rows and
+        added in block order, whoever computes the blocks (:class:`~.autoencoder.ELBOObjective`
+        with worker processes), so results do not depend on how many compute them.
 
     Notes
     -----
@@ -97,10 +101,11 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
     def __init__(self, data, mask, xi, encoder, decoder, posterior, floor=0.0,
                  sigma0=_noise.SIGMA0, tau=_noise.TAU, beta=1.0, n_total=None,
                  encoder_scales=None, decoder_scales=None, n_batch=None, with_prior=True,
-                 mask_input="missing"):
+                 mask_input="missing", block_rows=1024):
         if mask_input not in MASK_INPUTS:
             raise ValueError(f"mask_input must be one of {MASK_INPUTS}, got {mask_input!r}")
         self._mask_input = mask_input
+        self._block_rows = max(int(block_rows), 1)
         self._post = POSTERIORS[posterior]() if isinstance(posterior, str) else posterior
         if not isinstance(self._post, LatentPosterior):
             raise TypeError(f"posterior must be a LatentPosterior, got {type(posterior)}")
@@ -151,6 +156,29 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
             new._beta = float(beta)
         return new
 
+    def for_rows(self, n_batch, beta=None):
+        """The same ELBO for a minibatch of ``n_batch`` rows whose blocks are computed elsewhere
+        (:meth:`sums` with ``parts`` and the batch of :meth:`counts`)."""
+        new = copy.copy(self)
+        new._batch, new._n_batch = None, n_batch
+        if beta is not None:
+            new._beta = float(beta)
+        return new
+
+    @staticmethod
+    def counts(mask, n_rows, per_row=False):
+        """What :meth:`sums` needs of a minibatch beside its blocks' partial sums: observed entries
+        per feature (``count``), the mask as floats (``m``, for ``per_row``), the number of rows.
+
+        Parameters
+        ----------
+        mask : ndarray of bool, shape (B, C)
+        n_rows : int
+        per_row : bool
+        """
+        m = mask.astype(np.float64)
+        return {"count": m.sum(axis=0), "m": m if per_row else None, "xi": np.empty((n_rows, 0))}
+
     @property
     def encoder(self):
         return self._enc
@@ -180,83 +208,156 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         return self._n_total
 
     # -- kernel -------------------------------------------------------------------------------
-    def _run(self, v, batch, grad_keys=(), per_row=False):
-        """Sums and gradients over ``batch``; gradients for ``grad_keys`` (excitation space)."""
-        enc, dec, post = self._enc, self._dec, self._post
-        theta_e, xi_d, s = self._esc * v["encoder"], v["decoder"], v["noise"]
-        theta_d = self._dsc * xi_d
+    def sums(self, v, batch=None, grad_keys=(), per_row=False, parts=None):
+        """Sums over the batch's rows and gradients for ``grad_keys`` (excitation space).
+
+        Parameters
+        ----------
+        v : dict
+            Excitations ``encoder``, ``decoder``, ``noise`` (arrays).
+        batch : dict, optional
+            Default: the operator's own minibatch.
+        grad_keys : sequence of str
+        per_row : bool
+            Also the per-row terms ``nll_rows`` and ``kl_rows``.
+        parts : list of dict, optional
+            The blocks' partial sums (:meth:`block_sums` of every one of :meth:`blocks`, in
+            order), if computed elsewhere; by default computed here, one block after the other.
+
+        Returns
+        -------
+        dict
+            ``nll``, ``kl`` (sums over the rows), ``prior``, ``B`` (the rows the data terms are
+            averaged over), ``grad`` (dict, if ``grad_keys``), ``nll_rows``, ``kl_rows`` (if
+            ``per_row``).
+        """
+        batch = self._batch if batch is None else batch
+        want = self.wanted(grad_keys, per_row)
+        if parts is None:
+            weights = self.prepare(v)
+            parts = [self.block_sums(weights, rows, want, batch) for rows in self.blocks(len(batch["xi"]))]
+        return self._finish(v, batch, parts, want)
+
+    # -- the pieces of sums, for computing the row blocks elsewhere (other processes) ------------
+    def blocks(self, n_rows):
+        """Row slices of the blocks whose partial sums are formed separately (``block_rows`` rows;
+        one empty block for no rows)."""
+        if n_rows <= 0:
+            return [slice(0, 0)]
+        return [slice(a, min(a + self._block_rows, n_rows)) for a in range(0, n_rows, self._block_rows)]
+
+    @staticmethod
+    def wanted(grad_keys=(), per_row=False):
+        """What the block sums hold: gradients of ``grad_keys``, per-row terms."""
+        return dict(grad=len(grad_keys) > 0, encoder="encoder" in grad_keys, decoder="decoder" in grad_keys,
+                    noise="noise" in grad_keys, per_row=bool(per_row))
+
+    def prepare(self, v):
+        """The parameters as the block sums use them, from excitations ``v`` (dict of arrays)."""
+        theta_e, theta_d = self._esc * v["encoder"], self._dsc * v["decoder"]
+        w, _ = _noise.d_inv_var_ds(v["noise"], self._floor, self._sigma0, self._tau)
+        return dict(enc=self._enc.prepare(theta_e), dec=self._dec.prepare(theta_d), theta_d=theta_d, w=w,
+                    wt=w.astype(self._dec.dtype))
+
+    def _finish(self, v, batch, parts, want):
+        """Terms and gradients from the blocks' partial sums, added in block order."""
+        xi_d, s = v["decoder"], v["noise"]
         w, dw = _noise.d_inv_var_ds(s, self._floor, self._sigma0, self._tau)
-        wt = w.astype(dec.dtype)
-        B, C = batch["m"].shape
+        acc = {k: parts[0][k] for k in ("rr", "kl", "gw", "gtd", "gte")}
+        for part in parts[1:]:
+            for k in acc:
+                if part[k] is not None:
+                    acc[k] = acc[k] + part[k]
+        B = len(batch["xi"])
         norm = float(self._n_batch or B)
         pw = 1.0 if self._with_prior else 0.0
-        grad = len(grad_keys) > 0
-        want_d = "decoder" in grad_keys
-        acc = {"rr": np.zeros(C), "kl": 0.0, "gw": np.zeros(C),
-               "gtd": np.zeros(dec.n_params) if want_d else None}
-        rows_nll = np.empty(B) if per_row else None
-        rows_kl = np.empty(B) if per_row else None
-
-        def enc_cb(e_blk, sl):
-            n = sl.stop - sl.start
-            iv = batch["m"][sl] * w
-            z, kl, ctx = post.forward(np.asarray(e_blk, np.float64), batch["xi"][sl], dec,
-                                      theta_d, iv)
-            acc["kl"] += kl.sum()
-            if per_row:
-                rows_kl[sl] = kl
-
-            def dec_cb(y, sl2):
-                rows = slice(sl.start + sl2.start, sl.start + sl2.stop)
-                np.subtract(y, batch["dc"][rows], out=y)
-                y *= batch["mc"][rows]
-                acc["rr"] += np.einsum("ij,ij->j", y, y, dtype=np.float64)
-                if per_row:
-                    rows_nll[rows] = 0.5 * ((y.astype(np.float64) ** 2) @ w)
-                if grad:
-                    y *= wt
-                return y
-
-            if not grad:
-                dec.vjp(theta_d, z, dec_cb, want_theta=False, want_x=False, return_y=False)
-                return None
-            _, gtd, gz = dec.vjp(theta_d, z, dec_cb, want_theta=want_d, want_x=True,
-                                 return_y=False)
-            g_e, gtd2, giv = post.backward(ctx, gz, np.full(n, self._beta))
-            if want_d:
-                acc["gtd"] += gtd if gtd2 is None else gtd + gtd2
-            if giv is not None:
-                acc["gw"] += np.einsum("ij,ij->j", batch["m"][sl], giv)
-            return g_e
-
-        _, gte, _ = enc.vjp(theta_e, batch["x"], enc_cb, want_theta="encoder" in grad_keys,
-                            want_x=False, return_y=False)
         rr, cnt = acc["rr"], batch["count"]
         out = {"nll": GaussianLikelihood.value_from_sums(rr, cnt, w), "kl": acc["kl"],
                "prior": pw * 0.5 * (xi_d @ xi_d + s @ s), "B": norm}
-        if per_row:
-            out["nll_rows"] = rows_nll + GaussianLikelihood.log_norm_rows(batch["m"], w)
-            out["kl_rows"] = rows_kl
-        if grad:
+        if want["per_row"]:
+            out["nll_rows"] = (np.concatenate([p["nll_rows"] for p in parts])
+                               + GaussianLikelihood.log_norm_rows(batch["m"], w))
+            out["kl_rows"] = np.concatenate([p["kl_rows"] for p in parts])
+        if want["grad"]:
             g = {}
-            if "encoder" in grad_keys:
-                g["encoder"] = self._esc * gte / norm
-            if want_d:
+            if want["encoder"]:
+                g["encoder"] = self._esc * acc["gte"] / norm
+            if want["decoder"]:
                 g["decoder"] = self._dsc * acc["gtd"] / norm + pw * xi_d / self._n_total
-            if "noise" in grad_keys:
+            if want["noise"]:
                 gw = GaussianLikelihood.grad_inv_var_from_sums(rr, cnt, w) + acc["gw"]
                 g["noise"] = gw * dw / norm + pw * s / self._n_total
             out["grad"] = g
         return out
 
-    def _value(self, t):
+    def block_sums(self, weights, rows, want, batch=None):
+        """Partial sums of one row block ``rows`` (a slice of the batch; default the operator's).
+
+        Per block of encoder rows: encoder forward, posterior forward, decoder vjp with the
+        likelihood fused into it, posterior backward, encoder backward.
+
+        Returns
+        -------
+        dict
+            ``rr`` (C,) sums of squared masked residuals; ``kl`` the block's KL sum; ``gw`` (C,)
+            the posterior's gradient with respect to the inverse variances; ``gtd`` (decoder) and
+            ``gte`` (encoder) parameter gradients or None; ``nll_rows``, ``kl_rows`` (``per_row``).
+        """
+        batch = self._batch if batch is None else batch
+        dec, post = self._dec, self._post
+        w, wt, theta_d = weights["w"], weights["wt"], weights["theta_d"]
+        n_rows = rows.stop - rows.start
+        C = len(w)
+        acc = {"rr": np.zeros(C), "kl": 0.0, "gw": np.zeros(C),
+               "gtd": np.zeros(dec.n_params) if want["decoder"] else None}
+        if want["per_row"]:
+            acc["nll_rows"], acc["kl_rows"] = np.empty(n_rows), np.empty(n_rows)
+        m_all, dc, mc, xi = (batch[k][rows] for k in ("m", "dc", "mc", "xi"))
+
+        def enc_cb(e_blk, sl):
+            n = sl.stop - sl.start
+            iv = m_all[sl] * w
+            z, kl, ctx = post.forward(np.asarray(e_blk, np.float64), xi[sl], dec, theta_d, iv)
+            acc["kl"] += kl.sum()
+            if want["per_row"]:
+                acc["kl_rows"][sl] = kl
+
+            def dec_cb(y, sl2):
+                r = slice(sl.start + sl2.start, sl.start + sl2.stop)
+                np.subtract(y, dc[r], out=y)
+                y *= mc[r]
+                acc["rr"] += np.einsum("ij,ij->j", y, y, dtype=np.float64)
+                if want["per_row"]:
+                    acc["nll_rows"][r] = 0.5 * ((y.astype(np.float64) ** 2) @ w)
+                if want["grad"]:
+                    y *= wt
+                return y
+
+            if not want["grad"]:
+                dec.vjp(weights["dec"], z, dec_cb, want_theta=False, want_x=False, return_y=False)
+                return None
+            _, g_dec, g_z = dec.vjp(weights["dec"], z, dec_cb, want_theta=want["decoder"], want_x=True,
+                                    return_y=False)
+            g_enc_out, g_dec_post, g_inv_var = post.backward(ctx, g_z, np.full(n, self._beta))
+            if want["decoder"]:
+                acc["gtd"] += g_dec if g_dec_post is None else g_dec + g_dec_post
+            if g_inv_var is not None:
+                acc["gw"] += np.einsum("ij,ij->j", m_all[sl], g_inv_var)
+            return g_enc_out
+
+        _, acc["gte"], _ = self._enc.vjp(weights["enc"], batch["x"][rows], enc_cb, want_theta=want["encoder"],
+                                         want_x=False, return_y=False)
+        return acc
+
+    def value_of(self, t):
+        """The energy from :meth:`sums`' result."""
         return (t["nll"] + self._beta * t["kl"]) / t["B"] + t["prior"] / self._n_total
 
     def apply(self, x):
         self._check_input(x)
         v = self._values(x)
         if x.jac is None:
-            return ift.Field.scalar(self._value(self._run(v, self._batch)))
+            return ift.Field.scalar(self.value_of(self.sums(v)))
         value, g, _ = self.value_gradient_terms(x.val)
         return x.new(ift.Field.scalar(value), ift.VdotOperator(g))
 
@@ -276,11 +377,11 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         terms : dict
             ``nll``, ``kl`` (batch means) and ``prior`` (prior term / n_total), as :meth:`terms`.
         """
-        t = self._run(self._values(position), self._batch, self._domain.keys())
+        t = self.sums(self._values(position), grad_keys=self._domain.keys())
         g = ift.MultiField.from_dict(
             {k: ift.makeField(self._domain[k], a) for k, a in t["grad"].items()}, self._domain)
         terms = {"nll": t["nll"] / t["B"], "kl": t["kl"] / t["B"], "prior": t["prior"] / self._n_total}
-        return self._value(t), g, terms
+        return self.value_of(t), g, terms
 
     # -- logging / validation -----------------------------------------------------------------
     def _batch_for(self, data, mask, xi):
@@ -311,16 +412,16 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
             ``nll`` and ``kl``: batch means; ``prior``: prior term / n_total; ``value`` =
             ``nll + beta kl + prior``.
         """
-        t = self._run(self._values(position), self._batch_for(data, mask, xi), per_row=per_row)
+        t = self.sums(self._values(position), self._batch_for(data, mask, xi), per_row=per_row)
         out = {"nll": t["nll"] / t["B"], "kl": t["kl"] / t["B"], "prior": t["prior"] / self._n_total,
-               "value": self._value(t)}
+               "value": self.value_of(t)}
         if per_row:
             out["nll_rows"], out["kl_rows"] = t["nll_rows"], t["kl_rows"]
         return out
 
     def evaluate(self, position, data=None, mask=None, xi=None):
         """Energy value (no gradient), optionally on another batch (e.g. a validation set)."""
-        return self._value(self._run(self._values(position), self._batch_for(data, mask, xi)))
+        return self.value_of(self.sums(self._values(position), self._batch_for(data, mask, xi)))
 
     def __repr__(self):
         return (f"AmortisedELBO(B={len(self._batch['xi'])}, posterior={self._post.name!r}, "

@@ -341,3 +341,12 @@ class FisherGaussian(LatentPosterior):
             cov[s] = covariance(self._precision(mu[s], decoder, theta_dec, inv_var[s])[0])[0]
         return mu.copy(), cov
 
+    def mean_and_std(self, enc_out, decoder, theta_dec, inv_var):
+        """Posterior mean and marginal standard deviations, both (B, L); the (B, L, L) covariance
+        exists one block of :attr:`block_size` rows at a time."""
+        mu, inv_var = np.asarray(enc_out, dtype=float), np.asarray(inv_var, dtype=float)
+        std = np.empty(mu.shape)
+        for s in self._blocks(mu.shape[0]):
+            std[s] = covariance(self._precision(mu[s], decoder, theta_dec, inv_var[s])[0])[1]
+        return mu.copy(), std
+

@@ -11,11 +11,11 @@ concatenation over layers of ``W_k.ravel()`` (C order) then ``b_k``.
 elementwise passes over the (rows, width) activations stay in cache; only the loop over blocks
 is in Python.
 """
-import contextlib
-
 import numpy as np
 
-__all__ = ["ACTIVATIONS", "MLP", "augmented_layers", "blas_threads", "n_params", "unpack_params"]
+from ..workers import blas_threads
+
+__all__ = ["ACTIVATIONS", "MLP", "PreparedWeights", "augmented_layers", "blas_threads", "n_params", "unpack_params"]
 
 
 def _tanh(a):
@@ -80,27 +80,6 @@ def unpack_params(theta, sizes):
     return [(a[:-1], a[-1]) for a in augmented_layers(theta, sizes)]
 
 
-_CONTROLLER = None
-
-
-def blas_threads(n):
-    """Context limiting BLAS to ``n`` threads (threadpoolctl); no-op for ``n=None``, without
-    threadpoolctl, or when every BLAS library already uses ``n`` threads (a limit costs ~25 us,
-    asking ~1 us: this runs once per network pass)."""
-    global _CONTROLLER
-    if n is None:
-        return contextlib.nullcontext()
-    if _CONTROLLER is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _CONTROLLER = ThreadpoolController().select(user_api="blas")
-        except ImportError:
-            _CONTROLLER = False
-    if not _CONTROLLER or all(lib.num_threads == int(n) for lib in _CONTROLLER.lib_controllers):
-        return contextlib.nullcontext()
-    return _CONTROLLER.limit(limits=int(n))
-
-
 def _act_fwd(name, a, out):
     """Write ``act(a)`` into ``out`` (may be a strided view); return what ``_act_scale`` needs."""
     if name == "tanh":
@@ -119,6 +98,25 @@ def _act_scale(name, h, state, g, tmp):
         g *= tmp
     else:
         g *= state
+
+
+class PreparedWeights:
+    """An MLP's parameters as its passes use them (:meth:`MLP.prepare`).
+
+    Attributes
+    ----------
+    layers : list of ndarray
+        Per layer ``[[W], [b]]``, shape (n_k + 1, n_{k+1}), compute dtype.
+    transposed : list of ndarray
+        Per layer ``W.T`` (contiguous), shape (n_{k+1}, n_k).
+    first_dense : ndarray or None
+        The first layer's ``[[W], [b]]`` without the rows of the ``sparse_inputs``.
+    """
+
+    __slots__ = ("layers", "transposed", "first_dense")
+
+    def __init__(self, layers, transposed, first_dense=None):
+        self.layers, self.transposed, self.first_dense = layers, transposed, first_dense
 
 
 class MLP:
@@ -140,6 +138,11 @@ class MLP:
         BLAS threads during the passes (None: leave the library setting). Default 1: the per-block
         GEMMs are small, and multi-threaded BLAS on them was up to 10x slower whenever the cores
         were shared (other processes, MPI ranks); parallelise over rows with MPI ranks instead.
+    sparse_inputs : slice, optional
+        Input columns that are often 0 in a whole block (the encoder's missing-entry indicators).
+        A block where they all are computes the first layer without them (in :meth:`forward` and
+        :meth:`vjp`; their weights' gradient is then 0): the same function, as many fewer
+        multiply-adds, the results equal to rounding (the GEMM sums fewer terms).
 
     Notes
     -----
@@ -149,7 +152,7 @@ class MLP:
     """
 
     def __init__(self, sizes, activation="tanh", block_size=1024, dtype=np.float64,
-                 blas_threads=1):
+                 blas_threads=1, sparse_inputs=None):
         self.sizes = tuple(int(s) for s in sizes)
         if len(self.sizes) < 2 or min(self.sizes) < 1:
             raise ValueError(f"bad layer sizes {sizes}")
@@ -163,6 +166,10 @@ class MLP:
         self.n_params = n_params(self.sizes)
         self.n_in, self.n_out = self.sizes[0], self.sizes[-1]
         self.blas_threads = blas_threads
+        self.sparse_inputs = sparse_inputs
+        if sparse_inputs is not None:
+            cols = np.arange(self.n_in)
+            self._dense_rows = np.append(np.setdiff1d(cols, cols[sparse_inputs]), self.n_in)  # and the bias
 
     def __repr__(self):
         return (f"MLP({list(self.sizes)}, activation={self.activation!r}, "
@@ -193,6 +200,27 @@ class MLP:
             b[...] = bias_scale
         return out
 
+    def prepare(self, theta):
+        """The parameters in the form the passes use, made once for many calls.
+
+        Parameters
+        ----------
+        theta : ndarray, shape (n_params,)
+
+        Returns
+        -------
+        PreparedWeights
+            Accepted by :meth:`forward`, :meth:`vjp` and :meth:`jvp` in place of ``theta``
+            (the same results, bitwise): the per-layer ``[[W], [b]]`` in the compute dtype and
+            contiguous copies of the ``W.T``. The passes of a batch's row blocks share it.
+        """
+        if isinstance(theta, PreparedWeights):
+            return theta
+        layers = self._aug(theta)
+        # copies: a transposed view changes the last bits of the products
+        dense = None if self.sparse_inputs is None else layers[0][self._dense_rows]
+        return PreparedWeights(layers, [np.ascontiguousarray(w[:-1].T) for w in layers], dense)
+
     # -- internals ----------------------------------------------------------------------------
     def _aug(self, theta):
         """Per-layer ``[[W], [b]]`` in the compute dtype (None for ``theta=None``): views of
@@ -200,6 +228,8 @@ class MLP:
         ``b`` in the flat vector."""
         if theta is None:
             return None
+        if isinstance(theta, PreparedWeights):
+            return theta.layers
         return augmented_layers(np.asarray(theta, dtype=np.float64).astype(self.dtype, copy=False), self.sizes)
 
     def _check_x(self, x, n_cols=None):
@@ -230,18 +260,40 @@ class MLP:
     def _view(flat, n, m):
         return flat[:n * m].reshape(n, m)
 
-    def _fwd_block(self, Wb, hs, scratch, y_flat, xb):
-        """Forward pass of one block; returns the output view and the activation states."""
+    def _dense_input(self, xb, prepared, buffer):
+        """The block's first-layer input without the sparse columns, if they are all 0 in it
+        (else None); ``buffer`` holds it (its last column 1)."""
+        if self.sparse_inputs is None or prepared is None or xb[:, self.sparse_inputs].any():
+            return None
         n = xb.shape[0]
-        hs[0][:n, :-1] = xb
+        if buffer[0] is None:
+            buffer[0] = np.empty((self.block_size, len(self._dense_rows)), self.dtype)
+            buffer[0][:, -1] = 1.0
+        hd = buffer[0][:n]
+        hd[:, :-1] = xb[:, self._dense_rows[:-1]]
+        return hd
+
+    def _fwd_block(self, Wb, hs, scratch, y_flat, xb, prepared=None, buffer=(None,)):
+        """Forward pass of one block; returns the output view, the activation states and the
+        dense first-layer input if the sparse inputs were skipped (else None)."""
+        n = xb.shape[0]
+        hd = self._dense_input(xb, prepared, buffer)
+        if hd is None:
+            hs[0][:n, :-1] = xb
         states = []
         for k in range(len(Wb) - 1):
             a = self._view(scratch, n, self.sizes[k + 1])
-            np.dot(hs[k][:n], Wb[k], out=a)
+            if k == 0 and hd is not None:
+                np.dot(hd, prepared.first_dense, out=a)
+            else:
+                np.dot(hs[k][:n], Wb[k], out=a)
             states.append(_act_fwd(self.activation, a, hs[k + 1][:n, :-1]))
         y = self._view(y_flat, n, self.n_out)
-        np.dot(hs[-1][:n], Wb[-1], out=y)
-        return y, states
+        if len(Wb) == 1 and hd is not None:
+            np.dot(hd, prepared.first_dense, out=y)
+        else:
+            np.dot(hs[-1][:n], Wb[-1], out=y)
+        return y, states, hd
 
     # -- public passes ------------------------------------------------------------------------
     def forward(self, theta, x):
@@ -249,7 +301,7 @@ class MLP:
 
         Parameters
         ----------
-        theta : ndarray, shape (n_params,)
+        theta : ndarray, shape (n_params,), or PreparedWeights
         x : ndarray, shape (n_rows, n_in)
 
         Returns
@@ -257,11 +309,12 @@ class MLP:
         y : ndarray, shape (n_rows, n_out), float64
         """
         x = self._check_x(x)
-        Wb = self._aug(theta)
+        prepared = self.prepare(theta) if self.sparse_inputs is not None else None
+        Wb = self._aug(theta if prepared is None else prepared)
         hs, (scratch, y_flat) = self._work(len(x), 2)
-        out = np.empty((len(x), self.n_out))
+        out, buffer = np.empty((len(x), self.n_out)), [None]
         for sl in self._blocks(len(x)):
-            out[sl] = self._fwd_block(Wb, hs, scratch, y_flat, x[sl])[0]
+            out[sl] = self._fwd_block(Wb, hs, scratch, y_flat, x[sl], prepared, buffer)[0]
         return out
 
     def vjp(self, theta, x, g_y, want_theta=True, want_x=True, return_y=True):
@@ -269,7 +322,7 @@ class MLP:
 
         Parameters
         ----------
-        theta : ndarray, shape (n_params,)
+        theta : ndarray, shape (n_params,), or PreparedWeights
         x : ndarray, shape (n_rows, n_in)
         g_y : ndarray, shape (n_rows, n_out), or callable
             Cotangent of the output. A callable ``g_y(y_block, rows)`` is called once per block
@@ -289,8 +342,8 @@ class MLP:
         """
         x = self._check_x(x)
         P, K = len(x), len(self.sizes) - 1
-        Wb = self._aug(theta)
-        WT = [np.ascontiguousarray(w[:-1].T) for w in Wb]  # copies: a transposed view changes the last bits
+        prepared = self.prepare(theta)
+        Wb, WT = prepared.layers, prepared.transposed
         hs, (scratch, y_flat, g0, g1, tmp) = self._work(P, 5)
         g_theta = np.zeros(self.n_params) if want_theta else None
         gth = augmented_layers(g_theta, self.sizes) if want_theta else None
@@ -301,9 +354,10 @@ class MLP:
             g_y = self._check_x(g_y, self.n_out)
             if len(g_y) != P:
                 raise ValueError(f"g_y has {len(g_y)} rows, x has {P}")
+        buffer = [None]
         for sl in self._blocks(P):
             n = sl.stop - sl.start
-            y, states = self._fwd_block(Wb, hs, scratch, y_flat, x[sl])
+            y, states, hd = self._fwd_block(Wb, hs, scratch, y_flat, x[sl], prepared, buffer)
             if return_y:
                 y_out[sl] = y
             gk = g_y(y, sl) if call else g_y[sl]
@@ -311,7 +365,9 @@ class MLP:
                 continue
             gk = np.asarray(gk, dtype=self.dtype)
             for k in range(K - 1, -1, -1):
-                if want_theta:
+                if want_theta and k == 0 and hd is not None:
+                    gth[0][self._dense_rows] += hd.T @ gk
+                elif want_theta:
                     gth[k] += hs[k][:n].T @ gk
                 if k == 0:
                     if want_x:
@@ -329,7 +385,7 @@ class MLP:
 
         Parameters
         ----------
-        theta : ndarray, shape (n_params,)
+        theta : ndarray, shape (n_params,), or PreparedWeights
         x : ndarray, shape (n_rows, n_in)
         d_theta : ndarray, shape (n_params,), or None
             Parameter tangent (None: zero).

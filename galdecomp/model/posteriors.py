@@ -72,6 +72,15 @@ class LatentPosterior:
         """Posterior mean (B, L) and covariance (B, L, L) for products."""
         raise NotImplementedError
 
+    def mean_and_std(self, enc_out, decoder, theta_dec, inv_var):
+        """Posterior mean (B, L) and marginal standard deviations (B, L) for products.
+
+        The same numbers as ``sqrt`` of the diagonal of :meth:`mean_and_cov`'s covariance
+        (bitwise); a family may override it to avoid forming the (B, L, L) array.
+        """
+        mu, cov = self.mean_and_cov(enc_out, decoder, theta_dec, inv_var)
+        return mu, np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+
 
 class DiagonalGaussian(LatentPosterior):
     """``q(z | d) = N(mu, diag(exp(2 log_sigma)))``, the standard VAE posterior.
@@ -113,6 +122,11 @@ class DiagonalGaussian(LatentPosterior):
         idx = np.arange(mu.shape[1])
         cov[:, idx, idx] = np.exp(2.0 * log_sigma)
         return mu.copy(), cov
+
+    def mean_and_std(self, enc_out, decoder=None, theta_dec=None, inv_var=None):
+        """Posterior mean and std ``exp(log_sigma)`` (as ``sqrt`` of :meth:`mean_and_cov`'s diagonal), (B, L)."""
+        mu, log_sigma = self._split(enc_out)
+        return mu.copy(), np.sqrt(np.exp(2.0 * log_sigma))
 
 
 def __getattr__(name):

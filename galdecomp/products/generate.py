@@ -17,7 +17,8 @@ from ..model.latent_transform import (GaussianDensity, GaussianisingTransform, G
 from .sample_quality import frechet_distance, ks_per_feature
 from .tables import format_table
 
-__all__ = ["METHODS", "transform_rows", "held_out_rows", "refit_transform", "aggregate_draws", "fit_latent_density", "sample_quality",
+__all__ = ["METHODS", "transform_rows", "held_out_rows", "refit_transform", "aggregate_draws", "encoder_draws",
+           "fit_latent_density", "sample_quality",
            "write_samples", "MAX_ROWS", "DRAWS_PER_ROW"]
 
 #: latent density methods: name -> class (benchmarks/README.md, "Latent transform", for the choice)
@@ -66,7 +67,8 @@ def aggregate_draws(mean, cov, rows, seed, n_per_row=DRAWS_PER_ROW):
     Parameters
     ----------
     mean, cov : ndarray, shape (P, L), (P, L, L)
-        Posterior moments of the local rows.
+        Posterior moments of the local rows (``cov`` may also be standard deviations (P, L)
+        of diagonal posteriors).
     rows : ndarray of int
         Local rows to use.
     seed : int
@@ -80,6 +82,46 @@ def aggregate_draws(mean, cov, rows, seed, n_per_row=DRAWS_PER_ROW):
     rng = np.random.default_rng([seed, 8101])
     z = aggregate_posterior_draws(mean[rows], cov[rows], n_per_row, rng)
     return z, np.repeat(np.arange(len(rows)), n_per_row)
+
+
+def encoder_draws(trained, y, rows, seed, n_per_row=DRAWS_PER_ROW, block=8192):
+    """:func:`aggregate_draws` of the encoder's posteriors of ``y[rows]``, in row blocks.
+
+    The same draws (bitwise) as ``aggregate_draws(*trained.encode(y, standardised=True,
+    full_cov=True), rows, seed)`` without the covariances of all rows: the encoder runs over
+    ``y`` in blocks of ``block`` rows (those of :meth:`~galdecomp.model.autoencoder.Autoencoder.
+    posterior_moments`) and one block's covariances exist at a time; the random numbers are
+    drawn block after block from one stream.
+
+    Parameters
+    ----------
+    trained : TrainedModel
+    y : ndarray, shape (P, C)
+        Standardised rows, NaN where missing.
+    rows : ndarray of int
+        Sorted rows of ``y`` to draw from.
+    seed : int
+    n_per_row, block : int
+
+    Returns
+    -------
+    z, groups
+        As :func:`aggregate_draws`.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if np.any(np.diff(rows) < 0):
+        raise ValueError("rows must be sorted")
+    rng = np.random.default_rng([seed, 8101])
+    d, m = trained._rows(y, None, True)
+    out = [np.zeros((0, trained.latent_dim))]
+    for a in range(0, len(d), block):
+        b = min(a + block, len(d))
+        here = rows[(rows >= a) & (rows < b)] - a
+        if len(here) == 0:
+            continue
+        mean, cov = trained.model.posterior_moments(trained.params, d[a:b], m[a:b], block=block, full_cov=True)
+        out.append(aggregate_posterior_draws(mean[here], cov[here], n_per_row, rng))
+    return np.concatenate(out), np.repeat(np.arange(len(rows)), n_per_row)
 
 
 def fit_latent_density(z, groups, method="gaussianising", seed=0, log=None):
@@ -112,14 +154,13 @@ def refit_transform(trained, method="gaussianising", seed=0, progress=None):
     say = progress or (lambda m: None)
     y = trained.standardise(trained.load_rows())
     say(f"posteriors of {len(y)} rows")
-    mean, cov = trained.encode(y, standardised=True)
     cfg = trained.config
-    z, groups = aggregate_draws(mean, cov, transform_rows(len(y), cfg["training"]["validation_fraction"],
-                                                          cfg["seed"]), seed)
+    z, groups = encoder_draws(trained, y, transform_rows(len(y), cfg["training"]["validation_fraction"],
+                                                         cfg["seed"]), seed)
     say(f"latent transform ({method}) on {len(z)} draws of the aggregate posterior")
     density = fit_latent_density(z, groups, method, seed=seed)
     held = held_out_rows(trained, y)
-    zq = aggregate_draws(*trained.encode(held, standardised=True), np.arange(len(held)), seed + 1)[0]
+    zq = encoder_draws(trained, held, np.arange(len(held)), seed + 1)[0]
     return dict(density=density, held_out_log_density=float(np.mean(density.log_density(zq))),
                 held_out_log_prior=float(np.mean(trained.prior.log_density(zq))))
 

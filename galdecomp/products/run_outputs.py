@@ -22,8 +22,8 @@ from ..fileio import atomic_path, write_healpix_fits, write_text
 from .plots import mollview_grid, plot_history, plot_residual_summary
 from .tables import format_table
 
-__all__ = ["feature_significance", "compute_products", "gather_products", "write_sky_products",
-           "write_table_products", "WRITERS", "write_run_products", "feature_names"]
+__all__ = ["feature_significance", "compute_products", "covariance_blocks", "upper_triangles", "gather_products",
+           "write_sky_products", "write_table_products", "WRITERS", "write_run_products", "feature_names", "BLOCK"]
 
 
 def feature_names(n):
@@ -69,9 +69,43 @@ def _header(dataset, cfg, extra=()):
     return cards + list(extra)
 
 
-def compute_products(preprocessor, model, params, data, mean, cov, cfg, samples=None, comm=None,
-                     progress=None):
+#: Rows per block of the posterior moments (:meth:`~galdecomp.model.autoencoder.Autoencoder.posterior_moments`'s
+#: default): products that need covariances recompute them on the same blocks, one at a time.
+BLOCK = 8192
+
+
+def covariance_blocks(model, params, data, mask, block=BLOCK):
+    """The encoder's posterior covariances, one block of rows at a time.
+
+    The same numbers (bitwise) as ``model.posterior_moments(params, data, mask, block,
+    full_cov=True)``, which computes the same blocks; never more than one (block, L, L) array.
+
+    Parameters
+    ----------
+    model : Autoencoder
+    params : ndarray
+    data, mask : ndarray, shape (P, C)
+        Standardised data (missing entries zeroed) and observed entries.
+    block : int
+
+    Yields
+    ------
+    rows : slice
+        The block's rows ``[a, a + block)``.
+    cov : ndarray, shape (rows, L, L)
+    """
+    for a in range(0, len(data), block):
+        s = slice(a, min(a + block, len(data)))
+        yield s, model.posterior_moments(params, data[s], mask[s], block=block, full_cov=True)[1]
+
+
+def compute_products(preprocessor, model, params, data, mean, std, cfg, samples=None, comm=None,
+                     progress=None, block=BLOCK):
     """The per-row products of a trained model on this process's rows, and the global summaries.
+
+    Works in row blocks: the covariances the Fisher products (upper triangles) and the
+    amortisation gap need are recomputed a block at a time (:func:`covariance_blocks`), never
+    held for all rows.
 
     Parameters
     ----------
@@ -81,8 +115,10 @@ def compute_products(preprocessor, model, params, data, mean, cov, cfg, samples=
         Trained parameters.
     data : ndarray, shape (P_local, C)
         Standardised data (rows = this process's rows), NaN where missing.
-    mean, cov : ndarray, shape (P_local, L) and (P_local, L, L)
-        The encoder's posterior means and covariances.
+    mean, std : ndarray, shape (P_local, L)
+        The encoder's posterior means and standard deviations
+        (:meth:`~galdecomp.model.autoencoder.Autoencoder.posterior_moments`). Covariances
+        (P_local, L, L) are accepted in place of ``std`` (only their diagonals are used).
     cfg : dict
         Resolved configuration.
     samples : ndarray, shape (S, P_local, L), optional
@@ -90,6 +126,8 @@ def compute_products(preprocessor, model, params, data, mean, cov, cfg, samples=
         encoder's are kept beside them with the amortisation gap.
     comm : SerialComm or MPIComm, optional
     progress : callable, optional
+    block : int
+        Rows per block; the block of ``posterior_moments`` that gave ``mean`` and ``std``.
 
     Returns
     -------
@@ -109,24 +147,26 @@ def compute_products(preprocessor, model, params, data, mean, cov, cfg, samples=
     L = model.latent_dim
     mask = np.isfinite(data)
     data = np.where(mask, data, 0.0)
-    enc_std = np.sqrt(np.einsum("pii->pi", cov))
+    enc_std = np.sqrt(np.diagonal(std, axis1=1, axis2=2)) if np.ndim(std) == 3 else np.asarray(std)
     if samples is not None:
         from ..inference.mgvi import amortisation_gap
 
-        gap = amortisation_gap(mean, cov, samples)
+        gap = {}
+        for s, cov in covariance_blocks(model, params, data, mask, block):
+            for k, v in amortisation_gap(mean[s], cov, samples[:, s]).items():
+                gap.setdefault(k, np.empty((len(mean),) + v.shape[1:]))[s] = v
         post_mean, post_std = gap["mean"], gap["std"]
     else:
         post_mean, post_std = mean, enc_std
     progress("feature significance")
     sig_nats = comm.allreduce_sum(feature_significance(model, params, data, mask, post_mean))
     order = np.argsort(-sig_nats, kind="stable")
-    iu = np.triu_indices(L)
     sigma = model.sigma(params)
     pred = model.decode(params, post_mean)
     local = dict(mean=post_mean[:, order], std=post_std[:, order], recon=preprocessor.inverse(pred.T).T,
                  resid=np.where(mask, (data - pred) / sigma, np.nan))
     if cfg["covariance"] == "fisher":
-        local["cov"] = cov[:, order][:, :, order][:, iu[0], iu[1]]
+        local["cov"] = upper_triangles(model, params, data, mask, order, block)
     if samples is not None:
         local.update(enc_mean=mean[:, order], enc_std=enc_std[:, order],
                      samples=np.concatenate(samples[:, :, order], axis=1),
@@ -134,6 +174,33 @@ def compute_products(preprocessor, model, params, data, mean, cov, cfg, samples=
                      shift=gap["shift"][:, order], ratio=gap["std_ratio"][:, order])
     return dict(rows=local, significance=sig_nats, order=order, sigma=sigma,
                 n_samples=None if samples is None else len(samples))
+
+
+def upper_triangles(model, params, data, mask, order, block=BLOCK):
+    """The upper triangles of the encoder's posterior covariances, features in ``order``.
+
+    Parameters
+    ----------
+    model : Autoencoder
+    params : ndarray
+    data, mask : ndarray, shape (P, C)
+        Standardised data (missing entries zeroed) and observed entries.
+    order : ndarray of int, shape (L,)
+        Latent index of feature_01, feature_02, ...
+    block : int
+
+    Returns
+    -------
+    ndarray, shape (P, L (L + 1) / 2)
+        ``cov[:, order[i], order[j]]`` for ``i <= j`` (:func:`numpy.triu_indices` order), built
+        one block of rows at a time.
+    """
+    iu = np.triu_indices(len(order))
+    a, b = np.asarray(order)[iu[0]], np.asarray(order)[iu[1]]
+    out = np.empty((len(data), len(a)))
+    for s, cov in covariance_blocks(model, params, data, mask, block):
+        out[s] = cov[:, a, b]
+    return out
 
 
 def gather_products(products, comm=None):
@@ -245,8 +312,12 @@ def write_sky_products(run_dir, prod, dataset, preprocessor, model, history, cfg
     paths = {}
     for stem, rows, cols, units, content in _arrays(prod, dataset, cfg):
         paths[f"{stem}.fits"] = os.path.join(run_dir, f"{stem}.fits")
-        write_healpix_fits(paths[f"{stem}.fits"], np.where(np.isnan(rows), hp.UNSEEN, rows).T, cols, units,
-                           nest=nest, coord=coord, header=hdr + [("CONTENT", content)])
+        missing = np.isnan(rows)
+        maps = np.where(missing, hp.UNSEEN, rows).T if missing.any() else rows.T  # no copy without NaN
+        del missing
+        write_healpix_fits(paths[f"{stem}.fits"], maps, cols, units, nest=nest, coord=coord,
+                           header=hdr + [("CONTENT", content)])
+        del maps
     pdir = _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, "amortisation_gap.csv",
                          progress)
     full, names = prod["rows"], feature_names(len(prod["order"]))
@@ -318,7 +389,7 @@ def _image_grid(data, recon, side, path):
 WRITERS = {"sky": write_sky_products, "table": write_table_products}
 
 
-def write_run_products(run_dir, dataset, preprocessor, model, params, data, mean, cov, history, cfg,
+def write_run_products(run_dir, dataset, preprocessor, model, params, data, mean, std, history, cfg,
                        catalog_path, samples=None, comm=None, progress=print):
     """Compute, gather and write every product of a model trained on a sky.
 
@@ -332,7 +403,7 @@ def write_run_products(run_dir, dataset, preprocessor, model, params, data, mean
         (nats, in that order), ``sigma`` (noise per channel, standardised), ``paths`` (name ->
         file written). None on other ranks.
     """
-    prod = compute_products(preprocessor, model, params, data, mean, cov, cfg, samples, comm, progress)
+    prod = compute_products(preprocessor, model, params, data, mean, std, cfg, samples, comm, progress)
     prod = gather_products(prod, comm)
     if prod is None:
         return None

@@ -1,0 +1,140 @@
+"""Wall time of a default fit against the PyTorch peer a user would write, side by side, on real maps.
+
+In ONE run, round-robin over the variants (each in a fresh subprocess), best of ``--repeat``:
+
+- ``galdecomp`` variants: ``galdecomp fit CATALOG --out RUN --config VARIANT.yaml`` exactly as a
+  user runs it; ``training`` is the training time the fit logs ("training done after N epochs in
+  X s"), ``end to end`` the wall time of the whole command (reading, training, products, plots).
+  ``default`` is the released default (float32 kernels, every core); ``f32-1t`` the same on one
+  core; ``2-ranks`` the default under ``mpiexec -n 2`` (one thread per rank); ``previous`` the
+  defaults before (float64 kernels, one core, blocks of 1024 rows);
+- ``torch``: the peer of ``bench_quality.py`` (PyTorch VAE, encoder and decoder 2x128 tanh,
+  Adam 2e-3 with cosine annealing, batch 1024, float32) on the same preprocessed rows (complete
+  rows), with ``torch.set_num_threads`` = the cores given (``--threads``, default all);
+  ``training`` is its training loop, ``end to end`` the subprocess (imports, data, training).
+
+Data sets (``--datasets``): ``real`` (the 18 maps of realsky64 that are neither dust nor HI,
+nside 64: 49,152 pixels), ``real32`` (the same at nside 32), ``realmorph`` (the real-morphology
+simulated sky of ``runs/realmorph.yaml``, 35 channels), ``demo`` (``runs/demo.yaml``).
+
+Usage::
+
+    python benchmarks/bench_speed.py                          # real maps, 200 epochs, 3 rounds
+    python benchmarks/bench_speed.py --epochs 20 --repeat 2   # quick look
+    python benchmarks/bench_speed.py --variants default,torch --datasets real,realmorph
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench_quality  # noqa: E402  (data sets and the peer)
+
+VARIANTS = {
+    "default": {},
+    "f32-1t": {"training": {"threads": 1}},
+    "2-ranks": {},  # mpiexec -n 2, one thread per rank
+    "previous": {"training": {"dtype": "float64", "block_rows": 1024, "threads": 1}},
+}
+RANKS = {"2-ranks": 2}
+
+PEER = """
+import sys, time, json
+sys.path.insert(0, {here!r})
+import numpy as np, torch
+torch.set_num_threads({threads})
+import bench_quality as bq
+t0 = time.perf_counter()
+data = bq.Data({inputs!r}, {templates!r})
+X = data.data[data.complete]
+res = bq.torch_fit(X, {seed}, 10, epochs={epochs})
+print(json.dumps(dict(training=res["seconds"], setup=time.perf_counter() - t0 - res["seconds"])))
+"""
+
+
+def run_package(catalog, settings, epochs, seed, work, ranks=1):
+    cfg = os.path.join(work, "variant.yaml")
+    with open(cfg, "w") as f:
+        yaml.safe_dump(settings, f)
+    out = os.path.join(work, "run")
+    bindir = os.path.dirname(sys.executable)
+    cmd = [os.path.join(bindir, "galdecomp"), "fit", catalog, "--out", out, "--overwrite",
+           "--config", cfg, "--max-epochs", str(epochs), "--seed", str(seed)]
+    if ranks > 1:
+        cmd = [os.path.join(bindir, "mpiexec"), "-n", str(ranks), sys.executable, "-m", "galdecomp"] + cmd[1:]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
+    m = re.search(r"training done after \d+ epochs in ([0-9.]+) s", p.stderr)
+    threads = re.search(r"; (\d+) thread", p.stderr)
+    shutil.rmtree(out, ignore_errors=True)
+    return dict(training=float(m.group(1)), wall=wall,
+                threads=f"{ranks} x {threads.group(1)}" if threads else None)
+
+
+def run_peer(inputs, templates, epochs, seed, threads):
+    code = PEER.format(here=HERE, inputs=inputs, templates=templates, seed=seed, epochs=epochs, threads=threads)
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise SystemExit(f"the PyTorch peer failed (pip install -e '.[bench]'):\n{p.stderr[-2000:]}")
+    import json
+
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    return dict(training=res["training"], wall=wall, threads=f"1 x {threads}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="real")
+    ap.add_argument("--variants", default="default,f32-1t,2-ranks,previous,torch")
+    ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="cores of the peer (default: all, as the package's default)")
+    args = ap.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="bench_speed_")
+    names = args.variants.split(",")
+    rows = []
+    try:
+        for ds in args.datasets.split(","):
+            inputs, templates = bench_quality.prepare(ds, work)
+            best = {}
+            for r in range(args.repeat):
+                for name in names:
+                    if name == "torch":
+                        res = run_peer(inputs, templates, args.epochs, args.seed, args.threads)
+                    else:
+                        res = run_package(inputs, VARIANTS[name], args.epochs, args.seed, work, RANKS.get(name, 1))
+                    print(f"{ds} round {r + 1} {name}: training {res['training']:.1f} s, end to end "
+                          f"{res['wall']:.1f} s ({os.getloadavg()[0]:.2f} load)", flush=True)
+                    b = best.setdefault(name, dict(res))
+                    b["training"], b["wall"] = min(b["training"], res["training"]), min(b["wall"], res["wall"])
+            peer = best.get("torch")
+            for name in names:
+                b = best[name]
+                ratio = f"{b['training'] / peer['training']:.2f}x" if peer else "-"
+                rows.append(f"| {ds} | {name} | {b['threads']} | {b['training']:.1f} | {b['wall']:.1f} | {ratio} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{args.epochs} epochs, best of {args.repeat} rounds, round-robin\n")
+    print("| data | variant | processes x threads | training s | end to end s | training vs peer |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
