@@ -197,12 +197,16 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_row
             f"{h['seconds']:.1f}s/epoch  ETA {eta / 60:.1f} min (at most)")
 
     t0 = time.perf_counter()
-    threads = objective.start_workers(threads_of(tcfg, objective.comm), tcfg["batch_size"], valid_rows.size)
+    asked = threads_of(tcfg, objective.comm)
+    threads = objective.start_workers(asked, tcfg["batch_size"], valid_rows.size)
     if log:
         log(f"{train_rows.size} training / {valid_rows.size} validation rows, batch {tcfg['batch_size']}; "
             f"{describe_threads(threads, objective.comm)}, {tcfg['dtype']} kernels")
-        if tcfg["threads"] and tcfg["threads"] > threads:
+        if objective.comm.size > 1 and (tcfg["threads"] or 1) > 1:
             log(f"training.threads {tcfg['threads']} ignored: under MPI each rank computes its rows alone")
+        elif asked > threads:
+            log(f"{asked} cores, {threads} used: a minibatch has {threads} blocks of at most "
+                f"{tcfg['block_rows']} rows (a smaller training.block_rows gives more)")
     seconds = {}
     try:
         with blas_threads(1):  # idle BLAS threads spin and would take the workers' cores

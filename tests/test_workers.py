@@ -160,3 +160,16 @@ def test_mgvi_on_two_cores_takes_the_rows_in_two_shares(tmp_path, capsys):
     sd = np.tile(np.array(hp.read_map(str(run / "latent_std.fits"), field=None)), (a.shape[0] // 3, 1))
     d = np.abs(a - b) / sd
     assert np.median(d) < 1e-4 and np.quantile(d, 0.99) < 0.05
+
+
+def test_no_more_workers_than_blocks(tmp_path, capsys):
+    obj, _ = objective(block_rows=128)
+    try:
+        assert obj.start_workers(4, 200) == 2  # 200 rows: two blocks
+    finally:
+        obj.close_workers()
+    (tmp_path / "r").mkdir()
+    fit_small_sky(tmp_path / "r", "--max-epochs", "1", "--latent-dim", "3", "--threads", "4")
+    err = capsys.readouterr().err
+    assert "2 threads (this process and 1 forked worker)" in err
+    assert "4 cores, 2 used: a minibatch has 2 blocks of at most 512 rows" in err

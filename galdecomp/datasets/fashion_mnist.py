@@ -36,7 +36,7 @@ PRESET = {
     "noise": {"floor": 0.01},
     "training": {"batch_size": 128, "max_epochs": 8, "learning_rate": 3e-2, "min_learning_rate": 1e-4,
                  "step_on": "excitations", "select": "mean",
-                 "kl_warmup_epochs": 1, "validation_fraction": 0.1, "dtype": "float32", "block_rows": 64},
+                 "kl_warmup_epochs": 1, "validation_fraction": 0.1, "dtype": "float32"},
 }
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

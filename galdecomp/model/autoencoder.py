@@ -355,11 +355,13 @@ class ELBOObjective:
         Returns
         -------
         int
-            The threads of execution used: ``n``, or 1 under MPI or for ``n <= 1``.
+            The threads of execution used: ``n``, at most the number of blocks of a minibatch, 1
+            under MPI.
         """
         from ..workers import ForkedWorkers, SharedArrays
 
         self.close_workers()
+        n = min(int(n), len(self._op.blocks(batch_rows)))  # a worker without a block would only wait
         if n <= 1 or self.comm.size > 1 or not hasattr(os, "fork"):
             return 1
         m, L, C = self.model, self.latent_dim, self.model.n_features
