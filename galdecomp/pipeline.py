@@ -606,15 +606,30 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
     prod = compute_products(ready.preprocessor, model, params, data, mean, std, cfg, samples, comm, log.info)
     del data0, mask, std, samples  # the products hold what is written: peak memory while writing
     prod = gather_products(prod, comm)
-    # the last rank fits the latent transform while rank 0 writes the products (one rank: in turn)
-    fit_transform(run_dir, mean, t_cov, cfg, rows.start, n_rows, comm, root=comm.size - 1)
+    # the last rank fits the latent transform while rank 0 writes the products; one process on
+    # several cores forks a worker for the transform meanwhile (one core: in turn)
+    written = {}
+
+    def stage(k):
+        if k == last:
+            fit_transform(run_dir, mean, t_cov, cfg, rows.start, n_rows, comm, root=comm.size - 1)
+        if k == 0 and prod is not None:
+            written["paths"] = WRITERS[source.kind](run_dir, prod, ready.data_set, ready.preprocessor, model,
+                                                    state.history, cfg, source.path, log.info)
+
+    last = 1 if comm.size == 1 and threads_of(cfg["training"], comm) > 1 else 0
+    if last:
+        from .workers import ForkedWorkers
+
+        with ForkedWorkers(2, stage) as beside:
+            beside.run()
+    else:
+        stage(0)
     del mean, t_cov
     products = None
     if prod is not None:
-        paths = WRITERS[source.kind](run_dir, prod, ready.data_set, ready.preprocessor, model, state.history,
-                                     cfg, source.path, log.info)
         products = dict(order=prod["order"], significance=prod["significance"][prod["order"]],
-                        sigma=prod["sigma"], paths=paths)
+                        sigma=prod["sigma"], paths=written["paths"])
     if comm.rank == 0:
         from .inference.trained import TrainedModel
 

@@ -179,9 +179,8 @@ class ForkedWorkers:
                 os.write(done_fd, len(reply).to_bytes(4, "little") + reply)
                 flags[k] = task
 
-    def run(self, own_share=None):
-        """Every worker runs ``kernel(k)``, this process ``kernel(0)`` (or ``own_share()``, e.g.
-        the kernel with inputs it already holds); returns when all are done.
+    def run(self):
+        """Every worker runs ``kernel(k)``, this process ``kernel(0)``; returns when all are done.
 
         Raises
         ------
@@ -195,7 +194,7 @@ class ForkedWorkers:
         error = None
         try:
             with blas_threads(1):
-                own_share() if own_share is not None else self._kernel(0)
+                self._kernel(0)
         except Exception as e:  # noqa: BLE001 - the workers are still collected below
             error = e
         failures = []

@@ -122,3 +122,30 @@ def test_recalibrated_noise_is_unbiased_for_the_true_model():
     r = data - tm.decode(tm.condition(data)["mean"])
     assert np.all(r.std(0) < sigma)                     # the raw MAP residuals are biased low
     np.testing.assert_allclose(tm.recalibrated_sigma(data), sigma, rtol=0.05)
+
+
+def test_predictive_and_recalibration_condition_the_rows_in_chunks(monkeypatch):
+    """Only one chunk of rows' Laplace covariances is held at a time; the results are those of
+    one call on all rows (the chunks cut nothing that couples rows)."""
+    from galdecomp.inference import reconstruction
+
+    tm, W, b, sigma = linear_model()
+    rng = np.random.default_rng(4)
+    data = rng.standard_normal((300, L)) @ W + b + sigma * rng.standard_normal((300, C))
+    mask = rng.random((300, C)) > 0.3
+    whole = predictive(tm, data, mask, n_draws=20, rng=np.random.default_rng(0), block=16)
+    sig = tm.recalibrated_sigma(data, mask)
+    held = []
+    orig = tm.condition
+
+    def condition(y, *a, **k):
+        held.append(len(y))
+        return orig(y, *a, **k)
+
+    monkeypatch.setattr(tm, "condition", condition)
+    monkeypatch.setattr(reconstruction, "CONDITION_ROWS", 64)
+    chunked = predictive(tm, data, mask, n_draws=20, rng=np.random.default_rng(0), block=16)
+    assert held == [64, 64, 64, 64, 44]
+    for k in ("mean", "std", "latent_mean", "latent_std"):
+        np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(tm.recalibrated_sigma(data, mask), sig, rtol=1e-10)

@@ -132,6 +132,11 @@ def test_fit_with_two_threads_is_bitwise_the_one_thread_fit(tmp_path, capsys):
     b = np.load(tmp_path / "two" / "run" / "checkpoint.npz")
     for key in ("params", "best_params", "adam_m", "adam_v"):
         assert np.array_equal(a[key], b[key]), key
+    # the latent transform was fitted by a forked worker while this process wrote the products
+    ta, tb = (np.load(tmp_path / r / "run" / "latent_transform.npz") for r in ("one", "two"))
+    assert sorted(ta) == sorted(tb) and all(np.array_equal(ta[k], tb[k]) for k in ta)
+    assert (tmp_path / "two" / "run" / "latent_mean.fits").read_bytes() == \
+        (tmp_path / "one" / "run" / "latent_mean.fits").read_bytes()
     cfg = yaml.safe_load((tmp_path / "two" / "run" / "config.yaml").read_text())
     assert cfg["training"]["threads"] == 2 and cfg["training"]["dtype"] == "float32"
     # a resumed run may use another number of threads (and ends where the run would)

@@ -48,6 +48,12 @@ def extra_variance(trained, physical, mask, extra_noise=None, gain_sigma=None):
     return np.where(mask & np.isfinite(var), var, 0.0)
 
 
+#: Rows conditioned at a time by :func:`predictive`: their Laplace covariances (CONDITION_ROWS, L, L)
+#: are the only ones held. A multiple of the blocks of ``TrainedModel.encode`` (8192) and of
+#: ``conditional.latent_map`` (2048), so every row's numbers are those of one call on all rows.
+CONDITION_ROWS = 65536
+
+
 def predictive(trained, physical, mask, extra_noise=None, gain_sigma=None, n_draws=200, rng=None,
                block=1024, sigma=None):
     """Predictive mean, standard deviation and percentiles of every channel of every row.
@@ -84,14 +90,27 @@ def predictive(trained, physical, mask, extra_noise=None, gain_sigma=None, n_dra
     y = np.where(mask, trained.standardise(np.where(mask, physical, 1.0)), 0.0)
     xvar = extra_variance(trained, physical, mask, extra_noise, gain_sigma)
     sigma = trained.sigma if sigma is None else np.asarray(sigma, float)
-    cond = trained.condition(y, mask, standardised=True, extra_noise=np.sqrt(xvar), sigma=sigma)
     en = np.zeros(C) if extra_noise is None else np.asarray(extra_noise, float)
     gs = np.zeros(C) if gain_sigma is None else np.asarray(gain_sigma, float)
     P = len(y)
     out = {k: np.empty((P, C)) for k in ["mean", "std", "standardised_mean", *QUANTILES]}
-    for a in range(0, P, block):
-        s = slice(a, min(a + block, P))
-        m, cov = cond["mean"][s], cond["cov"][s]
+    out.update(latent_mean=np.empty((P, trained.latent_dim)), latent_std=np.empty((P, trained.latent_dim)),
+               converged=np.empty(P, bool))
+    for at in range(0, P, CONDITION_ROWS):
+        c = slice(at, min(at + CONDITION_ROWS, P))
+        cond = trained.condition(y[c], mask[c], standardised=True, extra_noise=np.sqrt(xvar[c]), sigma=sigma)
+        out["latent_mean"][c], out["latent_std"][c], out["converged"][c] = cond["mean"], cond["std"], cond["converged"]
+        _predict_rows(trained, cond, at, c.stop, block, n_draws, rng, sigma, en, gs, out)
+    return out
+
+
+def _predict_rows(trained, cond, at, stop, block, n_draws, rng, sigma, en, gs, out):
+    """:func:`predictive`'s Monte Carlo for the rows ``at .. stop - 1`` (conditioned in ``cond``,
+    whose row 0 is row ``at``), ``block`` rows at a time, into ``out``."""
+    C = trained.n_features
+    for a in range(at, stop, block):
+        s = slice(a, min(a + block, stop))
+        m, cov = cond["mean"][s.start - at:s.stop - at], cond["cov"][s.start - at:s.stop - at]
         B, L = m.shape
         chol = np.linalg.cholesky(cov)
         z = m + np.einsum("bij,kbj->kbi", chol, rng.standard_normal((n_draws, B, L)))
@@ -103,5 +122,3 @@ def predictive(trained, physical, mask, extra_noise=None, gain_sigma=None, n_dra
         out["mean"][s], out["std"][s] = x.mean(0), x.std(0)
         for name, q in zip(QUANTILES, np.percentile(x, list(QUANTILES.values()), axis=0)):
             out[name][s] = q
-    out.update(latent_mean=cond["mean"], latent_std=cond["std"], converged=cond["converged"])
-    return out

@@ -340,13 +340,19 @@ class TrainedModel:
         """
         from ..model.fisher import jacobian_forward
 
+        from .reconstruction import CONDITION_ROWS
+
         y, m = self._rows(data, mask, standardised)
-        res = self.condition(y, m, standardised=True)
         theta, dec = self.model.split(self.params)[1], self.model.decoder
-        f, J, _ = jacobian_forward(theta, dec.sizes, dec.activation, res["mean"])
-        w = m / self.sigma ** 2
-        lev = w * np.einsum("pcl,plk,pck->pc", J, res["cov"], J)
-        var = (m * (y - f) ** 2).sum(0) / np.maximum((m * (1.0 - lev)).sum(0), 1.0)
+        squares, dof = 0.0, 0.0
+        for a in range(0, len(y), CONDITION_ROWS):  # the Laplace covariances of one chunk of rows at a time
+            c = slice(a, a + CONDITION_ROWS)
+            res = self.condition(y[c], m[c], standardised=True)
+            f, J, _ = jacobian_forward(theta, dec.sizes, dec.activation, res["mean"])
+            lev = m[c] / self.sigma ** 2 * np.einsum("pcl,plk,pck->pc", J, res["cov"], J)
+            squares = squares + (m[c] * (y[c] - f) ** 2).sum(0)
+            dof = dof + (m[c] * (1.0 - lev)).sum(0)
+        var = squares / np.maximum(dof, 1.0)
         return np.maximum(np.sqrt(var), self.model.floor)
 
     def condition(self, data, mask=None, standardised=False, extra_noise=None, n_samples=0, seed=0,
