@@ -170,6 +170,9 @@ class MLP:
         if sparse_inputs is not None:
             cols = np.arange(self.n_in)
             self._dense_rows = np.append(np.setdiff1d(cols, cols[sparse_inputs]), self.n_in)  # and the bias
+            dense = self._dense_rows[:-1]  # the input columns kept: a slice when they are a run (a view, no gather)
+            contiguous = len(dense) > 0 and np.array_equal(dense, np.arange(dense[0], dense[-1] + 1))
+            self._dense_cols = slice(int(dense[0]), int(dense[-1]) + 1) if contiguous else dense
 
     def __repr__(self):
         return (f"MLP({list(self.sizes)}, activation={self.activation!r}, "
@@ -270,7 +273,7 @@ class MLP:
             buffer[0] = np.empty((self.block_size, len(self._dense_rows)), self.dtype)
             buffer[0][:, -1] = 1.0
         hd = buffer[0][:n]
-        hd[:, :-1] = xb[:, self._dense_rows[:-1]]
+        hd[:, :-1] = xb[:, self._dense_cols]
         return hd
 
     def _fwd_block(self, Wb, hs, scratch, y_flat, xb, prepared=None, buffer=(None,)):
