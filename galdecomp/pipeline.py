@@ -523,6 +523,9 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         stored = _stored_config(run_dir)
         old = model_signature(resolve_config(stored, where=f"{run_dir}/config.yaml"))
         cfg = resolve_config(config_file if config_file is not None else stored, overrides)
+        diff = sorted(k for k, v in model_signature(cfg).items() if old[k] != v)
+        if diff:
+            raise InputError(f"{run_dir}: --resume with another configuration (differs in: {', '.join(diff)})")
         arrays, state = _read_checkpoint(ckpt)
     else:
         cfg = resolve_config(config_file, overrides)
@@ -531,10 +534,6 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
             held.enter_context(folder_lock(run_dir, comm))
     ready = source.prepare(cfg, comm)
     cfg["data"] = ready.record
-    if resume:
-        diff = sorted(k for k, v in model_signature(cfg).items() if old[k] != v)
-        if diff:
-            raise InputError(f"{run_dir}: --resume with another configuration (differs in: {', '.join(diff)})")
     data, rows, n_rows = ready.data, ready.rows, ready.n_rows
     C, L = ready.data_set.n_features, cfg["latent_dim"]
     if C < L:
