@@ -4,7 +4,7 @@ A one-process fit computes each minibatch's row blocks on every core it is given
 worker processes are forked from it (they share its memory copy-on-write and one anonymous
 shared mapping for the inputs and results of each step) and the process itself is the n-th.
 Python threads were measured first: numpy releases the GIL in each call, but a training step
-is hundreds of small calls whose GIL hand-offs made two threads only 1.15x faster than one;
+is hundreds of small calls whose GIL hand-offs made two threads at most 1.1x faster than one;
 processes share nothing and are not limited by it. MPI ranks (:mod:`galdecomp.parallel`) are
 the other axis; under MPI each rank computes its rows alone by default.
 
