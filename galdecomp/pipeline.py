@@ -624,7 +624,6 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
             beside.run()
     else:
         stage(0)
-    del mean, t_cov
     products = None
     if prod is not None:
         products = dict(order=prod["order"], significance=prod["significance"][prod["order"]],

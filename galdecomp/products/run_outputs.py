@@ -144,7 +144,6 @@ def compute_products(preprocessor, model, params, data, mean, std, cfg, samples=
 
     comm = comm or SerialComm()
     progress = progress or (lambda msg: None)
-    L = model.latent_dim
     mask = np.isfinite(data)
     data = np.where(mask, data, 0.0)
     enc_std = np.sqrt(np.diagonal(std, axis1=1, axis2=2)) if np.ndim(std) == 3 else np.asarray(std)
