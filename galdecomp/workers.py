@@ -100,10 +100,6 @@ class SharedArrays:
     def __getitem__(self, name):
         return self.arrays[name]
 
-    @property
-    def nbytes(self):
-        return len(self._map)
-
 
 class ForkedWorkers:
     """``n - 1`` worker processes forked from this one that run ``kernel(k)`` when told to.
