@@ -96,17 +96,19 @@ def test_adam_minimises_a_quadratic():
     assert np.abs(x).max() < 1e-3
 
 
-def test_adam_equals_the_textbook_update_bitwise():
-    """The buffered update does the textbook arithmetic in the textbook order."""
+@pytest.mark.parametrize("n,per_parameter", [(50, False), (2 * Adam.CHUNK + 7, True)])
+def test_adam_equals_the_textbook_update_bitwise(n, per_parameter):
+    """The buffered update, chunk after chunk, does the textbook arithmetic in the textbook order."""
     rng = np.random.default_rng(3)
-    opt, x = Adam(50), rng.standard_normal(50)
-    m, v, xr = np.zeros(50), np.zeros(50), x.copy()
+    opt, x = Adam(n), rng.standard_normal(n)
+    lr = 1e-2 * rng.uniform(0.5, 2.0, n) if per_parameter else 1e-2
+    m, v, xr = np.zeros(n), np.zeros(n), x.copy()
     for t in range(1, 30):
-        g = rng.standard_normal(50)
-        x = opt.step(x, g, 1e-2)
+        g = rng.standard_normal(n)
+        x = opt.step(x, g, lr)
         m = 0.9 * m + (1 - 0.9) * g
         v = 0.999 * v + (1 - 0.999) * g * g
-        xr = xr - 1e-2 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        xr = xr - (m / (1 - 0.9 ** t)) * lr / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
     np.testing.assert_array_equal(x, xr)
     np.testing.assert_array_equal(opt.m, m)
     np.testing.assert_array_equal(opt.v, v)

@@ -25,12 +25,15 @@ MINIBATCH_KINDS = ("shuffled", "stratified")
 class Adam:
     """Adam on a flat parameter vector (Kingma & Ba 2015), state kept as plain arrays."""
 
+    #: elements per chunk of :meth:`step`: its passes over a chunk stay in the core's cache
+    CHUNK = 16384
+
     def __init__(self, n, beta1=0.9, beta2=0.999, eps=1e-8):
         self.m = np.zeros(n)
         self.v = np.zeros(n)
         self.t = 0
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
-        self._buf = np.empty((2, n))
+        self._buf = np.empty((2, min(n, self.CHUNK)))
 
     def step(self, x, grad, lr, part=slice(None)):
         """Return the updated parameters ``x - lr * m_hat / (sqrt(v_hat) + eps)`` of ``part``.
@@ -51,28 +54,35 @@ class Adam:
         -------
         ndarray, shape of ``x[part]``
 
-        The moments are updated in place and the work is done in two preallocated buffers
-        (fresh arrays of this size cost a page-fault each); the arithmetic and its order are
-        those of the textbook expressions, elementwise, so results depend neither on the
-        buffering nor on ``part``.
+        The moments are updated in place, chunk after chunk of :attr:`CHUNK` elements in two
+        preallocated buffers (the passes over a chunk stay in cache; fresh arrays of this size
+        would cost a page fault each); the arithmetic and its order are those of the textbook
+        expressions, elementwise, so results depend neither on the chunking nor on ``part``.
         """
         self.t += 1
-        a, b = self._buf[:, part]
-        m, v = self.m[part], self.v[part]
-        m *= self.beta1
-        np.multiply(1 - self.beta1, grad, out=a)
-        m += a
-        v *= self.beta2
-        np.multiply(1 - self.beta2, grad, out=a)
-        a *= grad
-        v += a
-        np.divide(v, 1 - self.beta2 ** self.t, out=b)
-        np.sqrt(b, out=b)
-        b += self.eps
-        np.divide(m, 1 - self.beta1 ** self.t, out=a)
-        a *= lr[part] if np.ndim(lr) else lr
-        a /= b
-        return x[part] - a
+        m, v, x = self.m[part], self.v[part], x[part]
+        rate = lr[part] if np.ndim(lr) else lr
+        out = np.empty_like(x)
+        c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
+        for i in range(0, len(x), self.CHUNK):
+            s = slice(i, i + self.CHUNK)
+            mc, vc, gc = m[s], v[s], grad[s]
+            a, b = self._buf[:, :len(gc)]
+            mc *= self.beta1
+            np.multiply(1 - self.beta1, gc, out=a)
+            mc += a
+            vc *= self.beta2
+            np.multiply(1 - self.beta2, gc, out=a)
+            a *= gc
+            vc += a
+            np.divide(vc, c2, out=b)
+            np.sqrt(b, out=b)
+            b += self.eps
+            np.divide(mc, c1, out=a)
+            a *= rate[s] if np.ndim(rate) else rate
+            a /= b
+            np.subtract(x[s], a, out=out[s])
+        return out
 
 
 class TrainingState:

@@ -264,10 +264,14 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         xi_d, s = v["decoder"], v["noise"]
         w, dw = _noise.d_inv_var_ds(s, self._floor, self._sigma0, self._tau)
         acc = {k: parts[0][k] for k in ("rr", "kl", "gw", "gtd", "gte")}
-        for part in parts[1:]:
-            for k in acc:
-                if part[k] is not None:
-                    acc[k] = acc[k] + part[k]
+        if len(parts) > 1:  # a fresh sum of the first two blocks, the later ones added into it
+            acc = {k: a if a is None else a + parts[1][k] for k, a in acc.items()}
+        for part in parts[2:]:
+            for k, a in acc.items():
+                if np.ndim(a) > 0:
+                    a += part[k]
+                elif a is not None:
+                    acc[k] = a + part[k]
         B = len(batch["xi"])
         norm = float(self._n_batch or B)
         pw = 1.0 if self._with_prior else 0.0
@@ -280,10 +284,13 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
             out["kl_rows"] = np.concatenate([p["kl_rows"] for p in parts])
         if want["grad"]:
             g = {}
-            if want["encoder"]:
-                g["encoder"] = self._esc * acc["gte"] / norm
+            if want["encoder"]:  # in place: the textbook order, without temporaries
+                g["encoder"] = np.multiply(self._esc, acc["gte"])
+                g["encoder"] /= norm
             if want["decoder"]:
-                g["decoder"] = self._dsc * acc["gtd"] / norm + pw * xi_d / self._n_total
+                g["decoder"] = np.multiply(self._dsc, acc["gtd"])
+                g["decoder"] /= norm
+                g["decoder"] += np.multiply(pw, xi_d) / self._n_total
             if want["noise"]:
                 gw = GaussianLikelihood.grad_inv_var_from_sums(rr, cnt, w) + acc["gw"]
                 g["noise"] = gw * dw / norm + pw * s / self._n_total

@@ -107,16 +107,23 @@ class PreparedWeights:
     ----------
     layers : list of ndarray
         Per layer ``[[W], [b]]``, shape (n_k + 1, n_{k+1}), compute dtype.
-    transposed : list of ndarray
-        Per layer ``W.T`` (contiguous), shape (n_{k+1}, n_k).
     first_dense : ndarray or None
         The first layer's ``[[W], [b]]`` without the rows of the ``sparse_inputs``.
     """
 
-    __slots__ = ("layers", "transposed", "first_dense")
+    __slots__ = ("layers", "first_dense", "_transposed")
 
-    def __init__(self, layers, transposed, first_dense=None):
-        self.layers, self.transposed, self.first_dense = layers, transposed, first_dense
+    def __init__(self, layers, first_dense=None):
+        self.layers, self.first_dense = layers, first_dense
+        self._transposed = [None] * len(layers)
+
+    def transposed(self, k):
+        """Layer ``k``'s ``W.T`` (contiguous, shape (n_{k+1}, n_k)), made at the first call and kept:
+        a pass that needs no input gradient never makes the first layer's."""
+        if self._transposed[k] is None:
+            # a copy: products with a transposed view differ in the last bits
+            self._transposed[k] = np.ascontiguousarray(self.layers[k][:-1].T)
+        return self._transposed[k]
 
 
 class MLP:
@@ -220,9 +227,12 @@ class MLP:
         if isinstance(theta, PreparedWeights):
             return theta
         layers = self._aug(theta)
-        # copies: a transposed view changes the last bits of the products
-        dense = None if self.sparse_inputs is None else layers[0][self._dense_rows]
-        return PreparedWeights(layers, [np.ascontiguousarray(w[:-1].T) for w in layers], dense)
+        dense = None
+        if self.sparse_inputs is not None:
+            dense = np.empty((len(self._dense_rows), layers[0].shape[1]), layers[0].dtype)
+            dense[:-1] = layers[0][self._dense_cols]
+            dense[-1] = layers[0][-1]
+        return PreparedWeights(layers, dense)
 
     # -- internals ----------------------------------------------------------------------------
     def _aug(self, theta):
@@ -346,7 +356,7 @@ class MLP:
         x = self._check_x(x)
         P, K = len(x), len(self.sizes) - 1
         prepared = self.prepare(theta)
-        Wb, WT = prepared.layers, prepared.transposed
+        Wb = prepared.layers
         hs, (scratch, y_flat, g0, g1, tmp) = self._work(P, 5)
         g_theta = np.zeros(self.n_params) if want_theta else None
         gth = augmented_layers(g_theta, self.sizes) if want_theta else None
@@ -369,15 +379,17 @@ class MLP:
             gk = np.asarray(gk, dtype=self.dtype)
             for k in range(K - 1, -1, -1):
                 if want_theta and k == 0 and hd is not None:
-                    gth[0][self._dense_rows] += hd.T @ gk
+                    gd = hd.T @ gk
+                    gth[0][self._dense_cols] += gd[:-1]
+                    gth[0][-1] += gd[-1]
                 elif want_theta:
                     gth[k] += hs[k][:n].T @ gk
                 if k == 0:
                     if want_x:
-                        gx_out[sl] = gk @ WT[0]
+                        gx_out[sl] = gk @ prepared.transposed(0)
                     break
                 gn = self._view(g0 if k % 2 else g1, n, self.sizes[k])
-                np.dot(gk, WT[k], out=gn)
+                np.dot(gk, prepared.transposed(k), out=gn)
                 _act_scale(self.activation, hs[k][:n, :-1], states[k - 1], gn,
                            self._view(tmp, n, self.sizes[k]))
                 gk = gn
