@@ -242,7 +242,8 @@ def cmd_reconstruct(args, comm):
     trained = _load_run(args.run)
     res = reconstruct_sky(trained, args.catalog, args.out, holdout=args.holdout or (),
                           hide_fraction=args.hide_fraction, n_draws=args.samples, seed=args.seed,
-                          overwrite=args.overwrite, progress=log.info, noise=args.noise)
+                          overwrite=args.overwrite, progress=log.info, noise=args.noise,
+                          calibration_rows=args.calibration_rows)
     print(f"reconstruction: {res['out']} (MAP converged in {100 * res['converged']:.1f}% of pixels)")
     for r in res["holdout"]:
         print(f"  {r['channel']}: RMSE {r['rmse_standardised']:.3f} (linear {r['rmse_linear']:.3f}, "
@@ -437,9 +438,12 @@ def build_parser():
                    help="also hide this fraction of each pixel's other channels and score them")
     s.add_argument("--samples", type=int, default=200, metavar="K",
                    help="Monte Carlo draws of the predictive distribution per pixel (default 200)")
-    s.add_argument("--noise", choices=["recalibrated", "model"], default="recalibrated",
-                   help="channel noise: re-estimated from the residuals at the MAP on the run's data "
-                        "(default), or the trained model's")
+    s.add_argument("--noise", choices=["calibrated", "recalibrated", "model"], default="calibrated",
+                   help="channel noise: re-estimated from the residuals at the MAP on the run's data and each "
+                        "channel's predictive calibrated on entries of the run's data hidden and predicted "
+                        "(default); re-estimated only; or the trained model's")
+    s.add_argument("--calibration-rows", type=_positive_int, default=1024, metavar="N",
+                   help="entries per channel hidden for the calibration (default 1024)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(func=cmd_reconstruct)

@@ -20,6 +20,8 @@ The tree (who draws from which node):
 ``report / split``               the held-out block split (``block_split``)
 ``report / r2``                  subsamples of the held-out R^2 (``heldout_r2``)
 ``report / baselines``           the pixels ICA/NMF are fit on (``linear_baselines``)
+``reconstruct / calibration``    the entries hidden and the draws of the predictive's calibration
+                                 (``galdecomp.products.reconstruct``)
 ``<field name>``                 the simulated sky's fields and noise
                                  (:func:`galdecomp.simulation.fields.rng_for`: ``gas_clouds``,
                                  ``noise/<channel>``, ...)

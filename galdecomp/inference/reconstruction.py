@@ -12,11 +12,21 @@ additional variance in standardised units, linearised at the observed value:
 ``(extra_noise_c^2 + (gain_sigma_c x_c)^2) (dy/dx)^2``; the gain is marginalised per row (its
 correlation between rows of one map is not modelled).
 
-Shapes: data, masks, predictive summaries (P, C); latents (P, L); draws (K, B, C) per block.
+Calibration (:func:`pit_calibration`): the predictive is Gaussian in the noise and one noise level
+per channel serves the whole sky, while the errors are heavier-tailed and larger in some parts of
+the sky than others. Per channel, entries of the run's own data are hidden one channel at a time
+and predicted from the rest; their probability integral transforms (PIT: the fraction of the
+predictive draws below the true value) are uniform for a calibrated predictive. A level ``a``
+of the predictive is then read at the level ``G_c^-1(a)``, the ``a``-quantile of channel ``c``'s
+PIT values (quantile recalibration, Kuleshov et al. 2018), which makes every level right on
+average over the calibration entries, for both widths and tails.
+
+Shapes: data, masks, predictive summaries (P, C); latents (P, L); draws (K, B, C) per block;
+PIT values of a calibration (C, N), NaN-padded.
 """
 import numpy as np
 
-__all__ = ["QUANTILES", "extra_variance", "predictive"]
+__all__ = ["QUANTILES", "extra_variance", "predictive", "pit_calibration", "CALIBRATION_ROWS"]
 
 #: predictive percentiles written by `galdecomp reconstruct`: name -> percent
 QUANTILES = {"p02": 2.5, "p16": 15.865525, "p50": 50.0, "p84": 84.134475, "p98": 97.5}
@@ -55,7 +65,7 @@ CONDITION_ROWS = 65536
 
 
 def predictive(trained, physical, mask, extra_noise=None, gain_sigma=None, n_draws=200, rng=None,
-               block=1024, sigma=None):
+               block=1024, sigma=None, calibration=None, truth=None):
     """Predictive mean, standard deviation and percentiles of every channel of every row.
 
     Parameters
@@ -75,6 +85,11 @@ def predictive(trained, physical, mask, extra_noise=None, gain_sigma=None, n_dra
     sigma : ndarray, shape (C,), optional
         The noise (standardised units) of conditioning and prediction instead of the model's,
         e.g. :meth:`TrainedModel.recalibrated_sigma`.
+    calibration : ndarray, shape (C, N), optional
+        PIT values per channel (:func:`pit_calibration`, NaN-padded; a row of NaN: that channel
+        uncalibrated): every summary is read from the recalibrated predictive.
+    truth : ndarray, shape (P, C), optional
+        Standardised values whose PIT under the (uncalibrated) predictive is wanted (NaN: none).
 
     Returns
     -------
@@ -82,7 +97,7 @@ def predictive(trained, physical, mask, extra_noise=None, gain_sigma=None, n_dra
         ``mean``, ``std`` (P, C) in physical units; one (P, C) array per name of
         :data:`QUANTILES`; ``standardised_mean`` (P, C): the predictive mean of the standardised
         value; ``latent_mean``, ``latent_std`` (P, L): the conditioned posterior;
-        ``converged`` (P,) bool.
+        ``converged`` (P,) bool; ``pit`` (P, C), NaN where ``truth`` is (only with ``truth``).
     """
     rng = np.random.default_rng() if rng is None else rng
     C = trained.n_features
@@ -96,15 +111,39 @@ def predictive(trained, physical, mask, extra_noise=None, gain_sigma=None, n_dra
     out = {k: np.empty((P, C)) for k in ["mean", "std", "standardised_mean", *QUANTILES]}
     out.update(latent_mean=np.empty((P, trained.latent_dim)), latent_std=np.empty((P, trained.latent_dim)),
                converged=np.empty(P, bool))
+    if truth is not None:
+        out["pit"] = np.full((P, C), np.nan)
+    levels = None if calibration is None else _calibrated_levels(calibration, n_draws)
     for at in range(0, P, CONDITION_ROWS):
         c = slice(at, min(at + CONDITION_ROWS, P))
         cond = trained.condition(y[c], mask[c], standardised=True, extra_noise=np.sqrt(xvar[c]), sigma=sigma)
         out["latent_mean"][c], out["latent_std"][c], out["converged"][c] = cond["mean"], cond["std"], cond["converged"]
-        _predict_rows(trained, cond, at, c.stop, block, n_draws, rng, sigma, en, gs, out)
+        _predict_rows(trained, cond, at, c.stop, block, n_draws, rng, sigma, en, gs, out, levels, truth)
     return out
 
 
-def _predict_rows(trained, cond, at, stop, block, n_draws, rng, sigma, en, gs, out):
+def _calibrated_levels(calibration, n_draws):
+    """Per channel, the levels (percent, shape (C, n_draws)) at which the raw predictive's
+    percentiles are draws of the calibrated one: the quantiles of the channel's PIT values at
+    ``(k + 1/2) / n_draws``; a channel without PIT values keeps these nominal levels."""
+    nominal = (np.arange(n_draws) + 0.5) / n_draws
+    rows = []
+    for pit in np.asarray(calibration, float):
+        pit = pit[np.isfinite(pit)]
+        rows.append(np.quantile(pit, nominal) if len(pit) else nominal)
+    return 100 * np.array(rows)
+
+
+def _recalibrate(draws, levels):
+    """Draws (K, B, C) replaced by the raw predictive's percentiles at ``levels`` (C, K): draws of
+    the recalibrated predictive, channel by channel."""
+    out = np.empty_like(draws)
+    for c in range(draws.shape[2]):
+        out[:, :, c] = np.percentile(draws[:, :, c], levels[c], axis=0)
+    return out
+
+
+def _predict_rows(trained, cond, at, stop, block, n_draws, rng, sigma, en, gs, out, levels=None, truth=None):
     """:func:`predictive`'s Monte Carlo for the rows ``at .. stop - 1`` (conditioned in ``cond``,
     whose row 0 is row ``at``), ``block`` rows at a time, into ``out``."""
     C = trained.n_features
@@ -116,9 +155,63 @@ def _predict_rows(trained, cond, at, stop, block, n_draws, rng, sigma, en, gs, o
         z = m + np.einsum("bij,kbj->kbi", chol, rng.standard_normal((n_draws, B, L)))
         f = trained.decode(z.reshape(-1, L), physical=False).reshape(n_draws, B, C)
         f += sigma * rng.standard_normal(f.shape)
-        out["standardised_mean"][s] = f.mean(0)
+        if truth is not None:  # randomised PIT: ties (none in practice) split at random
+            t = truth[s]
+            pit = ((f < t).sum(0) + rng.random((B, C))) / (n_draws + 1)
+            out["pit"][s] = np.where(np.isfinite(t), pit, np.nan)
         x = trained.physical(f.reshape(-1, C)).reshape(n_draws, B, C)
         x = x * (1.0 + gs * rng.standard_normal((n_draws, 1, C))) + en * rng.standard_normal(x.shape)
+        if levels is not None:  # draws of the recalibrated predictive
+            f, x = _recalibrate(f, levels), _recalibrate(x, levels)
+        out["standardised_mean"][s] = f.mean(0)
         out["mean"][s], out["std"][s] = x.mean(0), x.std(0)
         for name, q in zip(QUANTILES, np.percentile(x, list(QUANTILES.values()), axis=0)):
             out[name][s] = q
+
+
+#: Entries per channel hidden and predicted by :func:`pit_calibration` (at most).
+CALIBRATION_ROWS = 1024
+
+
+def pit_calibration(trained, physical, sigma=None, n_rows=CALIBRATION_ROWS, n_draws=200, rng=None):
+    """PIT values of entries of ``physical`` hidden one channel at a time and predicted from the rest.
+
+    Parameters
+    ----------
+    trained : TrainedModel
+    physical : ndarray, shape (P, C)
+        Rows in physical units (NaN where missing), e.g. the run's own data.
+    sigma : ndarray, shape (C,), optional
+        The noise of conditioning and prediction, as for :func:`predictive`.
+    n_rows : int
+        Rows per channel (at random among those where it is observed and another channel is).
+    n_draws : int
+    rng : numpy.random.Generator, optional
+
+    Returns
+    -------
+    ndarray, shape (C, n_rows)
+        PIT values per channel (uniform on [0, 1] for a calibrated predictive); NaN-padded
+        where a channel has fewer rows.
+    """
+    rng = np.random.default_rng() if rng is None else rng
+    physical = np.asarray(physical, float)
+    P, C = physical.shape
+    observed = np.isfinite(physical)
+    picks = []
+    for c in range(C):
+        usable = np.flatnonzero(observed[:, c] & (observed.sum(1) > 1))
+        picks.append(np.sort(rng.choice(usable, min(n_rows, len(usable)), replace=False)))
+    rows = np.concatenate(picks)
+    channel = np.repeat(np.arange(C), [len(p) for p in picks])
+    data = physical[rows]
+    mask = observed[rows]
+    mask[np.arange(len(rows)), channel] = False
+    truth = np.full(data.shape, np.nan)
+    y = trained.standardise(data)
+    truth[np.arange(len(rows)), channel] = y[np.arange(len(rows)), channel]
+    pit = predictive(trained, data, mask, n_draws=n_draws, rng=rng, sigma=sigma, truth=truth)["pit"]
+    out = np.full((C, n_rows), np.nan)
+    for c, p in enumerate(picks):
+        out[c, :len(p)] = pit[channel == c, c]
+    return out

@@ -3,7 +3,8 @@
 Output contract (DIR/): reconstruction_{mean,std,p50,p16,p84,p02,p98}.fits (one column per run
 channel, physical units, every pixel), latent_mean.fits / latent_std.fits (the conditioned
 posterior, columns feature_01.. as the run's), holdout.csv (with --holdout or --hide-fraction),
-plots/holdout.png.
+calibration.csv (with ``--noise calibrated``: per channel, the nominal intervals' coverage of
+entries of the run's own data hidden and predicted, and the levels read instead), plots/holdout.png.
 """
 import os
 
@@ -12,10 +13,11 @@ import numpy as np
 from ..catalog import Catalog, load_catalog, read_catalog, select_maps
 from ..errors import InputError
 from ..fileio import atomic_output_dir, write_healpix_fits, write_text
-from ..inference.reconstruction import QUANTILES, predictive
+from ..inference.reconstruction import CALIBRATION_ROWS, QUANTILES, pit_calibration, predictive
+from ..random import stream
 from .tables import format_table
 
-__all__ = ["reconstruct_sky", "regression_baselines", "interval_coverage"]
+__all__ = ["reconstruct_sky", "regression_baselines", "interval_coverage", "calibration_table"]
 
 _CONTENT = {"mean": "predictive mean", "std": "predictive standard deviation",
             **{k: f"predictive {q:g} percentile" for k, q in QUANTILES.items()}}
@@ -74,7 +76,7 @@ def _run_channels(trained, catalog_path):
 
 
 def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n_draws=200, seed=0,
-                    overwrite=False, progress=None, noise="recalibrated"):
+                    overwrite=False, progress=None, noise="calibrated", calibration_rows=CALIBRATION_ROWS):
     """Reconstruct every channel of a catalog's sky with the posterior given its observed entries.
 
     Parameters
@@ -96,16 +98,21 @@ def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n
     seed : int
     overwrite : bool
     progress : callable, optional
-    noise : {"recalibrated", "model"}
+    noise : {"calibrated", "recalibrated", "model"}
         The per-channel noise of conditioning and prediction: re-estimated from the residuals
         at the MAP on the run's own data (:meth:`TrainedModel.recalibrated_sigma`), or the
-        trained model's.
+        trained model's; ``calibrated``: re-estimated, and each channel's predictive levels
+        recalibrated on entries of the run's own data hidden and predicted
+        (:func:`galdecomp.inference.reconstruction.pit_calibration`).
+    calibration_rows : int
+        Entries per channel hidden for the calibration.
 
     Returns
     -------
     dict
         ``out``; ``sigma`` (the noise used, standardised); ``holdout`` (list of dict rows of holdout.csv, empty without scoring);
-        ``converged`` (fraction of pixels whose MAP converged).
+        ``converged`` (fraction of pixels whose MAP converged); ``calibration`` (list of dict
+        rows of calibration.csv, empty unless ``calibrated``).
     """
     say = progress or (lambda msg: None)
     if trained.data.get("kind") != "sky":
@@ -142,22 +149,66 @@ def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n
     say(f"reconstructing {P} pixels x {C} channels from {int(mask.sum())} observed entries"
         + (f"; not in the catalog: {', '.join(lacking)}" if lacking else "")
         + (f"; held out: {', '.join(holdout)}" if len(holdout) else ""))
-    sigma = trained.sigma
-    if noise == "recalibrated":
-        say("noise re-estimated from the residuals at the MAP on the run's own data")
-        sigma = trained.recalibrated_sigma(trained.load_rows())
-    elif noise != "model":
-        raise InputError(f"--noise: must be recalibrated or model, got {noise!r}")
-    pred = predictive(trained, physical, mask, extra_noise, gain_sigma, n_draws, rng, sigma=sigma)
+    sigma, pit = _noise(trained, noise, calibration_rows, n_draws, seed, say)
+    cal_rows = [] if pit is None else calibration_table(trained.names, pit)
+    pred = predictive(trained, physical, mask, extra_noise, gain_sigma, n_draws, rng, sigma=sigma, calibration=pit)
     rows = _score(trained, physical, mask, hold, hidden, pred, seed, hide_fraction, say)
-    _write(trained, ds, out, pred, rows, hold, physical, overwrite)
-    return dict(out=os.path.abspath(out), sigma=sigma, holdout=rows, converged=float(pred["converged"].mean()))
+    _write(trained, ds, out, pred, rows, hold, physical, overwrite, cal_rows)
+    return dict(out=os.path.abspath(out), sigma=sigma, holdout=rows, converged=float(pred["converged"].mean()),
+                calibration=cal_rows)
+
+
+def _noise(trained, noise, calibration_rows, n_draws, seed, say):
+    """The noise (C,) of ``noise`` mode and the PIT values of the calibration (None unless
+    ``calibrated``), both from the run's own data."""
+    if noise not in ("calibrated", "recalibrated", "model"):
+        raise InputError(f"--noise: must be calibrated, recalibrated or model, got {noise!r}")
+    if noise == "model":
+        return trained.sigma, None
+    say("noise re-estimated from the residuals at the MAP on the run's own data")
+    own = trained.load_rows()
+    sigma = trained.recalibrated_sigma(own)
+    if noise == "recalibrated":
+        return sigma, None
+    say(f"calibrating each channel's predictive on {calibration_rows} entries of the run's own data "
+        f"per channel, hidden one channel at a time")
+    return sigma, pit_calibration(trained, own, sigma, calibration_rows, n_draws, stream(seed, "reconstruct", "calibration"))
+
+
+def calibration_table(names, pit):
+    """Rows of calibration.csv: per channel, the entries hidden, the nominal 68 % and 95 %
+    intervals' coverage of them before the calibration and the levels (percent) read instead.
+
+    Parameters
+    ----------
+    names : list of str
+    pit : ndarray, shape (C, N)
+        PIT values (:func:`galdecomp.inference.reconstruction.pit_calibration`), NaN-padded.
+
+    Returns
+    -------
+    list of dict
+    """
+    rows = []
+    q = QUANTILES
+    for name, p in zip(names, pit):
+        p = p[np.isfinite(p)]
+        if not len(p):
+            rows.append(dict(channel=name, entries=0))
+            continue
+        inside = lambda lo, hi: float(np.mean((p >= lo / 100) & (p <= hi / 100)))
+        lv = np.percentile(p, list(q.values()))
+        rows.append(dict(channel=name, entries=len(p), raw_coverage_68=inside(q["p16"], q["p84"]),
+                         raw_coverage_95=inside(q["p02"], q["p98"]),
+                         **{f"level_{k}": float(100 * v) for k, v in zip(q, lv)}))
+    return rows
 
 
 def _score(trained, physical, mask, hold, hidden, pred, seed, hide_fraction, say):
     """Rows of holdout.csv: RMSE (standardised) of the model and two regressions, coverage."""
     rows = []
     y = trained.standardise(physical)
+    median = trained.standardise(pred["p50"])
     feats = np.where(mask, y, np.nan)
     for c in np.flatnonzero(hold):
         say(f"scoring {trained.names[c]} against a linear regression and gradient boosting")
@@ -167,7 +218,7 @@ def _score(trained, physical, mask, hold, hidden, pred, seed, hide_fraction, say
         rmse = lambda p: float(np.sqrt(np.mean((p[ok] - t[ok]) ** 2)))
         rows.append(dict(channel=trained.names[c], pixels=int(ok.sum()),
                          rmse_standardised=rmse(pred["standardised_mean"][:, c]),
-                         rmse_linear=rmse(lin), rmse_boosting=rmse(gb),
+                         rmse_median=rmse(median[:, c]), rmse_linear=rmse(lin), rmse_boosting=rmse(gb),
                          coverage_68=interval_coverage(physical[:, c], pred["p16"][:, c], pred["p84"][:, c]),
                          coverage_95=interval_coverage(physical[:, c], pred["p02"][:, c], pred["p98"][:, c])))
     if hidden.any():
@@ -175,13 +226,14 @@ def _score(trained, physical, mask, hold, hidden, pred, seed, hide_fraction, say
         ok = np.isfinite(t)
         rows.append(dict(channel=f"hidden_{hide_fraction:g}_of_each_pixel", pixels=int(ok.any(1).sum()),
                          rmse_standardised=float(np.sqrt(np.mean((pred["standardised_mean"][ok] - t[ok]) ** 2))),
+                         rmse_median=float(np.sqrt(np.mean((median[ok] - t[ok]) ** 2))),
                          rmse_linear=float("nan"), rmse_boosting=float("nan"),
                          coverage_68=interval_coverage(np.where(hidden, physical, np.nan), pred["p16"], pred["p84"]),
                          coverage_95=interval_coverage(np.where(hidden, physical, np.nan), pred["p02"], pred["p98"])))
     return rows
 
 
-def _write(trained, ds, out, pred, rows, hold, physical, overwrite):
+def _write(trained, ds, out, pred, rows, hold, physical, overwrite, cal_rows=()):
     from .plots import mollview_grid
     from .run_outputs import feature_names
 
@@ -197,6 +249,9 @@ def _write(trained, ds, out, pred, rows, hold, physical, overwrite):
                                header=hdr + [("CONTENT", f"latent posterior given the observed channels ({what})")])
         if rows:
             write_text(os.path.join(tmp, "holdout.csv"), format_table(rows, list(rows[0]), "csv"))
+        if cal_rows:
+            cols = max((list(r) for r in cal_rows), key=len)
+            write_text(os.path.join(tmp, "calibration.csv"), format_table(cal_rows, cols, "csv"))
         if hold.any():
             os.makedirs(os.path.join(tmp, "plots"))
             maps, titles = [], []
