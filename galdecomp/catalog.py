@@ -476,8 +476,8 @@ def read_map(entry, nside, frame=None, rotate=True, target_fwhm=None):
         raise InputError(f"{where}: no valid pixel")
     if frame is not None and own is not None and own != frame:
         if not rotate:
-            raise InputError(f"{where}: in the {_FRAME_NAMES[own]} frame (COORDSYS {own}), the catalog's is "
-                             f"{_FRAME_NAMES[frame]} ({frame}) and rotate_frames is false")
+            raise InputError(f"{where}: in frame {own} ({_FRAME_NAMES[own]}, its COORDSYS), not the catalog's "
+                             f"frame {frame} ({_FRAME_NAMES[frame]}), and rotate_frames is false")
         v = to_frame(v, own, frame)
     full = _regrade(v, n, nside, kind)
     if target_fwhm is not None and entry.fwhm_arcmin is not None:
