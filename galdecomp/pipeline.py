@@ -75,6 +75,12 @@ def _stored_config(run_dir):
     return with_former_defaults(stored)
 
 
+def _sets_target(settings):
+    """True if configuration ``settings`` (a file's or overrides) give ``data.fwhm_arcmin``."""
+    data = (settings or {}).get("data")
+    return isinstance(data, dict) and data.get("fwhm_arcmin") is not None
+
+
 def _read_checkpoint(path):
     """The arrays of the checkpoint ``path`` and its TrainingState; InputError if it is not one."""
     try:
@@ -534,6 +540,8 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         stored = _stored_config(run_dir)
         old = model_signature(resolve_config(stored, where=f"{run_dir}/config.yaml"))
         cfg = resolve_config(config_file if config_file is not None else stored, overrides)
+        if not _sets_target(config_file) and not _sets_target(overrides):  # the run's target resolution
+            cfg["data"]["fwhm_arcmin"] = (stored.get("data") or {}).get("fwhm_arcmin")
         diff = sorted(k for k, v in model_signature(cfg).items() if old[k] != v)
         if diff:
             raise InputError(f"{run_dir}: --resume with another configuration (differs in: {', '.join(diff)})")

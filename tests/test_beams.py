@@ -138,6 +138,10 @@ def test_fit_stores_the_target_and_resume_reconstruct_anomaly_use_it(tmp_path, c
     assert hp.read_map(str(run / "latent_mean.fits"), h=True)[1]  # written
     # resumed without the option: the stored target, else the data would differ (fingerprint)
     assert main(["fit", cat, "--out", str(run), "--resume", "--max-epochs", "3"]) == 0
+    other = tmp_path / "other.yaml"  # a configuration without the target: the run's is kept
+    other.write_text(yaml.safe_dump({"latent_dim": 1, "training": {"max_epochs": 4, "schedule_epochs": 2, "threads": 1}}))
+    assert main(["fit", cat, "--out", str(run), "--resume", "--config", str(other)]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["fwhm_arcmin"] == 120
     capsys.readouterr()
     assert main(["fit", cat, "--out", str(run), "--resume", "--max-epochs", "4", "--fwhm-arcmin", "150"]) == 2
     assert "other data" in capsys.readouterr().err
