@@ -536,7 +536,8 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, 
     ``rotate_frames: false``); a map without COORDSYS is taken to be in the catalog's frame.
     With a target resolution, each map that declares ``fwhm_arcmin`` is smoothed to it at the
     working nside (:func:`smooth_to`); the others are left as they are. Each of these cases is
-    logged once; without a target, a warning is logged when the declared beams differ by more
+    logged once (maps without COORDSYS only if some map has one or the catalog's frame is not
+    Galactic); without a target, a warning is logged when the declared beams differ by more
     than the working pixel size.
 
     Parameters
@@ -627,6 +628,7 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, 
 
 
 def _names(names, at_most=4):
+    """The first ``at_most`` of ``names``, comma-separated, and how many more."""
     more = f" and {len(names) - at_most} more" if len(names) > at_most else ""
     return ", ".join(names[:at_most]) + more
 
@@ -639,7 +641,7 @@ def _log_frames_and_beams(cat, frames, nside, target):
     if rotated:
         log.info(f"{cat.path}: rotated to the catalog's frame {cat.frame}: {_names(rotated)}")
     assumed = [e.name for e, f in zip(cat.maps, frames) if f is None]
-    if assumed:
+    if assumed and (len(assumed) < len(frames) or cat.frame != "G"):  # else: all Galactic, as always
         log.info(f"{cat.path}: no COORDSYS, taken to be in the catalog's frame {cat.frame}: {_names(assumed)}")
     declared = [e for e in cat.maps if e.fwhm_arcmin is not None]
     if target is not None:

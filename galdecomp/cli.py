@@ -347,7 +347,8 @@ def build_parser():
 
     s = sub.add_parser("inspect", parents=[common], help="table of a catalog's maps, transforms and warnings",
                        description="Read a map catalog and print, per map: frequency, unit, kind, "
-                                   "native nside, coverage, min/median/max, the preprocessing "
+                                   "native nside, declared beam (fwhm_arcmin), frame (COORDSYS), "
+                                   "coverage, min/median/max, the preprocessing "
                                    "transform and warnings (near-duplicates, gaps, zeros).")
     s.add_argument("catalog", help="catalog YAML file")
     s.add_argument("--nside", type=_nside, help="working resolution (default: catalog's or lowest)")
