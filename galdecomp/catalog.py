@@ -3,6 +3,9 @@
 A catalog lists HEALPix maps::
 
     nside: 64                     # optional working resolution (default: lowest among the maps)
+    frame: galactic               # optional frame of the data set: galactic (G, default) | equatorial
+                                  # (celestial, C) | ecliptic (E); maps whose COORDSYS differs are rotated
+    rotate_frames: true           # optional: false refuses a map in another frame instead
     maps:
       - name: haslam408           # unique
         file: maps/haslam408.fits # relative to the catalog's folder, or absolute
@@ -11,6 +14,8 @@ A catalog lists HEALPix maps::
         field: 0                  # optional FITS column
         transform: auto           # optional: auto | log | asinh | anscombe | linear
         asinh_scale: mad          # optional: the asinh scale, a number (in `unit`) or mad | std
+        fwhm_arcmin: 56           # optional beam FWHM of the map; with a target resolution (data.fwhm_arcmin,
+                                  # --fwhm-arcmin) the map is smoothed to it (see smooth_to)
         kind: intensity           # optional: intensity (averaged when degraded) | counts (summed);
                                   # default: the FITS header's KIND card, else counts for
                                   # unit counts/photons, else intensity
@@ -20,6 +25,7 @@ A catalog lists HEALPix maps::
         gain_sigma: 0.05          # optional, for `galdecomp reconstruct`: relative uncertainty of the
                                   # map's calibration factor (prior N(1, gain_sigma^2), marginalised)
 """
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -31,13 +37,31 @@ from .dataset import SkyDataSet
 from .errors import InputError
 
 __all__ = ["MapEntry", "Catalog", "read_catalog", "load_catalog", "map_reader", "read_map", "working_nside",
-           "valid_nside", "unseen_to_nan", "TRANSFORMS", "KINDS"]
+           "valid_nside", "unseen_to_nan", "frame_letter", "to_frame", "smooth_to", "check_beams",
+           "check_target", "TRANSFORMS", "KINDS", "FRAMES", "MIN_COVERAGE"]
 
 TRANSFORMS = ("auto", "log", "asinh", "anscombe", "linear")
 ASINH_RULES = ("mad", "std")
 KINDS = ("intensity", "counts")
 _KEYS = {"name", "file", "frequency_hz", "unit", "field", "transform", "kind", "noise",
-         "asinh_scale", "description", "extra_noise", "gain_sigma"}
+         "asinh_scale", "description", "extra_noise", "gain_sigma", "fwhm_arcmin"}
+#: Coordinate frames: healpy's letter -> the names a catalog's ``frame`` or a FITS COORDSYS may use.
+FRAMES = {"G": ("G", "GAL", "GALACTIC"),
+          "C": ("C", "Q", "CEL", "CELESTIAL", "EQ", "EQU", "EQUATORIAL", "ICRS", "FK5"),
+          "E": ("E", "ECL", "ECLIPTIC")}
+_FRAME_NAMES = {"G": "Galactic", "C": "equatorial", "E": "ecliptic"}
+#: A smoothed or rotated pixel keeps a value where at least this fraction of its kernel's weight
+#: fell on observed pixels (normalised convolution); below it, it is missing.
+MIN_COVERAGE = 0.5
+
+log = logging.getLogger(__name__)
+
+
+def frame_letter(value):
+    """healpy's letter (``"G"``, ``"C"``, ``"E"``) of a frame name such as ``galactic`` or
+    ``EQUATORIAL`` (case-insensitive); None for an unknown name."""
+    name = str(value).strip().upper()
+    return next((k for k, names in FRAMES.items() if name in names), None)
 
 
 def valid_nside(n):
@@ -71,15 +95,19 @@ class MapEntry:
     asinh_scale: object = "mad"
     extra_noise: float = 0.0
     gain_sigma: float = 0.0
+    fwhm_arcmin: float = None
 
 
 @dataclass
 class Catalog:
-    """A validated catalog: its file, the requested working nside (or None) and its maps."""
+    """A validated catalog: its file, the requested working nside (or None), its maps, its frame
+    (healpy's letter) and whether maps in another frame are rotated (else refused)."""
 
     path: str
     nside: int
     maps: list
+    frame: str = "G"
+    rotate_frames: bool = True
 
     @property
     def names(self):
@@ -128,6 +156,12 @@ def read_catalog(path):
     nside = doc.get("nside")
     if nside is not None and not valid_nside(nside):
         raise InputError(f"{path}: nside: {nside!r} is not a power of two")
+    frame = frame_letter("G" if doc.get("frame") is None else doc["frame"])
+    if frame is None:
+        raise InputError(f"{path}: frame: {doc['frame']!r} is not a frame (galactic, equatorial or ecliptic)")
+    rotate = True if doc.get("rotate_frames") is None else doc["rotate_frames"]
+    if not isinstance(rotate, bool):
+        raise InputError(f"{path}: rotate_frames: must be true or false, got {rotate!r}")
     folder = os.path.dirname(os.path.abspath(path))
     entries, seen = [], set()
     for i, raw in enumerate(doc["maps"]):
@@ -176,6 +210,11 @@ def read_catalog(path):
             extra[key] = 0.0 if raw.get(key) is None else _number(raw[key], f"{where}: {key}")
             if not (extra[key] >= 0 and np.isfinite(extra[key])):
                 raise InputError(f"{where}: {key} must be a number >= 0, got {raw[key]!r}")
+        fwhm = None
+        if raw.get("fwhm_arcmin") is not None:
+            fwhm = _number(raw["fwhm_arcmin"], f"{where}: fwhm_arcmin")
+            if not (fwhm > 0 and np.isfinite(fwhm)):
+                raise InputError(f"{where}: fwhm_arcmin must be a positive number, got {raw['fwhm_arcmin']!r}")
         scale = raw.get("asinh_scale", "mad")
         if scale not in ASINH_RULES:
             scale = _number(scale, f"{where}: asinh_scale")
@@ -183,8 +222,8 @@ def read_catalog(path):
                 raise InputError(f"{where}: asinh_scale must be positive or one of "
                                  f"{', '.join(ASINH_RULES)}, got {raw['asinh_scale']!r}")
         entries.append(MapEntry(name, os.path.abspath(fpath), freq, raw["unit"].strip(), fld,
-                                transform, kind, noise, scale, **extra))
-    return Catalog(os.path.abspath(path), nside, entries)
+                                transform, kind, noise, scale, **extra, fwhm_arcmin=fwhm))
+    return Catalog(os.path.abspath(path), nside, entries, frame, rotate)
 
 
 def select_maps(catalog, names, allow_missing=False, what="a channel of the run"):
@@ -232,6 +271,14 @@ def read_healpix(entry):
     kind : str
         ``entry.kind``, else the header's KIND card if it names a kind, else ``"counts"`` for
         unit counts/photons, else ``"intensity"``.
+    frame : str or None
+        The header's COORDSYS as healpy's letter (``"G"``, ``"C"``, ``"E"``; see
+        :data:`FRAMES`), None without the card.
+
+    Raises
+    ------
+    InputError
+        Not a readable HEALPix FITS file, a missing field, a COORDSYS that names no known frame.
     """
     import healpy as hp
     from astropy.io import fits
@@ -255,6 +302,11 @@ def read_healpix(entry):
             if entry.field >= n_fields:
                 raise InputError(f"{where}: field {entry.field} does not exist "
                                  f"(the file has {n_fields} map column(s))")
+            coordsys = hdr.get("COORDSYS")
+            frame = None if coordsys is None or not str(coordsys).strip() else frame_letter(coordsys)
+            if coordsys is not None and str(coordsys).strip() and frame is None:
+                raise InputError(f"{where}: COORDSYS {str(coordsys).strip()!r} is not a known frame "
+                                 f"(G, C or E: Galactic, equatorial, ecliptic)")
     except InputError:
         raise
     except OSError as e:
@@ -269,7 +321,105 @@ def read_healpix(entry):
         raise InputError(f"{where}: not a HEALPix map ({msg})") from None
     values = np.array(values, dtype=np.float64)
     unseen_to_nan(values)
-    return values, hp.npix2nside(values.size), kind
+    return values, hp.npix2nside(values.size), kind, frame
+
+
+def _normalised(apply, values):
+    """``apply`` (a linear map of RING maps) of ``values`` with NaN for missing, by normalised
+    convolution: ``apply(values, 0 in the gaps) / apply(coverage)``, NaN where the coverage is
+    below :data:`MIN_COVERAGE`; a map without gaps gets ``apply(values)``."""
+    observed = np.isfinite(values)
+    if observed.all():
+        return np.asarray(apply(values), dtype=np.float64)
+    num = np.asarray(apply(np.where(observed, values, 0.0)), dtype=np.float64)
+    cover = np.asarray(apply(observed.astype(np.float64)), dtype=np.float64)
+    keep = cover >= MIN_COVERAGE
+    out = np.full(values.shape, np.nan)
+    out[keep] = num[keep] / cover[keep]
+    return out
+
+
+def to_frame(values, frame_in, frame_out):
+    """Rotate a RING map (NaN for missing) from one coordinate frame to another.
+
+    Pixel-space rotation (``healpy.Rotator.rotate_map_pixel``: each new pixel centre is taken
+    to the old frame and the map is interpolated bilinearly there), not a rotation of the
+    spherical harmonics, which is not defined for a map with gaps. Missing pixels are handled
+    by normalised interpolation: a pixel whose interpolation weight on observed pixels is
+    below :data:`MIN_COVERAGE` is missing.
+
+    Parameters
+    ----------
+    values : ndarray
+        RING map, NaN where missing.
+    frame_in, frame_out : str
+        healpy's frame letters (``"G"``, ``"C"``, ``"E"``).
+
+    Returns
+    -------
+    ndarray
+        The map in ``frame_out`` (a copy also if the frames are equal).
+    """
+    import healpy as hp
+
+    if frame_in == frame_out:
+        return np.array(values, dtype=np.float64)
+    rot = hp.Rotator(coord=[frame_in, frame_out])
+    return _normalised(rot.rotate_map_pixel, values)
+
+
+def smooth_to(values, fwhm_arcmin, target_arcmin):
+    """Smooth a RING map (NaN for missing) from its beam to a coarser target beam.
+
+    Both beams are Gaussian: the map is convolved (``healpy.smoothing``, ``lmax = 3 nside - 1``)
+    with the Gaussian of FWHM ``sqrt(target^2 - fwhm^2)``. Missing pixels are handled by
+    normalised convolution: the map with zeros in its gaps and its 0/1 coverage are smoothed
+    alike and divided; a pixel whose smoothed coverage is below :data:`MIN_COVERAGE` is missing.
+
+    Parameters
+    ----------
+    values : ndarray
+        RING map, NaN where missing.
+    fwhm_arcmin, target_arcmin : float
+        The map's beam and the target, FWHM in arcminutes (``fwhm_arcmin <= target_arcmin``).
+
+    Returns
+    -------
+    ndarray
+        The smoothed map (``values`` itself when the beams are equal).
+    """
+    import healpy as hp
+
+    kernel = np.sqrt(target_arcmin ** 2 - fwhm_arcmin ** 2)
+    if not kernel > 0:
+        return values
+
+    def smooth(m):
+        return hp.smoothing(m, fwhm=np.radians(kernel / 60.0), pol=False)
+
+    return _normalised(smooth, values)
+
+
+def check_target(fwhm_arcmin, where="fwhm_arcmin"):
+    """``fwhm_arcmin`` as a float, or None; InputError unless it is None or a positive number."""
+    if fwhm_arcmin is None:
+        return None
+    value = _number(fwhm_arcmin, where)
+    if not (value > 0 and np.isfinite(value)):
+        raise InputError(f"{where}: must be a positive number (arcmin), got {fwhm_arcmin!r}")
+    return value
+
+
+def check_beams(entries, target_arcmin):
+    """Raise InputError for the first of the MapEntry ``entries`` whose declared beam is coarser
+    than the target (no map can be sharpened); nothing without a target."""
+    if target_arcmin is None:
+        return
+    for e in entries:
+        if e.fwhm_arcmin is not None and e.fwhm_arcmin > target_arcmin:
+            raise InputError(f"map '{e.name}' ({e.path}): its beam (fwhm_arcmin {e.fwhm_arcmin:g}) is coarser "
+                             f"than the target resolution {target_arcmin:g} arcmin (a map cannot be sharpened: "
+                             f"choose a target of at least {e.fwhm_arcmin:g})")
 
 
 def _regrade(values, nside_in, nside_out, kind):
@@ -287,15 +437,23 @@ def _regrade(values, nside_in, nside_out, kind):
     return out
 
 
-def read_map(entry, nside):
+def read_map(entry, nside, frame=None, rotate=True, target_fwhm=None):
     """Read one catalog map at resolution ``nside`` (RING), NaN where missing.
 
-    The map is regraded as `load_catalog` does (intensities averaged, counts summed).
+    The map is rotated to ``frame`` if its COORDSYS names another (:func:`to_frame`, at its
+    own nside), regraded as `load_catalog` does (intensities averaged, counts summed), and
+    smoothed to ``target_fwhm`` if it declares ``fwhm_arcmin`` (:func:`smooth_to`, at ``nside``).
 
     Parameters
     ----------
     entry : MapEntry
     nside : int
+    frame : str, optional
+        The frame to return the map in (healpy's letter); None: the map's own, unrotated.
+    rotate : bool
+        Rotate a map in another frame (else InputError).
+    target_fwhm : float, optional
+        Target resolution, FWHM in arcmin (no smoothing without one).
 
     Returns
     -------
@@ -303,19 +461,31 @@ def read_map(entry, nside):
     kind : str
     native_nside : int
         The map's resolution before regrading.
+    file_frame : str or None
+        The frame its COORDSYS names (None without the card: taken to be ``frame``).
 
     Raises
     ------
     InputError
-        An unreadable map or one without a valid pixel (at its own or at the working nside).
+        An unreadable map or one without a valid pixel (at its own or at the working nside), a
+        map in another frame with ``rotate`` false, a beam coarser than the target.
     """
-    v, n, kind = read_healpix(entry)
+    v, n, kind, own = read_healpix(entry)
+    where = f"map '{entry.name}' ({entry.path})"
     if not np.isfinite(v).any():
-        raise InputError(f"map '{entry.name}' ({entry.path}): no valid pixel")
+        raise InputError(f"{where}: no valid pixel")
+    if frame is not None and own is not None and own != frame:
+        if not rotate:
+            raise InputError(f"{where}: in frame {own} ({_FRAME_NAMES[own]}, its COORDSYS), not the catalog's "
+                             f"frame {frame} ({_FRAME_NAMES[frame]}), and rotate_frames is false")
+        v = to_frame(v, own, frame)
     full = _regrade(v, n, nside, kind)
+    if target_fwhm is not None and entry.fwhm_arcmin is not None:
+        check_beams([entry], target_fwhm)
+        full = smooth_to(full, entry.fwhm_arcmin, target_fwhm)
     if not np.isfinite(full).any():
-        raise InputError(f"map '{entry.name}' ({entry.path}): no valid pixel at nside {nside}")
-    return full, kind, n
+        raise InputError(f"{where}: no valid pixel at nside {nside}")
+    return full, kind, n, own
 
 
 def _native_nside(entry):
@@ -358,10 +528,17 @@ def map_reader(index, comm):
     return index % comm.size
 
 
-def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, comm=None):
-    """Read every map of a catalog into one data set at a common resolution.
+def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, comm=None, fwhm_arcmin=None):
+    """Read every map of a catalog into one data set at a common resolution and frame.
 
-    Maps are read one at a time, so at most one full map is held besides the result.
+    Maps are read one at a time, so at most one full map is held besides the result. A map
+    whose COORDSYS names another frame than the catalog's is rotated to it (or refused, with
+    ``rotate_frames: false``); a map without COORDSYS is taken to be in the catalog's frame.
+    With a target resolution, each map that declares ``fwhm_arcmin`` is smoothed to it at the
+    working nside (:func:`smooth_to`); the others are left as they are. Each of these cases is
+    logged once (maps without COORDSYS only if some map has one or the catalog's frame is not
+    Galactic); without a target, a warning is logged when the declared beams differ by more
+    than the working pixel size.
 
     Parameters
     ----------
@@ -382,31 +559,37 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, 
         reads map ``first + r`` and sends every rank its ``pixels`` block (one Scatterv per map),
         so every map is read once, by one rank, the ranks read side by side, and no rank holds
         more than one full map. Without one, this process reads every map.
+    fwhm_arcmin : float, optional
+        Target resolution, Gaussian FWHM in arcmin (default: none, maps as they are).
 
     Returns
     -------
     SkyDataSet
-        Channels x pixels in physical units, NaN and ``observed == False`` where missing.
+        Channels x pixels in physical units, NaN and ``observed == False`` where missing, in
+        the catalog's frame (``coord``).
 
     Raises
     ------
     InputError
-        Any problem with the catalog or a map (named in the message).
+        Any problem with the catalog or a map (named in the message), a target that is not a
+        positive number, a map whose declared beam is coarser than the target.
     """
     import healpy as hp
 
     cat = read_catalog(catalog) if isinstance(catalog, str) else catalog
+    target = check_target(fwhm_arcmin, "target fwhm_arcmin")
+    check_beams(cat.maps, target)
     nside = working_nside(cat, nside)
     npix = hp.nside2npix(nside)
     pixels = slice(*(slice(0, npix) if pixels is None else pixels).indices(npix)[:2])
     values = np.empty((len(cat.maps), pixels.stop - pixels.start))
-    native, kinds = [], []
+    native, kinds, frames = [], [], []
     order = hp.nest2ring(nside, np.arange(npix)) if nest else None
 
     def read(i):
         e = cat.maps[i]
         try:
-            full, kind, n = read_map(e, nside)
+            full, kind, n, own = read_map(e, nside, cat.frame, cat.rotate_frames, target)
             if e.transform == "log" and np.nanmin(full) <= 0:
                 raise InputError(f"map '{e.name}' ({e.path}): transform 'log' needs positive values, "
                                  f"the map has values <= 0 (use asinh or auto)")
@@ -414,7 +597,7 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, 
                 full = full[order]
             if on_channel is not None:
                 on_channel(i, full, kind)
-            return full, (kind, n)
+            return full, (kind, n, own)
         except InputError as err:
             return None, err
 
@@ -430,12 +613,48 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, 
                 raise InputError(str(status))
             kinds.append(status[0])
             native.append(status[1])
+            frames.append(status[2])
             values[i] = full[pixels] if comm is None else comm.scatter_block(full, pixels, root)
+    _log_frames_and_beams(cat, frames, nside, target)
     return SkyDataSet(values=values, observed=np.isfinite(values), names=cat.names,
                       units=[e.unit for e in cat.maps],
                       frequencies_hz=np.array([e.frequency_hz for e in cat.maps]),
-                      kinds=kinds, nside=nside, nest=nest, coord="G",
+                      kinds=kinds, nside=nside, nest=nest, coord=cat.frame,
                       noise=np.array([e.noise for e in cat.maps]),
                       sources=[e.path for e in cat.maps], native_nside=native,
                       transforms=[e.transform for e in cat.maps],
-                      asinh_scales=[e.asinh_scale for e in cat.maps])
+                      asinh_scales=[e.asinh_scale for e in cat.maps], frames=frames,
+                      fwhm_arcmin=[e.fwhm_arcmin for e in cat.maps], target_fwhm_arcmin=target)
+
+
+def _names(names, at_most=4):
+    """The first ``at_most`` of ``names``, comma-separated, and how many more."""
+    more = f" and {len(names) - at_most} more" if len(names) > at_most else ""
+    return ", ".join(names[:at_most]) + more
+
+
+def _log_frames_and_beams(cat, frames, nside, target):
+    """Log what :func:`load_catalog` did about frames and beams (one line per case)."""
+    import healpy as hp
+
+    rotated = [f"{e.name} ({f})" for e, f in zip(cat.maps, frames) if f is not None and f != cat.frame]
+    if rotated:
+        log.info(f"{cat.path}: rotated to the catalog's frame {cat.frame}: {_names(rotated)}")
+    assumed = [e.name for e, f in zip(cat.maps, frames) if f is None]
+    if assumed and (len(assumed) < len(frames) or cat.frame != "G"):  # else: all Galactic, as always
+        log.info(f"{cat.path}: no COORDSYS, taken to be in the catalog's frame {cat.frame}: {_names(assumed)}")
+    declared = [e for e in cat.maps if e.fwhm_arcmin is not None]
+    if target is not None:
+        log.info(f"{cat.path}: {len(declared)} maps smoothed to fwhm {target:g} arcmin")
+        bare = [e.name for e in cat.maps if e.fwhm_arcmin is None]
+        if bare:
+            log.info(f"{cat.path}: no fwhm_arcmin, left at their own resolution: {_names(bare)}")
+    elif declared:
+        fine = min(declared, key=lambda e: e.fwhm_arcmin)
+        coarse = max(declared, key=lambda e: e.fwhm_arcmin)
+        pixel = hp.nside2resol(nside, arcmin=True)
+        if coarse.fwhm_arcmin - fine.fwhm_arcmin > pixel:
+            log.warning(f"warning: {cat.path}: beams differ by more than a pixel ({pixel:.1f} arcmin at nside "
+                        f"{nside}): finest '{fine.name}' ({fine.fwhm_arcmin:g} arcmin), coarsest '{coarse.name}' "
+                        f"({coarse.fwhm_arcmin:g} arcmin); set a target resolution (--fwhm-arcmin, "
+                        f"data.fwhm_arcmin) to bring them to a common one")

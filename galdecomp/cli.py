@@ -91,14 +91,30 @@ def cmd_inspect(args, comm):
     from .products.catalog_summary import COLUMNS, summarise
     from .products.tables import format_table
 
-    data = load_catalog(args.catalog, nside=args.nside)
+    data = load_catalog(args.catalog, nside=args.nside, fwhm_arcmin=args.fwhm_arcmin)
     pre = Preprocessor.fit(data)
     rows = summarise(data, pre)
     if args.format == "text":
+        beams = f", smoothed to fwhm {data.target_fwhm_arcmin:g} arcmin" if data.target_fwhm_arcmin else ""
         print(f"{args.catalog}: {data.n_features} maps, working nside {data.nside} "
-              f"({data.n_samples} pixels)")
+              f"({data.n_samples} pixels), frame {data.coord}{beams}")
     sys.stdout.write(format_table(rows, COLUMNS, args.format))
     return 0
+
+
+def _fwhm(text):
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number (arcmin), got {text!r}") from None
+    if not (x > 0 and x < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number (arcmin), got {text}")
+    return x
+
+
+_FWHM_HELP = ("target resolution: each map with a fwhm_arcmin in its catalog entry is smoothed to this "
+              "Gaussian FWHM in arcmin (maps with a coarser beam are refused, maps without one are left "
+              "as they are)")
 
 
 def _positive_int(text):
@@ -128,6 +144,8 @@ def cmd_fit(args, comm):
         raise InputError("fit: give exactly one of CATALOG or --data FILE")
     if args.data is not None and args.nside is not None:
         raise InputError("--nside: only for a catalog of maps, not with --data")
+    if args.data is not None and args.fwhm_arcmin is not None:
+        raise InputError("--fwhm-arcmin: only for a catalog of maps, not with --data")
     overrides = dict(nside=args.nside, latent_dim=args.latent_dim, covariance=args.covariance,
                      beta=args.beta, seed=args.seed)
     training = {k: v for k, v in (("max_epochs", args.max_epochs), ("threads", args.threads)) if v is not None}
@@ -135,6 +153,8 @@ def cmd_fit(args, comm):
         overrides["training"] = training
     if args.posterior is not None:
         overrides["posterior"] = {"method": args.posterior}
+    if args.fwhm_arcmin is not None:
+        overrides["data"] = {"fwhm_arcmin": args.fwhm_arcmin}
     fit = fit_catalog if args.data is None else fit_table
     res = fit(args.catalog if args.data is None else args.data, args.out, overrides, _config_file(args.config),
               args.resume, args.overwrite, comm=comm)
@@ -184,6 +204,10 @@ def cmd_run(args, comm):
         fit = dict((cfg or {}).get("fit") or {})
         fit["training"] = {**(fit.get("training") or {}), "threads": args.threads}
         cfg = {**(cfg or {}), "fit": fit}
+    if args.fwhm_arcmin is not None:
+        fit = dict((cfg or {}).get("fit") or {})
+        fit["data"] = {**(fit.get("data") or {}), "fwhm_arcmin": args.fwhm_arcmin}
+        cfg = {**(cfg or {}), "fit": fit}
     res = run_main_job(cfg, out=args.out, overwrite=args.overwrite, resume=args.resume, config_dir=base,
                        comm=comm)
     if res["fit"]["products"] is None:  # not rank 0
@@ -200,7 +224,7 @@ def cmd_anomaly(args, comm):
     from .products.anomaly import run_anomaly
 
     res = run_anomaly(args.run, args.out, catalog=args.catalog, top=args.top, score=args.score,
-                      overwrite=args.overwrite, progress=log.info)
+                      overwrite=args.overwrite, progress=log.info, fwhm_arcmin=args.fwhm_arcmin)
     print(f"anomaly maps: {res['paths']['anomaly.fits']} (plot: {res['paths']['anomaly.png']})")
     print(f"most anomalous pixels by {args.score}: {res['paths']['anomaly_top.csv']}")
     return 0
@@ -243,7 +267,7 @@ def cmd_reconstruct(args, comm):
     res = reconstruct_sky(trained, args.catalog, args.out, holdout=args.holdout or (),
                           hide_fraction=args.hide_fraction, n_draws=args.samples, seed=args.seed,
                           overwrite=args.overwrite, progress=log.info, noise=args.noise,
-                          calibration_rows=args.calibration_rows)
+                          calibration_rows=args.calibration_rows, fwhm_arcmin=args.fwhm_arcmin)
     print(f"reconstruction: {res['out']} (MAP converged in {100 * res['converged']:.1f}% of pixels)")
     for r in res["holdout"]:
         print(f"  {r['channel']}: RMSE {r['rmse_standardised']:.3f} (linear {r['rmse_linear']:.3f}, "
@@ -323,10 +347,12 @@ def build_parser():
 
     s = sub.add_parser("inspect", parents=[common], help="table of a catalog's maps, transforms and warnings",
                        description="Read a map catalog and print, per map: frequency, unit, kind, "
-                                   "native nside, coverage, min/median/max, the preprocessing "
+                                   "native nside, declared beam (fwhm_arcmin), frame (COORDSYS), "
+                                   "coverage, min/median/max, the preprocessing "
                                    "transform and warnings (near-duplicates, gaps, zeros).")
     s.add_argument("catalog", help="catalog YAML file")
     s.add_argument("--nside", type=_nside, help="working resolution (default: catalog's or lowest)")
+    s.add_argument("--fwhm-arcmin", type=_fwhm, metavar="X", help=_FWHM_HELP)
     s.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
     s.set_defaults(func=cmd_inspect)
 
@@ -348,6 +374,7 @@ def build_parser():
                    help="latent posterior covariance (default diagonal)")
     s.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
+    s.add_argument("--fwhm-arcmin", type=_fwhm, metavar="X", help=_FWHM_HELP + "; config data.fwhm_arcmin")
     s.add_argument("--max-epochs", type=_positive_int, help="training epochs at most (default 200)")
     s.add_argument("--threads", type=_positive_int, metavar="N",
                    help="cores of a one-process fit: this process and N-1 forked workers compute each "
@@ -384,6 +411,9 @@ def build_parser():
     s.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist)")
     s.add_argument("--top", type=_positive_int, default=50, metavar="N",
                    help="pixels in anomaly_top.csv (default 50)")
+    s.add_argument("--fwhm-arcmin", type=_fwhm, metavar="X",
+                   help="target resolution of the maps the run is applied to (default: the run's data.fwhm_arcmin; "
+                        "another value is used with a warning)")
     s.add_argument("--score", default="chi2_per_channel", metavar="NAME",
                    help="score that ranks anomaly_top.csv: chi2_per_channel (default), max_abs_residual, "
                         "local_residual, contrast_chi2, neg_elbo, neg_log_prior, neg_log_latent_density")
@@ -418,6 +448,8 @@ def build_parser():
     s.add_argument("--out", help="output folder (default from the config, else runs/main)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted main job")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.add_argument("--fwhm-arcmin", type=_fwhm, metavar="X",
+                   help="target resolution of the fit, as for galdecomp fit (config fit: data: fwhm_arcmin)")
     s.add_argument("--threads", type=_positive_int, metavar="N",
                    help="cores of the fit, as for galdecomp fit (default: every core the process may use)")
     s.set_defaults(func=cmd_run)
@@ -432,6 +464,9 @@ def build_parser():
     s.add_argument("run", metavar="RUN", help="run folder of galdecomp fit")
     s.add_argument("--catalog", required=True, help="catalog with (some of) the run's channels, by name")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    s.add_argument("--fwhm-arcmin", type=_fwhm, metavar="X",
+                   help="target resolution of the maps the run is applied to (default: the run's data.fwhm_arcmin; "
+                        "another value is used with a warning)")
     s.add_argument("--holdout", action="append", metavar="NAME",
                    help="hide this channel entirely and score its reconstruction (repeatable)")
     s.add_argument("--hide-fraction", type=float, default=0.0, metavar="F",

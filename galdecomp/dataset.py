@@ -70,7 +70,8 @@ class SkyDataSet(DataSet):
     nest : bool
         Pixel ordering of ``values`` (NESTED if true, else RING).
     coord : str
-        Coordinate system of the maps (``"G"`` Galactic).
+        Coordinate frame of the maps, healpy's letter (``"G"`` Galactic, ``"C"`` equatorial,
+        ``"E"`` ecliptic).
     noise : ndarray, shape (n_channels,)
         Known per-pixel noise level in each channel's unit, NaN where unknown.
     sources : list of str
@@ -82,6 +83,12 @@ class SkyDataSet(DataSet):
     asinh_scales : list
         The ``asinh`` scale per channel: a number in the channel's unit, or the rule ``"mad"``
         or ``"std"`` (see :mod:`galdecomp.preprocessing`).
+    frames : list
+        The frame each map's COORDSYS names (None without one: taken to be ``coord``).
+    fwhm_arcmin : list
+        The beam FWHM each map declares (arcmin; None where not declared).
+    target_fwhm_arcmin : float or None
+        The resolution the maps with a declared beam were smoothed to (None: not smoothed).
     """
 
     frequencies_hz: np.ndarray = None
@@ -94,6 +101,9 @@ class SkyDataSet(DataSet):
     native_nside: list = field(default_factory=list)
     transforms: list = field(default_factory=list)
     asinh_scales: list = field(default_factory=list)
+    frames: list = field(default_factory=list)
+    fwhm_arcmin: list = field(default_factory=list)
+    target_fwhm_arcmin: float = None
 
 
 def _column_names(n):

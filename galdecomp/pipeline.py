@@ -75,6 +75,12 @@ def _stored_config(run_dir):
     return with_former_defaults(stored)
 
 
+def _sets_target(settings):
+    """True if configuration ``settings`` (a file's or overrides) give ``data.fwhm_arcmin``."""
+    data = (settings or {}).get("data")
+    return isinstance(data, dict) and data.get("fwhm_arcmin") is not None
+
+
 def _read_checkpoint(path):
     """The arrays of the checkpoint ``path`` and its TrainingState; InputError if it is not one."""
     try:
@@ -270,7 +276,7 @@ def training_time_summary(seconds, comm):
             + "; per epoch [ms] " + ", ".join(f"{k} {fmt(v, s['epochs'])}" for k, v in per_epoch.items()))
 
 
-def load_preprocessed(catalog, nside, pixels=None, comm=None):
+def load_preprocessed(catalog, nside, pixels=None, comm=None, fwhm_arcmin=None):
     """Read a catalog's maps (NESTED pixel order) and standardise them.
 
     Each channel's transform is fitted on all pixels of its full map, while only ``pixels`` are
@@ -287,6 +293,9 @@ def load_preprocessed(catalog, nside, pixels=None, comm=None):
         transforms; every rank gets its block and all transforms (default: this process reads
         everything).
 
+    fwhm_arcmin : float, optional
+        Target resolution the maps are smoothed to (see :func:`~galdecomp.catalog.load_catalog`).
+
     Returns
     -------
     data_set : SkyDataSet
@@ -302,7 +311,8 @@ def load_preprocessed(catalog, nside, pixels=None, comm=None):
         transforms[i] = ChannelTransform.fit(full[np.isfinite(full)], e.transform, e.name,
                                              counts=kind == "counts", asinh_scale=e.asinh_scale)
 
-    data_set = load_catalog(catalog, nside=nside, nest=True, pixels=pixels, on_channel=fit_transform, comm=comm)
+    data_set = load_catalog(catalog, nside=nside, nest=True, pixels=pixels, on_channel=fit_transform, comm=comm,
+                            fwhm_arcmin=fwhm_arcmin)
     if comm is not None:  # each transform was fitted by the rank that read its map
         transforms = [comm.bcast(t, map_reader(i, comm)) for i, t in enumerate(transforms)]
     pre = Preprocessor(transforms, data_set.names)
@@ -340,7 +350,8 @@ class Prepared:
     fingerprint : str
         Identifies the data (``--resume`` refuses other data): ``path|...|preprocessing``.
     record : dict
-        The ``data`` section of the run's configuration: ``kind``, ``path`` (and ``nside``).
+        The ``data`` section of the run's configuration: ``kind``, ``path`` (and ``nside``,
+        ``fwhm_arcmin``).
     """
 
     data_set: object
@@ -370,11 +381,14 @@ class SkySource:
         from .parallel import row_block
 
         nside = working_nside(self.catalog, cfg["data"]["nside"])
+        target = cfg["data"].get("fwhm_arcmin")
         rows = row_block(nside, comm)
-        data_set, pre, data = load_preprocessed(self.catalog, nside, rows, comm if comm.size > 1 else None)
-        fingerprint = f"{self.path}|{nside}|" + json.dumps(pre.to_dict(), sort_keys=True)
+        data_set, pre, data = load_preprocessed(self.catalog, nside, rows, comm if comm.size > 1 else None,
+                                                fwhm_arcmin=target)
+        beams = "" if target is None else f"fwhm {float(target)!r}|"  # runs without a target: as before
+        fingerprint = f"{self.path}|{nside}|{beams}" + json.dumps(pre.to_dict(), sort_keys=True)
         return Prepared(data_set, pre, data, rows, 12 * nside * nside, fingerprint,
-                        dict(kind="sky", path=self.path, nside=nside))
+                        dict(kind="sky", path=self.path, nside=nside, fwhm_arcmin=target))
 
 
 class TableSource:
@@ -395,6 +409,9 @@ class TableSource:
         """This process's block of rows, standardised per feature over all rows."""
         from .parallel import block_rows
 
+        if cfg["data"].get("fwhm_arcmin") is not None:
+            raise InputError(f"{self.argument}: data.fwhm_arcmin (--fwhm-arcmin) is for a catalog of maps, "
+                             f"not a table")
         t = self.table
         pre = Preprocessor([ChannelTransform.fit(v[o], "linear", n) for v, o, n in zip(t.values, t.observed, t.names)],
                            t.names)
@@ -523,6 +540,8 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         stored = _stored_config(run_dir)
         old = model_signature(resolve_config(stored, where=f"{run_dir}/config.yaml"))
         cfg = resolve_config(config_file if config_file is not None else stored, overrides)
+        if not _sets_target(config_file) and not _sets_target(overrides):  # the run's target resolution
+            cfg["data"]["fwhm_arcmin"] = (stored.get("data") or {}).get("fwhm_arcmin")
         diff = sorted(k for k, v in model_signature(cfg).items() if old[k] != v)
         if diff:
             raise InputError(f"{run_dir}: --resume with another configuration (differs in: {', '.join(diff)})")

@@ -23,6 +23,7 @@ DEFAULTS = {
         "kind": None,              # sky | table
         "path": None,              # the catalog or table file
         "nside": None,             # sky: working resolution (None: the catalog's); also `nside:`
+        "fwhm_arcmin": None,       # sky: target resolution, Gaussian FWHM in arcmin (None: maps as they are)
     },
     "decoder": {"hidden": [128, 128], "activation": "tanh"},
     "encoder": {"hidden": [128, 128], "activation": "tanh",
@@ -160,6 +161,8 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     cfg = _merge(cfg, _nside_into_data({k: v for k, v in (overrides or {}).items() if v is not None}), where)
     if cfg["data"]["kind"] not in (None,) + DATA_KINDS:
         raise InputError(f"{where}: data.kind must be one of {', '.join(DATA_KINDS)}, got {cfg['data']['kind']!r}")
+    if cfg["data"]["fwhm_arcmin"] is not None:
+        _positive(cfg["data"], "fwhm_arcmin", f"{where}: data")
     _positive_int(cfg, "latent_dim", where)
     for k, choices in _CHOICES.items():
         if cfg[k] not in choices:

@@ -164,22 +164,50 @@ class TrainedModel:
         return path
 
     # -- the data set ----------------------------------------------------------------------------
-    def load_rows(self, path=None):
+    def target_fwhm(self, fwhm_arcmin=None, say=None):
+        """The target resolution to read maps at for this run: ``fwhm_arcmin``, else the run's
+        ``data.fwhm_arcmin`` (None: maps as they are).
+
+        Parameters
+        ----------
+        fwhm_arcmin : float, optional
+            A target asked for explicitly; ``say`` is called with a warning when it differs
+            from the run's (the model was trained at the run's).
+        say : callable, optional
+
+        Returns
+        -------
+        float or None
+        """
+        own = self.data.get("fwhm_arcmin")
+        if fwhm_arcmin is None or fwhm_arcmin == own:
+            return own
+        if say is not None:
+            trained = f"fwhm {own:g} arcmin" if own is not None else "the maps' own resolutions"
+            say(f"warning: maps smoothed to fwhm {fwhm_arcmin:g} arcmin, the run was trained at {trained}")
+        return fwhm_arcmin
+
+    def load_rows(self, path=None, fwhm_arcmin=None):
         """The rows of the run's data set (or of another of the same kind) in physical units.
 
         Parameters
         ----------
         path : str, optional
             Another data set of the run's kind instead of the one it was trained on: a catalog
-            (sky runs; maps matched to the run's channels by name, at the run's nside) or a
-            table with the same features (table runs).
+            (sky runs; maps matched to the run's channels by name, at the run's nside, in the
+            catalog's frame) or a table with the same features (table runs).
+        fwhm_arcmin : float, optional
+            Sky runs: the target resolution the maps are smoothed to (default: the run's,
+            ``data.fwhm_arcmin``; none for a run without one).
 
         Returns
         -------
         ndarray, shape (P, C)
             NaN where missing; rows in the order the run was trained on (NESTED pixels).
         """
-        from ..catalog import Catalog, load_catalog, read_catalog, select_maps
+        from dataclasses import replace
+
+        from ..catalog import load_catalog, read_catalog, select_maps
         from ..dataset import read_table
 
         kind = self.data.get("kind")
@@ -198,7 +226,9 @@ class TrainedModel:
                              f"is not supported")
         cat = read_catalog(path or self.data["path"])
         nside = int(self.data["nside"])
-        ds = load_catalog(Catalog(cat.path, nside, select_maps(cat, self.names)), nside=nside, nest=True)
+        target = self.data.get("fwhm_arcmin") if fwhm_arcmin is None else fwhm_arcmin
+        ds = load_catalog(replace(cat, nside=nside, maps=select_maps(cat, self.names)), nside=nside, nest=True,
+                          fwhm_arcmin=target)
         return ds.values.T
 
     # -- units ---------------------------------------------------------------------------------

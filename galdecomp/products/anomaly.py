@@ -51,7 +51,7 @@ DEFAULT_SCORE = "chi2_per_channel"
 N_TOP_CHANNELS = 3
 
 
-def load_rows(model, catalog=None):
+def load_rows(model, catalog=None, fwhm_arcmin=None):
     """The rows to score: a catalog's maps in the model's channel order, NESTED, physical units.
 
     Maps are matched by name and read at the run's nside (:meth:`TrainedModel.load_rows`).
@@ -61,6 +61,8 @@ def load_rows(model, catalog=None):
     model : TrainedModel
     catalog : str, optional
         Default the catalog the run was trained on.
+    fwhm_arcmin : float, optional
+        Target resolution of the maps (default: the run's, ``data.fwhm_arcmin``).
 
     Returns
     -------
@@ -82,7 +84,7 @@ def load_rows(model, catalog=None):
             raise InputError("the run records no sky catalog: give one with --catalog")
         if not os.path.isfile(catalog):
             raise InputError(f"{catalog}: the run's catalog file no longer exists: give one with --catalog")
-    return model.load_rows(catalog), int(model.data["nside"]), os.path.abspath(catalog)
+    return model.load_rows(catalog, fwhm_arcmin), int(model.data["nside"]), os.path.abspath(catalog)
 
 
 def _neighbour_mean(r, nside):
@@ -166,7 +168,7 @@ def anomaly_scores(model, values, nside, transform=None, block=65536):
     return scores, residual, n_obs
 
 
-def top_pixels(scores, residual, channel_names, nside, score=DEFAULT_SCORE, n=50):
+def top_pixels(scores, residual, channel_names, nside, score=DEFAULT_SCORE, n=50, frame="G"):
     """The ``n`` most anomalous pixels by one score, as table rows.
 
     Parameters
@@ -192,6 +194,9 @@ def top_pixels(scores, residual, channel_names, nside, score=DEFAULT_SCORE, n=50
     pix = np.argsort(-s, kind="stable")[:n]
     pix = pix[np.isfinite(s[pix])]
     lon, lat = hp.pix2ang(nside, pix, nest=True, lonlat=True)
+    if frame != "G" and len(pix):  # the table's coordinates are Galactic whatever the maps' frame
+        lon, lat = hp.Rotator(coord=[frame, "G"])(lon, lat, lonlat=True)
+        lon = np.mod(lon, 360.0)
     r = residual[pix]
     order = np.argsort(-np.where(np.isfinite(r), np.abs(r), -np.inf), axis=1, kind="stable")[:, :N_TOP_CHANNELS]
     top_r = np.take_along_axis(r, order, axis=1)
@@ -209,7 +214,7 @@ def top_pixels(scores, residual, channel_names, nside, score=DEFAULT_SCORE, n=50
 
 
 def write_anomaly_products(out, scores, residual, channel_names, nside, score=DEFAULT_SCORE, top=50,
-                           header=()):
+                           header=(), frame="G"):
     """Write ``anomaly.fits``, ``anomaly.png`` and ``anomaly_top.csv`` into the folder ``out``.
 
     Parameters
@@ -219,6 +224,8 @@ def write_anomaly_products(out, scores, residual, channel_names, nside, score=DE
     scores, residual, channel_names, nside, score, top
         As for :func:`top_pixels`.
     header : sequence of FITS cards
+    frame : str
+        Coordinate frame of the maps (healpy's letter), written as COORDSYS.
 
     Returns
     -------
@@ -228,7 +235,7 @@ def write_anomaly_products(out, scores, residual, channel_names, nside, score=DE
     names = list(scores)
     maps = np.array([np.where(np.isfinite(scores[k]), scores[k], hp.UNSEEN) for k in names])
     paths = {k: os.path.join(out, k) for k in ("anomaly.fits", "anomaly.png", "anomaly_top.csv")}
-    write_healpix_fits(paths["anomaly.fits"], maps, names, "1", nest=True, coord="G",
+    write_healpix_fits(paths["anomaly.fits"], maps, names, "1", nest=True, coord=frame,
                        header=list(header) + [("CONTENT", "anomaly scores, higher = more anomalous")])
     logged = ("chi2_per_channel", "contrast_chi2")  # positive, heavy-tailed: shown as log10
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -237,14 +244,15 @@ def write_anomaly_products(out, scores, residual, channel_names, nside, score=DE
     titles = [f"log10 {k}" if k in logged else k for k in names]
     mollview_grid(shown, titles, paths["anomaly.png"], nest=True, ncols=3, cmap="magma",
                   suptitle="anomaly scores (higher = more anomalous)")
-    rows = top_pixels(scores, residual, channel_names, nside, score, top)
+    rows = top_pixels(scores, residual, channel_names, nside, score, top, frame)
     cols = ["rank", "pixel", "l_deg", "b_deg"] + names + [f"{w}_{k + 1}" for k in range(N_TOP_CHANNELS)
                                                           for w in ("channel", "residual")]
     write_text(paths["anomaly_top.csv"], format_table(rows, cols, "csv"))
     return dict(paths=paths, top=rows)
 
 
-def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwrite=False, progress=print):
+def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwrite=False, progress=print,
+                fwhm_arcmin=None):
     """Score a catalog with a finished run and write the anomaly products to the folder ``out``.
 
     Every input is checked before anything is written; ``out`` is built under a temporary name
@@ -264,6 +272,8 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
         Primary score of the top list (a key of :data:`SCORES`).
     overwrite : bool
     progress : callable
+    fwhm_arcmin : float, optional
+        Target resolution of the maps (default: the run's, ``data.fwhm_arcmin``).
 
     Returns
     -------
@@ -277,6 +287,7 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
         output folder that exists.
     """
     from .. import __version__
+    from ..catalog import read_catalog
     from ..fileio import atomic_output_dir, check_output_dir
     from ..inference.trained import load
 
@@ -291,7 +302,8 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
     transform = model.transform
     if score == "neg_log_latent_density" and transform is None:
         raise InputError(f"--score neg_log_latent_density: {run_dir} has no usable latent_transform.npz")
-    values, nside, cat_path = load_rows(model, catalog)
+    values, nside, cat_path = load_rows(model, catalog, model.target_fwhm(fwhm_arcmin, progress))
+    frame = read_catalog(cat_path).frame
     progress(f"read {cat_path}")
     progress(f"scoring {len(values)} pixels x {values.shape[1]} channels")
     scores, residual, n_obs = anomaly_scores(model, values, nside, transform)
@@ -300,7 +312,7 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
            ("RUN", os.path.basename(os.path.abspath(run_dir))[:60], "run folder")]
     with atomic_output_dir(out, overwrite) as tmp:
         progress(f"writing {out}")
-        res = write_anomaly_products(tmp, scores, residual, model.names, nside, score, top, hdr)
+        res = write_anomaly_products(tmp, scores, residual, model.names, nside, score, top, hdr, frame)
     paths = {k: os.path.join(os.path.abspath(out), os.path.basename(v)) for k, v in res["paths"].items()}
     return dict(out=os.path.abspath(out), paths=paths, top=res["top"], scores=scores, residual=residual,
                 n_observed=n_obs)

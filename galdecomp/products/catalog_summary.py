@@ -3,8 +3,8 @@ import numpy as np
 
 __all__ = ["summarise", "COLUMNS"]
 
-COLUMNS = ["name", "frequency_hz", "unit", "kind", "nside", "coverage", "min", "median", "max",
-           "transform", "warnings"]
+COLUMNS = ["name", "frequency_hz", "unit", "kind", "nside", "fwhm_arcmin", "frame", "coverage", "min", "median",
+           "max", "transform", "warnings"]
 
 
 def summarise(dataset, preprocessor, duplicate_threshold=0.995):
@@ -22,7 +22,10 @@ def summarise(dataset, preprocessor, duplicate_threshold=0.995):
     Returns
     -------
     list of dict
-        One row per channel with the keys of ``COLUMNS``.
+        One row per channel with the keys of ``COLUMNS``: ``fwhm_arcmin`` is the declared beam
+        (empty where not declared), ``frame`` the frame the map's COORDSYS names (``-`` without
+        one: taken to be the catalog's); statistics are of the maps as loaded (rotated to the
+        catalog's frame, smoothed to the target resolution if any).
     """
     y = preprocessor.forward(dataset.values)
     obs = dataset.observed
@@ -49,6 +52,14 @@ def summarise(dataset, preprocessor, duplicate_threshold=0.995):
             warn.append(f"{(~obs[i]).sum()} missing pixels")
         if dataset.native_nside and dataset.native_nside[i] != dataset.nside:
             warn.append(f"regraded from nside {dataset.native_nside[i]}")
+        own = dataset.frames[i] if dataset.frames else None
+        if own is not None and own != dataset.coord:
+            warn.append(f"rotated from frame {own} to {dataset.coord}")
+        beam = dataset.fwhm_arcmin[i] if dataset.fwhm_arcmin else None
+        if dataset.target_fwhm_arcmin is not None and beam is not None and beam < dataset.target_fwhm_arcmin:
+            warn.append(f"smoothed to fwhm {dataset.target_fwhm_arcmin:g} arcmin")
+        elif dataset.target_fwhm_arcmin is not None and beam is None:
+            warn.append("no fwhm_arcmin: not smoothed")
         if dataset.kinds[i] == "counts" and np.mean(v == 0) > 0.5:
             warn.append(f"{np.mean(v == 0):.0%} zero counts")
         tr = preprocessor.transforms[i]
@@ -56,6 +67,7 @@ def summarise(dataset, preprocessor, duplicate_threshold=0.995):
             warn.append(f"Poisson noise {poisson[i]:.1f}x the map's spread")
         rows.append(dict(name=name, frequency_hz=float(dataset.frequencies_hz[i]), unit=dataset.units[i],
                          kind=dataset.kinds[i], nside=dataset.native_nside[i] if dataset.native_nside else dataset.nside,
+                         fwhm_arcmin="" if beam is None else float(beam), frame=own or "-",
                          coverage=f"{obs[i].mean():.4f}", min=float(v.min()), median=float(np.median(v)),
                          max=float(v.max()),
                          transform=tr.kind + (f"(scale={tr.scale:.3g})" if tr.kind == "asinh" else ""),

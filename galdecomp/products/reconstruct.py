@@ -7,10 +7,11 @@ calibration.csv (with ``--noise calibrated``: per channel, the nominal intervals
 entries of the run's own data hidden and predicted, and the levels read instead), plots/holdout.png.
 """
 import os
+from dataclasses import replace
 
 import numpy as np
 
-from ..catalog import Catalog, load_catalog, read_catalog, select_maps
+from ..catalog import load_catalog, read_catalog, select_maps
 from ..errors import InputError
 from ..fileio import atomic_output_dir, write_healpix_fits, write_text
 from ..inference.reconstruction import CALIBRATION_ROWS, QUANTILES, pit_calibration, predictive
@@ -76,7 +77,8 @@ def _run_channels(trained, catalog_path):
 
 
 def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n_draws=200, seed=0,
-                    overwrite=False, progress=None, noise="calibrated", calibration_rows=CALIBRATION_ROWS):
+                    overwrite=False, progress=None, noise="calibrated", calibration_rows=CALIBRATION_ROWS,
+                    fwhm_arcmin=None):
     """Reconstruct every channel of a catalog's sky with the posterior given its observed entries.
 
     Parameters
@@ -106,6 +108,9 @@ def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n
         (:func:`galdecomp.inference.reconstruction.pit_calibration`).
     calibration_rows : int
         Entries per channel hidden for the calibration.
+    fwhm_arcmin : float, optional
+        Target resolution of the catalog's maps (default: the run's, ``data.fwhm_arcmin``; the
+        run's own data used for the noise are always read at the run's).
 
     Returns
     -------
@@ -128,7 +133,8 @@ def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n
         raise InputError(f"--hide-fraction: must be in [0, 1), got {hide_fraction}")
     nside = int(trained.data["nside"])
     present = [e for e in entries if e is not None]
-    ds = load_catalog(Catalog(cat.path, nside, present), nside=nside, nest=True)
+    ds = load_catalog(replace(cat, nside=nside, maps=present), nside=nside, nest=True,
+                      fwhm_arcmin=trained.target_fwhm(fwhm_arcmin, say))
     P, C = ds.n_samples, trained.n_features
     physical = np.full((P, C), np.nan)
     idx = [trained.names.index(e.name) for e in present]
@@ -239,13 +245,15 @@ def _write(trained, ds, out, pred, rows, hold, physical, overwrite, cal_rows=())
 
     order = trained.feature_order
     hdr = [("ORIGIN", "galdecomp reconstruct"), ("NSIDE", ds.nside)]
+    coord = ds.coord
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         for key in ["mean", "std", *QUANTILES]:
             write_healpix_fits(os.path.join(tmp, f"reconstruction_{key}.fits"), pred[key].T, trained.names,
-                               trained.units, nest=True, header=hdr + [("CONTENT", _CONTENT[key])])
+                               trained.units, nest=True, coord=coord, header=hdr + [("CONTENT", _CONTENT[key])])
         names = feature_names(trained.latent_dim)
         for key, what in (("latent_mean", "MAP"), ("latent_std", "Laplace std")):
             write_healpix_fits(os.path.join(tmp, f"{key}.fits"), pred[key][:, order].T, names, "1", nest=True,
+                               coord=coord,
                                header=hdr + [("CONTENT", f"latent posterior given the observed channels ({what})")])
         if rows:
             write_text(os.path.join(tmp, "holdout.csv"), format_table(rows, list(rows[0]), "csv"))

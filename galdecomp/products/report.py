@@ -416,7 +416,8 @@ def compute_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progr
                              f"{run_dir} (at least {MIN_COMMON} needed)")
     say(f"input channels of the run ({run['catalog']})")
     try:
-        inputs = load_catalog(run["catalog"], nside=nside)
+        inputs = load_catalog(run["catalog"], nside=nside,
+                              fwhm_arcmin=((run["config"] or {}).get("data") or {}).get("fwhm_arcmin"))
     except InputError as e:
         raise InputError(f"{e} (input catalog of the run {run_dir})") from None
     X = Preprocessor.fit(inputs).forward(inputs.values)

@@ -66,6 +66,9 @@ def _header(dataset, cfg, extra=()):
              ("NSIDE", dataset.nside), ("LATDIM", cfg["latent_dim"], "latent features"),
              ("COVTYPE", cfg["covariance"], "posterior covariance"),
              ("BETA", cfg["beta"], "KL weight"), ("SEED", cfg["seed"], "random seed")]
+    target = getattr(dataset, "target_fwhm_arcmin", None)
+    if target is not None:
+        cards.append(("FWHMARCM", target, "target resolution of the maps, FWHM arcmin"))
     return cards + list(extra)
 
 

@@ -210,7 +210,7 @@ def load_templates(morphology, nside):
     """
     out = {}
     for comp, entry in morphology.templates.items():
-        values = read_map(entry, nside)[0]
+        values = read_map(entry, nside, frame="G")[0]  # the simulated sky is Galactic
         if not np.any(np.isfinite(values) & (values > 0)):
             raise InputError(f"map '{entry.name}' ({entry.path}): no positive value, cannot be the "
                              f"spatial template of {comp}")
