@@ -572,7 +572,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         if comm.rank == 0:
             make_run_dir(run_dir)
         comm.barrier()
-        held.enter_context(folder_lock(run_dir, comm))  # already held if the folder existed
+        held.enter_context(folder_lock(run_dir, comm, created=True))  # already held if the folder existed
         if comm.rank == 0:
             _write_config(run_dir, cfg)
         state = TrainingState(model.init_params(cfg["seed"]), tcfg["learning_rate"], cfg["seed"])
@@ -768,6 +768,7 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
             raise InputError(f"{out}: --resume, but it holds no main-job run (no sky/catalog.yaml)")
     elif os.path.exists(out) and not overwrite:  # created with its parents below
         raise InputError(f"{out}: output folder exists (use --overwrite to replace it or --resume)")
+    created = not os.path.exists(out)
     comm.barrier()  # every rank has checked the folder before rank 0 writes into it
     if comm.rank == 0:
         try:
@@ -775,7 +776,7 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
         except OSError as e:
             raise WriteError(f"{out}: cannot create the output folder ({e.strerror})") from None
     comm.barrier()
-    with folder_lock(out, comm):
+    with folder_lock(out, comm, created=created):
         return _run_main_job(cfg, sim, morphology, out, sky_dir, resume, comm)
 
 
