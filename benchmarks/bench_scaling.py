@@ -49,8 +49,9 @@ def real_catalog(work):
 
 
 def stage_times(log, wall):
-    """Seconds per stage from rank 0's ``[galdecomp   12.3s] message`` lines."""
-    marks = [(float(m.group(1)), m.group(2)) for m in re.finditer(r"\[galdecomp\s+([\d.]+)s\] (.*)", log)]
+    """Seconds per stage from rank 0's ``[galdecomp 2026-12-07 08:01:02   12.3s] message`` lines."""
+    marks = [(float(m.group(1)), m.group(2))
+             for m in re.finditer(r"\[galdecomp(?: \S+ \S+)?\s+([\d.]+)s\] (.*)", log)]
 
     def first(pattern, after=0.0):
         return next((t for t, msg in marks if t >= after and re.search(pattern, msg)), None)

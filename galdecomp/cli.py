@@ -321,6 +321,16 @@ def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an unexpected error")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="log warnings and errors only")
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log debug messages too (NIFTy's among them)")
+    common.add_argument("--log-file", metavar="FILE", default=argparse.SUPPRESS,
+                        help="also append the log lines to FILE (rank 0 under MPI)")
+    no_lock = argparse.ArgumentParser(add_help=False)
+    no_lock.add_argument("--no-lock", action="store_true",
+                         help="do not lock the folder written (for file systems that refuse locks); "
+                              "a second job writing into it at the same time would corrupt it")
     p = _Parser(prog="galdecomp", parents=[common],
                 description="Unsupervised Bayesian decomposition of the multi-frequency sky "
                             "with probabilistic autoencoders.")
@@ -356,7 +366,7 @@ def build_parser():
     s.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("fit", parents=[common],
+    s = sub.add_parser("fit", parents=[common, no_lock],
                        help="fit the probabilistic autoencoder to a catalog's maps or a table",
                        description="Fit the probabilistic autoencoder (decoder, adaptive noise, "
                                    "amortised encoder) to the maps of CATALOG, or to the rows of a "
@@ -388,7 +398,7 @@ def build_parser():
     s.add_argument("--overwrite", action="store_true", help="replace an existing RUN")
     s.set_defaults(func=cmd_fit)
 
-    s = sub.add_parser("report", parents=[common], help="which latent feature is which physical component",
+    s = sub.add_parser("report", parents=[common, no_lock], help="which latent feature is which physical component",
                        description="Compare a run's latent features (and PCA, FastICA, NMF of the same "
                                    "data) with template maps: correlations, mutual information with "
                                    "spatial-block significance, R^2 of all features; writes "
@@ -439,7 +449,7 @@ def build_parser():
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(func=cmd_posterior_check)
 
-    s = sub.add_parser("run", parents=[common], help="the main job: simulate the default sky, fit it, report",
+    s = sub.add_parser("run", parents=[common, no_lock], help="the main job: simulate the default sky, fit it, report",
                        description="Simulate the built-in default sky, fit the autoencoder to it and "
                                    "write everything below OUT (default runs/main): OUT/sky, OUT/fit, "
                                    "and the report against the truth maps, OUT/fit/report.")
@@ -483,7 +493,7 @@ def build_parser():
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(func=cmd_reconstruct)
 
-    s = sub.add_parser("transform", parents=[common], help="(re)fit the latent transform of a finished run",
+    s = sub.add_parser("transform", parents=[common, no_lock], help="(re)fit the latent transform of a finished run",
                        description="Fit a density to the aggregate posterior Q(z) of RUN (8 draws from q(z|d) "
                                    "of up to 20,000 training rows) and write RUN/latent_transform.npz; "
                                    "`fit` does this at the end of training.")
@@ -533,6 +543,25 @@ def _unexpected(e):
     return f"{what} ({where}; --debug shows it)"
 
 
+def _configure_logging(args, comm):
+    """Apply ``--quiet``, ``--verbose`` and ``--log-file`` (InputError for both of the first two)."""
+    from .logs import configure
+
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    if quiet and verbose:
+        raise InputError("--quiet and --verbose: give at most one")
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    configure(comm, level, getattr(args, "log_file", None))
+
+
+def _error(line):
+    """Print the error ``line`` on stderr and append it to the ``--log-file``, if any."""
+    from .logs import to_log_file
+
+    print(line, file=sys.stderr)
+    to_log_file(line.removeprefix("galdecomp: error: "))  # the log line says "error: "
+
+
 def main(argv=None):
     """Run the command line; returns the exit status.
 
@@ -542,9 +571,9 @@ def main(argv=None):
     that failed, an unexpected error; under MPI it aborts the whole job); 128 + N: stopped by
     signal N after a checkpoint.
     """
-    from .parallel import world
-
+    from .fileio import without_folder_locks
     from .logs import configure
+    from .parallel import world
 
     comm = world()
     configure(comm)
@@ -553,15 +582,17 @@ def main(argv=None):
     try:
         args = parser.parse_args(argv)
         debug = getattr(args, "debug", False)
+        _configure_logging(args, comm)
         if args.command is None:
             parser.print_help()
             return 0
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), \
+                without_folder_locks() if getattr(args, "no_lock", False) else contextlib.nullcontext():
             warnings.simplefilter("default" if comm.rank == 0 else "ignore")
             return args.func(args, comm)
     except InputError as e:
         if comm.rank == 0:
-            print(f"galdecomp: error: {e}", file=sys.stderr)
+            _error(f"galdecomp: error: {e}")
         return 2
     except JobStopped as e:  # every rank stopped at the same step, after the checkpoint
         return 128 + e.signum
@@ -572,10 +603,10 @@ def main(argv=None):
         return 130
     except FloatingPointError as e:  # raised by every rank at the same step
         if comm.rank == 0:
-            print(f"galdecomp: error: {e}", file=sys.stderr)
+            _error(f"galdecomp: error: {e}")
         return 1
     except WriteError as e:
-        print(f"galdecomp: error: {e}", file=sys.stderr)
+        _error(f"galdecomp: error: {e}")
         if comm.size > 1:
             comm.abort(1)
         return 1
@@ -584,11 +615,12 @@ def main(argv=None):
             traceback.print_exc()
         line = _unexpected(e)
         if comm.size == 1:
-            print(f"galdecomp: error: {line}", file=sys.stderr)
+            _error(f"galdecomp: error: {line}")
             return 1
-        print(f"galdecomp: error: rank {comm.rank} failed: aborting all {comm.size} ranks: {line}",
-              file=sys.stderr)
+        _error(f"galdecomp: error: rank {comm.rank} failed: aborting all {comm.size} ranks: {line}")
         comm.abort(1)
+    finally:
+        configure(comm)  # closes the --log-file
 
 
 if __name__ == "__main__":

@@ -5,10 +5,17 @@ renamed when complete, so an interrupted job never leaves a half-written file, a
 write (no space left, read-only file system, quota) leaves the previous file as it was and is
 reported as a :class:`~galdecomp.errors.WriteError` naming the file.
 
-A folder that a job writes into is held with :func:`folder_lock` (one writer per run folder).
+Every rename is durable: the new file (or every file of a new folder) is flushed to the disk
+with ``fsync`` before the rename and its folder after it (:func:`fsync_replace`), so a node that
+crashes just after a write keeps the file it was told was written (a checkpoint).
+
+A folder that a job writes into is held with :func:`folder_lock` (one writer per run folder);
+:func:`without_folder_locks` (``--no-lock``) skips the lock where the file system refuses locks.
 """
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 import shutil
 import socket
@@ -19,8 +26,10 @@ import numpy as np
 
 from .errors import InputError, WriteError
 
-__all__ = ["atomic_path", "atomic_output_dir", "check_output_dir", "write_text",
-           "write_healpix_fits", "folder_lock", "LOCK_FILE", "PROVENANCE"]
+__all__ = ["atomic_path", "atomic_output_dir", "check_output_dir", "write_text", "fsync_replace",
+           "write_healpix_fits", "folder_lock", "without_folder_locks", "LOCK_FILE", "PROVENANCE"]
+
+log = logging.getLogger(__name__)
 
 PROVENANCE = "galdecomp"
 #: The lock file of a folder held by a galdecomp process (see :func:`folder_lock`).
@@ -30,6 +39,69 @@ LOCK_FILE = ".galdecomp.lock"
 def _write_failed(path, err):
     """The WriteError for an OSError ``err`` while writing ``path``."""
     return WriteError(f"{path}: cannot write ({err.strerror or err})")
+
+
+#: errno values of ``fsync`` on a folder that only mean the file system does not sync folders
+_NO_DIR_SYNC = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES, errno.EPERM}
+
+
+def _fsync(path, folder=False):
+    """``fsync`` the file or folder ``path``; a folder the file system cannot sync is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    except OSError as e:
+        if folder and e.errno in _NO_DIR_SYNC:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (folder and e.errno in _NO_DIR_SYNC):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_replace(tmp, path, old=None):
+    """Rename ``tmp`` to ``path`` durably: fsync ``tmp``, rename, fsync the folder of ``path``.
+
+    Parameters
+    ----------
+    tmp : str
+        A complete file, or a folder: then every file and folder below it is synced.
+    path : str
+        The final name, on the same file system (an existing file is replaced atomically).
+    old : str, optional
+        For an existing folder ``path`` (a folder cannot replace one): its new name, given to it
+        once ``tmp`` is synced and just before the rename (given back if the rename fails).
+
+    Raises
+    ------
+    OSError
+        From ``fsync`` of a file (EIO, ENOSPC: the data did not reach the disk) or the rename;
+        a folder that the file system cannot sync (EINVAL on some network file systems) is not
+        an error.
+    """
+    if os.path.isdir(tmp) and not os.path.islink(tmp):
+        for root, dirs, files in os.walk(tmp):
+            for name in files:
+                if not os.path.islink(os.path.join(root, name)):
+                    _fsync(os.path.join(root, name))
+            for name in dirs:
+                _fsync(os.path.join(root, name), folder=True)
+        _fsync(tmp, folder=True)
+    else:
+        _fsync(tmp)
+    if old is None:
+        os.replace(tmp, path)
+    else:
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            os.replace(old, path)
+            raise
+    _fsync(os.path.dirname(os.path.abspath(path)), folder=True)
 
 
 @contextlib.contextmanager
@@ -46,11 +118,13 @@ def atomic_path(path):
     str
         Temporary name in the same folder (same file system, so the rename is atomic).
         It keeps the final extension, so writers that look at it (``.fits``) behave.
+        Renamed with :func:`fsync_replace`.
 
     Raises
     ------
     WriteError
-        An OSError while writing (in the block) or renaming; the temporary file is removed.
+        An OSError while writing (in the block), syncing or renaming; the temporary file is
+        removed.
     """
     folder, name = os.path.split(os.path.abspath(path))
     tmp = None
@@ -59,7 +133,7 @@ def atomic_path(path):
         os.close(fd)
         os.unlink(tmp)
         yield tmp
-        os.replace(tmp, path)
+        fsync_replace(tmp, path)
     except OSError as e:
         raise _write_failed(path, e) from None
     finally:
@@ -118,7 +192,7 @@ def atomic_output_dir(path, overwrite=False):
     ------
     str
         The temporary folder to fill. On an exception it is removed and ``path`` is
-        left as it was.
+        left as it was. Renamed with :func:`fsync_replace` (every file in it synced).
 
     Raises
     ------
@@ -134,13 +208,10 @@ def atomic_output_dir(path, overwrite=False):
     try:
         yield tmp
         os.chmod(tmp, 0o755)
-        if os.path.exists(path):
-            old = tmp + ".old"
-            os.replace(path, old)
-            os.replace(tmp, path)
+        old = tmp + ".old" if os.path.exists(path) else None
+        fsync_replace(tmp, path, old)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
     except WriteError as e:
         raise WriteError(str(e).replace(tmp, path)) from None
     except OSError as e:
@@ -151,15 +222,38 @@ def atomic_output_dir(path, overwrite=False):
 
 
 _HELD = {}  # real path of a locked folder -> [open lock file descriptor, nesting depth]
+_UNLOCKED = {"on": False, "warned": set()}  # without_folder_locks: on, folders warned about
+#: errno values of ``flock`` that mean another process holds the lock
+_HELD_ERRNOS = {errno.EWOULDBLOCK, errno.EAGAIN}
+
+
+@contextlib.contextmanager
+def without_folder_locks():
+    """While the block runs, :func:`folder_lock` takes no lock (``--no-lock``).
+
+    For file systems that refuse locks (``flock`` fails with ENOLCK, EOPNOTSUPP, ENOSYS). Each
+    folder that would have been locked is named once in a warning: nothing then stops a second
+    galdecomp process from writing into it at the same time, which would corrupt the run.
+    """
+    saved = _UNLOCKED["on"]
+    _UNLOCKED["on"] = True
+    try:
+        yield
+    finally:
+        _UNLOCKED["on"] = saved
+        if not saved:
+            _UNLOCKED["warned"].clear()
 
 
 def _acquire(folder):
-    """Take ``folder``'s lock for this process; return an error message instead if it is held."""
+    """Take ``folder``'s lock for this process; return an error message instead if it is held
+    or the file system refuses locks."""
     key = os.path.realpath(folder)
     if key in _HELD:
         _HELD[key][1] += 1
         return None
     path = os.path.join(folder, LOCK_FILE)
+    existed = os.path.lexists(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -169,7 +263,15 @@ def _acquire(folder):
             return f"{folder}: cannot create the lock file {LOCK_FILE} ({e.strerror})"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in _HELD_ERRNOS:  # ENOLCK, EOPNOTSUPP, ENOSYS: no locks on this file system
+            os.close(fd)
+            if not existed:  # leave the folder as it was
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            code = errno.errorcode.get(e.errno, str(e.errno))
+            return (f"{folder}: the file system refuses locks ({code}: {e.strerror}): use --no-lock to run "
+                    f"without the folder lock, at your own risk")
         holder = os.read(fd, 200).decode(errors="replace").strip() or "pid ? on host ?"
         os.close(fd)
         return f"{folder}: in use by another galdecomp process ({holder})"
@@ -188,12 +290,13 @@ def _release(folder):
 
 
 @contextlib.contextmanager
-def folder_lock(folder, comm=None):
+def folder_lock(folder, comm=None, created=False):
     """Hold the advisory lock of ``folder`` while the block runs: one writer per folder.
 
     ``fcntl.flock`` on ``folder/.galdecomp.lock``, which records the holder's pid and host. The
     operating system releases it when the process ends, however it ends, so a killed job leaves
-    no stale lock. Re-entrant within a process; under MPI rank 0 holds it.
+    no stale lock. Re-entrant within a process; under MPI rank 0 holds it. Inside
+    :func:`without_folder_locks` no lock is taken and a warning names the folder (once).
 
     Parameters
     ----------
@@ -201,15 +304,30 @@ def folder_lock(folder, comm=None):
         An existing folder.
     comm : SerialComm or MPIComm, optional
         Collective: every rank calls it and gets the same outcome.
+    created : bool
+        The caller has just created ``folder``: if the lock cannot be taken and the folder is
+        still empty, it is removed (nothing is left behind by a refused job).
 
     Raises
     ------
     InputError
         Another process holds the lock (``FOLDER: in use by another galdecomp process (pid N on
-        host H)``), or the lock file cannot be created.
+        host H)``), the file system refuses locks (``FOLDER: the file system refuses locks
+        (ENOLCK: ...): use --no-lock ...``), or the lock file cannot be created.
     """
     rank = 0 if comm is None else comm.rank
+    if _UNLOCKED["on"]:
+        key = os.path.realpath(folder)
+        if key not in _UNLOCKED["warned"]:
+            _UNLOCKED["warned"].add(key)
+            log.warning(f"{folder}: not locked (--no-lock): a second galdecomp process writing into it "
+                        f"at the same time would corrupt it")
+        yield
+        return
     problem = _acquire(folder) if rank == 0 else None
+    if problem and created and rank == 0:
+        with contextlib.suppress(OSError):  # only if empty: another process's lock file stays
+            os.rmdir(folder)
     if comm is not None:
         problem = comm.bcast(problem)
     if problem:

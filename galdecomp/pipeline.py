@@ -26,6 +26,8 @@ from .inference.config import model_signature, resolve_config, with_former_defau
 from .inference.training import TrainingState, finished, split_rows, train
 from .model.autoencoder import Autoencoder, ELBOObjective
 from .preprocessing import ChannelTransform, Preprocessor
+from .versions import differences as version_differences
+from .versions import versions
 from .workers import blas_threads, describe_threads, threads_of
 
 __all__ = ["fit_rows", "fit_data", "fit_catalog", "fit_table", "SkySource", "TableSource", "Prepared",
@@ -39,11 +41,14 @@ log = logging.getLogger(__name__)
 
 def _write_config(run_dir, cfg):
     """Write RUN/config.yaml: the resolved configuration, usable as ``--config``; a sky run's
-    also names its catalog as ``catalog`` (read by ``galdecomp report``)."""
+    also names its catalog as ``catalog`` (read by ``galdecomp report``); last, the ``versions``
+    of the package and its main dependencies that wrote it (a record, ignored when read)."""
     head = {"catalog": cfg["data"]["path"]} if cfg["data"]["kind"] == "sky" else {}
     write_text(os.path.join(run_dir, "config.yaml"),
                "# galdecomp fit configuration (resolved); re-run with --config this file\n"
-               + yaml.safe_dump({**head, **cfg}, sort_keys=False))
+               + yaml.safe_dump({**head, **cfg}, sort_keys=False)
+               + "# the versions that wrote this file (a record: --config and --resume ignore it)\n"
+               + yaml.safe_dump({"versions": versions()}, sort_keys=False))
 
 
 def _unusable(path, what, why):
@@ -79,6 +84,12 @@ def _sets_target(settings):
     """True if configuration ``settings`` (a file's or overrides) give ``data.fwhm_arcmin``."""
     data = (settings or {}).get("data")
     return isinstance(data, dict) and data.get("fwhm_arcmin") is not None
+
+
+def _stored_versions(run_dir):
+    """The ``versions`` block of the run's config.yaml (None in runs written before it)."""
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        return (yaml.safe_load(f) or {}).get("versions")
 
 
 def _read_checkpoint(path):
@@ -569,6 +580,9 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         at = f"epoch {state.epoch}" + (f", step {state.step}" if state.batch else "")
         more = " (finished; training longer)" if was_done and not state.done else ""
         log.info(f"resuming {run_dir} after {at}{more}")
+        changed = version_differences(_stored_versions(run_dir))
+        if changed:
+            log.info(f"resuming under other versions than the run was written with: {', '.join(changed)}")
         comm.barrier()  # every rank has validated its input before rank 0 writes
         if comm.rank == 0:  # the posterior and duration settings may have changed
             _write_config(run_dir, cfg)
@@ -577,7 +591,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         if comm.rank == 0:
             make_run_dir(run_dir)
         comm.barrier()
-        held.enter_context(folder_lock(run_dir, comm))  # already held if the folder existed
+        held.enter_context(folder_lock(run_dir, comm, created=True))  # already held if the folder existed
         if comm.rank == 0:
             _write_config(run_dir, cfg)
         state = TrainingState(model.init_params(cfg["seed"]), tcfg["learning_rate"], cfg["seed"])
@@ -773,6 +787,7 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
             raise InputError(f"{out}: --resume, but it holds no main-job run (no sky/catalog.yaml)")
     elif os.path.exists(out) and not overwrite:  # created with its parents below
         raise InputError(f"{out}: output folder exists (use --overwrite to replace it or --resume)")
+    created = not os.path.exists(out)
     comm.barrier()  # every rank has checked the folder before rank 0 writes into it
     if comm.rank == 0:
         try:
@@ -780,7 +795,7 @@ def run_main_job(config_file=None, out=None, overwrite=False, resume=False, conf
         except OSError as e:
             raise WriteError(f"{out}: cannot create the output folder ({e.strerror})") from None
     comm.barrier()
-    with folder_lock(out, comm):
+    with folder_lock(out, comm, created=created):
         return _run_main_job(cfg, sim, morphology, out, sky_dir, resume, comm)
 
 

@@ -74,9 +74,12 @@ def test_two_ranks_equal_one(sky, tmp_path, minibatches):
     cfg.write_text(f"training: {{minibatches: {minibatches}, dtype: float64}}\n")
     args = ["--nside", "16", "--max-epochs", "6", "--latent-dim", "4", "--config", str(cfg)]
     assert main(["fit", sky, "--out", str(tmp_path / "k1")] + args) == 0
-    p = mpirun(2, ["fit", sky, "--out", str(tmp_path / "k2")] + args)
+    p = mpirun(2, ["fit", sky, "--out", str(tmp_path / "k2"), "--log-file", str(tmp_path / "k2.log")] + args)
     assert p.returncode == 0, p.stderr
     assert "on 2 MPI ranks" in p.stderr
+    # the log file holds rank 0's log lines, once
+    assert (tmp_path / "k2.log").read_text().splitlines() == \
+        [ln for ln in p.stderr.splitlines() if ln.startswith("[galdecomp")]
     assert p.stdout.count("run folder:") == 1  # outputs and messages from rank 0 only
     a, b = maps(tmp_path / "k1" / "latent_mean.fits"), maps(tmp_path / "k2" / "latent_mean.fits")
     assert np.max(np.abs(a - b)) <= 1e-8 * np.max(np.abs(a))

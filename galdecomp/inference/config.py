@@ -145,7 +145,7 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     ----------
     file_config : dict, optional
         Settings from a YAML file (nested like ``DEFAULTS``); a top-level ``nside`` is
-        ``data.nside``.
+        ``data.nside``; a top-level ``versions`` (the record in a run's config.yaml) is ignored.
     overrides : dict, optional
         Top-level settings from the command line (``None`` values are ignored; ``nside`` is
         ``data.nside``).
@@ -157,6 +157,8 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     dict
         The full, validated configuration.
     """
+    if file_config and "versions" in file_config:  # a run's record of the versions that wrote it
+        file_config = {k: v for k, v in file_config.items() if k != "versions"}
     cfg = _merge(DEFAULTS, _nside_into_data(file_config), where)
     cfg = _merge(cfg, _nside_into_data({k: v for k, v in (overrides or {}).items() if v is not None}), where)
     if cfg["data"]["kind"] not in (None,) + DATA_KINDS:

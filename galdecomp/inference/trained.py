@@ -7,7 +7,8 @@ posterior standard deviations (P, L); covariances (P, L, L) only where asked for
 
 A run folder written by ``galdecomp fit`` holds ``model.npz``: the trained parameters, the noise
 floor, the resolved configuration, the preprocessing, channel names and units, the data set it
-was trained on and the order of the features by significance. Runs written before model.npz
+was trained on, the order of the features by significance and the versions of galdecomp and its
+main dependencies that wrote it (``versions``, JSON). Runs written before model.npz
 existed are read from their ``checkpoint.npz`` and ``noise.csv``.
 """
 import csv
@@ -21,6 +22,7 @@ from ..fileio import atomic_path
 from ..model.autoencoder import Autoencoder
 from ..model.prior import STANDARD_NORMAL
 from ..preprocessing import Preprocessor
+from ..versions import versions as current_versions
 from .conditional import latent_map
 from .config import resolve_config, with_former_defaults
 
@@ -61,7 +63,16 @@ class TrainedModel:
         A density fitted to the aggregate posterior (:mod:`galdecomp.model.latent_transform`:
         ``log_density``, ``sample``; a transform also ``forward``/``inverse``), read from
         ``RUN/latent_transform.npz`` by :meth:`load`.
+
+    Attributes
+    ----------
+    versions : dict or None
+        The versions of galdecomp, Python, numpy, scipy, nifty8 and healpy that wrote the
+        loaded ``model.npz`` (:func:`galdecomp.versions.versions`); None for a model not read
+        from a file or written before they were recorded.
     """
+
+    versions = None
 
     def __init__(self, model, params, preprocessor, config, units, data, feature_order=None, prior=None,
                  transform=None):
@@ -113,6 +124,7 @@ class TrainedModel:
             model_ok = a["params"].shape == (model.n_params,)
             out = cls(model, a["params"], pre, cfg, [str(u) for u in a["units"]], json.loads(str(a["data"])),
                       a["feature_order"])
+            out.versions = json.loads(str(a["versions"])) if "versions" in a else None
         except InputError:
             raise
         except Exception as e:  # a damaged or foreign file: zipfile, json, a missing key
@@ -160,7 +172,7 @@ class TrainedModel:
                 np.savez(f, params=self.params, floor=self.model.floor, config=json.dumps(self.config),
                          preprocessing=json.dumps(self.preprocessor.to_dict()),
                          units=np.array(self.units, dtype=str), data=json.dumps(self.data),
-                         feature_order=self.feature_order)
+                         feature_order=self.feature_order, versions=json.dumps(current_versions()))
         return path
 
     # -- the data set ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ INTENSITY_UNITS = ("K_RJ", "K_CMB", "MJy/sr", "Rayleigh")
 
 
 def channel_table_path():
-    """Path of ``channels.yaml``: ``$GALDECOMP_DATA`` (folder or file) first, then the repo's ``data/``.
+    """Path of ``channels.yaml``: ``$GALDECOMP_DATA`` (folder or file) first, then the package's ``data/``.
 
     Raises
     ------
@@ -33,8 +33,8 @@ def channel_table_path():
     env = os.environ.get("GALDECOMP_DATA")
     if env:
         tried.append(env if env.endswith((".yaml", ".yml")) else os.path.join(env, "channels.yaml"))
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    tried.append(os.path.join(repo, "data", "channels.yaml"))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tried.append(os.path.join(package, "data", "channels.yaml"))
     for path in tried:
         if os.path.isfile(path):
             return path
