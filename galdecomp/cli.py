@@ -122,19 +122,15 @@ def _config_file(path):
 
 
 def cmd_fit(args, comm):
-    from .pipeline import fit_catalog, fit_table
+    from .pipeline import fit_catalog, fit_overrides, fit_table
 
     if (args.catalog is None) == (args.data is None):
         raise InputError("fit: give exactly one of CATALOG or --data FILE")
     if args.data is not None and args.nside is not None:
         raise InputError("--nside: only for a catalog of maps, not with --data")
-    overrides = dict(nside=args.nside, latent_dim=args.latent_dim, covariance=args.covariance,
-                     beta=args.beta, seed=args.seed)
-    training = {k: v for k, v in (("max_epochs", args.max_epochs), ("threads", args.threads)) if v is not None}
-    if training:
-        overrides["training"] = training
-    if args.posterior is not None:
-        overrides["posterior"] = {"method": args.posterior}
+    overrides = fit_overrides(dict(nside=args.nside, latent_dim=args.latent_dim, covariance=args.covariance,
+                                   beta=args.beta, seed=args.seed, max_epochs=args.max_epochs,
+                                   threads=args.threads, posterior=args.posterior))
     fit = fit_catalog if args.data is None else fit_table
     res = fit(args.catalog if args.data is None else args.data, args.out, overrides, _config_file(args.config),
               args.resume, args.overwrite, comm=comm)
