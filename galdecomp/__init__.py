@@ -19,6 +19,15 @@ def load(run_dir):
     return TrainedModel.load(run_dir)
 
 
+def __getattr__(name):
+    """``galdecomp.TrainedModel`` and ``galdecomp.LatentMaps``, imported on first use."""
+    if name in ("TrainedModel", "LatentMaps"):
+        from .inference import trained
+
+        return getattr(trained, name)
+    raise AttributeError(f"module 'galdecomp' has no attribute {name!r}")
+
+
 def fit(data, out, config=None, resume=False, overwrite=False, comm=None, **settings):
     """Fit the autoencoder and write the run folder ``out``, as ``galdecomp fit`` does.
 

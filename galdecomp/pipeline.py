@@ -618,7 +618,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
     except KeyboardInterrupt:
         log.info(f"interrupted: {hint} (from the last checkpoint)")
         raise
-    from .products.run_outputs import WRITERS, compute_products, gather_products
+    from .products.run_outputs import WRITERS, compute_products, feature_support, gather_products
 
     params = state.best_params
     mask = np.isfinite(data)
@@ -662,6 +662,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         stage(0)
     products = None
     if prod is not None:
+        log.info(feature_support(prod["significance"][prod["order"]] / n_rows, source.row_word[:-1]))
         products = dict(order=prod["order"], significance=prod["significance"][prod["order"]],
                         sigma=prod["sigma"], paths=written["paths"])
     if comm.rank == 0:
