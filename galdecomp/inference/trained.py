@@ -4,6 +4,8 @@ Shapes (rows x features, as everywhere): data and masks (P, C) in physical units
 ``standardised=True``; latents (P, L) in the model's own latent order (the run's FITS columns
 feature_01, feature_02, ... are the latents ``feature_order[0], feature_order[1], ...``);
 posterior standard deviations (P, L); covariances (P, L, L) only where asked for.
+:meth:`TrainedModel.encode_maps` gives HEALPix maps instead: (L, npix), features in the run's
+significance order.
 
 A run folder written by ``galdecomp fit`` holds ``model.npz``: the trained parameters, the noise
 floor, the resolved configuration, the preprocessing, channel names and units, the data set it

@@ -273,7 +273,7 @@ def _markdown(info, corr, summary, matches, sig, figures):
             if b is None or r["mi_ksg"] > b["mi_ksg"]:
                 best[r["feature"]] = r
     matched = {f: t for t, f in matches.get("galdecomp", {}).items()}
-    unused, label = info.get("unused", set()), _labeller(info.get("unused", set()))
+    label = _labeller(info.get("unused", set()))
     lines += ["## Feature ranking", "",
               "By significance (RUN/significance.csv: log-likelihood lost when the feature is set to "
               "its prior mean), with the template each feature depends on most. A feature below "
