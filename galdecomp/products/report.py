@@ -550,7 +550,8 @@ def _figures(pdir, methods, tset, T, summary, cm, unused=frozenset()):
     label = _labeller(unused)
     for m, (mnames, _) in methods.items():
         mi = np.array([[cm[(m, f, t)]["mi_ksg"] for t in tset.names] for f in mnames])
-        _plot_heatmap(mi, [label(f) for f in mnames] if m == "galdecomp" else mnames, tset.names, f"{m}: KSG mutual information [nats]",
+        rows = [label(f) for f in mnames] if m == "galdecomp" else mnames
+        _plot_heatmap(mi, rows, tset.names, f"{m}: KSG mutual information [nats]",
                       os.path.join(pdir, "mi_heatmap.png" if m == "galdecomp" else f"mi_heatmap_{m}.png"),
                       annotate=m == "galdecomp")
     figures = {}

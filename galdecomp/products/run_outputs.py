@@ -22,7 +22,8 @@ from ..fileio import atomic_path, write_healpix_fits, write_text
 from .plots import mollview_grid, plot_history, plot_residual_summary
 from .tables import format_table
 
-__all__ = ["feature_significance", "UNUSED_NATS_PER_ROW", "unused_features", "feature_support", "compute_products", "covariance_blocks", "upper_triangles", "gather_products",
+__all__ = ["feature_significance", "UNUSED_NATS_PER_ROW", "unused_features", "feature_support",
+           "compute_products", "covariance_blocks", "upper_triangles", "gather_products",
            "write_sky_products", "write_table_products", "WRITERS", "write_run_products", "feature_names", "BLOCK"]
 
 
