@@ -138,7 +138,7 @@ def _config_file(path):
 
 
 def cmd_fit(args, comm):
-    from .pipeline import fit_catalog, fit_table
+    from .pipeline import fit_catalog, fit_overrides, fit_table
 
     if (args.catalog is None) == (args.data is None):
         raise InputError("fit: give exactly one of CATALOG or --data FILE")
@@ -146,15 +146,10 @@ def cmd_fit(args, comm):
         raise InputError("--nside: only for a catalog of maps, not with --data")
     if args.data is not None and args.fwhm_arcmin is not None:
         raise InputError("--fwhm-arcmin: only for a catalog of maps, not with --data")
-    overrides = dict(nside=args.nside, latent_dim=args.latent_dim, covariance=args.covariance,
-                     beta=args.beta, seed=args.seed)
-    training = {k: v for k, v in (("max_epochs", args.max_epochs), ("threads", args.threads)) if v is not None}
-    if training:
-        overrides["training"] = training
-    if args.posterior is not None:
-        overrides["posterior"] = {"method": args.posterior}
-    if args.fwhm_arcmin is not None:
-        overrides["data"] = {"fwhm_arcmin": args.fwhm_arcmin}
+    overrides = fit_overrides(dict(nside=args.nside, latent_dim=args.latent_dim, covariance=args.covariance,
+                                   beta=args.beta, seed=args.seed, max_epochs=args.max_epochs,
+                                   threads=args.threads, posterior=args.posterior,
+                                   fwhm_arcmin=args.fwhm_arcmin))
     fit = fit_catalog if args.data is None else fit_table
     res = fit(args.catalog if args.data is None else args.data, args.out, overrides, _config_file(args.config),
               args.resume, args.overwrite, comm=comm)

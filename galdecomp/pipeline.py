@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from .catalog import load_catalog, map_reader, read_catalog, valid_nside, working_nside
-from .dataset import DataSet, read_table
+from .dataset import TABLE_FORMATS, DataSet, read_table
 from .errors import InputError, JobStopped, WriteError
 from .fileio import LOCK_FILE, atomic_path, check_output_dir, folder_lock, write_text
 from .inference.config import model_signature, resolve_config, with_former_defaults
@@ -30,8 +30,8 @@ from .versions import differences as version_differences
 from .versions import versions
 from .workers import blas_threads, describe_threads, threads_of
 
-__all__ = ["fit_rows", "fit_data", "fit_catalog", "fit_table", "SkySource", "TableSource", "Prepared",
-           "run_main_job", "CHECKPOINT"]
+__all__ = ["fit_rows", "fit_data", "fit_catalog", "fit_table", "fit_overrides", "fit_path", "SkySource",
+           "TableSource", "Prepared", "run_main_job", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -517,6 +517,46 @@ def fit_table(path, out, overrides=None, config_file=None, resume=False, overwri
     return fit_data(TableSource(path), out, overrides, config_file, resume, overwrite, comm)
 
 
+#: Settings of ``galdecomp fit``'s options that live in the ``training`` section.
+_TRAINING_OPTIONS = ("max_epochs", "threads")
+
+
+def fit_overrides(settings):
+    """The configuration overrides of ``galdecomp fit``'s options (and of :func:`galdecomp.fit`'s keywords).
+
+    Parameters
+    ----------
+    settings : dict
+        Top-level settings of the configuration (``latent_dim``, ``covariance``, ``beta``,
+        ``seed``, ``nside``, ``decoder``, ...), and the options' shortcuts ``max_epochs`` and
+        ``threads`` (``training``), ``posterior`` (a method name) and ``fwhm_arcmin``
+        (``data``); None values are ignored.
+
+    Returns
+    -------
+    dict
+        Overrides for :func:`~galdecomp.inference.config.resolve_config`.
+    """
+    out = {k: v for k, v in settings.items() if v is not None and k not in _TRAINING_OPTIONS}
+    training = {k: settings[k] for k in _TRAINING_OPTIONS if settings.get(k) is not None}
+    if training:
+        out["training"] = {**out["training"], **training} if isinstance(out.get("training"), dict) else training
+    if isinstance(out.get("posterior"), str):
+        out["posterior"] = {"method": out["posterior"]}
+    if "fwhm_arcmin" in out:
+        fwhm = out.pop("fwhm_arcmin")
+        out["data"] = {**out["data"], "fwhm_arcmin": fwhm} if isinstance(out.get("data"), dict) else {"fwhm_arcmin": fwhm}
+    return out
+
+
+def fit_path(path, out, overrides=None, config_file=None, resume=False, overwrite=False, comm=None):
+    """:func:`fit_table` for a table (``.npy``, ``.npz``, ``.csv``, ``"fashion-mnist"``), else
+    :func:`fit_catalog`; parameters and result as theirs."""
+    path = os.fspath(path)
+    table = path == FashionMNISTSource.NAME or path.lower().endswith(TABLE_FORMATS)
+    return (fit_table if table else fit_catalog)(path, out, overrides, config_file, resume, overwrite, comm)
+
+
 def fit_data(source, out, overrides=None, config_file=None, resume=False, overwrite=False, comm=None):
     """Fit the autoencoder to a data source, with the run folder, its lock, checkpoints and signals.
 
@@ -615,7 +655,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
     except KeyboardInterrupt:
         log.info(f"interrupted: {hint} (from the last checkpoint)")
         raise
-    from .products.run_outputs import WRITERS, compute_products, gather_products
+    from .products.run_outputs import WRITERS, compute_products, feature_support, gather_products
 
     params = state.best_params
     mask = np.isfinite(data)
@@ -659,6 +699,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         stage(0)
     products = None
     if prod is not None:
+        log.info(feature_support(prod["significance"][prod["order"]] / n_rows, source.row_word[:-1]))
         products = dict(order=prod["order"], significance=prod["significance"][prod["order"]],
                         sigma=prod["sigma"], paths=written["paths"])
     if comm.rank == 0:

@@ -302,3 +302,52 @@ def test_report_cli_bad_run_is_one_line_exit_2(tmp_path, capsys):
     assert main(["report", str(tmp_path / "run"), "--templates", str(tmp_path / "t.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no latent maps" in err
+
+
+# -- features the data do not use -----------------------------------------------------------------
+
+def two_component_sky(folder, nside=16, channels=8, seed=0):
+    """``channels`` maps, each a random linear mix of two smooth fields plus 5 % noise; a
+    catalog of the maps and one of the two fields (templates)."""
+    rng = np.random.default_rng(seed)
+    fields = np.array([field(nside, seed + k, fwhm_deg=10.0, slope=2.0) for k in range(2)])
+    mix = rng.normal(size=(channels, 2))
+    os.makedirs(folder / "templates")
+    entries = []
+    for c in range(channels):
+        write_map(folder / f"c{c}.fits", mix[c] @ fields + 0.05 * rng.normal(size=fields.shape[1]))
+        entries.append(dict(name=f"c{c}", file=f"c{c}.fits", frequency_hz=1e9 * (c + 1), unit="K",
+                            transform="linear"))
+    tentries = []
+    for k, f in enumerate(fields):
+        write_map(folder / "templates" / f"field{k}.fits", f)
+        tentries.append(dict(name=f"field{k}", file=f"field{k}.fits", frequency_hz=1e9, unit="1",
+                             transform="linear"))
+    return write_catalog(folder, entries), write_catalog(folder / "templates", tentries)
+
+
+def test_features_beyond_the_sky_s_components_are_marked_unused(tmp_path, capsys):
+    catalog, templates = two_component_sky(tmp_path)
+    run = tmp_path / "run"
+    assert main(["fit", catalog, "--out", str(run), "--latent-dim", "5", "--max-epochs", "60"]) == 0
+    line = "3 of 5 features carry < 0.1 nats/pixel (features 3, 4, 5): the data support about 2"
+    assert line in capsys.readouterr().err
+    _, sig = read_csv(run / "significance.csv")
+    per = [float(r["delta_loglike_per_pixel"]) for r in sig]
+    assert min(per[:2]) > 1.0 and max(per[2:]) < 0.1
+    make_report(str(run), templates)
+    md = (run / "report" / "report.md").read_text()
+    assert line + "." in md
+    for f in ("feature_03", "feature_04", "feature_05"):
+        assert f"{f} (unused)" in md
+    assert "feature_01 (unused)" not in md and "feature_02 (unused)" not in md
+
+
+def test_feature_support_line():
+    from galdecomp.products.run_outputs import UNUSED_NATS_PER_ROW, feature_support, unused_features
+
+    assert UNUSED_NATS_PER_ROW == 0.1
+    assert unused_features([2.0, 0.1, 0.099, -0.01]).tolist() == [False, False, True, True]
+    assert feature_support([3.0, 1.0]) == "all 2 features carry >= 0.1 nats/pixel"
+    assert feature_support([3.0, 0.02], "row") == ("1 of 2 features carry < 0.1 nats/row (feature 2): "
+                                                   "the data support about 1")

@@ -11,6 +11,7 @@ from galdecomp.catalog import load_catalog, read_catalog
 from galdecomp.cli import main
 from galdecomp.errors import InputError
 from galdecomp.inference.conditional import latent_map
+from galdecomp.inference.trained import TrainedModel
 from galdecomp.inference.training import split_rows
 from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
 from galdecomp.model.fisher import FisherGaussian
@@ -213,3 +214,69 @@ def test_condition_with_mgvi_samples(runs):
     # MGVI samples start at the MAP with the same metric: centred on it, spread like the Laplace std
     assert np.median(np.abs(res["samples"].mean(0) - res["mean"]) / res["std"]) < 0.3
     assert 0.5 < np.median(res["samples"].std(0) / res["std"]) < 1.5
+
+
+# -- the user-level API: encode_maps, galdecomp.fit, sample's default ------------------------------
+
+def test_encode_maps_gives_the_run_s_latent_maps(runs):
+    catalog, run = runs[0], runs[1]["diagonal"]
+    model = galdecomp.load(run)
+    fits = np.array(hp.read_map(os.path.join(run, "latent_mean.fits"), field=None, nest=True))
+    std = np.array(hp.read_map(os.path.join(run, "latent_std.fits"), field=None, nest=True))
+    out = model.encode_maps(catalog)
+    assert out.nest and out.nside == 8 and out.names == [f"feature_{i:02d}" for i in (1, 2, 3)]
+    assert out.mean.shape == out.std.shape == (3, hp.nside2npix(8))
+    np.testing.assert_array_equal(out.latent_index, model.feature_order)
+    np.testing.assert_array_equal(out.mean.astype(fits.dtype), fits)
+    np.testing.assert_allclose(out.std, std, rtol=1e-6)
+    # the same maps as arrays (RING, as healpy reads them): a dict by channel name, or (C, npix)
+    ring = load_catalog(catalog, nside=8).values
+    by_name = dict(zip(model.names, ring))
+    for given in (by_name, ring, np.where(np.isnan(ring), hp.UNSEEN, ring)):
+        np.testing.assert_array_equal(model.encode_maps(given).mean, out.mean)
+    r = model.encode_maps(by_name, nest=False)
+    assert not r.nest
+    np.testing.assert_array_equal(hp.reorder(r.mean, r2n=True), out.mean)
+    np.testing.assert_array_equal(model.encode_maps(hp.reorder(ring, r2n=True), input_nest=True).std, out.std)
+    # a channel left out: an error, or missing everywhere with allow_missing
+    part = {k: v for k, v in by_name.items() if k != model.names[0]}
+    with pytest.raises(InputError, match=f"no map for channel '{model.names[0]}'"):
+        model.encode_maps(part)
+    some = model.encode_maps(part, allow_missing=True)
+    gone = ring.copy()
+    gone[0] = np.nan
+    np.testing.assert_array_equal(some.mean, model.encode_maps(gone).mean)
+    with pytest.raises(InputError, match="'nope' is not a channel of the run"):
+        model.encode_maps({**by_name, "nope": ring[0]})
+    with pytest.raises(InputError, match="not a full HEALPix map"):
+        model.encode_maps(ring[:, :100])
+    model.data = dict(kind="table", path="x.npy")
+    with pytest.raises(InputError, match="fitted to a table, not to maps"):
+        model.encode_maps(ring)
+
+
+def test_fit_in_python_is_the_command_line_fit(runs, tmp_path):
+    catalog, run = runs
+    cli = galdecomp.load(run["diagonal"])
+    model = galdecomp.fit(catalog, tmp_path / "py", max_epochs=4, latent_dim=3, covariance="diagonal")
+    assert isinstance(model, TrainedModel)
+    np.testing.assert_array_equal(model.params, cli.params)
+    np.testing.assert_array_equal(model.feature_order, cli.feature_order)
+    assert os.path.isfile(tmp_path / "py" / "latent_mean.fits")
+    # the run's own config.yaml names its catalog and settings: the same fit again
+    again = galdecomp.fit(os.path.join(run["diagonal"], "config.yaml"), str(tmp_path / "again"))
+    np.testing.assert_array_equal(again.params, cli.params)
+    with pytest.raises(InputError, match="exists"):
+        galdecomp.fit(catalog, tmp_path / "py", max_epochs=4, latent_dim=3)
+    with pytest.raises(InputError, match="unknown setting 'latent_dims'"):
+        galdecomp.fit(catalog, tmp_path / "bad", latent_dims=3)
+
+
+def test_sample_defaults_to_the_latent_transform(runs):
+    model = galdecomp.load(runs[1]["diagonal"])
+    assert model.transform is not None
+    a = model.sample(50, np.random.default_rng(1))
+    np.testing.assert_array_equal(a["z"], model.sample(50, np.random.default_rng(1), source="transformed")["z"])
+    model.transform = None
+    np.testing.assert_array_equal(model.sample(50, np.random.default_rng(1))["z"],
+                                  model.sample(50, np.random.default_rng(1), source="prior")["z"])

@@ -4,6 +4,8 @@ Shapes (rows x features, as everywhere): data and masks (P, C) in physical units
 ``standardised=True``; latents (P, L) in the model's own latent order (the run's FITS columns
 feature_01, feature_02, ... are the latents ``feature_order[0], feature_order[1], ...``);
 posterior standard deviations (P, L); covariances (P, L, L) only where asked for.
+:meth:`TrainedModel.encode_maps` gives HEALPix maps instead: (L, npix), features in the run's
+significance order.
 
 A run folder written by ``galdecomp fit`` holds ``model.npz``: the trained parameters, the noise
 floor, the resolved configuration, the preprocessing, channel names and units, the data set it
@@ -14,6 +16,7 @@ existed are read from their ``checkpoint.npz`` and ``noise.csv``.
 import csv
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,7 +29,7 @@ from ..versions import versions as current_versions
 from .conditional import latent_map
 from .config import resolve_config, with_former_defaults
 
-__all__ = ["TrainedModel", "load", "MODEL_FILE", "TRANSFORM_FILE"]
+__all__ = ["TrainedModel", "LatentMaps", "load", "MODEL_FILE", "TRANSFORM_FILE"]
 
 #: the trained model inside a run folder
 MODEL_FILE = "model.npz"
@@ -36,6 +39,34 @@ TRANSFORM_FILE = "latent_transform.npz"
 
 def _bad(path, why):
     return InputError(f"{path}: {why}")
+
+
+@dataclass
+class LatentMaps:
+    """HEALPix maps of the latent features (:meth:`TrainedModel.encode_maps`).
+
+    Attributes
+    ----------
+    mean : ndarray, shape (L, npix)
+        Posterior mean of feature_01, feature_02, ... (by significance, as the run's
+        ``latent_mean.fits``).
+    std : ndarray, shape (L, npix)
+        Posterior standard deviation (as ``latent_std.fits``).
+    names : list of str
+        ``feature_01``, ``feature_02``, ...
+    nside : int
+    nest : bool
+        Pixel ordering of ``mean`` and ``std``: NESTED if true (that of the run's FITS files).
+    latent_index : ndarray of int, shape (L,)
+        The model's latent index of each feature (:attr:`TrainedModel.feature_order`).
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    names: list
+    nside: int
+    nest: bool
+    latent_index: np.ndarray
 
 
 class TrainedModel:
@@ -293,6 +324,114 @@ class TrainedModel:
         y, m = self._rows(data, mask, standardised)
         return self.model.posterior_moments(self.params, y, m, full_cov=full_cov, cov_rows=cov_rows)
 
+    def encode_maps(self, maps, nest=True, input_nest=False, allow_missing=False):
+        """HEALPix maps of the latent features of a sky, as ``galdecomp fit`` writes them.
+
+        Features in the run's significance order (feature_01, feature_02, ...: the columns of
+        ``RUN/latent_mean.fits`` and ``latent_std.fits``); on the run's own catalog the same
+        numbers. These are the encoder's posterior q(z | d) (a run fitted with
+        ``--posterior mgvi|geovi`` writes its samples' moments instead).
+
+        Parameters
+        ----------
+        maps : str, path-like, dict or ndarray
+            A catalog file (maps matched to the run's channels by name, read at the run's
+            nside as the fit reads them); or ``{channel name: HEALPix map}``; or an array
+            (C, npix) in the run's channel order (:attr:`names`). Arrays: physical units (the
+            catalog's), one nside, NaN or ``healpy.UNSEEN`` where missing; encoded at their
+            own nside.
+        nest : bool
+            Pixel ordering of the result: NESTED (default, as the run's FITS files) or RING.
+        input_nest : bool
+            Arrays are NESTED (default RING, as ``healpy.read_map`` returns them).
+        allow_missing : bool
+            A run channel absent from ``maps`` is missing in every pixel (the encoder uses the
+            channels observed in each pixel); default: an error.
+
+        Returns
+        -------
+        LatentMaps
+            ``mean``, ``std`` (L, npix), ``names``, ``nside``, ``nest``, ``latent_index``.
+
+        Raises
+        ------
+        InputError
+            The run was not fitted to a sky; a channel unknown to the run, or missing (without
+            ``allow_missing``); maps of different sizes or not HEALPix.
+        """
+        import healpy as hp
+
+        from ..products.run_outputs import feature_names
+
+        rows, nside = self._map_rows(maps, input_nest, allow_missing)
+        mean, std = self.encode(rows)
+        order = self.feature_order
+        mean, std = mean[:, order].T, std[:, order].T
+        if not nest:
+            ring = hp.ring2nest(nside, np.arange(12 * nside * nside))
+            mean, std = mean[:, ring], std[:, ring]
+        return LatentMaps(np.ascontiguousarray(mean), np.ascontiguousarray(std), feature_names(len(order)),
+                          nside, bool(nest), order.copy())
+
+    def _map_rows(self, maps, input_nest, allow_missing):
+        """Rows (NESTED pixels) x the run's channels in physical units, and the nside, for
+        :meth:`encode_maps`."""
+        import healpy as hp
+
+        from ..catalog import Catalog, load_catalog, read_catalog, select_maps, unseen_to_nan
+
+        if self.data.get("kind") != "sky":
+            raise InputError(f"encode_maps: the run was fitted to a {self.data.get('kind')}, not to maps "
+                             f"(use encode)")
+        C = self.n_features
+        if isinstance(maps, (str, os.PathLike)):
+            path = os.fspath(maps)
+            cat = read_catalog(path)
+            entries = select_maps(cat, self.names, allow_missing=allow_missing)
+            present = [e for e in entries if e is not None]
+            if not present:
+                raise InputError(f"{path}: none of the run's channels ({', '.join(self.names[:4])}, ...)")
+            nside = int(self.data["nside"])
+            ds = load_catalog(Catalog(cat.path, nside, present), nside=nside, nest=True)
+            rows = np.full((ds.n_samples, C), np.nan)
+            rows[:, [self.names.index(e.name) for e in present]] = ds.values.T
+            return rows, nside
+        if isinstance(maps, dict):
+            unknown = [k for k in maps if k not in self.names]
+            if unknown:
+                raise InputError(f"encode_maps: '{unknown[0]}' is not a channel of the run "
+                                 f"({', '.join(self.names[:4])}, ...)")
+            absent = [n for n in self.names if n not in maps]
+            if absent and not allow_missing:
+                more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+                raise InputError(f"encode_maps: no map for channel '{absent[0]}'{more} of the run "
+                                 f"(allow_missing=True treats it as missing)")
+            arrays = [maps.get(n) for n in self.names]
+        else:
+            a = np.asarray(maps)
+            if a.ndim != 2 or len(a) != C:
+                raise InputError(f"encode_maps: an array of maps must have shape (C, npix) with C = {C} "
+                                 f"(the run's channels), got {a.shape}")
+            arrays = list(a)
+        sizes = {np.shape(v) for v in arrays if v is not None}
+        if not sizes:
+            raise InputError("encode_maps: no maps given")
+        if len(sizes) > 1:
+            raise InputError(f"encode_maps: maps of different shapes {sorted(sizes)}")
+        shape = sizes.pop()
+        if len(shape) != 1 or not hp.isnpixok(shape[0]):
+            raise InputError(f"encode_maps: a map of shape {shape} is not a full HEALPix map")
+        npix = shape[0]
+        nside = hp.npix2nside(npix)
+        rows = np.full((npix, C), np.nan)
+        for c, v in enumerate(arrays):
+            if v is not None:
+                rows[:, c] = v
+        unseen_to_nan(rows)
+        if not input_nest:
+            rows = rows[hp.nest2ring(nside, np.arange(npix))]
+        return rows, nside
+
     def decode(self, z, physical=True):
         """Decoder output ``f(z)`` for latents (P, L): physical units, or standardised."""
         f = self.model.decode(self.params, np.atleast_2d(np.asarray(z, dtype=float)))
@@ -312,8 +451,8 @@ class TrainedModel:
             return self.transform
         raise ValueError(f"source must be 'prior' or 'transformed', got {source!r}")
 
-    def sample(self, n, rng, noise=True, source="prior"):
-        """Generate data: ``z`` from the prior or the fitted transform, ``d = f(z) (+ noise)``.
+    def sample(self, n, rng, noise=True, source=None):
+        """Generate data: ``z`` from the fitted transform or the prior, ``d = f(z) (+ noise)``.
 
         Parameters
         ----------
@@ -321,15 +460,18 @@ class TrainedModel:
         rng : numpy.random.Generator
         noise : bool
             Add the model's noise.
-        source : {"prior", "transformed"}
-            ``z ~ N(0, 1)``, or ``z = T^-1(u)``, ``u ~ N(0, 1)`` (a density without inverse
-            samples itself).
+        source : {"transformed", "prior"}, optional
+            ``z = T^-1(u)``, ``u ~ N(0, 1)`` (a density without inverse samples itself), or
+            ``z ~ N(0, 1)``. Default: ``"transformed"`` if the run has a latent transform (as
+            ``galdecomp sample``), else ``"prior"``.
 
         Returns
         -------
         dict
             ``z`` (n, L); ``standardised`` (n, C); ``physical`` (n, C).
         """
+        if source is None:
+            source = "prior" if self.transform is None else "transformed"
         z = self._latent_source(source).sample(int(n), rng)
         f = self.decode(z, physical=False)
         if noise:

@@ -22,6 +22,7 @@ from .baselines import component_names, linear_baselines
 from .dependence import (INTERVAL, BlockResampler, _corr, block_index,
                          block_split, equivalent_correlation, gaussian_mi, heldout_r2,
                          match_features, mi_binned)
+from .run_outputs import UNUSED_NATS_PER_ROW, feature_support, unused_features
 from .tables import format_table
 
 __all__ = ["make_report", "compute_report", "write_report", "read_run", "CORRELATION_COLUMNS", "SUMMARY_COLUMNS", "METHODS"]
@@ -113,6 +114,19 @@ def read_run(run_dir):
             sig = list(csv.DictReader(f))
     return dict(features=features, names=names, nside=hp.npix2nside(features.shape[1]),
                 catalog=cfg["catalog"], config=cfg, significance=sig)
+
+
+def _unused(sig):
+    """Names of the features marked unused by significance.csv's rows (none without it)."""
+    if not sig:
+        return set()
+    per = [float(r.get("delta_loglike_per_pixel", "nan")) for r in sig]
+    return {r["feature"] for r, u in zip(sig, unused_features(per)) if u}
+
+
+def _labeller(unused):
+    """``label(feature)``: the feature's name, with `` (unused)`` if it is unused."""
+    return lambda f: f"{f} (unused)" if f in unused else f
 
 
 def _safe(name):
@@ -259,13 +273,17 @@ def _markdown(info, corr, summary, matches, sig, figures):
             if b is None or r["mi_ksg"] > b["mi_ksg"]:
                 best[r["feature"]] = r
     matched = {f: t for t, f in matches.get("galdecomp", {}).items()}
+    label = _labeller(info.get("unused", set()))
     lines += ["## Feature ranking", "",
               "By significance (RUN/significance.csv: log-likelihood lost when the feature is set to "
-              "its prior mean), with the template each feature depends on most.", ""]
+              "its prior mean), with the template each feature depends on most. A feature below "
+              f"{UNUSED_NATS_PER_ROW:g} nats/pixel is marked unused.", ""]
+    if sig:
+        lines += [feature_support([float(s.get("delta_loglike_per_pixel", "nan")) for s in sig]) + ".", ""]
     rows = []
     for s in sig or [dict(feature=n, rank=i + 1) for i, n in enumerate(info["names"])]:
         b = best.get(s.get("feature"), {})
-        rows.append(dict(rank=s.get("rank", ""), feature=s.get("feature", ""),
+        rows.append(dict(rank=s.get("rank", ""), feature=label(s.get("feature", "")),
                          delta_loglike_per_pixel=_fmt(float(s.get("delta_loglike_per_pixel", "nan"))),
                          best_template=b.get("template", "–"), mi_ksg=_fmt(b.get("mi_ksg")),
                          pearson=_fmt(b.get("pearson"), "+.3f"),
@@ -276,7 +294,7 @@ def _markdown(info, corr, summary, matches, sig, figures):
     rows = []
     for t in info["templates"]:
         s = by[(t, "galdecomp")]
-        rows.append(dict(template=t, best_feature=s["best_feature"],
+        rows.append(dict(template=t, best_feature=label(s["best_feature"]),
                          mi_ksg=f"{_fmt(s['mi_ksg'])} [{_fmt(s['mi_ksg_low'])}, {_fmt(s['mi_ksg_high'])}]",
                          equiv_r=_fmt(s["equivalent_correlation"], ".3f"),
                          abs_pearson=_fmt(s["abs_pearson"], ".3f"),
@@ -305,7 +323,7 @@ def _markdown(info, corr, summary, matches, sig, figures):
     lines += ["## One-to-one matching", "",
               "Features matched to templates maximising the total KSG MI (Hungarian algorithm), galdecomp:", ""]
     cm = {(r["method"], r["feature"], r["template"]): r for r in corr}
-    rows = [dict(feature=f, template=t, mi_ksg=_fmt(cm[("galdecomp", f, t)]["mi_ksg"]),
+    rows = [dict(feature=label(f), template=t, mi_ksg=_fmt(cm[("galdecomp", f, t)]["mi_ksg"]),
                  pearson=_fmt(cm[("galdecomp", f, t)]["pearson"], "+.3f"),
                  p_value=_fmt(cm[("galdecomp", f, t)]["p_value"]))
             for t, f in sorted(matches["galdecomp"].items(), key=lambda kv: kv[1])]
@@ -462,6 +480,7 @@ def compute_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progr
                 templates_catalog=os.path.abspath(templates_catalog), methods=list(methods),
                 skipped=skipped, ksg_pixels=res.n_pixels, n_blocks=res.index.shape[0],
                 nside_block=res.nside_block)
+    info["unused"] = _unused(run["significance"])
     info["stats_text"] = _STATS.format(bins=bins, null_binned=null_binned, k=KSG_K, lo=INTERVAL[0],
                                        hi=INTERVAL[1], n_boot=N_BOOT, n_perm=N_PERM, pmin=1 / (1 + N_PERM))
     info["notes"] = _notes(info, null_binned, bins)
@@ -492,7 +511,8 @@ def write_report(result, parts, progress=None):
         write_text(os.path.join(tmp, "correlations.csv"), format_table(crow, CORRELATION_COLUMNS, "csv"))
         write_text(os.path.join(tmp, "summary.csv"), format_table(srow, SUMMARY_COLUMNS, "csv"))
         say("plots")
-        figures = _figures(pdir, parts["methods"], parts["templates"], parts["T"], summary, parts["cm"])
+        figures = _figures(pdir, parts["methods"], parts["templates"], parts["T"], summary, parts["cm"],
+                           parts["info"].get("unused", set()))
         write_text(os.path.join(tmp, "report.md"),
                    _markdown(parts["info"], corr, summary, result["matches"], parts["significance"], figures))
         for f in ["correlations.csv", "summary.csv", "report.md"]:
@@ -523,14 +543,16 @@ def _summary(methods, templates, T, cm, r2, res):
     return matches, rows
 
 
-def _figures(pdir, methods, tset, T, summary, cm):
-    """All PNGs; returns {template: (maps png, hist2d png)}."""
+def _figures(pdir, methods, tset, T, summary, cm, unused=frozenset()):
+    """All PNGs (galdecomp features in ``unused`` labelled so); returns {template: (maps png, hist2d png)}."""
     from .plots import mollview_grid
 
     names, F = methods["galdecomp"]
+    label = _labeller(unused)
     for m, (mnames, _) in methods.items():
         mi = np.array([[cm[(m, f, t)]["mi_ksg"] for t in tset.names] for f in mnames])
-        _plot_heatmap(mi, mnames, tset.names, f"{m}: KSG mutual information [nats]",
+        rows = [label(f) for f in mnames] if m == "galdecomp" else mnames
+        _plot_heatmap(mi, rows, tset.names, f"{m}: KSG mutual information [nats]",
                       os.path.join(pdir, "mi_heatmap.png" if m == "galdecomp" else f"mi_heatmap_{m}.png"),
                       annotate=m == "galdecomp")
     figures = {}
@@ -539,12 +561,12 @@ def _figures(pdir, methods, tset, T, summary, cm):
         f = s["best_feature"]
         x = F[names.index(f)]
         r = cm[("galdecomp", f, t)]
-        label = f"MI {_fmt(r['mi_ksg'], '.2f')} nats, r {_fmt(r['pearson'], '+.2f')}"
+        text = f"MI {_fmt(r['mi_ksg'], '.2f')} nats, r {_fmt(r['pearson'], '+.2f')}"
         maps_png, hist_png = f"maps_{_safe(t)}.png", f"hist2d_{_safe(t)}.png"
-        mollview_grid(np.stack([T[j], x]), [f"{t} ({tr}, standardised)", f"{f} ({label})"],
+        mollview_grid(np.stack([T[j], x]), [f"{t} ({tr}, standardised)", f"{label(f)} ({text})"],
                       os.path.join(pdir, maps_png), ncols=2)
-        _plot_hist2d(x, T[j], f"{f} (posterior mean)", f"{t} ({tr}, standardised)",
-                     f"{t} vs {f}: {label}", os.path.join(pdir, hist_png))
+        _plot_hist2d(x, T[j], f"{label(f)} (posterior mean)", f"{t} ({tr}, standardised)",
+                     f"{t} vs {label(f)}: {text}", os.path.join(pdir, hist_png))
         figures[t] = (maps_png, hist_png)
     return figures
 

@@ -22,7 +22,8 @@ from ..fileio import atomic_path, write_healpix_fits, write_text
 from .plots import mollview_grid, plot_history, plot_residual_summary
 from .tables import format_table
 
-__all__ = ["feature_significance", "compute_products", "covariance_blocks", "upper_triangles", "gather_products",
+__all__ = ["feature_significance", "UNUSED_NATS_PER_ROW", "unused_features", "feature_support",
+           "compute_products", "covariance_blocks", "upper_triangles", "gather_products",
            "write_sky_products", "write_table_products", "WRITERS", "write_run_products", "feature_names", "BLOCK"]
 
 
@@ -59,6 +60,52 @@ def feature_significance(model, params, data, mask, mean, block=16384):
             zk[:, k] = 0.0
             out[k] += (model.nll_rows(params, d, m, zk) - base).sum()
     return out
+
+
+#: A feature whose significance is below this many nats per row (pixel) is reported as unused:
+#: setting it to its prior mean costs the likelihood less than a tenth of a nat per pixel.
+UNUSED_NATS_PER_ROW = 0.1
+
+
+def unused_features(per_row, threshold=UNUSED_NATS_PER_ROW):
+    """Which features are unused: significance below ``threshold`` nats per row.
+
+    Parameters
+    ----------
+    per_row : array_like, shape (L,)
+        Significance per row (``significance.csv``'s ``delta_loglike_per_pixel``).
+    threshold : float
+
+    Returns
+    -------
+    ndarray of bool, shape (L,)
+    """
+    return np.asarray(per_row, dtype=float) < threshold
+
+
+def feature_support(per_row, row_word="pixel", threshold=UNUSED_NATS_PER_ROW):
+    """One line on how many features the data support.
+
+    Parameters
+    ----------
+    per_row : array_like, shape (L,)
+        Significance per row of feature_01, feature_02, ... (significance order).
+    row_word : str
+    threshold : float
+
+    Returns
+    -------
+    str
+        E.g. ``3 of 10 features carry < 0.1 nats/pixel (features 8, 9, 10): the data support
+        about 7``.
+    """
+    unused = np.flatnonzero(unused_features(per_row, threshold))
+    L = len(per_row)
+    if not len(unused):
+        return f"all {L} features carry >= {threshold:g} nats/{row_word}"
+    which = ", ".join(str(i + 1) for i in unused)
+    return (f"{len(unused)} of {L} features carry < {threshold:g} nats/{row_word} "
+            f"(feature{'s' if len(unused) > 1 else ''} {which}): the data support about {L - len(unused)}")
 
 
 def _header(dataset, cfg, extra=()):
@@ -324,7 +371,8 @@ def write_sky_products(run_dir, prod, dataset, preprocessor, model, history, cfg
                          progress)
     full, names = prod["rows"], feature_names(len(prod["order"]))
     sig = prod["significance"][prod["order"]] / len(full["mean"])
-    sig_txt = [f"{n} ({s:.3g} nats/pix)" for n, s in zip(names, sig)]
+    sig_txt = [f"{n} ({s:.3g} nats/pix{', unused' if u else ''})"
+               for n, s, u in zip(names, sig, unused_features(sig))]
     mollview_grid(full["mean"].T, sig_txt, os.path.join(pdir, "latent_mean.png"), nest=nest,
                   suptitle="posterior mean of the latent features, by significance")
     mollview_grid(full["std"].T, names, os.path.join(pdir, "latent_std.png"), nest=nest, cmap="magma",
