@@ -18,7 +18,8 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1", "mpich"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "sphinx>=7", "myst-parser>=2"],
+        "docs": ["sphinx>=7", "myst-parser>=2"],
         "bench": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["galdecomp=galdecomp.cli:main"]},
