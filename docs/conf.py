@@ -31,4 +31,4 @@ autodoc_default_options = {"members": True, "show-inheritance": False}
 autodoc_typehints = "none"
 
 myst_heading_anchors = 4
-myst_enable_extensions = ["dollarmath"]
+myst_enable_extensions = []
