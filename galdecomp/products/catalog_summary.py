@@ -16,7 +16,7 @@ def summarise(dataset, preprocessor, duplicate_threshold=0.995):
     preprocessor : Preprocessor
         Fitted on ``dataset``.
     duplicate_threshold : float
-        |Pearson r| of the transformed channels above which two channels are flagged as
+        ``|Pearson r|`` of the transformed channels above which two channels are flagged as
         near-duplicates (they add little information, and can drive a learned noise to 0).
 
     Returns
