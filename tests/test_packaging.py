@@ -64,9 +64,9 @@ def test_pyproject_metadata():
     assert p["requires-python"] == ">=3.10" and p["readme"] == "README.md"
     assert p["scripts"] == {"galdecomp": "galdecomp.cli:main"}
     assert set(p["optional-dependencies"]) == {"mpi", "test", "bench", "docs"}
-    assert p["optional-dependencies"]["docs"] == ["sphinx", "myst-parser"]
+    assert names(p["optional-dependencies"]["docs"]) == {"sphinx", "myst-parser"}
+    assert names(p["optional-dependencies"]["docs"]) <= names(p["optional-dependencies"]["test"])  # the docs test
     assert "Topic :: Scientific/Engineering :: Astronomy" in p["classifiers"]
-    assert {"Homepage", "Documentation", "Issues"} <= set(p["urls"])
     assert doc["build-system"]["build-backend"] == "setuptools.build_meta"
     with open(os.path.join(ROOT, "LICENSE")) as f:
         assert "GNU GENERAL PUBLIC LICENSE" in f.readline() and "Version 3" in f.readline()

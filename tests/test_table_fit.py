@@ -176,7 +176,7 @@ def test_nside_is_a_data_setting_not_a_model_setting(small_catalog, tmp_path, co
     run = tmp_path / "sky"
     assert main(["fit", cat, "--out", str(run), "--nside", "4", "--config", config, "--max-epochs", "2"]) == 0
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["data"] == {"kind": "sky", "path": cat, "nside": 4} and cfg["catalog"] == cat
+    assert cfg["data"] == {"kind": "sky", "path": cat, "nside": 4, "fwhm_arcmin": None} and cfg["catalog"] == cat
     old = {"catalog": cat, "nside": 4, **{k: v for k, v in cfg.items() if k not in ("catalog", "data")}}
     (run / "config.yaml").write_text(yaml.safe_dump(old))  # the layout before the data section
     assert main(["fit", cat, "--out", str(run), "--resume", "--max-epochs", "3"]) == 0

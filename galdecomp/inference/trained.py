@@ -16,7 +16,7 @@ existed are read from their ``checkpoint.npz`` and ``noise.csv``.
 import csv
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -191,7 +191,8 @@ class TrainedModel:
         if len(floor) != len(pre.names):
             raise _bad(noise, f"{len(floor)} channels, the model has {len(pre.names)}")
         parts = str(a["fingerprint"]).split("|")
-        data = dict(kind="sky", path=parts[0], nside=int(parts[1])) if len(parts) > 2 else dict(kind="unknown")
+        data = (dict(kind="sky", path=parts[0], nside=int(parts[1]),
+                     fwhm_arcmin=(cfg.get("data") or {}).get("fwhm_arcmin")) if len(parts) > 2 else dict(kind="unknown"))
         model = Autoencoder.from_config(cfg, len(pre.names), floor)
         return cls(model, a["best_params"], pre, cfg, units, data, order)
 
@@ -378,7 +379,7 @@ class TrainedModel:
         :meth:`encode_maps`."""
         import healpy as hp
 
-        from ..catalog import Catalog, load_catalog, read_catalog, select_maps, unseen_to_nan
+        from ..catalog import load_catalog, read_catalog, select_maps, unseen_to_nan
 
         if self.data.get("kind") != "sky":
             raise InputError(f"encode_maps: the run was fitted to a {self.data.get('kind')}, not to maps "
@@ -392,7 +393,8 @@ class TrainedModel:
             if not present:
                 raise InputError(f"{path}: none of the run's channels ({', '.join(self.names[:4])}, ...)")
             nside = int(self.data["nside"])
-            ds = load_catalog(Catalog(cat.path, nside, present), nside=nside, nest=True)
+            ds = load_catalog(replace(cat, nside=nside, maps=present), nside=nside, nest=True,
+                              fwhm_arcmin=self.target_fwhm())
             rows = np.full((ds.n_samples, C), np.nan)
             rows[:, [self.names.index(e.name) for e in present]] = ds.values.T
             return rows, nside
