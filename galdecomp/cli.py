@@ -227,7 +227,7 @@ def cmd_anomaly(args, comm):
 
 def cmd_posterior_check(args, comm):
     _one_process(comm, args.command)
-    from .inference.posterior_check import run_posterior_check
+    from .products.posterior_check import run_posterior_check
 
     res = run_posterior_check(args.run, args.out, n_pixels=args.pixels, draws=args.draws, seed=args.seed,
                               overwrite=args.overwrite, progress=log.info, mcmc_steps=args.mcmc_steps)

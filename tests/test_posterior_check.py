@@ -12,7 +12,7 @@ import pytest
 
 from conftest import fit_small_sky
 from galdecomp.cli import main
-from galdecomp.inference.posterior_check import (COLUMNS, MCMC_COLUMNS, SUMMARY_COLUMNS, check_pixels,
+from galdecomp.products.posterior_check import (COLUMNS, MCMC_COLUMNS, SUMMARY_COLUMNS, check_pixels,
                                                  importance_check, q_candidates, summarise)
 from galdecomp.inference.trained import TrainedModel
 from galdecomp.model.autoencoder import Autoencoder

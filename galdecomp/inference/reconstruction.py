@@ -14,8 +14,9 @@ correlation between rows of one map is not modelled).
 
 Calibration (:func:`pit_calibration`): the predictive is Gaussian in the noise and one noise level
 per channel serves the whole sky, while the errors are heavier-tailed and larger in some parts of
-the sky than others. Per channel, entries of the run's own data are hidden one channel at a time
-and predicted from the rest; their probability integral transforms (PIT: the fraction of the
+the sky than others. Per channel, entries of the run's own data are hidden, with the other
+channels of their row hidden as in a row to be predicted, and predicted from the rest; their
+probability integral transforms (PIT: the fraction of the
 predictive draws below the true value) are uniform for a calibrated predictive. A level ``a``
 of the predictive is then read at the level ``G_c^-1(a)``, the ``a``-quantile of channel ``c``'s
 PIT values (quantile recalibration, Kuleshov et al. 2018), which makes every level right on
@@ -173,8 +174,14 @@ def _predict_rows(trained, cond, at, stop, block, n_draws, rng, sigma, en, gs, o
 CALIBRATION_ROWS = 1024
 
 
-def pit_calibration(trained, physical, sigma=None, n_rows=CALIBRATION_ROWS, n_draws=200, rng=None):
-    """PIT values of entries of ``physical`` hidden one channel at a time and predicted from the rest.
+def pit_calibration(trained, physical, sigma=None, n_rows=CALIBRATION_ROWS, n_draws=200, rng=None, patterns=None):
+    """PIT values of entries of ``physical`` hidden and predicted from the rest, channel by channel.
+
+    Each channel ``c`` is hidden in ``n_rows`` rows where it is observed; the other channels of
+    such a row are hidden as in a row of ``patterns`` (the observed entries of the rows to be
+    predicted) that lacks ``c``, drawn at random, so that the PIT values are measured under the
+    same observation patterns as the predictions they calibrate. A channel that no pattern lacks
+    is not predicted and gets no PIT values.
 
     Parameters
     ----------
@@ -184,34 +191,42 @@ def pit_calibration(trained, physical, sigma=None, n_rows=CALIBRATION_ROWS, n_dr
     sigma : ndarray, shape (C,), optional
         The noise of conditioning and prediction, as for :func:`predictive`.
     n_rows : int
-        Rows per channel (at random among those where it is observed and another channel is).
+        Rows per channel (at random among those where it is observed).
     n_draws : int
     rng : numpy.random.Generator, optional
+    patterns : ndarray of bool, shape (Q, C), optional
+        True where an entry of a row to be predicted is observed. Default: every channel in
+        turn hidden alone (all others observed as in ``physical``).
 
     Returns
     -------
     ndarray, shape (C, n_rows)
         PIT values per channel (uniform on [0, 1] for a calibrated predictive); NaN-padded
-        where a channel has fewer rows.
+        where a channel has fewer rows or none.
     """
     rng = np.random.default_rng() if rng is None else rng
     physical = np.asarray(physical, float)
     P, C = physical.shape
     observed = np.isfinite(physical)
-    picks = []
+    patterns = ~np.eye(C, dtype=bool) if patterns is None else np.asarray(patterns, bool)
+    picks, masks = [], []
     for c in range(C):
-        usable = np.flatnonzero(observed[:, c] & (observed.sum(1) > 1))
-        picks.append(np.sort(rng.choice(usable, min(n_rows, len(usable)), replace=False)))
+        lacking = patterns[~patterns[:, c]]
+        usable = np.flatnonzero(observed[:, c])
+        n = min(n_rows, len(usable)) if len(lacking) else 0
+        rows = np.sort(rng.choice(usable, n, replace=False))
+        picks.append(rows)
+        masks.append(observed[rows] & lacking[rng.integers(len(lacking), size=n)] if n else np.zeros((0, C), bool))
     rows = np.concatenate(picks)
     channel = np.repeat(np.arange(C), [len(p) for p in picks])
-    data = physical[rows]
-    mask = observed[rows]
-    mask[np.arange(len(rows)), channel] = False
-    truth = np.full(data.shape, np.nan)
-    y = trained.standardise(data)
-    truth[np.arange(len(rows)), channel] = y[np.arange(len(rows)), channel]
-    pit = predictive(trained, data, mask, n_draws=n_draws, rng=rng, sigma=sigma, truth=truth)["pit"]
     out = np.full((C, n_rows), np.nan)
+    if not len(rows):
+        return out
+    data = physical[rows]
+    truth = np.full(data.shape, np.nan)
+    at = np.arange(len(rows))
+    truth[at, channel] = trained.standardise(data)[at, channel]
+    pit = predictive(trained, data, np.concatenate(masks), n_draws=n_draws, rng=rng, sigma=sigma, truth=truth)["pit"]
     for c, p in enumerate(picks):
         out[c, :len(p)] = pit[channel == c, c]
     return out

@@ -29,7 +29,7 @@ from ..versions import versions as current_versions
 from .conditional import latent_map
 from .config import resolve_config, with_former_defaults
 
-__all__ = ["TrainedModel", "LatentMaps", "load", "MODEL_FILE", "TRANSFORM_FILE"]
+__all__ = ["TrainedModel", "LatentMaps", "feature_names", "load", "MODEL_FILE", "TRANSFORM_FILE"]
 
 #: the trained model inside a run folder
 MODEL_FILE = "model.npz"
@@ -39,6 +39,11 @@ TRANSFORM_FILE = "latent_transform.npz"
 
 def _bad(path, why):
     return InputError(f"{path}: {why}")
+
+
+def feature_names(n):
+    """Column names of the latent maps: feature_01, feature_02, ..."""
+    return [f"feature_{i + 1:02d}" for i in range(n)]
 
 
 @dataclass
@@ -361,8 +366,6 @@ class TrainedModel:
             ``allow_missing``); maps of different sizes or not HEALPix.
         """
         import healpy as hp
-
-        from ..products.run_outputs import feature_names
 
         rows, nside = self._map_rows(maps, input_nest, allow_missing)
         mean, std = self.encode(rows)

@@ -155,7 +155,7 @@ def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n
     say(f"reconstructing {P} pixels x {C} channels from {int(mask.sum())} observed entries"
         + (f"; not in the catalog: {', '.join(lacking)}" if lacking else "")
         + (f"; held out: {', '.join(holdout)}" if len(holdout) else ""))
-    sigma, pit = _noise(trained, noise, calibration_rows, n_draws, seed, say)
+    sigma, pit = _noise(trained, noise, calibration_rows, n_draws, seed, say, mask)
     cal_rows = [] if pit is None else calibration_table(trained.names, pit)
     pred = predictive(trained, physical, mask, extra_noise, gain_sigma, n_draws, rng, sigma=sigma, calibration=pit)
     rows = _score(trained, physical, mask, hold, hidden, pred, seed, hide_fraction, say)
@@ -164,9 +164,10 @@ def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n
                 calibration=cal_rows)
 
 
-def _noise(trained, noise, calibration_rows, n_draws, seed, say):
+def _noise(trained, noise, calibration_rows, n_draws, seed, say, mask):
     """The noise (C,) of ``noise`` mode and the PIT values of the calibration (None unless
-    ``calibrated``), both from the run's own data."""
+    ``calibrated``), both from the run's own data; the calibration hides entries as ``mask``
+    (P, C), the observed entries of the rows to be predicted, does."""
     if noise not in ("calibrated", "recalibrated", "model"):
         raise InputError(f"--noise: must be calibrated, recalibrated or model, got {noise!r}")
     if noise == "model":
@@ -177,8 +178,9 @@ def _noise(trained, noise, calibration_rows, n_draws, seed, say):
     if noise == "recalibrated":
         return sigma, None
     say(f"calibrating each channel's predictive on {calibration_rows} entries of the run's own data "
-        f"per channel, hidden one channel at a time")
-    return sigma, pit_calibration(trained, own, sigma, calibration_rows, n_draws, stream(seed, "reconstruct", "calibration"))
+        f"per channel, hidden as in the rows to be predicted")
+    return sigma, pit_calibration(trained, own, sigma, calibration_rows, n_draws,
+                                  stream(seed, "reconstruct", "calibration"), patterns=mask)
 
 
 def calibration_table(names, pit):

@@ -19,17 +19,13 @@ import numpy as np
 
 from .. import __version__
 from ..fileio import atomic_path, write_healpix_fits, write_text
+from ..inference.trained import feature_names
 from .plots import mollview_grid, plot_history, plot_residual_summary
 from .tables import format_table
 
 __all__ = ["feature_significance", "UNUSED_NATS_PER_ROW", "unused_features", "feature_support",
            "compute_products", "covariance_blocks", "upper_triangles", "gather_products",
            "write_sky_products", "write_table_products", "WRITERS", "write_run_products", "feature_names", "BLOCK"]
-
-
-def feature_names(n):
-    """Column names of the latent maps: feature_01, feature_02, ..."""
-    return [f"feature_{i + 1:02d}" for i in range(n)]
 
 
 def feature_significance(model, params, data, mask, mean, block=16384):

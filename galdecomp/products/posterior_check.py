@@ -343,9 +343,9 @@ def run_posterior_check(run_dir, out, n_pixels, draws=2000, seed=0, overwrite=Fa
         A missing or unfinished run, its catalog unreadable, an output folder that exists.
     """
     from ..fileio import atomic_output_dir, check_output_dir, write_text
-    from ..products.anomaly import load_rows
-    from ..products.tables import format_table
-    from .trained import load
+    from ..inference.trained import load
+    from .anomaly import load_rows
+    from .tables import format_table
 
     if not os.path.isdir(run_dir):
         raise InputError(f"{run_dir}: run folder not found")
