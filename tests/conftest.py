@@ -41,6 +41,23 @@ def write_catalog(folder, entries, nside=None):
     return path
 
 
+def simulated_sky(folder, nside=8):
+    """Simulate the default sky at ``nside`` into ``folder``/sim (no plot); returns its catalog path."""
+    from galdecomp.cli import main
+
+    out = os.path.join(str(folder), "sim")
+    assert main(["simulate", "--nside", str(nside), "--out", out, "--no-plot"]) == 0
+    return os.path.join(out, "catalog.yaml")
+
+
+def config_file(folder, settings):
+    """Write configuration ``settings`` as ``folder``/config.yaml; returns its path."""
+    path = os.path.join(str(folder), "config.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(settings, f)
+    return path
+
+
 @pytest.fixture
 def small_catalog(tmp_path):
     """Three positive nside-8 maps in RING, a catalog for them, and the arrays."""

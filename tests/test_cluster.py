@@ -16,6 +16,8 @@ from galdecomp.cli import main
 from galdecomp.errors import WriteError
 from galdecomp.logs import LINE
 
+from conftest import config_file, simulated_sky
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {"latent_dim": 2, "decoder": {"hidden": [8]}, "encoder": {"hidden": [8]},
          "training": {"batch_size": 32, "schedule_epochs": 2}}
@@ -23,16 +25,12 @@ SMALL = {"latent_dim": 2, "decoder": {"hidden": [8]}, "encoder": {"hidden": [8]}
 
 @pytest.fixture(scope="module")
 def sky(tmp_path_factory):
-    out = tmp_path_factory.mktemp("clustersky") / "sim"
-    assert main(["simulate", "--nside", "8", "--out", str(out), "--no-plot"]) == 0
-    return str(out / "catalog.yaml")
+    return simulated_sky(tmp_path_factory.mktemp("clustersky"))
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "small.yaml"
-    path.write_text(yaml.safe_dump(SMALL))
-    return str(path)
+    return config_file(tmp_path_factory.mktemp("cfg"), SMALL)
 
 
 def one_error_line(err, *needles):

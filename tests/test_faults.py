@@ -18,6 +18,8 @@ from galdecomp.cli import main
 from galdecomp.inference.config import model_signature, resolve_config
 from galdecomp.model.autoencoder import ELBOObjective
 
+from conftest import config_file, simulated_sky
+
 #: A small model: 21 steps per epoch on the 691 training pixels of an nside-8 sky.
 SMALL = {"latent_dim": 2, "decoder": {"hidden": [8]}, "encoder": {"hidden": [8]},
          "training": {"batch_size": 32, "schedule_epochs": 8}}
@@ -25,16 +27,12 @@ SMALL = {"latent_dim": 2, "decoder": {"hidden": [8]}, "encoder": {"hidden": [8]}
 
 @pytest.fixture(scope="module")
 def sky(tmp_path_factory):
-    out = tmp_path_factory.mktemp("faultsky") / "sim"
-    assert main(["simulate", "--nside", "8", "--out", str(out), "--no-plot"]) == 0
-    return str(out / "catalog.yaml")
+    return simulated_sky(tmp_path_factory.mktemp("faultsky"))
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "small.yaml"
-    path.write_text(yaml.safe_dump(SMALL))
-    return str(path)
+    return config_file(tmp_path_factory.mktemp("cfg"), SMALL)
 
 
 def config(tmp_path, **training):
