@@ -480,8 +480,8 @@ def build_parser():
                    help="Monte Carlo draws of the predictive distribution per pixel (default 200)")
     s.add_argument("--noise", choices=["calibrated", "recalibrated", "model"], default="calibrated",
                    help="channel noise: re-estimated from the residuals at the MAP on the run's data and each "
-                        "channel's predictive calibrated on entries of the run's data hidden and predicted "
-                        "(default); re-estimated only; or the trained model's")
+                        "channel's predictive calibrated on entries of the run's data hidden as the rows to be "
+                        "predicted are (default); re-estimated only; or the trained model's")
     s.add_argument("--calibration-rows", type=_positive_int, default=1024, metavar="N",
                    help="entries per channel hidden for the calibration (default 1024)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

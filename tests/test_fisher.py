@@ -156,7 +156,8 @@ def test_sample_covariance():
 
 
 def test_registry():
-    from galdecomp.model.posteriors import POSTERIORS, LatentPosterior
+    from galdecomp.model.families import POSTERIORS
+    from galdecomp.model.posteriors import LatentPosterior
     assert POSTERIORS["fisher"] is F.FisherGaussian and issubclass(F.FisherGaussian, LatentPosterior)
     assert F.FisherGaussian().n_encoder_outputs(10) == 10
 

@@ -11,7 +11,8 @@ from galdecomp.model.elbo import AmortisedELBO
 from galdecomp.model.mlp import MLP, blas_threads, unpack_params
 from galdecomp.model.operators import (DecoderLikelihood, MaskedGaussianEnergy, MLPOperator,
                                        NoiseInvVar)
-from galdecomp.model.posteriors import POSTERIORS, DiagonalGaussian
+from galdecomp.model.families import POSTERIORS
+from galdecomp.model.posteriors import DiagonalGaussian
 
 P, C, L = 23, 5, 3
 

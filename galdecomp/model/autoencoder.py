@@ -15,7 +15,7 @@ from . import noise as _noise
 from .elbo import AmortisedELBO, encoder_input
 from .likelihood import GaussianLikelihood
 from .mlp import MLP
-from .posteriors import POSTERIORS
+from .families import POSTERIORS
 from .prior import STANDARD_NORMAL
 from ..random import stream
 

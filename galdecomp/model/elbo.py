@@ -7,7 +7,8 @@ import nifty8 as ift
 from . import noise as _noise
 from .likelihood import GaussianLikelihood
 from .operators import _PartialConstant, channel_domain
-from .posteriors import POSTERIORS, LatentPosterior
+from .families import POSTERIORS
+from .posteriors import LatentPosterior
 
 __all__ = ["AmortisedELBO", "KEYS", "MASK_INPUTS", "encoder_input"]
 
@@ -69,7 +70,7 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
     decoder : MLP
         L -> C.
     posterior : LatentPosterior or str
-        Instance, or a key of :data:`~galdecomp.model.posteriors.POSTERIORS`.
+        Instance, or a key of :data:`~galdecomp.model.families.POSTERIORS`.
     floor, sigma0, tau
         Noise model (:mod:`.noise`).
     beta : float

@@ -3,14 +3,14 @@
 A family maps the encoder output of a row block (and, if it wants, the decoder and the
 per-entry inverse noise variances) to a reparameterised sample ``z = g(enc_out, xi)``, the
 per-row ``KL[q || N(0, 1)]`` (or an estimate) and the backward pass of both. The registry of
-families, :data:`POSTERIORS` (name -> class), is built in one place,
-:mod:`galdecomp.model.families`, which imports every family; it is also available here.
+families, ``POSTERIORS`` (name -> class), is built in one place,
+:mod:`galdecomp.model.families`, which imports every family (this module imports none).
 """
 import numpy as np
 
 from .prior import STANDARD_NORMAL
 
-__all__ = ["LatentPosterior", "DiagonalGaussian", "POSTERIORS"]
+__all__ = ["LatentPosterior", "DiagonalGaussian"]
 
 
 class LatentPosterior:
@@ -128,12 +128,3 @@ class DiagonalGaussian(LatentPosterior):
         mu, log_sigma = self._split(enc_out)
         return mu.copy(), np.sqrt(np.exp(2.0 * log_sigma))
 
-
-def __getattr__(name):
-    """``POSTERIORS``: the registry of :mod:`galdecomp.model.families` (imported on first use, as
-    the families import this module)."""
-    if name == "POSTERIORS":
-        from .families import POSTERIORS
-
-        return POSTERIORS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
