@@ -1,4 +1,5 @@
 """Shared fixtures: small HEALPix maps and catalogs written on the fly, and the real-sky data."""
+import inspect
 import os
 import warnings
 
@@ -86,3 +87,67 @@ def fit_small_sky(root, *fit_options):
     assert main(["simulate", "--nside", "8", "--out", str(root / "sky"), "--no-plot"]) == 0
     assert main(["fit", str(root / "sky" / "catalog.yaml"), "--out", str(root / "run"), *fit_options]) == 0
     return root
+
+
+# -- markers: slow, mpi, realdata (pyproject.toml [tool.pytest.ini_options]; `make test-fast`) -----
+
+#: Tests that took 5 s or more (with their fixtures' set-up) on a 2-core machine
+#: (``pytest --durations=60``), by module and function (every parametrisation; ``*``: the whole
+#: module); ``make test-fast`` leaves them out.
+SLOW = {
+    ("test_mpi", "*"), ("test_fit_quality", "*"),
+    ("test_fashion", "test_fit_data_fashion_mnist_preset_writes_tables_and_image_grids"),
+    ("test_docs", "test_manual_builds_without_warnings"),
+    ("test_beams", "test_fit_stores_the_target_and_resume_reconstruct_anomaly_use_it"),
+    ("test_workers", "test_mgvi_on_two_cores_takes_the_rows_in_two_shares"),
+    ("test_workers", "test_fit_with_two_threads_is_bitwise_the_one_thread_fit"),
+    ("test_mgvi", "test_block_solver_agrees_with_nifty_conjugate_gradients"),
+    ("test_mgvi", "test_mgvi_from_the_command_line_on_a_trained_run"),
+    ("test_reconstruct", "test_pit_calibration_corrects_heavy_tailed_noise"),
+    ("test_generate", "test_transform_refits_and_sample_needs_one"),
+    ("test_packaging", "test_versions_recorded_in_config_and_model_and_ignored_on_resume"),
+    ("test_report", "test_features_beyond_the_sky_s_components_are_marked_unused"),
+    ("test_report", "test_report_files_and_columns"),
+    ("test_faults", "test_four_plus_four_epochs_equal_eight"),
+    ("test_faults", "test_full_disk_and_read_only_file_system"),
+    ("test_trained_model", "test_fit_in_python_is_the_command_line_fit"),
+    ("test_fit", "test_interrupted_run_resumes_to_the_same_end"),
+    ("test_cluster", "test_a_file_system_without_locks_is_named_and_no_lock_runs_anyway"),
+}
+
+
+def _source(obj):
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def _reaching(module, needle):
+    """Names of the module's functions (fixtures and helpers) whose source calls ``needle`` or one
+    of these functions."""
+    sources = {n: _source(o) for n, o in vars(module).items() if callable(o) and not isinstance(o, type)}
+    found, grown = set(), True
+    while grown:
+        calls = [needle] + [f"{n}(" for n in found]
+        new = {n for n, src in sources.items() if n not in found and any(c in src for c in calls)}
+        found |= new
+        grown = bool(new)
+    return found
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``mpi`` the tests that start ``mpiexec``, ``realdata`` those that read ../shared's real
+    maps (directly or through a fixture or helper), ``slow`` those in :data:`SLOW`."""
+    real = {}
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module not in real:
+            real[module] = _reaching(item.module, "realsky(")
+        own = _source(item.function)
+        if module == "test_mpi" or "mpiexec" in own:
+            item.add_marker(pytest.mark.mpi)
+        if item.function.__name__ in real[module] or real[module] & set(item.fixturenames):
+            item.add_marker(pytest.mark.realdata)
+        if (module, item.function.__name__) in SLOW or (module, "*") in SLOW:
+            item.add_marker(pytest.mark.slow)
