@@ -67,6 +67,7 @@ def test_pyproject_metadata():
     assert names(p["optional-dependencies"]["docs"]) == {"sphinx", "myst-parser"}
     assert names(p["optional-dependencies"]["docs"]) <= names(p["optional-dependencies"]["test"])  # the docs test
     assert "Topic :: Scientific/Engineering :: Astronomy" in p["classifiers"]
+    assert p["urls"] and all(u.startswith("https://") for u in p["urls"].values())
     assert doc["build-system"]["build-backend"] == "setuptools.build_meta"
     with open(os.path.join(ROOT, "LICENSE")) as f:
         assert "GNU GENERAL PUBLIC LICENSE" in f.readline() and "Version 3" in f.readline()
