@@ -313,6 +313,7 @@ def cmd_sample(args, comm):
 
 
 def build_parser():
+    """The command line: the options every command takes, then each command's (``_add_<command>``)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an unexpected error")
@@ -331,7 +332,14 @@ def build_parser():
                             "with probabilistic autoencoders.")
     p.add_argument("--version", action="version", version=f"galdecomp {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in (_add_simulate, _add_inspect, _add_fit, _add_report, _add_anomaly, _add_posterior_check, _add_run,
+                _add_reconstruct, _add_transform, _add_sample):
+        add(sub, common, no_lock)
+    return p
 
+
+def _add_simulate(sub, common, no_lock):
+    """The ``simulate`` command's options."""
     s = sub.add_parser("simulate", parents=[common],
                        help="write a simulated 35-channel sky with its truth maps",
                        description="Simulate a realistic 35-channel sky (radio to gamma rays) and "
@@ -350,6 +358,9 @@ def build_parser():
                         "(repeatable), e.g. --template gas=lab_NHI --template dust=planck13_EBV")
     s.set_defaults(func=cmd_simulate)
 
+
+def _add_inspect(sub, common, no_lock):
+    """The ``inspect`` command's options."""
     s = sub.add_parser("inspect", parents=[common], help="table of a catalog's maps, transforms and warnings",
                        description="Read a map catalog and print, per map: frequency, unit, kind, "
                                    "native nside, declared beam (fwhm_arcmin), frame (COORDSYS), "
@@ -361,6 +372,9 @@ def build_parser():
     s.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
     s.set_defaults(func=cmd_inspect)
 
+
+def _add_fit(sub, common, no_lock):
+    """The ``fit`` command's options."""
     s = sub.add_parser("fit", parents=[common, no_lock],
                        help="fit the probabilistic autoencoder to a catalog's maps or a table",
                        description="Fit the probabilistic autoencoder (decoder, adaptive noise, "
@@ -393,6 +407,9 @@ def build_parser():
     s.add_argument("--overwrite", action="store_true", help="replace an existing RUN")
     s.set_defaults(func=cmd_fit)
 
+
+def _add_report(sub, common, no_lock):
+    """The ``report`` command's options."""
     s = sub.add_parser("report", parents=[common, no_lock], help="which latent feature is which physical component",
                        description="Compare a run's latent features (and PCA, FastICA, NMF of the same "
                                    "data) with template maps: correlations, mutual information with "
@@ -405,6 +422,9 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=cmd_report)
 
+
+def _add_anomaly(sub, common, no_lock):
+    """The ``anomaly`` command's options."""
     s = sub.add_parser("anomaly", parents=[common], help="per-pixel anomaly scores of a catalog under a run",
                        description="Score every pixel of a catalog (default: the run's own) with a finished "
                                    "run: reconstruction chi2 per channel, largest normalised residual, "
@@ -425,6 +445,9 @@ def build_parser():
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(func=cmd_anomaly)
 
+
+def _add_posterior_check(sub, common, no_lock):
+    """The ``posterior-check`` command's options."""
     s = sub.add_parser("posterior-check", parents=[common],
                        help="the encoder's q(z|d) against the true posterior, by importance sampling",
                        description="For random pixels of the run's data, compare Gaussian posteriors "
@@ -444,6 +467,9 @@ def build_parser():
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(func=cmd_posterior_check)
 
+
+def _add_run(sub, common, no_lock):
+    """The ``run`` command's options."""
     s = sub.add_parser("run", parents=[common, no_lock], help="the main job: simulate the default sky, fit it, report",
                        description="Simulate the built-in default sky, fit the autoencoder to it and "
                                    "write everything below OUT (default runs/main): OUT/sky, OUT/fit, "
@@ -459,13 +485,16 @@ def build_parser():
                    help="cores of the fit, as for galdecomp fit (default: every core the process may use)")
     s.set_defaults(func=cmd_run)
 
+
+def _add_reconstruct(sub, common, no_lock):
+    """The ``reconstruct`` command's options."""
     s = sub.add_parser("reconstruct", parents=[common], help="missing or corrupted channels, with uncertainties",
                        description="For every pixel of CATALOG's sky, the latent posterior given only its "
                                    "observed channels (MAP and Laplace covariance of the trained decoder; "
                                    "extra_noise and gain_sigma of catalog entries are marginalised) and the "
                                    "predictive distribution of every run channel: DIR/reconstruction_{mean,"
-                                   "std,p50,p16,p84,p02,p98}.fits, latent_mean/std.fits, and holdout.csv "
-                                   "when channels are held out.")
+                                   "std,p50,p16,p84,p02,p98}.fits, latent_mean/std.fits, calibration.csv, "
+                                   "and holdout.csv when channels are held out.")
     s.add_argument("run", metavar="RUN", help="run folder of galdecomp fit")
     s.add_argument("--catalog", required=True, help="catalog with (some of) the run's channels, by name")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -488,6 +517,9 @@ def build_parser():
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(func=cmd_reconstruct)
 
+
+def _add_transform(sub, common, no_lock):
+    """The ``transform`` command's options."""
     s = sub.add_parser("transform", parents=[common, no_lock], help="(re)fit the latent transform of a finished run",
                        description="Fit a density to the aggregate posterior Q(z) of RUN (8 draws from q(z|d) "
                                    "of up to 20,000 training rows) and write RUN/latent_transform.npz; "
@@ -499,6 +531,9 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=cmd_transform)
 
+
+def _add_sample(sub, common, no_lock):
+    """The ``sample`` command's options."""
     s = sub.add_parser("sample", parents=[common], help="generate data from a trained run",
                        description="Draw latents from the prior N(0,1) or through the run's latent "
                                    "transform, decode and add the model's noise: DIR/samples.csv (physical "
@@ -512,7 +547,6 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     s.set_defaults(func=cmd_sample)
-    return p
 
 
 def _save_traceback():
