@@ -57,7 +57,7 @@ def train_model(D, L, cov, epochs, seed=0, log=None, validation_fraction=None):
     from galdecomp.inference.config import resolve_config
     from galdecomp.inference.training import TrainingState
     from galdecomp.model.autoencoder import Autoencoder
-    from galdecomp.pipeline import fit_rows
+    from galdecomp.inference.fitting import fit_rows
 
     p = copy.deepcopy(PRESET)
     p["training"]["max_epochs"] = epochs

@@ -152,7 +152,7 @@ class Data:
         import healpy as hp
 
         from galdecomp.catalog import load_catalog, read_catalog, working_nside
-        from galdecomp.pipeline import load_preprocessed
+        from galdecomp.sources import load_preprocessed
         from galdecomp.preprocessing import Preprocessor
 
         cat = read_catalog(inputs)
@@ -181,7 +181,8 @@ def galdecomp_fit(data, seed, settings, log=None):
     from galdecomp.inference.config import resolve_config
     from galdecomp.inference.training import TrainingState
     from galdecomp.model.autoencoder import Autoencoder
-    from galdecomp.pipeline import fit_rows, noise_floor
+    from galdecomp.inference.fitting import fit_rows
+    from galdecomp.sources import noise_floor
 
     cfg = resolve_config(settings, {"seed": seed})
     C = data.data.shape[1]

@@ -14,7 +14,7 @@ import numpy as np
 def main(argv=None):
     from galdecomp.catalog import read_catalog
     from galdecomp.parallel import row_block, world
-    from galdecomp.pipeline import load_preprocessed
+    from galdecomp.sources import load_preprocessed
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("catalog")

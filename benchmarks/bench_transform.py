@@ -53,7 +53,7 @@ from galdecomp.inference.training import split_rows  # noqa: E402
 from galdecomp.model.autoencoder import Autoencoder  # noqa: E402
 from galdecomp.model.latent_transform import (GaussianDensity, GaussianisingTransform,  # noqa: E402
                                               GaussianMixtureDensity, aggregate_posterior_draws)
-from galdecomp.pipeline import load_preprocessed  # noqa: E402
+from galdecomp.sources import load_preprocessed  # noqa: E402
 from galdecomp.products.sample_quality import frechet_distance, ks_per_feature  # noqa: E402
 
 

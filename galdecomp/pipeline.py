@@ -6,32 +6,29 @@ plain table, :class:`TableSource`) and writes a run folder (``fit_catalog``, ``f
 (one writer per run folder).
 """
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
-import time
-from dataclasses import dataclass
 
 import numpy as np
 import yaml
 
-from .catalog import load_catalog, map_reader, read_catalog, valid_nside, working_nside
-from .dataset import TABLE_FORMATS, DataSet, read_table
+from .catalog import valid_nside
+from .dataset import TABLE_FORMATS
 from .errors import InputError, JobStopped, WriteError
 from .fileio import LOCK_FILE, atomic_path, check_output_dir, folder_lock, write_text
 from .inference.config import model_signature, resolve_config, with_former_defaults
-from .inference.training import TrainingState, finished, split_rows, train
-from .model.autoencoder import Autoencoder, ELBOObjective
-from .preprocessing import ChannelTransform, Preprocessor
+from .inference.fitting import StopSignals, fit_rows
+from .inference.training import TrainingState, finished
+from .model.autoencoder import Autoencoder
+from .sources import FashionMNISTSource, SkySource, TableSource, noise_floor
 from .versions import differences as version_differences
 from .versions import versions
-from .workers import blas_threads, describe_threads, threads_of
+from .workers import threads_of
 
-__all__ = ["fit_rows", "fit_data", "fit_catalog", "fit_table", "fit_overrides", "fit_path", "SkySource",
-           "TableSource", "Prepared", "run_main_job", "CHECKPOINT"]
+__all__ = ["fit_data", "fit_catalog", "fit_table", "fit_overrides", "fit_path", "run_main_job", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -131,335 +128,6 @@ def _save_checkpoint(path, state, extra):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **state.to_arrays(), **extra)
-
-
-class _StopSignals:
-    """While training, SIGINT and SIGTERM ask the job to stop at the next step (after a checkpoint).
-
-    The ranks agree on the step: the flags travel with the step's gradient (see
-    :func:`~galdecomp.inference.training.train`'s ``stop``). A second SIGINT (Ctrl-C) interrupts
-    at once. Outside the main thread nothing is installed.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.got, self.old = dict.fromkeys(self.SIGNALS, 0), {}
-
-    def __enter__(self):
-        with contextlib.suppress(ValueError):
-            for s in self.SIGNALS:
-                self.old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.got[signum]:
-            raise KeyboardInterrupt
-        self.got[signum] = 1
-
-    def flags(self):
-        """This rank's count of each signal (``SIGNALS`` order), to be summed over the ranks."""
-        return np.array([self.got[s] for s in self.SIGNALS], dtype=np.float64)
-
-    def signal(self, sums):
-        """The signal to stop on for the ``flags`` summed over the ranks (SIGTERM before SIGINT),
-        or None."""
-        return next((s for s, k in zip(self.SIGNALS[::-1], sums[::-1]) if k), None)
-
-
-def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_rows=None, comm=None,
-             stop=None):
-    """Train an autoencoder on a table of rows (pixels, images): the data-set-independent core.
-
-    Parameters
-    ----------
-    model : Autoencoder
-    data : ndarray, shape (P_local, C)
-        Standardised data of this process's rows, NaN where missing.
-    state : TrainingState
-        Fresh or resumed; updated in place.
-    cfg : dict
-        Resolved configuration (uses ``seed`` and ``training``).
-    checkpoint : callable, optional
-        ``checkpoint(state)`` after every epoch, and inside an epoch every
-        ``training.checkpoint_seconds``.
-    log : callable, optional
-        Progress messages.
-    offset, n_rows : int
-        Global index of the first local row and number of rows of all processes (pixel
-        sharding; default: this process holds all rows).
-    comm : SerialComm or MPIComm, optional
-    stop : object, optional
-        Stop requests, checked at every step (see :func:`train`).
-
-    Returns
-    -------
-    TrainingState
-        The final state (``best_params`` are the trained parameters).
-    """
-    tcfg = cfg["training"]
-    n_rows = len(data) if n_rows is None else n_rows
-    train_rows, valid_rows = split_rows(n_rows, tcfg["validation_fraction"], cfg["seed"])
-    objective = ELBOObjective(model, data, train_rows.size, offset, comm)
-
-    def progress(st, eta):
-        h = st.history[-1]
-        log(f"epoch {st.epoch:4d}/{tcfg['max_epochs']}  ELBO {h['elbo']:10.4f}  "
-            f"validation {h['validation_elbo']:10.4f} (median {h.get('validation_median', np.nan):.4f})  "
-            f"lr {h['lr']:.2g}  "
-            f"{h['seconds']:.1f}s/epoch  ETA {eta / 60:.1f} min (at most)")
-
-    t0 = time.perf_counter()
-    asked = threads_of(tcfg, objective.comm)
-    threads = objective.start_workers(asked, tcfg["batch_size"], valid_rows.size)
-    if log:
-        log(f"{train_rows.size} training / {valid_rows.size} validation rows, batch {tcfg['batch_size']}; "
-            f"{describe_threads(threads, objective.comm)}, {tcfg['dtype']} kernels")
-        if objective.comm.size > 1 and (tcfg["threads"] or 1) > 1:
-            log(f"training.threads {tcfg['threads']} ignored: under MPI each rank computes its rows alone")
-        elif asked > threads:
-            log(f"{asked} cores, {threads} used: a minibatch has {threads} blocks of at most "
-                f"{tcfg['block_rows']} rows (a smaller training.block_rows gives more)")
-    seconds = {}
-    try:
-        with blas_threads(1):  # idle BLAS threads spin and would take the workers' cores
-            train(objective, state, train_rows, valid_rows, tcfg, seed=cfg["seed"], checkpoint=checkpoint,
-                  progress=progress if log else None, stop=stop,
-                  step_scale=model.step_scales() if tcfg["step_on"] == "weights" else None, seconds=seconds)
-    finally:
-        objective.close_workers()
-    where = training_time_summary(dict(seconds, reduction=objective.reduce_seconds), objective.comm)
-    if log:
-        log(f"training done after {state.epoch} epochs in {time.perf_counter() - t0:.1f} s; "
-            f"best validation ELBO ({tcfg['select']} over the rows) {-state.best_val:.4f}")
-        if where:
-            log(where)
-    return state
-
-
-def training_time_summary(seconds, comm):
-    """One line on where the training time went, per step and per epoch, over the ranks.
-
-    Parameters
-    ----------
-    seconds : dict
-        :func:`~galdecomp.inference.training.train`'s ``seconds`` of this rank, with
-        ``reduction`` (the objective's sum of the gradient over the ranks, waits included);
-        without ``epochs`` if no epoch ran.
-    comm : SerialComm or MPIComm
-        Collective: every rank calls it.
-
-    Returns
-    -------
-    str or None
-        On rank 0 (None elsewhere, and when no epoch ran): milliseconds per step of the
-        gradient on the rank's own rows, the reduce-scatter with the wait for the slowest rank,
-        Adam on the rank's block of the parameters, the Allgather of the blocks, the finiteness
-        and signal checks and the rest of the loop; per epoch of the validation and the
-        checkpoints; minimum-maximum over the ranks.
-    """
-    keys = ("gradient", "reduction", "optimiser", "params_gather", "checks", "validation", "checkpoint",
-            "total", "steps", "epochs")
-    mine = np.array([[seconds.get(k, 0.0) for k in keys]])
-    every = comm.gather_rows(mine)
-    if every is None or every[:, -1].min() < 1:
-        return None
-    s = dict(zip(keys, every.T))
-    per_step = {"gradient on the rank's rows": s["gradient"] - s["reduction"],
-                "reduce-scatter with the wait for the slowest rank": s["reduction"],
-                "Adam on the rank's block": s["optimiser"], "parameter Allgather": s["params_gather"],
-                "checks": s["checks"],
-                "rest of the loop": s["total"] - s["gradient"] - s["optimiser"] - s["params_gather"]
-                - s["checks"] - s["validation"] - s["checkpoint"]}
-    per_epoch = {"validation": s["validation"], "checkpoints": s["checkpoint"]}
-
-    def fmt(v, n):
-        lo, hi = 1e3 * np.min(v / n), 1e3 * np.max(v / n)
-        return f"{lo:.2f}" if comm.size == 1 else f"{lo:.2f}-{hi:.2f}"
-
-    ranks = f" (min-max over {comm.size} ranks)" if comm.size > 1 else ""
-    return (f"training time{ranks}: per step [ms] "
-            + ", ".join(f"{k} {fmt(v, s['steps'])}" for k, v in per_step.items())
-            + "; per epoch [ms] " + ", ".join(f"{k} {fmt(v, s['epochs'])}" for k, v in per_epoch.items()))
-
-
-def load_preprocessed(catalog, nside, pixels=None, comm=None, fwhm_arcmin=None):
-    """Read a catalog's maps (NESTED pixel order) and standardise them.
-
-    Each channel's transform is fitted on all pixels of its full map, while only ``pixels`` are
-    kept, so every process of a pixel-sharded job gets the same preprocessing.
-
-    Parameters
-    ----------
-    catalog : Catalog
-    nside : int
-    pixels : slice, optional
-        The NESTED rows to keep (default all).
-    comm : SerialComm or MPIComm, optional
-        The ranks read the maps side by side (map i by rank ``i % size``) and fit their
-        transforms; every rank gets its block and all transforms (default: this process reads
-        everything).
-
-    fwhm_arcmin : float, optional
-        Target resolution the maps are smoothed to (see :func:`~galdecomp.catalog.load_catalog`).
-
-    Returns
-    -------
-    data_set : SkyDataSet
-        The kept pixels in physical units (NESTED).
-    preprocessor : Preprocessor
-    data : ndarray, shape (P_local, C)
-        Standardised values, NaN where missing.
-    """
-    transforms = [None] * len(catalog.maps)
-
-    def fit_transform(i, full, kind):
-        e = catalog.maps[i]
-        transforms[i] = ChannelTransform.fit(full[np.isfinite(full)], e.transform, e.name,
-                                             counts=kind == "counts", asinh_scale=e.asinh_scale)
-
-    data_set = load_catalog(catalog, nside=nside, nest=True, pixels=pixels, on_channel=fit_transform, comm=comm,
-                            fwhm_arcmin=fwhm_arcmin)
-    if comm is not None:  # each transform was fitted by the rank that read its map
-        transforms = [comm.bcast(t, map_reader(i, comm)) for i, t in enumerate(transforms)]
-    pre = Preprocessor(transforms, data_set.names)
-    return data_set, pre, pre.forward(data_set.values).T.copy()
-
-
-def noise_floor(preprocessor, data_set, cfg):
-    """Per-channel noise floor (standardised): the data set's known noise and ``noise.floor``
-    in quadrature.
-
-    The known noise is the catalog's ``noise`` where given, else, with ``noise.poisson_floor``,
-    the Poisson noise of photon-count channels (``anscombe``: 1 in its units), else 0.
-    """
-    noise = getattr(data_set, "noise", None)
-    known = preprocessor.noise_to_standardised(np.full(data_set.n_features, np.nan) if noise is None else noise)
-    if cfg["noise"].get("poisson_floor", False):
-        known = np.where(known > 0, known, preprocessor.poisson_noise())
-    return np.sqrt(known ** 2 + cfg["noise"]["floor"] ** 2)
-
-
-@dataclass
-class Prepared:
-    """A data set read and preprocessed for one process of a fit.
-
-    Attributes
-    ----------
-    data_set : DataSet
-        This process's rows in physical units.
-    preprocessor : Preprocessor
-    data : ndarray, shape (P_local, C)
-        Standardised values, NaN where missing.
-    rows : slice
-        This process's rows among all ``n_rows``.
-    n_rows : int
-    fingerprint : str
-        Identifies the data (``--resume`` refuses other data): ``path|...|preprocessing``.
-    record : dict
-        The ``data`` section of the run's configuration: ``kind``, ``path`` (and ``nside``,
-        ``fwhm_arcmin``).
-    """
-
-    data_set: object
-    preprocessor: object
-    data: np.ndarray
-    rows: slice
-    n_rows: int
-    fingerprint: str
-    record: dict
-
-
-class SkySource:
-    """The maps of a catalog as the data set of a fit: rows are NESTED pixels, features channels."""
-
-    kind, row_word, feature_word = "sky", "pixels", "channels"
-
-    def __init__(self, catalog_path):
-        self.argument = catalog_path
-        self.catalog = read_catalog(catalog_path)
-        self.path = self.catalog.path
-
-    def resume_command(self, out):
-        return f"galdecomp fit {self.argument} --out {out} --resume"
-
-    def prepare(self, cfg, comm):
-        """Read this process's pixels at the configured nside and standardise them."""
-        from .parallel import row_block
-
-        nside = working_nside(self.catalog, cfg["data"]["nside"])
-        target = cfg["data"].get("fwhm_arcmin")
-        rows = row_block(nside, comm)
-        data_set, pre, data = load_preprocessed(self.catalog, nside, rows, comm if comm.size > 1 else None,
-                                                fwhm_arcmin=target)
-        beams = "" if target is None else f"fwhm {float(target)!r}|"  # runs without a target: as before
-        fingerprint = f"{self.path}|{nside}|{beams}" + json.dumps(pre.to_dict(), sort_keys=True)
-        return Prepared(data_set, pre, data, rows, 12 * nside * nside, fingerprint,
-                        dict(kind="sky", path=self.path, nside=nside, fwhm_arcmin=target))
-
-
-class TableSource:
-    """A plain table (``.npy``, ``.npz``, ``.csv``; see :func:`galdecomp.dataset.read_table`) as
-    the data set of a fit: each feature is standardised (``linear`` transform)."""
-
-    kind, row_word, feature_word = "table", "rows", "features"
-
-    def __init__(self, path):
-        self.argument = path
-        self.path = os.path.abspath(path)
-        self.table = read_table(path)
-
-    def resume_command(self, out):
-        return f"galdecomp fit --data {self.argument} --out {out} --resume"
-
-    def prepare(self, cfg, comm):
-        """This process's block of rows, standardised per feature over all rows."""
-        from .parallel import block_rows
-
-        if cfg["data"].get("fwhm_arcmin") is not None:
-            raise InputError(f"{self.argument}: data.fwhm_arcmin (--fwhm-arcmin) is for a catalog of maps, "
-                             f"not a table")
-        t = self.table
-        pre = Preprocessor([ChannelTransform.fit(v[o], "linear", n) for v, o, n in zip(t.values, t.observed, t.names)],
-                           t.names)
-        rows = block_rows(t.n_samples, comm)
-        local = DataSet(t.values[:, rows], t.observed[:, rows], t.names, t.units)
-        digest = hashlib.sha256(np.ascontiguousarray(t.values).tobytes()).hexdigest()[:16]
-        fingerprint = f"{self.path}|{t.n_samples}x{t.n_features}|{digest}|" + json.dumps(pre.to_dict(), sort_keys=True)
-        return Prepared(local, pre, pre.forward(local.values).T.copy(), rows, t.n_samples, fingerprint,
-                        dict(kind="table", path=self.path))
-
-
-class FashionMNISTSource(TableSource):
-    """The 60,000 Fashion-MNIST training images as a table (784 pixel features, one shared
-    ``logit`` transform: :func:`galdecomp.datasets.fashion_mnist.image_preprocessor`)."""
-
-    NAME = "fashion-mnist"
-
-    def __init__(self, root=None):
-        from .datasets.fashion_mnist import load_fashion_mnist
-
-        images, _ = load_fashion_mnist("train", root)
-        self.argument = self.path = self.NAME
-        names = [f"px{i:03d}" for i in range(images.shape[1])]
-        self.table = DataSet(images.T.copy(), np.ones(images.T.shape, bool), names, ["1"] * len(names))
-
-    def prepare(self, cfg, comm):
-        """This process's block of images, logit-transformed and standardised with one transform."""
-        from .datasets.fashion_mnist import image_preprocessor
-        from .parallel import block_rows
-
-        t = self.table
-        pre = image_preprocessor(t.values.T)
-        rows = block_rows(t.n_samples, comm)
-        local = DataSet(t.values[:, rows], t.observed[:, rows], t.names, t.units)
-        fingerprint = f"{self.NAME}|{t.n_samples}x{t.n_features}|" + json.dumps(pre.to_dict()["px000"], sort_keys=True)
-        return Prepared(local, pre, pre.forward(local.values).T.copy(), rows, t.n_samples, fingerprint,
-                        dict(kind="table", path=self.NAME))
 
 
 def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=False, overwrite=False,
@@ -644,7 +312,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
     save = (lambda st: _save_checkpoint(ckpt, st, extra)) if comm.rank == 0 else None
     hint = f"continue with `{source.resume_command(out)}`"
     try:
-        with _StopSignals() as stop:
+        with StopSignals() as stop:
             fit_rows(model, data, state, cfg, checkpoint=save, log=log.info, offset=rows.start, n_rows=n_rows,
                      comm=comm, stop=stop)
     except JobStopped as e:

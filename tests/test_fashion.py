@@ -64,7 +64,7 @@ def test_fit_on_a_few_hundred_images():
     from galdecomp.inference.trained import TrainedModel
     from galdecomp.inference.training import TrainingState, split_rows
     from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
-    from galdecomp.pipeline import fit_rows
+    from galdecomp.inference.fitting import fit_rows
 
     X, _ = fashion("train")
     X = X[:1000]

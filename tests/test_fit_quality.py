@@ -12,7 +12,7 @@ import pytest
 from galdecomp.inference.config import resolve_config
 from galdecomp.inference.training import TrainingState
 from galdecomp.model.autoencoder import Autoencoder
-from galdecomp.pipeline import fit_rows
+from galdecomp.inference.fitting import fit_rows
 
 K, C, N, L = 4, 16, 6000, 6
 
@@ -86,7 +86,7 @@ def test_training_energy_gradient_on_real_minibatch(covariance):
 
     from conftest import realsky
     from galdecomp.catalog import read_catalog
-    from galdecomp.pipeline import load_preprocessed, noise_floor
+    from galdecomp.sources import load_preprocessed, noise_floor
 
     cat = read_catalog(realsky(32))
     data_set, pre, data = load_preprocessed(cat, 32)
@@ -122,7 +122,7 @@ def test_sparse_photon_counts_do_not_take_features():
     predicting single photons: learned sigma 0.015-0.28 against a Poisson noise of 1.9-5.7
     (standardised), 6 active features of 6 and the weak source's R^2 0.61."""
     from galdecomp.dataset import DataSet
-    from galdecomp.pipeline import noise_floor
+    from galdecomp.sources import noise_floor
     from galdecomp.preprocessing import Preprocessor
 
     data, _, s = mixed_sources()

@@ -7,7 +7,7 @@ from galdecomp.inference.config import resolve_config
 from galdecomp.inference.training import Adam, TrainingState, epoch_order, split_rows
 from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
 from galdecomp.model.mlp import MLP
-from galdecomp.pipeline import fit_rows
+from galdecomp.inference.fitting import fit_rows
 
 
 def simulated_truth(P=6000, L=3, C=12, seed=42):

@@ -12,7 +12,7 @@ from galdecomp.inference.config import resolve_config
 from galdecomp.inference.training import TrainingState
 from galdecomp.model.autoencoder import Autoencoder
 from galdecomp.model.mlp import unpack_params
-from galdecomp.pipeline import fit_rows
+from galdecomp.inference.fitting import fit_rows
 
 L, C, P = 2, 6, 3000
 

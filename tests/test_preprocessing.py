@@ -72,7 +72,7 @@ def test_poisson_noise_of_counts_is_the_known_noise():
     """Anscombe channels without a catalog noise get their Poisson noise (1 / std) as known
     noise; a catalog noise wins; other channels and ``poisson_floor: false`` get none."""
     from galdecomp.inference.config import resolve_config
-    from galdecomp.pipeline import noise_floor
+    from galdecomp.sources import noise_floor
 
     rng = np.random.default_rng(3)
     x = np.stack([rng.poisson(0.3, 2000), rng.poisson(5.0, 2000), rng.uniform(1, 2, 2000)]).astype(float)
