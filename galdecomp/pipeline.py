@@ -9,125 +9,35 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 
 import numpy as np
-import yaml
 
 from .catalog import valid_nside
 from .dataset import TABLE_FORMATS
 from .errors import InputError, JobStopped, WriteError
-from .fileio import LOCK_FILE, atomic_path, check_output_dir, folder_lock, write_text
-from .inference.config import model_signature, resolve_config, with_former_defaults
+from .fileio import folder_lock
+from .inference.config import model_signature, resolve_config
 from .inference.fitting import StopSignals, fit_rows
 from .inference.training import TrainingState, finished
 from .model.autoencoder import Autoencoder
+from .run_folder import (CHECKPOINT, check_run_dir, make_run_dir, read_checkpoint, require_run, save_checkpoint,
+                         stored_config, stored_versions, write_config)
 from .sources import FashionMNISTSource, SkySource, TableSource, noise_floor
 from .versions import differences as version_differences
-from .versions import versions
 from .workers import threads_of
 
-__all__ = ["fit_data", "fit_catalog", "fit_table", "fit_overrides", "fit_path", "run_main_job", "CHECKPOINT"]
+__all__ = ["fit_data", "fit_catalog", "fit_table", "fit_overrides", "fit_path", "run_main_job"]
 
-CHECKPOINT = "checkpoint.npz"
 
 
 log = logging.getLogger(__name__)
-
-
-def _write_config(run_dir, cfg):
-    """Write RUN/config.yaml: the resolved configuration, usable as ``--config``; a sky run's
-    also names its catalog as ``catalog`` (read by ``galdecomp report``); last, the ``versions``
-    of the package and its main dependencies that wrote it (a record, ignored when read)."""
-    head = {"catalog": cfg["data"]["path"]} if cfg["data"]["kind"] == "sky" else {}
-    write_text(os.path.join(run_dir, "config.yaml"),
-               "# galdecomp fit configuration (resolved); re-run with --config this file\n"
-               + yaml.safe_dump({**head, **cfg}, sort_keys=False)
-               + "# the versions that wrote this file (a record: --config and --resume ignore it)\n"
-               + yaml.safe_dump({"versions": versions()}, sort_keys=False))
-
-
-def _unusable(path, what, why):
-    """The InputError for a run file that cannot be used to resume."""
-    return InputError(f"{path}: not a galdecomp {what} or unreadable ({why}); start again with --overwrite")
-
-
-def _require_run(run_dir, posterior=None):
-    """Raise InputError unless ``run_dir`` holds a run (for --resume; ``posterior``: an MGVI request)."""
-    if not os.path.isfile(os.path.join(run_dir, CHECKPOINT)) or \
-            not os.path.isfile(os.path.join(run_dir, "config.yaml")):
-        what = f"no trained model to run {posterior['method']} on" if posterior else "the folder holds no run"
-        raise InputError(f"{run_dir}: --resume, but {what} (no {CHECKPOINT} and config.yaml)")
-
-
-def _stored_config(run_dir):
-    """The configuration of the run in ``run_dir``, as written to its config.yaml."""
-    path = os.path.join(run_dir, "config.yaml")
-    try:
-        with open(path) as f:
-            stored = yaml.safe_load(f)
-    except yaml.YAMLError:
-        raise _unusable(path, "run configuration", "not valid YAML") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise _unusable(path, "run configuration", getattr(e, "strerror", None) or str(e)) from None
-    if not isinstance(stored, dict):
-        raise _unusable(path, "run configuration", "not a mapping of settings")
-    stored.pop("catalog", None)
-    return with_former_defaults(stored)
 
 
 def _sets_target(settings):
     """True if configuration ``settings`` (a file's or overrides) give ``data.fwhm_arcmin``."""
     data = (settings or {}).get("data")
     return isinstance(data, dict) and data.get("fwhm_arcmin") is not None
-
-
-def _stored_versions(run_dir):
-    """The ``versions`` block of the run's config.yaml (None in runs written before it)."""
-    with open(os.path.join(run_dir, "config.yaml")) as f:
-        return (yaml.safe_load(f) or {}).get("versions")
-
-
-def _read_checkpoint(path):
-    """The arrays of the checkpoint ``path`` and its TrainingState; InputError if it is not one."""
-    try:
-        with open(path, "rb") as fh, np.load(fh) as f:  # np.load leaks its own handle on a bad zip
-            arrays = dict(f)
-        state = TrainingState.from_arrays(arrays)
-        str(arrays["fingerprint"])
-    except Exception as e:  # whatever a damaged file raises: zipfile, pickle, json, a missing key
-        why = f"{type(e).__name__}: {e}".splitlines()[0]
-        raise _unusable(path, "checkpoint", why) from None
-    return arrays, state
-
-
-def check_run_dir(run_dir, overwrite):
-    """Raise InputError unless ``run_dir`` can be created (or replaced, with ``overwrite``)."""
-    check_output_dir(run_dir, overwrite, "run", "use --resume to continue it or --overwrite to replace it")
-
-
-def make_run_dir(run_dir):
-    """Create an empty run folder, or empty an existing one but for its lock file (checked by
-    :func:`check_run_dir`)."""
-    try:
-        if not os.path.isdir(run_dir):
-            os.makedirs(run_dir)
-        for name in set(os.listdir(run_dir)) - {LOCK_FILE}:
-            path = os.path.join(run_dir, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-    except OSError as e:
-        raise InputError(f"{run_dir}: cannot create the run folder ({e.strerror})") from None
-
-
-def _save_checkpoint(path, state, extra):
-    """Write the training state and run metadata to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **state.to_arrays(), **extra)
 
 
 def fit_catalog(catalog_path, out, overrides=None, config_file=None, resume=False, overwrite=False,
@@ -254,9 +164,9 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
     ckpt = os.path.join(run_dir, CHECKPOINT)
     # everything that can fail is checked, on every rank, before the run folder is touched
     if resume:
-        _require_run(run_dir, (overrides or {}).get("posterior") or (config_file or {}).get("posterior"))
+        require_run(run_dir, (overrides or {}).get("posterior") or (config_file or {}).get("posterior"))
         held.enter_context(folder_lock(run_dir, comm))
-        stored = _stored_config(run_dir)
+        stored = stored_config(run_dir)
         old = model_signature(resolve_config(stored, where=f"{run_dir}/config.yaml"))
         cfg = resolve_config(config_file if config_file is not None else stored, overrides)
         if not _sets_target(config_file) and not _sets_target(overrides):  # the run's target resolution
@@ -264,7 +174,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         diff = sorted(k for k, v in model_signature(cfg).items() if old[k] != v)
         if diff:
             raise InputError(f"{run_dir}: --resume with another configuration (differs in: {', '.join(diff)})")
-        arrays, state = _read_checkpoint(ckpt)
+        arrays, state = read_checkpoint(ckpt)
     else:
         cfg = resolve_config(config_file, overrides)
         check_run_dir(run_dir, overwrite)
@@ -288,12 +198,12 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         at = f"epoch {state.epoch}" + (f", step {state.step}" if state.batch else "")
         more = " (finished; training longer)" if was_done and not state.done else ""
         log.info(f"resuming {run_dir} after {at}{more}")
-        changed = version_differences(_stored_versions(run_dir))
+        changed = version_differences(stored_versions(run_dir))
         if changed:
             log.info(f"resuming under other versions than the run was written with: {', '.join(changed)}")
         comm.barrier()  # every rank has validated its input before rank 0 writes
         if comm.rank == 0:  # the posterior and duration settings may have changed
-            _write_config(run_dir, cfg)
+            write_config(run_dir, cfg)
     else:
         comm.barrier()  # every rank has validated its input before rank 0 replaces anything
         if comm.rank == 0:
@@ -301,7 +211,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         comm.barrier()
         held.enter_context(folder_lock(run_dir, comm, created=True))  # already held if the folder existed
         if comm.rank == 0:
-            _write_config(run_dir, cfg)
+            write_config(run_dir, cfg)
         state = TrainingState(model.init_params(cfg["seed"]), tcfg["learning_rate"], cfg["seed"])
     comm.barrier()
     extra = dict(preprocessing=json.dumps(ready.preprocessor.to_dict()), fingerprint=ready.fingerprint,
@@ -309,7 +219,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
     ranks = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
     log.info(f"fitting {n_rows} {source.row_word} x {C} {source.feature_word}, {L} latent features, "
              f"{cfg['covariance']} covariance{ranks}")
-    save = (lambda st: _save_checkpoint(ckpt, st, extra)) if comm.rank == 0 else None
+    save = (lambda st: save_checkpoint(ckpt, st, extra)) if comm.rank == 0 else None
     hint = f"continue with `{source.resume_command(out)}`"
     try:
         with StopSignals() as stop:
