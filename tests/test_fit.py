@@ -1,6 +1,4 @@
 """`galdecomp fit` end to end on a small simulated sky: outputs, resume, bad input."""
-import os
-
 import healpy as hp
 import numpy as np
 import pytest

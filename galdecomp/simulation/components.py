@@ -343,7 +343,6 @@ def make_galaxy(nside, seed=0, templates=None):
         return values
 
     l, b = sky_coords(nside)
-    npix = l.size
     lmax = 3 * nside - 1
     sin_b = np.abs(np.sin(np.radians(b)))
     gauss = lambda name, slope: gaussian_field(power_law_cl(lmax, slope), nside, rng_for(seed, name))
