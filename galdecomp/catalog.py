@@ -93,6 +93,69 @@ def _number(value, where):
         raise InputError(f"{where}: must be a number, got {value!r}") from None
 
 
+def _read_entry(raw, where, path, folder, seen):
+    """One validated :class:`MapEntry` of the catalog ``path`` from its YAML mapping ``raw``
+    (``where`` names it in errors; relative files are in ``folder``; ``seen``: the names so far,
+    to which its name is added)."""
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: entry is not a mapping")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"{where}: missing 'name'")
+    where = f"{path}: map '{name}'"
+    if name in seen:
+        raise InputError(f"{where}: duplicate name")
+    seen.add(name)
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown keys {', '.join(unknown)}")
+    if "frequency_hz" not in raw or raw["frequency_hz"] is None:
+        raise InputError(f"{where}: missing frequency_hz")
+    freq = _number(raw["frequency_hz"], f"{where}: frequency_hz")
+    if not freq > 0 or not np.isfinite(freq):
+        raise InputError(f"{where}: frequency_hz must be positive, got {raw['frequency_hz']!r}")
+    if not isinstance(raw.get("unit"), str) or not raw["unit"].strip():
+        raise InputError(f"{where}: missing 'unit'")
+    file = raw.get("file")
+    if not isinstance(file, str) or not file:
+        raise InputError(f"{where}: missing 'file'")
+    fpath = file if os.path.isabs(file) else os.path.join(folder, file)
+    if not os.path.isfile(fpath):
+        raise InputError(f"{where}: map file not found: {fpath}")
+    fld = raw.get("field", 0)
+    if isinstance(fld, bool) or not isinstance(fld, int) or fld < 0:
+        raise InputError(f"{where}: field must be a non-negative integer, got {fld!r}")
+    transform = raw.get("transform", "auto")
+    if transform not in TRANSFORMS:
+        raise InputError(f"{where}: transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
+    kind = raw.get("kind")  # None: the FITS header's KIND, else intensity (see read_healpix)
+    if kind is not None and kind not in KINDS:
+        raise InputError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    noise = float("nan")
+    if raw.get("noise") is not None:
+        noise = _number(raw["noise"], f"{where}: noise")
+        if not noise >= 0:
+            raise InputError(f"{where}: noise must be >= 0, got {raw['noise']!r}")
+    extra = {}
+    for key in ("extra_noise", "gain_sigma"):
+        extra[key] = 0.0 if raw.get(key) is None else _number(raw[key], f"{where}: {key}")
+        if not (extra[key] >= 0 and np.isfinite(extra[key])):
+            raise InputError(f"{where}: {key} must be a number >= 0, got {raw[key]!r}")
+    fwhm = None
+    if raw.get("fwhm_arcmin") is not None:
+        fwhm = _number(raw["fwhm_arcmin"], f"{where}: fwhm_arcmin")
+        if not (fwhm > 0 and np.isfinite(fwhm)):
+            raise InputError(f"{where}: fwhm_arcmin must be a positive number, got {raw['fwhm_arcmin']!r}")
+    scale = raw.get("asinh_scale", "mad")
+    if scale not in ASINH_RULES:
+        scale = _number(scale, f"{where}: asinh_scale")
+        if not (scale > 0 and np.isfinite(scale)):
+            raise InputError(f"{where}: asinh_scale must be positive or one of "
+                             f"{', '.join(ASINH_RULES)}, got {raw['asinh_scale']!r}")
+    return MapEntry(name, os.path.abspath(fpath), freq, raw["unit"].strip(), fld,
+                    transform, kind, noise, scale, **extra, fwhm_arcmin=fwhm)
+
+
 def read_catalog(path):
     """Read and validate a catalog YAML file without reading its maps.
 
@@ -135,64 +198,7 @@ def read_catalog(path):
     folder = os.path.dirname(os.path.abspath(path))
     entries, seen = [], set()
     for i, raw in enumerate(doc["maps"]):
-        where = f"{path}: maps[{i}]"
-        if not isinstance(raw, dict):
-            raise InputError(f"{where}: entry is not a mapping")
-        name = raw.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise InputError(f"{where}: missing 'name'")
-        where = f"{path}: map '{name}'"
-        if name in seen:
-            raise InputError(f"{where}: duplicate name")
-        seen.add(name)
-        unknown = sorted(set(raw) - _KEYS)
-        if unknown:
-            warnings.warn(f"{where}: ignoring unknown keys {', '.join(unknown)}")
-        if "frequency_hz" not in raw or raw["frequency_hz"] is None:
-            raise InputError(f"{where}: missing frequency_hz")
-        freq = _number(raw["frequency_hz"], f"{where}: frequency_hz")
-        if not freq > 0 or not np.isfinite(freq):
-            raise InputError(f"{where}: frequency_hz must be positive, got {raw['frequency_hz']!r}")
-        if not isinstance(raw.get("unit"), str) or not raw["unit"].strip():
-            raise InputError(f"{where}: missing 'unit'")
-        file = raw.get("file")
-        if not isinstance(file, str) or not file:
-            raise InputError(f"{where}: missing 'file'")
-        fpath = file if os.path.isabs(file) else os.path.join(folder, file)
-        if not os.path.isfile(fpath):
-            raise InputError(f"{where}: map file not found: {fpath}")
-        fld = raw.get("field", 0)
-        if isinstance(fld, bool) or not isinstance(fld, int) or fld < 0:
-            raise InputError(f"{where}: field must be a non-negative integer, got {fld!r}")
-        transform = raw.get("transform", "auto")
-        if transform not in TRANSFORMS:
-            raise InputError(f"{where}: transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
-        kind = raw.get("kind")  # None: the FITS header's KIND, else intensity (see read_healpix)
-        if kind is not None and kind not in KINDS:
-            raise InputError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        noise = float("nan")
-        if raw.get("noise") is not None:
-            noise = _number(raw["noise"], f"{where}: noise")
-            if not noise >= 0:
-                raise InputError(f"{where}: noise must be >= 0, got {raw['noise']!r}")
-        extra = {}
-        for key in ("extra_noise", "gain_sigma"):
-            extra[key] = 0.0 if raw.get(key) is None else _number(raw[key], f"{where}: {key}")
-            if not (extra[key] >= 0 and np.isfinite(extra[key])):
-                raise InputError(f"{where}: {key} must be a number >= 0, got {raw[key]!r}")
-        fwhm = None
-        if raw.get("fwhm_arcmin") is not None:
-            fwhm = _number(raw["fwhm_arcmin"], f"{where}: fwhm_arcmin")
-            if not (fwhm > 0 and np.isfinite(fwhm)):
-                raise InputError(f"{where}: fwhm_arcmin must be a positive number, got {raw['fwhm_arcmin']!r}")
-        scale = raw.get("asinh_scale", "mad")
-        if scale not in ASINH_RULES:
-            scale = _number(scale, f"{where}: asinh_scale")
-            if not (scale > 0 and np.isfinite(scale)):
-                raise InputError(f"{where}: asinh_scale must be positive or one of "
-                                 f"{', '.join(ASINH_RULES)}, got {raw['asinh_scale']!r}")
-        entries.append(MapEntry(name, os.path.abspath(fpath), freq, raw["unit"].strip(), fld,
-                                transform, kind, noise, scale, **extra, fwhm_arcmin=fwhm))
+        entries.append(_read_entry(raw, f"{path}: maps[{i}]", path, folder, seen))
     return Catalog(os.path.abspath(path), nside, entries, frame, rotate)
 
 
@@ -338,6 +344,25 @@ def map_reader(index, comm):
     return index % comm.size
 
 
+def _read_for_set(cat, i, nside, target, order, on_channel):
+    """Map ``i`` of ``cat`` read for :func:`load_catalog`: ``(full map, (kind, native nside,
+    file frame))`` at ``nside`` (NESTED if ``order``, the RING index of each NESTED pixel, is
+    given), or ``(None, the InputError)`` so that the reader's error can stop every rank alike."""
+    e = cat.maps[i]
+    try:
+        full, kind, n, own = read_map(e, nside, cat.frame, cat.rotate_frames, target)
+        if e.transform == "log" and np.nanmin(full) <= 0:
+            raise InputError(f"map '{e.name}' ({e.path}): transform 'log' needs positive values, "
+                             f"the map has values <= 0 (use asinh or auto)")
+        if order is not None:
+            full = full[order]
+        if on_channel is not None:
+            on_channel(i, full, kind)
+        return full, (kind, n, own)
+    except InputError as err:
+        return None, err
+
+
 def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, comm=None, fwhm_arcmin=None):
     """Read every map of a catalog into one data set at a common resolution and frame.
 
@@ -397,19 +422,7 @@ def load_catalog(catalog, nside=None, nest=False, pixels=None, on_channel=None, 
     order = hp.nest2ring(nside, np.arange(npix)) if nest else None
 
     def read(i):
-        e = cat.maps[i]
-        try:
-            full, kind, n, own = read_map(e, nside, cat.frame, cat.rotate_frames, target)
-            if e.transform == "log" and np.nanmin(full) <= 0:
-                raise InputError(f"map '{e.name}' ({e.path}): transform 'log' needs positive values, "
-                                 f"the map has values <= 0 (use asinh or auto)")
-            if nest:
-                full = full[order]
-            if on_channel is not None:
-                on_channel(i, full, kind)
-            return full, (kind, n, own)
-        except InputError as err:
-            return None, err
+        return _read_for_set(cat, i, nside, target, order, on_channel)
 
     size = 1 if comm is None else comm.size
     for first in range(0, len(cat.maps), size):  # a round: map first + r is read by rank r
