@@ -233,6 +233,14 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
     except KeyboardInterrupt:
         log.info(f"interrupted: {hint} (from the last checkpoint)")
         raise
+    return _write_run(run_dir, source, ready, model, state, cfg, rows, n_rows, comm)
+
+
+def _write_run(run_dir, source, ready, model, state, cfg, rows, n_rows, comm):
+    """After training: the latent posterior of every row (and MGVI/geoVI samples if asked), the
+    products, the latent transform and ``model.npz`` written into ``run_dir``; returns
+    :func:`fit_data`'s result."""
+    data = ready.data
     from .products.run_outputs import WRITERS, compute_products, feature_support, gather_products
 
     params = state.best_params
