@@ -204,7 +204,7 @@ def chatty(monkeypatch):
         log.warning("a warning")
         return 0
 
-    monkeypatch.setattr(cli, "cmd_inspect", cmd)
+    monkeypatch.setitem(cli.COMMANDS, "inspect", cmd)
 
 
 def messages(err):
