@@ -6,7 +6,6 @@ writes RUN/report/: correlations.csv, summary.csv, report.md and plots/.
 """
 import hashlib
 import os
-import re
 import time
 import warnings
 
@@ -22,7 +21,9 @@ from .baselines import component_names, linear_baselines
 from .dependence import (INTERVAL, BlockResampler, _corr, block_index,
                          block_split, equivalent_correlation, gaussian_mi, heldout_r2,
                          match_features, mi_binned)
-from .run_outputs import UNUSED_NATS_PER_ROW, feature_support, unused_features
+from .run_outputs import unused_features
+from .report_figures import write_figures
+from .report_markdown import STATS_TEXT, notes_text, report_markdown
 from .tables import format_table
 
 __all__ = ["make_report", "compute_report", "write_report", "read_run", "CORRELATION_COLUMNS", "SUMMARY_COLUMNS", "METHODS"]
@@ -37,8 +38,6 @@ N_BOOT, N_PERM = 1000, 199
 R2_TRAIN_PIXELS, R2_TEST_PIXELS = 4096, 8192
 #: Pixels a template must share with the run.
 MIN_COMMON = 20
-#: Bins per axis of the 2-D histograms.
-HIST_BINS = 256
 
 METHODS = ("galdecomp",) + BASELINES
 CORRELATION_COLUMNS = ["method", "feature", "template", "pearson", "spearman", "mi_binned", "mi_ksg",
@@ -124,15 +123,6 @@ def _unused(sig):
     return {r["feature"] for r, u in zip(sig, unused_features(per)) if u}
 
 
-def _labeller(unused):
-    """``label(feature)``: the feature's name, with `` (unused)`` if it is unused."""
-    return lambda f: f"{f} (unused)" if f in unused else f
-
-
-def _safe(name):
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
 def _num(v, digits=6):
     return float(f"{v:.{digits}g}") if np.isfinite(v) else float("nan")
 
@@ -179,164 +169,6 @@ def _null_binned(x, y, idx, perm, bins):
 
 # -- figures --------------------------------------------------------------------------------------
 
-def _plot_hist2d(x, y, xlabel, ylabel, title, path):
-    from matplotlib.colors import LogNorm
-
-    from ..figures import pyplot, save_figure
-
-    plt = pyplot()
-    m = np.isfinite(x) & np.isfinite(y)
-    h, xe, ye = np.histogram2d(x[m], y[m], bins=HIST_BINS)
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    im = ax.imshow(np.ma.masked_equal(h.T, 0), origin="lower", aspect="auto", cmap="viridis",
-                   extent=(xe[0], xe[-1], ye[0], ye[-1]), norm=LogNorm(), interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="pixels")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def _plot_heatmap(mi, rows, cols, title, path, annotate=True):
-    from ..figures import pyplot, save_figure
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.42 * len(cols), 1.6 + 0.36 * len(rows)))
-    im = ax.imshow(mi, cmap="magma", aspect="auto", vmin=0)
-    fig.colorbar(im, ax=ax, label="KSG MI [nats]", fraction=0.03)
-    ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels(cols, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(rows, fontsize=7)
-    vmax = np.nanmax(mi) if np.isfinite(mi).any() else 1.0
-    for (i, j), v in np.ndenumerate(mi if annotate else np.empty((0, 0))):
-        if np.isfinite(v):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5,
-                    color="black" if v > 0.6 * vmax else "white")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-# -- report.md ------------------------------------------------------------------------------------
-
-_STATS = """\
-- **pearson**: linear correlation coefficient of the (transformed) feature and template over
-  their common pixels; its sign is arbitrary for PCA and ICA components.
-- **spearman**: correlation of the ranks, i.e. of any monotone relation; unaffected by the
-  template transform.
-- **mi_binned**: plug-in mutual information [nats] of a {bins} x {bins} equal-width histogram; biased
-  upward by up to ~(occupied cells)/(2 N) on N pixels (here ~{null_binned:.2f} nats on block-permuted maps).
-- **mi_ksg**: Kraskov-Stoegbauer-Grassberger k-nearest-neighbour MI [nats] (k = {k}, scikit-learn),
-  nearly unbiased; for a Gaussian pair it equals -log(1 - r^2)/2 (r = 0.98 gives 1.61 nats).
-- **mi_ksg_low, mi_ksg_high**: {lo:g}-{hi:g} % block-bootstrap interval of mi_ksg: coarse
-  sky blocks of the per-pixel KSG terms resampled with replacement ({n_boot} replicates).
-- **p_value**: block-permutation test of independence ({n_perm} permutations of the coarse blocks of
-  the template; statistic: MI of equal-count bins); the smallest possible value is {pmin:.3g}.
-- **p_value_rotation** (summary.csv): the same statistic against {n_perm} random rigid rotations of the
-  template ("spin test"), which keep its large-scale structure; calibrated where blocks are not.
-- **equivalent_correlation**: sqrt(1 - exp(-2 mi_ksg)), the |r| of a Gaussian pair with that MI,
-  to compare the MI with |pearson| (equal when the relation is linear and Gaussian).
-- **r2_all_features**: out-of-sample R^2 of the template predicted from all features of a method by
-  gradient boosting, trained on half of the coarse sky blocks and scored on the other half.
-- **r2_all_channels**: the same from all preprocessed input channels: the ceiling of what any
-  decomposition of these data can recover; mi_gauss_* = -log(1 - R^2)/2 (0 if R^2 <= 0).
-"""
-
-
-def _fmt(v, spec=".3g"):
-    return format(v, spec) if isinstance(v, (int, float, np.floating)) and np.isfinite(v) else "–"
-
-
-def _markdown(info, corr, summary, matches, sig, figures):
-    L = len(info["names"])
-    lines = [f"# galdecomp report: {os.path.basename(info['run_dir'])}", "",
-             f"- run: `{info['run_dir']}` — {L} latent features, nside {info['nside']}, "
-             f"{info['n_pixels']} pixels with valid features",
-             f"- input catalog: `{info['catalog']}` — {info['n_channels']} channels "
-             f"(for the baselines and the R^2 ceiling)",
-             f"- templates: `{info['templates_catalog']}` — {len(info['templates'])} maps, each "
-             f"transformed as in its catalog entry (log / asinh / linear) and standardised",
-             f"- methods: {', '.join(info['methods'])}"
-             + "".join(f"; {m} skipped: {why}" for m, why in info["skipped"].items()),
-             f"- KSG, bootstrap and permutations on {info['ksg_pixels']} pixels (the same "
-             f"positions in each of {info['n_blocks']} coarse blocks at nside {info['nside_block']}); "
-             f"pearson, spearman and mi_binned on all common pixels", "",
-             "## Statistics", "", info["stats_text"], ]
-    best = {}
-    for r in corr:
-        if r["method"] == "galdecomp" and np.isfinite(r["mi_ksg"]):
-            b = best.get(r["feature"])
-            if b is None or r["mi_ksg"] > b["mi_ksg"]:
-                best[r["feature"]] = r
-    matched = {f: t for t, f in matches.get("galdecomp", {}).items()}
-    label = _labeller(info.get("unused", set()))
-    lines += ["## Feature ranking", "",
-              "By significance (RUN/significance.csv: log-likelihood lost when the feature is set to "
-              "its prior mean), with the template each feature depends on most. A feature below "
-              f"{UNUSED_NATS_PER_ROW:g} nats/pixel is marked unused.", ""]
-    if sig:
-        lines += [feature_support([float(s.get("delta_loglike_per_pixel", "nan")) for s in sig]) + ".", ""]
-    rows = []
-    for s in sig or [dict(feature=n, rank=i + 1) for i, n in enumerate(info["names"])]:
-        b = best.get(s.get("feature"), {})
-        rows.append(dict(rank=s.get("rank", ""), feature=label(s.get("feature", "")),
-                         delta_loglike_per_pixel=_fmt(float(s.get("delta_loglike_per_pixel", "nan"))),
-                         best_template=b.get("template", "–"), mi_ksg=_fmt(b.get("mi_ksg")),
-                         pearson=_fmt(b.get("pearson"), "+.3f"),
-                         matched_template=matched.get(s.get("feature"), "–")))
-    lines += [format_table(rows, list(rows[0]), "markdown")] if rows else []
-    lines += ["## Templates: the best galdecomp feature", ""]
-    by = {(s["template"], s["method"]): s for s in summary}
-    rows = []
-    for t in info["templates"]:
-        s = by[(t, "galdecomp")]
-        rows.append(dict(template=t, best_feature=label(s["best_feature"]),
-                         mi_ksg=f"{_fmt(s['mi_ksg'])} [{_fmt(s['mi_ksg_low'])}, {_fmt(s['mi_ksg_high'])}]",
-                         equiv_r=_fmt(s["equivalent_correlation"], ".3f"),
-                         abs_pearson=_fmt(s["abs_pearson"], ".3f"),
-                         mi_binned=_fmt(s["mi_binned"]), p_value=_fmt(s["p_value"]),
-                         p_rotation=_fmt(s["p_value_rotation"]),
-                         r2_all_features=_fmt(s["r2_all_features"], ".3f"),
-                         r2_all_channels=_fmt(s["r2_all_channels"], ".3f")))
-    lines += [format_table(rows, list(rows[0]), "markdown"),
-              "## Methods compared", "",
-              "Best single-component KSG MI [nats] and R^2 from all components, per method; the last "
-              "column is the ceiling from all input channels.", ""]
-    rows = []
-    for t in info["templates"]:
-        r = {"template": t}
-        for m in info["methods"]:
-            r[f"mi {m}"] = _fmt(by[(t, m)]["mi_ksg"])
-        for m in info["methods"]:
-            r[f"R2 {m}"] = _fmt(by[(t, m)]["r2_all_features"], ".3f")
-        r["R2 channels"] = _fmt(by[(t, info["methods"][0])]["r2_all_channels"], ".3f")
-        rows.append(r)
-    mean = {"template": "**mean**"}
-    for c in list(rows[0])[1:]:
-        vals = [float(r[c]) for r in rows if r[c] != "–"]
-        mean[c] = _fmt(np.mean(vals), ".3f") if vals else "–"
-    lines += [format_table(rows + [mean], list(rows[0]), "markdown")]
-    lines += ["## One-to-one matching", "",
-              "Features matched to templates maximising the total KSG MI (Hungarian algorithm), galdecomp:", ""]
-    cm = {(r["method"], r["feature"], r["template"]): r for r in corr}
-    rows = [dict(feature=label(f), template=t, mi_ksg=_fmt(cm[("galdecomp", f, t)]["mi_ksg"]),
-                 pearson=_fmt(cm[("galdecomp", f, t)]["pearson"], "+.3f"),
-                 p_value=_fmt(cm[("galdecomp", f, t)]["p_value"]))
-            for t, f in sorted(matches["galdecomp"].items(), key=lambda kv: kv[1])]
-    lines += [format_table(rows, ["feature", "template", "mi_ksg", "pearson", "p_value"], "markdown")]
-    lines += ["## Figures", "", "![KSG MI of every galdecomp feature and template](plots/mi_heatmap.png)", ""]
-    lines += ["Baselines: " + ", ".join(f"[{m}](plots/mi_heatmap_{m}.png)" for m in info["methods"][1:]), ""]
-    for t, (maps_png, hist_png) in figures.items():
-        lines += [f"### {t}", "", f"![{t} and its best feature](plots/{maps_png})", "",
-                  f"![2-D histogram of {t} against its best feature](plots/{hist_png})", ""]
-    lines += ["## Notes", "", info["notes"], ""]
-    return "\n".join(lines)
-
-
 # -- the recipe -----------------------------------------------------------------------------------
 
 def make_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progress=None):
@@ -358,15 +190,91 @@ def make_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progress
     return result
 
 
+def _compared_maps(run, run_dir, templates_catalog, valid, say):
+    """The templates (DataSet ``tset`` and standardised ``T``) and the run's input channels
+    (DataSet ``inputs`` and standardised ``X``), both NaN outside ``valid``, at the run's nside."""
+    nside = run["nside"]
+    say(f"templates {templates_catalog} at nside {nside}")
+    tset = load_catalog(templates_catalog, nside=nside)
+    T = Preprocessor.fit(tset).forward(tset.values)
+    T[:, ~valid] = np.nan
+    for name, c in zip(tset.names, np.isfinite(T).sum(axis=1)):
+        if c < MIN_COMMON:
+            what = "no pixel" if c == 0 else f"only {c} pixels"
+            raise InputError(f"{templates_catalog}: map '{name}': {what} in common with the run "
+                             f"{run_dir} (at least {MIN_COMMON} needed)")
+    say(f"input channels of the run ({run['catalog']})")
+    try:
+        inputs = load_catalog(run["catalog"], nside=nside,
+                              fwhm_arcmin=((run["config"] or {}).get("data") or {}).get("fwhm_arcmin"))
+    except InputError as e:
+        raise InputError(f"{e} (input catalog of the run {run_dir})") from None
+    X = Preprocessor.fit(inputs).forward(inputs.values)
+    X[:, ~valid] = np.nan
+    return tset, T, inputs, X
+
+
+def _heldout_r2s(methods, templates, T, X, nside, seed):
+    """Held-out R^2 of each template from all channels (``(t, "channels")``) and from all
+    features of each method (``(t, method)``), on the same sky-block split per template."""
+    r2 = {}
+    for j, t in enumerate(templates):
+        train, test = block_split(nside, np.isfinite(T[j]), seed)
+        r2[(t, "channels")] = heldout_r2(X.T, T[j], train, test, seed, R2_TRAIN_PIXELS, R2_TEST_PIXELS)
+        for m, (_, maps) in methods.items():
+            r2[(t, m)] = heldout_r2(maps.T, T[j], train, test, seed, R2_TRAIN_PIXELS, R2_TEST_PIXELS)
+    return r2
+
+
+def _methods(names, F, X, valid, seed, say):
+    """The compared methods, name -> (feature names, maps (K, npix), NaN outside ``valid``): the
+    run's features ``F`` and the linear baselines of the input channels ``X`` with as many
+    components; and the baselines skipped, name -> reason."""
+    say(f"linear baselines (PCA, ICA, NMF) with {len(names)} components")
+    comps, skipped = linear_baselines(X[:, valid], len(names), seed=seed, log=say)
+    methods = {"galdecomp": (names, F)}
+    for m, c in comps.items():
+        full = np.full((len(c), F.shape[1]), np.nan)
+        full[:, valid] = c
+        methods[m] = (component_names(m, len(c)), full)
+    return methods, skipped
+
+
+def _median_null_binned(summary, names, F, templates, T, nside, perm, bins):
+    """Median binned MI of each template's best galdecomp feature against the block-permuted
+    template: the plug-in estimator's bias on independent pairs."""
+    idx = block_index(nside)
+    return float(np.nanmedian([_null_binned(F[names.index(s["best_feature"])],
+                                            T[templates.index(s["template"])], idx, perm, bins)
+                               for s in summary if s["method"] == "galdecomp"]))
+
+
+def _add_texts(info, null_binned, bins):
+    """``info``'s ``stats_text`` (what each statistic is) and ``notes`` (its caveats) for report.md."""
+    info["stats_text"] = STATS_TEXT.format(bins=bins, null_binned=null_binned, k=KSG_K, lo=INTERVAL[0],
+                                       hi=INTERVAL[1], n_boot=N_BOOT, n_perm=N_PERM, pmin=1 / (1 + N_PERM))
+    info["notes"] = notes_text(info, null_binned, bins)
+
+
+def _lap_clock(timings):
+    """``lap(stage)``: record in ``timings`` the seconds since the previous lap (or since now)."""
+    clock = [time.perf_counter()]
+
+    def lap(stage):
+        now = time.perf_counter()
+        timings[stage], clock[0] = now - clock[0], now
+
+    return lap
+
+
 def compute_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progress=None):
     """Compare the latent features of a run, and linear baselines, with template maps (no files written).
 
-    Every (method, feature, template) with method in galdecomp (the latent posterior means),
-    pca, ica, nmf (of the run's preprocessed input channels, same pixels, as many components
-    as features; NMF skipped if it does not converge) gets: Pearson, Spearman, binned MI,
-    KSG MI with a block-bootstrap interval and a block-permutation p-value. Per template and
-    method: the best feature, the held-out R^2 of the template from all features, the ceiling
-    R^2 from all input channels, and the one-to-one feature-template matching.
+    Every (method, feature, template), method galdecomp (the latent posterior means) or pca,
+    ica, nmf (of the run's preprocessed input channels, as many components as features; NMF
+    skipped if it does not converge): Pearson, Spearman, binned MI, KSG MI with a block-bootstrap
+    interval and a block-permutation p-value. Per template and method: the best feature, the
+    held-out R^2 from all features, the ceiling R^2 from all input channels, the matching.
 
     Parameters
     ----------
@@ -405,14 +313,8 @@ def compute_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progr
         than MIN_COMMON pixels with the run, bad ``bins``.
     """
     say = progress or (lambda msg: None)
-    clock, timings = time.perf_counter(), {}
-
-    def lap(stage):
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = now - clock
-        clock = now
-
+    timings = {}
+    lap = _lap_clock(timings)
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 2:
         raise InputError(f"bins: must be an integer >= 2, got {bins!r}")
     run_dir = os.path.abspath(run_dir)
@@ -423,34 +325,10 @@ def compute_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progr
     valid = np.isfinite(F).all(axis=0)
     if not valid.any():
         raise InputError(f"{os.path.join(run_dir, 'latent_mean.fits')}: no pixel with valid features")
-    say(f"templates {templates_catalog} at nside {nside}")
-    tset = load_catalog(templates_catalog, nside=nside)
-    T = Preprocessor.fit(tset).forward(tset.values)
-    T[:, ~valid] = np.nan
-    for name, c in zip(tset.names, np.isfinite(T).sum(axis=1)):
-        if c < MIN_COMMON:
-            what = "no pixel" if c == 0 else f"only {c} pixels"
-            raise InputError(f"{templates_catalog}: map '{name}': {what} in common with the run "
-                             f"{run_dir} (at least {MIN_COMMON} needed)")
-    say(f"input channels of the run ({run['catalog']})")
-    try:
-        inputs = load_catalog(run["catalog"], nside=nside,
-                              fwhm_arcmin=((run["config"] or {}).get("data") or {}).get("fwhm_arcmin"))
-    except InputError as e:
-        raise InputError(f"{e} (input catalog of the run {run_dir})") from None
-    X = Preprocessor.fit(inputs).forward(inputs.values)
-    X[:, ~valid] = np.nan
+    tset, T, inputs, X = _compared_maps(run, run_dir, templates_catalog, valid, say)
     lap("load")
-
-    say(f"linear baselines (PCA, ICA, NMF) with {len(names)} components")
-    comps, skipped = linear_baselines(X[:, valid], len(names), seed=seed, log=say)
-    methods = {"galdecomp": (names, F)}
-    for m, c in comps.items():
-        full = np.full((len(c), F.shape[1]), np.nan)
-        full[:, valid] = c
-        methods[m] = (component_names(m, len(c)), full)
+    methods, skipped = _methods(names, F, X, valid, seed, say)
     lap("baselines")
-
     res = BlockResampler(nside, KSG_PIXELS, N_BOOT, N_PERM, seed)
     ranks, corr = _Ranks(), []
     for m, (mnames, maps) in methods.items():
@@ -459,31 +337,20 @@ def compute_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progr
     lap("pairs")
 
     say("held-out R^2 from all features and all channels (gradient boosting)")
-    r2 = {}
-    for j, t in enumerate(tset.names):
-        train, test = block_split(nside, np.isfinite(T[j]), seed)
-        r2[(t, "channels")] = heldout_r2(X.T, T[j], train, test, seed, R2_TRAIN_PIXELS, R2_TEST_PIXELS)
-        for m, (_, maps) in methods.items():
-            r2[(t, m)] = heldout_r2(maps.T, T[j], train, test, seed, R2_TRAIN_PIXELS, R2_TEST_PIXELS)
+    r2 = _heldout_r2s(methods, tset.names, T, X, nside, seed)
     lap("r2")
 
     cm = {(r["method"], r["feature"], r["template"]): r for r in corr}
     matches, summary = _summary(methods, tset.names, T, cm, r2, res)
-    idx = block_index(nside)
-    null_binned = float(np.nanmedian([_null_binned(F[names.index(s["best_feature"])],
-                                                   T[tset.names.index(s["template"])], idx, res.perms[0], bins)
-                                      for s in summary if s["method"] == "galdecomp"]))
+    null_binned = _median_null_binned(summary, names, F, tset.names, T, nside, res.perms[0], bins)
     lap("summary")
 
     info = dict(run_dir=run_dir, names=names, nside=nside, n_pixels=int(valid.sum()),
                 catalog=run["catalog"], n_channels=inputs.n_features, templates=tset.names,
                 templates_catalog=os.path.abspath(templates_catalog), methods=list(methods),
                 skipped=skipped, ksg_pixels=res.n_pixels, n_blocks=res.index.shape[0],
-                nside_block=res.nside_block)
-    info["unused"] = _unused(run["significance"])
-    info["stats_text"] = _STATS.format(bins=bins, null_binned=null_binned, k=KSG_K, lo=INTERVAL[0],
-                                       hi=INTERVAL[1], n_boot=N_BOOT, n_perm=N_PERM, pmin=1 / (1 + N_PERM))
-    info["notes"] = _notes(info, null_binned, bins)
+                nside_block=res.nside_block, unused=_unused(run["significance"]))
+    _add_texts(info, null_binned, bins)
     result = dict(out=out, correlations=corr, summary=summary, matches=matches, methods=list(methods),
                   skipped=skipped, nside=nside, n_pixels=int(valid.sum()), ksg_pixels=res.n_pixels,
                   timings=timings)
@@ -511,10 +378,10 @@ def write_report(result, parts, progress=None):
         write_text(os.path.join(tmp, "correlations.csv"), format_table(crow, CORRELATION_COLUMNS, "csv"))
         write_text(os.path.join(tmp, "summary.csv"), format_table(srow, SUMMARY_COLUMNS, "csv"))
         say("plots")
-        figures = _figures(pdir, parts["methods"], parts["templates"], parts["T"], summary, parts["cm"],
+        figures = write_figures(pdir, parts["methods"], parts["templates"], parts["T"], summary, parts["cm"],
                            parts["info"].get("unused", set()))
         write_text(os.path.join(tmp, "report.md"),
-                   _markdown(parts["info"], corr, summary, result["matches"], parts["significance"], figures))
+                   report_markdown(parts["info"], corr, summary, result["matches"], parts["significance"], figures))
         for f in ["correlations.csv", "summary.csv", "report.md"]:
             paths[f] = os.path.join(out, f)
         paths["plots"] = os.path.join(out, "plots")
@@ -541,56 +408,3 @@ def _summary(methods, templates, T, cm, r2, res):
                              mi_gauss_all_channels=g2[(t, "channels")][1],
                              matched_feature=mf, matched_mi_ksg=cm[(m, mf, t)]["mi_ksg"] if mf else np.nan))
     return matches, rows
-
-
-def _figures(pdir, methods, tset, T, summary, cm, unused=frozenset()):
-    """All PNGs (galdecomp features in ``unused`` labelled so); returns {template: (maps png, hist2d png)}."""
-    from .plots import mollview_grid
-
-    names, F = methods["galdecomp"]
-    label = _labeller(unused)
-    for m, (mnames, _) in methods.items():
-        mi = np.array([[cm[(m, f, t)]["mi_ksg"] for t in tset.names] for f in mnames])
-        rows = [label(f) for f in mnames] if m == "galdecomp" else mnames
-        _plot_heatmap(mi, rows, tset.names, f"{m}: KSG mutual information [nats]",
-                      os.path.join(pdir, "mi_heatmap.png" if m == "galdecomp" else f"mi_heatmap_{m}.png"),
-                      annotate=m == "galdecomp")
-    figures = {}
-    for j, (t, tr) in enumerate(zip(tset.names, tset.transforms)):
-        s = next(r for r in summary if r["template"] == t and r["method"] == "galdecomp")
-        f = s["best_feature"]
-        x = F[names.index(f)]
-        r = cm[("galdecomp", f, t)]
-        text = f"MI {_fmt(r['mi_ksg'], '.2f')} nats, r {_fmt(r['pearson'], '+.2f')}"
-        maps_png, hist_png = f"maps_{_safe(t)}.png", f"hist2d_{_safe(t)}.png"
-        mollview_grid(np.stack([T[j], x]), [f"{t} ({tr}, standardised)", f"{label(f)} ({text})"],
-                      os.path.join(pdir, maps_png), ncols=2)
-        _plot_hist2d(x, T[j], f"{label(f)} (posterior mean)", f"{t} ({tr}, standardised)",
-                     f"{t} vs {label(f)}: {text}", os.path.join(pdir, hist_png))
-        figures[t] = (maps_png, hist_png)
-    return figures
-
-
-def _notes(info, null_binned, bins):
-    return (
-        f"- The KSG estimate, its interval and the p-value use a subsample of {info['ksg_pixels']} of the "
-        f"{info['n_pixels']} pixels (KSG on all pixels of every pair would take minutes); neighbouring "
-        f"pixels of smooth maps carry little extra information, and `benchmarks/bench_report.py` prints "
-        f"the difference from the all-pixel estimate for a few pairs.\n"
-        f"- The bootstrap keeps the KSG neighbour counts of the subsample fixed (a bootstrap that recomputes "
-        f"them would put duplicated pixels at distance 0 and inflate the MI); for independent samples its "
-        f"spread agrees with the true scatter of the estimator to ~20 %.\n"
-        f"- Blocks are the coarse HEALPix pixels at nside {info['nside_block']}. Block permutation breaks "
-        f"the dependence between maps but keeps each map's structure inside a block; two maps that both "
-        f"follow Galactic latitude are dependent in this sense. It treats blocks as independent: for maps "
-        f"correlated over a block or more it is anti-conservative (independent Gaussian fields smoothed "
-        f"to 20 degrees FWHM at nside 16 gave p < 0.05 in ~26 % of pairs; see `benchmarks/bench_report.py "
-        f"--calibration`), and the bootstrap interval is then too narrow (68 % intervals covered the truth "
-        f"in 79 % of pairs at 5 degrees, 54 % at 20 degrees). The rotation test (p_value_rotation) keeps "
-        f"all spatial correlations and stayed at <= 5 % false positives.\n"
-        f"- p-values are not corrected for the {len(info['names']) * len(info['templates'])} tests "
-        f"per method.\n"
-        f"- Milosevic et al. (2021) report MI 1.72 nats (512-bin histogram) and Pearson 0.98 between a "
-        f"feature and the Planck dust map. A {bins}-bin plug-in MI is biased upward on few pixels "
-        f"(median {null_binned:.2f} nats here on block-permuted, independent pairs), so compare their "
-        f"Pearson with abs_pearson and mi_ksg with -log(1 - 0.98^2)/2 = 1.61 nats.")
