@@ -22,10 +22,14 @@ def load(run_dir):
 
 def __getattr__(name):
     """``galdecomp.TrainedModel`` and ``galdecomp.LatentMaps``, imported on first use."""
-    if name in ("TrainedModel", "LatentMaps"):
-        from .inference import trained
+    if name == "TrainedModel":
+        from .inference.trained import TrainedModel
 
-        return getattr(trained, name)
+        return TrainedModel
+    if name == "LatentMaps":
+        from .inference.latent_maps import LatentMaps
+
+        return LatentMaps
     raise AttributeError(f"module 'galdecomp' has no attribute {name!r}")
 
 

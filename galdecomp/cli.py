@@ -227,7 +227,7 @@ def cmd_reconstruct(args, comm):
 def cmd_transform(args, comm):
     _one_process(comm, args.command)
     from .fileio import folder_lock
-    from .inference.trained import write_transform
+    from .inference.latent_density import write_transform
     from .products.generate import refit_transform
 
     trained = _load_run(args.run)

@@ -332,7 +332,7 @@ def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm, root=0):
     str or None
         The path written, on ``root``; None elsewhere (and for ``method: none``).
     """
-    from .inference.trained import write_transform
+    from .inference.latent_density import write_transform
     from .products.generate import aggregate_draws, fit_latent_density
 
     method = cfg["transform"]["method"]

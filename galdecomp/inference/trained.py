@@ -16,7 +16,6 @@ existed are read from their ``checkpoint.npz`` and ``noise.csv``.
 import csv
 import json
 import os
-from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,51 +26,19 @@ from ..model.prior import STANDARD_NORMAL
 from ..preprocessing import Preprocessor
 from ..versions import versions as current_versions
 from .conditional import latent_map
+from .latent_density import TRANSFORM_FILE, PriorDensity, read_transform
+from .latent_maps import encode_maps
 from .config import resolve_config, with_former_defaults
 
-__all__ = ["TrainedModel", "LatentMaps", "feature_names", "load", "MODEL_FILE", "TRANSFORM_FILE"]
+__all__ = ["TrainedModel", "load", "MODEL_FILE", "TRANSFORM_FILE"]
 
 #: the trained model inside a run folder
 MODEL_FILE = "model.npz"
 #: the latent transform fitted to the aggregate posterior (optional)
-TRANSFORM_FILE = "latent_transform.npz"
 
 
 def _bad(path, why):
     return InputError(f"{path}: {why}")
-
-
-def feature_names(n):
-    """Column names of the latent maps: feature_01, feature_02, ..."""
-    return [f"feature_{i + 1:02d}" for i in range(n)]
-
-
-@dataclass
-class LatentMaps:
-    """HEALPix maps of the latent features (:meth:`TrainedModel.encode_maps`).
-
-    Attributes
-    ----------
-    mean : ndarray, shape (L, npix)
-        Posterior mean of feature_01, feature_02, ... (by significance, as the run's
-        ``latent_mean.fits``).
-    std : ndarray, shape (L, npix)
-        Posterior standard deviation (as ``latent_std.fits``).
-    names : list of str
-        ``feature_01``, ``feature_02``, ...
-    nside : int
-    nest : bool
-        Pixel ordering of ``mean`` and ``std``: NESTED if true (that of the run's FITS files).
-    latent_index : ndarray of int, shape (L,)
-        The model's latent index of each feature (:attr:`TrainedModel.feature_order`).
-    """
-
-    mean: np.ndarray
-    std: np.ndarray
-    names: list
-    nside: int
-    nest: bool
-    latent_index: np.ndarray
 
 
 class TrainedModel:
@@ -365,77 +332,7 @@ class TrainedModel:
             The run was not fitted to a sky; a channel unknown to the run, or missing (without
             ``allow_missing``); maps of different sizes or not HEALPix.
         """
-        import healpy as hp
-
-        rows, nside = self._map_rows(maps, input_nest, allow_missing)
-        mean, std = self.encode(rows)
-        order = self.feature_order
-        mean, std = mean[:, order].T, std[:, order].T
-        if not nest:
-            ring = hp.ring2nest(nside, np.arange(12 * nside * nside))
-            mean, std = mean[:, ring], std[:, ring]
-        return LatentMaps(np.ascontiguousarray(mean), np.ascontiguousarray(std), feature_names(len(order)),
-                          nside, bool(nest), order.copy())
-
-    def _map_rows(self, maps, input_nest, allow_missing):
-        """Rows (NESTED pixels) x the run's channels in physical units, and the nside, for
-        :meth:`encode_maps`."""
-        import healpy as hp
-
-        from ..catalog import load_catalog, read_catalog, select_maps, unseen_to_nan
-
-        if self.data.get("kind") != "sky":
-            raise InputError(f"encode_maps: the run was fitted to a {self.data.get('kind')}, not to maps "
-                             f"(use encode)")
-        C = self.n_features
-        if isinstance(maps, (str, os.PathLike)):
-            path = os.fspath(maps)
-            cat = read_catalog(path)
-            entries = select_maps(cat, self.names, allow_missing=allow_missing)
-            present = [e for e in entries if e is not None]
-            if not present:
-                raise InputError(f"{path}: none of the run's channels ({', '.join(self.names[:4])}, ...)")
-            nside = int(self.data["nside"])
-            ds = load_catalog(replace(cat, nside=nside, maps=present), nside=nside, nest=True,
-                              fwhm_arcmin=self.target_fwhm())
-            rows = np.full((ds.n_samples, C), np.nan)
-            rows[:, [self.names.index(e.name) for e in present]] = ds.values.T
-            return rows, nside
-        if isinstance(maps, dict):
-            unknown = [k for k in maps if k not in self.names]
-            if unknown:
-                raise InputError(f"encode_maps: '{unknown[0]}' is not a channel of the run "
-                                 f"({', '.join(self.names[:4])}, ...)")
-            absent = [n for n in self.names if n not in maps]
-            if absent and not allow_missing:
-                more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-                raise InputError(f"encode_maps: no map for channel '{absent[0]}'{more} of the run "
-                                 f"(allow_missing=True treats it as missing)")
-            arrays = [maps.get(n) for n in self.names]
-        else:
-            a = np.asarray(maps)
-            if a.ndim != 2 or len(a) != C:
-                raise InputError(f"encode_maps: an array of maps must have shape (C, npix) with C = {C} "
-                                 f"(the run's channels), got {a.shape}")
-            arrays = list(a)
-        sizes = {np.shape(v) for v in arrays if v is not None}
-        if not sizes:
-            raise InputError("encode_maps: no maps given")
-        if len(sizes) > 1:
-            raise InputError(f"encode_maps: maps of different shapes {sorted(sizes)}")
-        shape = sizes.pop()
-        if len(shape) != 1 or not hp.isnpixok(shape[0]):
-            raise InputError(f"encode_maps: a map of shape {shape} is not a full HEALPix map")
-        npix = shape[0]
-        nside = hp.npix2nside(npix)
-        rows = np.full((npix, C), np.nan)
-        for c, v in enumerate(arrays):
-            if v is not None:
-                rows[:, c] = v
-        unseen_to_nan(rows)
-        if not input_nest:
-            rows = rows[hp.nest2ring(nside, np.arange(npix))]
-        return rows, nside
+        return encode_maps(self, maps, nest, input_nest, allow_missing)
 
     def decode(self, z, physical=True):
         """Decoder output ``f(z)`` for latents (P, L): physical units, or standardised."""
@@ -448,7 +345,7 @@ class TrainedModel:
 
     def _latent_source(self, source):
         if source == "prior":
-            return _PriorDensity(self.prior, self.latent_dim)
+            return PriorDensity(self.prior, self.latent_dim)
         if source == "transformed":
             if self.transform is None:
                 raise InputError(f"the run has no latent transform ({TRANSFORM_FILE}): "
@@ -587,42 +484,6 @@ class TrainedModel:
             res["samples"] = latent_posterior_samples(self.model, self.params, y, m, res["mean"], "mgvi",
                                                       n_samples, 1, seed=seed)
         return res
-
-
-class _PriorDensity:
-    """A LatentPrior with the density interface of :mod:`galdecomp.model.latent_transform`."""
-
-    def __init__(self, prior, latent_dim):
-        self.prior, self.latent_dim = prior, latent_dim
-
-    def log_density(self, z):
-        return self.prior.log_density(z)
-
-    def sample(self, n, rng):
-        return self.prior.sample(n, self.latent_dim, rng)
-
-
-def read_transform(run_dir):
-    """The latent density of ``run_dir/latent_transform.npz``, or None without one."""
-    from ..model.latent_transform import load_density
-
-    path = os.path.join(run_dir, TRANSFORM_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, "rb") as fh, np.load(fh) as f:
-            return load_density(dict(f))
-    except Exception as e:
-        raise _bad(path, f"not a galdecomp latent transform or unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
-
-
-def write_transform(run_dir, density):
-    """Write ``run_dir/latent_transform.npz`` atomically; returns its path."""
-    path = os.path.join(run_dir, TRANSFORM_FILE)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **density.to_arrays())
-    return path
 
 
 def _significance_order(run_dir):

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import __version__
 from ..fileio import atomic_path, write_healpix_fits, write_text
-from ..inference.trained import feature_names
+from ..inference.latent_maps import feature_names
 from .plots import mollview_grid, plot_history, plot_residual_summary
 from .tables import format_table
 
