@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import healpy as hp
 import numpy as np
 
-from .fields import (angular_distance_deg, blob, gaussian_field, lobe_mask, lognormal_field,
-                     power_law_cl, ring_profile, rng_for, shell_profile, sky_coords)
+from .fields import (SkyGeometry, angular_distance_deg, blob, gaussian_field, lobe_mask, lognormal_field,
+                     ring_profile, rng_for, shell_profile)
 from .morphology import TARGETS, fit_template
 
 __all__ = ["H_PLANCK", "K_BOLTZMANN", "C_LIGHT", "T_CMB_K", "EV_HZ", "planck_bnu",
@@ -309,6 +309,93 @@ class Galaxy:
         return {name: (m, unit, desc, freq) for name, m, unit, freq, desc in rows}
 
 
+def _gas_column(g, g_gas):
+    """Gas column [cm^-2]: local csc-law layer, disk, molecular ring, nearby cloud complexes,
+    clumps (the log-normal field ``g_gas``)."""
+    l, b, thin = g.l, g.b, g.thin
+    clouds = sum(a * blob(l, b, lc, bc, s) for lc, bc, s, a in [
+        (-151, -19, 6, 3e21), (170, -15, 6, 2.5e21), (160, -20, 5, 2e21), (-5, 17, 5, 4e21),
+        (115, 18, 7, 1.5e21), (-60, -16, 4, 2e21), (-20, 15, 5, 1.5e21), (28, 5, 8, 3e21)])
+    return (2.0e20 / np.sqrt(g.sin_b ** 2 + np.sin(np.radians(3.0)) ** 2)
+            + 8e21 * thin(1.5) * (0.4 + 0.6 * np.exp(-(l / 60.0) ** 2))
+            + 4e22 * thin(0.7) * np.exp(-(l / 30.0) ** 2) + clouds) \
+        * np.exp(0.55 * g_gas - 0.5 * 0.55 ** 2)
+
+
+def _synchrotron(g, bubbles):
+    """Synchrotron at 408 MHz [K]: halo, thick and thin disk, Galactic-centre region, Cygnus,
+    haze, radio loops. Returns the smooth part, the North Polar Spur's weight and the total."""
+    l, b, thin = g.l, g.b, g.thin
+    smooth = 8.0 + 12 * np.exp(-(g.theta_gc / 50.0) ** 2) \
+        + 45 * np.exp(-np.abs(b) / 4.0) * (0.35 + 0.65 * np.exp(-(l / 60.0) ** 2)) \
+        + 120 * thin(1.0) * np.exp(-(l / 35.0) ** 2) + 300 * blob(l, b, 0, 0, 1.5)
+    north = 0.5 * (1 + np.tanh(b / 6.0))
+    nps = 0.15 + 0.85 * north * np.exp(-0.5 * ((l - 25.0) / 25.0) ** 2)  # North Polar Spur
+    loops = 30 * shell_profile(angular_distance_deg(l, b, -31, 17.5), 58, 3) * nps \
+        + 5 * shell_profile(angular_distance_deg(l, b, 100, -32.5), 45.5, 3) \
+        + 4 * shell_profile(angular_distance_deg(l, b, 124, 15.5), 32.5, 3) \
+        + 3 * shell_profile(angular_distance_deg(l, b, -45, 48.5), 19.8, 2.5)
+    sync_408 = (smooth + loops + 40 * blob(l, b, 80, 0, 3) + 2 * bubbles) \
+        * lognormal_field(g.seed, "sync_clumps", g.nside, -3.0, 0.15)
+    return smooth, nps, sync_408
+
+
+def _emission_measure(g, g_em):
+    """Warm ionised gas [pc cm^-6]: csc-law layer, disk HII regions, named nebulae, clumps tied
+    to the gas (``g_em``)."""
+    l, b, thin = g.l, g.b, g.thin
+    return (2.5 / np.sqrt(g.sin_b ** 2 + np.sin(np.radians(4.0)) ** 2)
+            + 600 * thin(1.5) * (0.3 + 0.7 * np.exp(-(l / 40.0) ** 2))
+            + 2500 * thin(0.5) * np.exp(-(l / 30.0) ** 2)
+            + 40 * blob(l, b, -98, -2, 9) + 80 * ring_profile(angular_distance_deg(l, b, -153, -17), 7, 1.5)
+            + 500 * blob(l, b, 80, 0, 3) + 800 * blob(l, b, -73, -1, 1.5) + 40 * blob(l, b, 6, 23, 4)) \
+        * np.exp(0.8 * g_em - 0.5 * 0.8 ** 2)
+
+
+def _dust(g, n_h, em, use):
+    """Dust: optical depth at 353 GHz from the gas times a dust-to-gas variation (``use``: the
+    template rule of :func:`make_galaxy`); temperature warmer in the inner Galaxy and near HII
+    regions, colder in dense clouds; spectral index anti-correlated with the temperature."""
+    tau353 = TAU353_PER_NH * n_h * (1 + 0.3 * g.inner(60, 10)) \
+        * lognormal_field(g.seed, "dust_to_gas", g.nside, -2.5, 0.12)
+    tau353 = use("tau353", tau353)
+    t_dust = np.clip(19.0 + 2.5 * g.inner(40, 8) + 2.0 * em / (em + 300.0)
+                     - 1.5 * np.log10(np.maximum(n_h / 1e21, 1.0)) + 1.0 * g.gauss("dust_temperature", -3.0),
+                     14.0, 26.0)
+    beta_dust = np.clip(1.55 - 0.025 * (t_dust - 19.0) + 0.07 * g.gauss("dust_beta", -3.0), 1.3, 1.9)
+    return tau353, t_dust, beta_dust
+
+
+def _cmb(g):
+    """CMB temperature [K] with a Gaussian beam of the pixel size."""
+    fwhm = np.radians(1.0) * 64 / g.nside
+    ell = np.arange(g.lmax + 1)
+    cl = cmb_cl(g.lmax) * np.exp(-ell * (ell + 1) * (fwhm / np.sqrt(8 * np.log(2))) ** 2)
+    return gaussian_field(cl, g.nside, rng_for(g.seed, "cmb"))
+
+
+def _xray_bubbles(g, nps):
+    """Emission measure of the X-ray bubbles and the North Polar Spur (weight ``nps``)."""
+    l, b = g.l, g.b
+    return (6e-3 * (shell_profile(angular_distance_deg(l, b, 0, 42), 40, 10)
+                    + 0.8 * shell_profile(angular_distance_deg(l, b, 0, -40), 37, 10))
+            + 8e-3 * shell_profile(angular_distance_deg(l, b, -31, 17.5), 58, 8) * nps) \
+        * lognormal_field(g.seed, "xray_bubbles", g.nside, -2.5, 0.3)
+
+
+def _radio_sources(nside, seed):
+    """Radio point sources: Euclidean counts above 0.5 Jy at 1.4 GHz, steep or flat spectra.
+    Returns pixels, fluxes [Jy] and spectral indices."""
+    rng = rng_for(seed, "radio_sources")
+    n_src = 400
+    z, phi = rng.uniform(-1, 1, n_src), rng.uniform(0, 2 * np.pi, n_src)
+    src_pix = hp.ang2pix(nside, np.arccos(z), phi)
+    src_flux = np.minimum(0.5 * rng.uniform(0, 1, n_src) ** (-1 / 1.5), 50.0)
+    steep = rng.uniform(0, 1, n_src) < 0.7
+    src_alpha = np.where(steep, rng.normal(-0.8, 0.15, n_src), rng.normal(-0.1, 0.25, n_src))
+    return src_pix, src_flux, src_alpha
+
+
 def make_galaxy(nside, seed=0, templates=None):
     """Draw the latent physical maps of a simulated Galaxy.
 
@@ -342,25 +429,11 @@ def make_galaxy(nside, seed=0, templates=None):
         used[comp] = {"map": name, "scale": scale, "filled": n_filled}
         return values
 
-    l, b = sky_coords(nside)
-    lmax = 3 * nside - 1
-    sin_b = np.abs(np.sin(np.radians(b)))
-    gauss = lambda name, slope: gaussian_field(power_law_cl(lmax, slope), nside, rng_for(seed, name))
-    inner = lambda l_w, b_w: np.exp(-(l / l_w) ** 2 - (b / b_w) ** 2)
-    theta_gc = angular_distance_deg(l, b, 0.0, 0.0)
-    b_warp = 2.0 * np.sin(np.radians(l)) * (l / 180.0) ** 2  # outer-disk warp
-    thin = lambda h_deg: np.exp(-np.abs(b - b_warp) / h_deg)
+    g = SkyGeometry(nside, seed)
+    l, b, gauss, inner = g.l, g.b, g.gauss, g.inner
 
-    # Gas column: local csc-law layer, disk, molecular ring, nearby cloud complexes, clumps.
     g_gas = gauss("gas_clouds", -2.7)
-    clouds = sum(a * blob(l, b, lc, bc, s) for lc, bc, s, a in [
-        (-151, -19, 6, 3e21), (170, -15, 6, 2.5e21), (160, -20, 5, 2e21), (-5, 17, 5, 4e21),
-        (115, 18, 7, 1.5e21), (-60, -16, 4, 2e21), (-20, 15, 5, 1.5e21), (28, 5, 8, 3e21)])
-    n_h = (2.0e20 / np.sqrt(sin_b ** 2 + np.sin(np.radians(3.0)) ** 2)
-           + 8e21 * thin(1.5) * (0.4 + 0.6 * np.exp(-(l / 60.0) ** 2))
-           + 4e22 * thin(0.7) * np.exp(-(l / 30.0) ** 2) + clouds) \
-        * np.exp(0.55 * g_gas - 0.5 * 0.55 ** 2)
-    n_h = use("n_h", n_h)
+    n_h = use("n_h", _gas_column(g, g_gas))
 
     # Cosmic rays: denser and harder toward the inner Galaxy, depleted in the outer Galaxy.
     cr = 1.0 + 1.6 * inner(40, 10) - 0.3 * np.exp(-((np.abs(l) - 180) / 60.0) ** 2 - (b / 10.0) ** 2) \
@@ -371,77 +444,36 @@ def make_galaxy(nside, seed=0, templates=None):
     # Fermi-bubble lobes (gamma rays, microwave haze).
     bubbles = lobe_mask(l, b, 0, 25, 20, 27) + lobe_mask(l, b, 0, -25, 20, 27)
 
-    # Synchrotron: halo, thick and thin disk, Galactic-centre region, Cygnus, haze, radio loops.
-    smooth = 8.0 + 12 * np.exp(-(theta_gc / 50.0) ** 2) \
-        + 45 * np.exp(-np.abs(b) / 4.0) * (0.35 + 0.65 * np.exp(-(l / 60.0) ** 2)) \
-        + 120 * thin(1.0) * np.exp(-(l / 35.0) ** 2) + 300 * blob(l, b, 0, 0, 1.5)
-    north = 0.5 * (1 + np.tanh(b / 6.0))
-    nps = 0.15 + 0.85 * north * np.exp(-0.5 * ((l - 25.0) / 25.0) ** 2)  # North Polar Spur
-    loops = 30 * shell_profile(angular_distance_deg(l, b, -31, 17.5), 58, 3) * nps \
-        + 5 * shell_profile(angular_distance_deg(l, b, 100, -32.5), 45.5, 3) \
-        + 4 * shell_profile(angular_distance_deg(l, b, 124, 15.5), 32.5, 3) \
-        + 3 * shell_profile(angular_distance_deg(l, b, -45, 48.5), 19.8, 2.5)
-    sync_408 = (smooth + loops + 40 * blob(l, b, 80, 0, 3) + 2 * bubbles) \
-        * lognormal_field(seed, "sync_clumps", nside, -3.0, 0.15)
+    smooth, nps, sync_408 = _synchrotron(g, bubbles)
     sync_408 = use("sync_408", sync_408)
     sync_beta = np.clip(-2.78 + 0.10 * np.exp(-np.abs(b) / 8.0) + 0.1 * bubbles
                         + 0.08 * gauss("sync_beta", -3.0), -3.2, -2.45)
     sync_curv = np.clip(-0.035 + 0.01 * gauss("sync_curvature", -3.0), -0.07, 0.0)
 
-    # Warm ionised gas: csc-law layer, disk HII regions, named nebulae, clumps tied to the gas.
     g_em = 0.5 * g_gas + np.sqrt(0.75) * gauss("em_clumps", -2.5)
-    em = (2.5 / np.sqrt(sin_b ** 2 + np.sin(np.radians(4.0)) ** 2)
-          + 600 * thin(1.5) * (0.3 + 0.7 * np.exp(-(l / 40.0) ** 2))
-          + 2500 * thin(0.5) * np.exp(-(l / 30.0) ** 2)
-          + 40 * blob(l, b, -98, -2, 9) + 80 * ring_profile(angular_distance_deg(l, b, -153, -17), 7, 1.5)
-          + 500 * blob(l, b, 80, 0, 3) + 800 * blob(l, b, -73, -1, 1.5) + 40 * blob(l, b, 6, 23, 4)) \
-        * np.exp(0.8 * g_em - 0.5 * 0.8 ** 2)
-    em = use("em", em)
+    em = use("em", _emission_measure(g, g_em))
 
-    # Dust: optical depth from gas times a dust-to-gas variation; T_d warmer in the inner Galaxy
-    # and near HII regions, colder in dense clouds; beta anti-correlated with T_d.
-    tau353 = TAU353_PER_NH * n_h * (1 + 0.3 * inner(60, 10)) \
-        * lognormal_field(seed, "dust_to_gas", nside, -2.5, 0.12)
-    tau353 = use("tau353", tau353)
-    t_dust = np.clip(19.0 + 2.5 * inner(40, 8) + 2.0 * em / (em + 300.0)
-                     - 1.5 * np.log10(np.maximum(n_h / 1e21, 1.0)) + 1.0 * gauss("dust_temperature", -3.0),
-                     14.0, 26.0)
-    beta_dust = np.clip(1.55 - 0.025 * (t_dust - 19.0) + 0.07 * gauss("dust_beta", -3.0), 1.3, 1.9)
+    tau353, t_dust, beta_dust = _dust(g, n_h, em, use)
 
     # AME tied to dust and radiation field; peak frequency varies.
     ame_23 = use("ame_23", 10.0 * tau353 * (t_dust / 19.0) ** 2
                  * lognormal_field(seed, "ame_emissivity", nside, -3.0, 0.2))
     ame_peak_hz = 25e9 * np.exp(0.08 * gauss("ame_peak", -3.0))
 
-    # CMB with a Gaussian beam of the pixel size.
-    fwhm = np.radians(1.0) * 64 / nside
-    ell = np.arange(lmax + 1)
-    cl = cmb_cl(lmax) * np.exp(-ell * (ell + 1) * (fwhm / np.sqrt(8 * np.log(2))) ** 2)
-    cmb_k = gaussian_field(cl, nside, rng_for(seed, "cmb"))
+    cmb_k = _cmb(g)
 
     # Inverse Compton from the synchrotron electrons in the interstellar radiation field.
-    isrf = 1.0 + 3.0 * np.exp(-(theta_gc / 25.0) ** 2) + 1.5 * np.exp(-np.abs(b) / 5.0)
+    isrf = 1.0 + 3.0 * np.exp(-(g.theta_gc / 25.0) ** 2) + 1.5 * np.exp(-np.abs(b) / 5.0)
     ic_amp = use("ic_amp", 2.5e-7 * (smooth / 10.0) * isrf)
     ic_index = np.clip(-sync_beta - 0.45, 2.1, 2.7)
 
     # Hot gas: local bubble (unabsorbed), patchy halo, X-ray bubbles and the North Polar Spur.
-    xem_local = use("xem_local", 4e-3 * (0.7 + 0.6 * sin_b)
+    xem_local = use("xem_local", 4e-3 * (0.7 + 0.6 * g.sin_b)
                     * lognormal_field(seed, "xray_local", nside, -3.0, 0.1))
-    xem_halo = use("xem_halo", 2e-3 * (1 + 1.5 * np.exp(-(theta_gc / 40.0) ** 2))
+    xem_halo = use("xem_halo", 2e-3 * (1 + 1.5 * np.exp(-(g.theta_gc / 40.0) ** 2))
                    * lognormal_field(seed, "xray_halo", nside, -2.5, 0.3))
-    xem_bubbles = (6e-3 * (shell_profile(angular_distance_deg(l, b, 0, 42), 40, 10)
-                           + 0.8 * shell_profile(angular_distance_deg(l, b, 0, -40), 37, 10))
-                   + 8e-3 * shell_profile(angular_distance_deg(l, b, -31, 17.5), 58, 8) * nps) \
-        * lognormal_field(seed, "xray_bubbles", nside, -2.5, 0.3)
-
-    # Radio point sources: Euclidean counts above 0.5 Jy at 1.4 GHz, steep or flat spectra.
-    rng = rng_for(seed, "radio_sources")
-    n_src = 400
-    z, phi = rng.uniform(-1, 1, n_src), rng.uniform(0, 2 * np.pi, n_src)
-    src_pix = hp.ang2pix(nside, np.arccos(z), phi)
-    src_flux = np.minimum(0.5 * rng.uniform(0, 1, n_src) ** (-1 / 1.5), 50.0)
-    steep = rng.uniform(0, 1, n_src) < 0.7
-    src_alpha = np.where(steep, rng.normal(-0.8, 0.15, n_src), rng.normal(-0.1, 0.25, n_src))
+    xem_bubbles = _xray_bubbles(g, nps)
+    src_pix, src_flux, src_alpha = _radio_sources(nside, seed)
 
     return Galaxy(nside=nside, seed=seed, n_h=n_h, cr_density=cr, hadronic_index=hadronic_index,
                   sync_408=sync_408, sync_beta=sync_beta, sync_curv=sync_curv,

@@ -13,7 +13,7 @@ import numpy as np
 from ..random import stream
 
 __all__ = ["rng_for", "sky_coords", "angular_distance_deg", "power_law_cl", "gaussian_field",
-           "lognormal_field", "shell_profile", "ring_profile", "lobe_mask", "blob"]
+           "lognormal_field", "shell_profile", "ring_profile", "lobe_mask", "blob", "SkyGeometry"]
 
 L_REF = 191  # multipole up to which fields are normalised to unit variance (3 * 64 - 1)
 
@@ -180,3 +180,28 @@ def lobe_mask(l_deg, b_deg, l0_deg, b0_deg, half_width_deg, half_height_deg, edg
 def blob(l_deg, b_deg, l0_deg, b0_deg, sigma_deg):
     """Gaussian blob of peak 1 and angular dispersion ``sigma_deg`` centred at (l0, b0)."""
     return np.exp(-0.5 * (angular_distance_deg(l_deg, b_deg, l0_deg, b0_deg) / sigma_deg) ** 2)
+
+
+class SkyGeometry:
+    """Galactic coordinates of every pixel and the field shapes the components of
+    :func:`galdecomp.simulation.components.make_galaxy` share."""
+
+    def __init__(self, nside, seed):
+        self.nside, self.seed = nside, seed
+        self.l, self.b = sky_coords(nside)
+        self.lmax = 3 * nside - 1
+        self.sin_b = np.abs(np.sin(np.radians(self.b)))
+        self.theta_gc = angular_distance_deg(self.l, self.b, 0.0, 0.0)
+        self.b_warp = 2.0 * np.sin(np.radians(self.l)) * (self.l / 180.0) ** 2  # outer-disk warp
+
+    def gauss(self, name, slope):
+        """A unit Gaussian random field of power-law spectrum ``l^slope`` from the stream ``name``."""
+        return gaussian_field(power_law_cl(self.lmax, slope), self.nside, rng_for(self.seed, name))
+
+    def inner(self, l_w, b_w):
+        """A Gaussian bump on the Galactic centre, widths ``l_w``, ``b_w`` degrees."""
+        return np.exp(-(self.l / l_w) ** 2 - (self.b / b_w) ** 2)
+
+    def thin(self, h_deg):
+        """An exponential layer of scale height ``h_deg`` degrees about the warped disk."""
+        return np.exp(-np.abs(self.b - self.b_warp) / h_deg)
