@@ -224,6 +224,147 @@ def finished(state, cfg):
     return state.epoch >= cfg["max_epochs"] or plateau and state.since_best >= cfg["patience"]
 
 
+class _Loop:
+    """One call of :func:`train`: what its epochs and steps share, and the time they took."""
+
+    def __init__(self, objective, state, train_rows, valid_rows, cfg, seed, checkpoint, stop, step_scale):
+        self.objective, self.state, self.cfg = objective, state, cfg
+        self.train_rows, self.valid_rows = train_rows, valid_rows
+        self.checkpoint, self.stop, self.step_scale = checkpoint, stop, step_scale
+        self.bs = int(cfg["batch_size"])
+        self.warmup = int(cfg.get("kl_warmup_epochs", 0))
+        self.cosine = cfg.get("schedule", "plateau") == "cosine"
+        self.lr0 = float(cfg["learning_rate"])
+        self.select = cfg.get("select", "mean")
+        self.val_xi = stream(seed, "training", "validation").standard_normal((valid_rows.size, objective.latent_dim))
+        self.t_start, self.epoch0 = time.perf_counter(), state.epoch
+        self.t_saved = self.t_start
+        self.comm = getattr(objective, "comm", None) or SerialComm()
+        self.n_par = state.params.size
+        self.part = self.comm.vector_block(self.n_par)
+        self.sec = dict.fromkeys(("gradient", "optimiser", "params_gather", "checks", "validation", "checkpoint"),
+                                 0.0)
+        self.sec.update(steps=0, epochs=0)
+
+    def gather_moments(self):
+        """Every rank's block of the Adam moments gathered (for a checkpoint)."""
+        if self.comm.size > 1:
+            adam, part = self.state.adam, self.part
+            adam.m = self.comm.allgather_blocks(adam.m[part], self.n_par)
+            adam.v = self.comm.allgather_blocks(adam.v[part], self.n_par)
+
+    def epoch(self):
+        """One epoch, or the rest of one (resuming inside it), with its validation and checkpoint;
+        returns the signal to stop on after it, or None (inside it: raises JobStopped)."""
+        state, cfg = self.state, self.cfg
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state.rng_state
+        t0 = time.perf_counter() - state.epoch_seconds
+        order = epoch_order(rng, self.train_rows, self.bs, cfg.get("minibatches", "shuffled"))
+        if state.batch:  # resuming inside the epoch
+            rng.bit_generator.state = state.batch_rng_state
+        n_batches = max(1, order.size // self.bs)
+        if self.cosine:
+            lo = float(cfg["min_learning_rate"])
+            frac = min(state.epoch / cfg["schedule_epochs"], 1.0)
+            state.lr = lo + (self.lr0 - lo) * 0.5 * (1.0 + np.cos(np.pi * frac))
+        lr = state.lr if self.step_scale is None else state.lr * self.step_scale
+        kw = {}
+        if self.warmup > 0 and state.epoch < self.warmup:
+            kw["beta"] = self.objective.beta * (state.epoch + 1) / (self.warmup + 1)
+        bs = self.bs
+        batches = [np.sort(order[b * bs:(b + 1) * bs] if b < n_batches - 1 else order[b * bs:])
+                   for b in range(n_batches)]
+        self.objective.deal(batches)
+        signum = None
+        for b in range(state.batch, n_batches):
+            signum = self.step(rng, batches, b, lr, kw, t0)
+        self.end_epoch(rng, n_batches, t0)
+        return signum
+
+    def step(self, rng, batches, b, lr, kw, t0):
+        """Minibatch ``b``: gradient, Adam on this rank's block, the blocks gathered, checks, and a
+        checkpoint inside the epoch when one is due or a signal asks; returns the signal."""
+        state, clock, sec, n_batches = self.state, time.perf_counter, self.sec, len(batches)
+        rows = batches[b]
+        xi = rng.standard_normal((rows.size, self.objective.latent_dim))
+        t1 = clock()
+        due = (self.checkpoint is not None and b + 1 < n_batches
+               and t1 - self.t_saved >= self.cfg["checkpoint_seconds"])
+        flags = np.concatenate([[float(due)], self.stop.flags() if self.stop is not None else []])
+        value, grad, terms = self.objective.value_and_gradient(state.params, rows, xi, extra=flags, dealt=b,
+                                                               scatter=True, **kw)
+        t2 = clock()
+        mine = state.adam.step(state.params, grad, lr, self.part)
+        t3 = clock()
+        params = self.comm.allgather_blocks(mine, self.n_par)
+        t4 = clock()
+        # a non-finite gradient makes the parameters non-finite (inf / inf in Adam), on every
+        # rank alike; their sum is non-finite exactly then (parameters are far from overflow)
+        if not np.isfinite(value + params.sum()):
+            raise FloatingPointError(f"non-finite ELBO at epoch {state.epoch + 1}, step {state.step + 1}")
+        state.params = params
+        state.step += 1
+        state.epoch_sums += (value, terms["nll"], terms["kl"])
+        signum = self.stop.signal(terms["extra"][1:]) if self.stop is not None else None
+        t5 = clock()
+        sec["gradient"] += t2 - t1
+        sec["optimiser"] += t3 - t2
+        sec["params_gather"] += t4 - t3
+        sec["checks"] += t5 - t4
+        sec["steps"] += 1
+        if b + 1 < n_batches and (signum or terms["extra"][0] > 0):
+            self.gather_moments()
+            state.batch, state.batch_rng_state = b + 1, rng.bit_generator.state
+            state.epoch_seconds = clock() - t0
+            if self.checkpoint is not None:
+                self.checkpoint(state)
+                self.t_saved = clock()
+                sec["checkpoint"] += self.t_saved - t5
+            if signum:
+                raise JobStopped(signum)
+        return signum
+
+    def end_epoch(self, rng, n_batches, t0):
+        """Validation, the history, the kept parameters, the plateau schedule, the stopping rule,
+        and the epoch's checkpoint."""
+        state, cfg, clock, sec = self.state, self.cfg, time.perf_counter, self.sec
+        t1 = clock()
+        if self.select == "median":
+            val_mean, val_median = self.objective.validation(state.params, self.valid_rows, self.val_xi)
+            val = val_median
+        else:
+            val, _ = self.objective.value(state.params, self.valid_rows, self.val_xi)
+            val_mean = val_median = val
+        sec["validation"] += clock() - t1
+        state.epoch += 1
+        state.rng_state = rng.bit_generator.state
+        mean = state.epoch_sums / n_batches
+        state.batch, state.batch_rng_state, state.epoch_sums, state.epoch_seconds = 0, None, np.zeros(3), 0.0
+        state.history.append(dict(epoch=state.epoch, step=state.step, elbo=-mean[0],
+                                  reconstruction=-mean[1], kl=mean[2], validation_elbo=-val_mean,
+                                  validation_median=-val_median, lr=state.lr,
+                                  seconds=time.perf_counter() - t0))
+        if not np.isfinite(state.best_val) or val < state.best_val - 1e-4 * abs(state.best_val):
+            state.best_val, state.best_params = val, state.params.copy()
+            state.since_best = state.since_lr = 0
+        else:
+            state.since_best += 1
+            state.since_lr += 1
+        if not self.cosine and state.since_lr >= cfg["lr_patience"] and state.lr > cfg["min_learning_rate"]:
+            state.lr = max(state.lr * cfg["lr_factor"], cfg["min_learning_rate"])
+            state.since_lr = 0
+        if finished(state, cfg):
+            state.done = True
+        sec["epochs"] += 1
+        self.gather_moments()
+        if self.checkpoint is not None:
+            t1 = clock()
+            self.checkpoint(state)
+            self.t_saved = clock()
+            sec["checkpoint"] += self.t_saved - t1
+
+
 def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None, progress=None,
           stop=None, step_scale=None, seconds=None):
     """Run (or continue) the optimisation until it stops.
@@ -282,120 +423,13 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         ``stop.signal`` returned a signal: after the step (or the epoch, at its last step) and a
         checkpoint of the state.
     """
-    bs = int(cfg["batch_size"])
-    warmup = int(cfg.get("kl_warmup_epochs", 0))
-    cosine = cfg.get("schedule", "plateau") == "cosine"
-    lr0 = float(cfg["learning_rate"])
-    select = cfg.get("select", "mean")
-    val_xi = stream(seed, "training", "validation").standard_normal((valid_rows.size, objective.latent_dim))
-    t_start, epoch0 = time.perf_counter(), state.epoch
-    t_saved, signum = t_start, None
-    clock = time.perf_counter
-    comm = getattr(objective, "comm", None) or SerialComm()
-    n_par = state.params.size
-    part = comm.vector_block(n_par)
-
-    def gather_moments():
-        if comm.size > 1:
-            state.adam.m = comm.allgather_blocks(state.adam.m[part], n_par)
-            state.adam.v = comm.allgather_blocks(state.adam.v[part], n_par)
-
-    sec = dict.fromkeys(("gradient", "optimiser", "params_gather", "checks", "validation", "checkpoint"), 0.0)
-    sec.update(steps=0, epochs=0)
+    loop = _Loop(objective, state, train_rows, valid_rows, cfg, seed, checkpoint, stop, step_scale)
     while not state.done:
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state.rng_state
-        t0 = time.perf_counter() - state.epoch_seconds
-        order = epoch_order(rng, train_rows, bs, cfg.get("minibatches", "shuffled"))
-        if state.batch:  # resuming inside the epoch
-            rng.bit_generator.state = state.batch_rng_state
-        n_batches = max(1, order.size // bs)
-        if cosine:
-            lo = float(cfg["min_learning_rate"])
-            frac = min(state.epoch / cfg["schedule_epochs"], 1.0)
-            state.lr = lo + (lr0 - lo) * 0.5 * (1.0 + np.cos(np.pi * frac))
-        lr = state.lr if step_scale is None else state.lr * step_scale
-        kw = {}
-        if warmup > 0 and state.epoch < warmup:
-            kw["beta"] = objective.beta * (state.epoch + 1) / (warmup + 1)
-        batches = [np.sort(order[b * bs:(b + 1) * bs] if b < n_batches - 1 else order[b * bs:])
-                   for b in range(n_batches)]
-        objective.deal(batches)
-        for b in range(state.batch, n_batches):
-            rows = batches[b]
-            xi = rng.standard_normal((rows.size, objective.latent_dim))
-            t1 = clock()
-            due = checkpoint is not None and b + 1 < n_batches and t1 - t_saved >= cfg["checkpoint_seconds"]
-            flags = np.concatenate([[float(due)], stop.flags() if stop is not None else []])
-            value, grad, terms = objective.value_and_gradient(state.params, rows, xi, extra=flags, dealt=b,
-                                                              scatter=True, **kw)
-            t2 = clock()
-            mine = state.adam.step(state.params, grad, lr, part)
-            t3 = clock()
-            params = comm.allgather_blocks(mine, n_par)
-            t4 = clock()
-            # a non-finite gradient makes the parameters non-finite (inf / inf in Adam), on every
-            # rank alike; their sum is non-finite exactly then (parameters are far from overflow)
-            if not np.isfinite(value + params.sum()):
-                raise FloatingPointError(f"non-finite ELBO at epoch {state.epoch + 1}, step {state.step + 1}")
-            state.params = params
-            state.step += 1
-            state.epoch_sums += (value, terms["nll"], terms["kl"])
-            signum = stop.signal(terms["extra"][1:]) if stop is not None else None
-            t5 = clock()
-            sec["gradient"] += t2 - t1
-            sec["optimiser"] += t3 - t2
-            sec["params_gather"] += t4 - t3
-            sec["checks"] += t5 - t4
-            sec["steps"] += 1
-            if b + 1 < n_batches and (signum or terms["extra"][0] > 0):
-                gather_moments()
-                state.batch, state.batch_rng_state = b + 1, rng.bit_generator.state
-                state.epoch_seconds = clock() - t0
-                if checkpoint is not None:
-                    checkpoint(state)
-                    t_saved = clock()
-                    sec["checkpoint"] += t_saved - t5
-                if signum:
-                    raise JobStopped(signum)
-        t1 = clock()
-        if select == "median":
-            val_mean, val_median = objective.validation(state.params, valid_rows, val_xi)
-            val = val_median
-        else:
-            val, _ = objective.value(state.params, valid_rows, val_xi)
-            val_mean = val_median = val
-        sec["validation"] += clock() - t1
-        state.epoch += 1
-        state.rng_state = rng.bit_generator.state
-        mean = state.epoch_sums / n_batches
-        state.batch, state.batch_rng_state, state.epoch_sums, state.epoch_seconds = 0, None, np.zeros(3), 0.0
-        state.history.append(dict(epoch=state.epoch, step=state.step, elbo=-mean[0],
-                                  reconstruction=-mean[1], kl=mean[2], validation_elbo=-val_mean,
-                                  validation_median=-val_median, lr=state.lr,
-                                  seconds=time.perf_counter() - t0))
-        if not np.isfinite(state.best_val) or val < state.best_val - 1e-4 * abs(state.best_val):
-            state.best_val, state.best_params = val, state.params.copy()
-            state.since_best = state.since_lr = 0
-        else:
-            state.since_best += 1
-            state.since_lr += 1
-        if not cosine and state.since_lr >= cfg["lr_patience"] and state.lr > cfg["min_learning_rate"]:
-            state.lr = max(state.lr * cfg["lr_factor"], cfg["min_learning_rate"])
-            state.since_lr = 0
-        if finished(state, cfg):
-            state.done = True
-        sec["epochs"] += 1
-        gather_moments()
-        if checkpoint is not None:
-            t1 = clock()
-            checkpoint(state)
-            t_saved = clock()
-            sec["checkpoint"] += t_saved - t1
+        signum = loop.epoch()
         if seconds is not None:
-            seconds.update(sec, total=clock() - t_start)
+            seconds.update(loop.sec, total=time.perf_counter() - loop.t_start)
         if progress is not None:
-            rate = (time.perf_counter() - t_start) / (state.epoch - epoch0)
+            rate = (time.perf_counter() - loop.t_start) / (state.epoch - loop.epoch0)
             progress(state, rate * (cfg["max_epochs"] - state.epoch))
         if signum:
             raise JobStopped(signum)
