@@ -22,7 +22,7 @@ from .inference.fitting import StopSignals, fit_rows
 from .inference.training import TrainingState, finished
 from .model.autoencoder import Autoencoder
 from .run_folder import (CHECKPOINT, check_run_dir, make_run_dir, read_checkpoint, require_run, save_checkpoint,
-                         stored_config, stored_versions, write_config)
+                         stored_config, write_config)
 from .sources import FashionMNISTSource, SkySource, TableSource, noise_floor
 from .versions import differences as version_differences
 from .workers import threads_of
@@ -198,7 +198,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
         at = f"epoch {state.epoch}" + (f", step {state.step}" if state.batch else "")
         more = " (finished; training longer)" if was_done and not state.done else ""
         log.info(f"resuming {run_dir} after {at}{more}")
-        changed = version_differences(stored_versions(run_dir))
+        changed = version_differences(stored.get("versions"))  # None in runs written before the record
         if changed:
             log.info(f"resuming under other versions than the run was written with: {', '.join(changed)}")
         comm.barrier()  # every rank has validated its input before rank 0 writes

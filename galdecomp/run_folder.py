@@ -18,7 +18,7 @@ from .inference.config import with_former_defaults
 from .inference.training import TrainingState
 from .versions import versions
 
-__all__ = ["CHECKPOINT", "CONFIG", "write_config", "require_run", "stored_config", "stored_versions",
+__all__ = ["CHECKPOINT", "CONFIG", "write_config", "require_run", "stored_config",
            "read_checkpoint", "check_run_dir", "make_run_dir", "save_checkpoint"]
 
 #: the training state and metadata of a run
@@ -66,12 +66,6 @@ def stored_config(run_dir):
         raise _unusable(path, "run configuration", "not a mapping of settings")
     stored.pop("catalog", None)
     return with_former_defaults(stored)
-
-
-def stored_versions(run_dir):
-    """The ``versions`` block of the run's config.yaml (None in runs written before it)."""
-    with open(os.path.join(run_dir, "config.yaml")) as f:
-        return (yaml.safe_load(f) or {}).get("versions")
 
 
 def read_checkpoint(path):

@@ -211,12 +211,13 @@ def pit_calibration(trained, physical, sigma=None, n_rows=CALIBRATION_ROWS, n_dr
     patterns = ~np.eye(C, dtype=bool) if patterns is None else np.asarray(patterns, bool)
     picks, masks = [], []
     for c in range(C):
-        lacking = patterns[~patterns[:, c]]
+        lacking = np.flatnonzero(~patterns[:, c])  # the rows of patterns that lack c
         usable = np.flatnonzero(observed[:, c])
         n = min(n_rows, len(usable)) if len(lacking) else 0
         rows = np.sort(rng.choice(usable, n, replace=False))
         picks.append(rows)
-        masks.append(observed[rows] & lacking[rng.integers(len(lacking), size=n)] if n else np.zeros((0, C), bool))
+        masks.append(observed[rows] & patterns[lacking[rng.integers(len(lacking), size=n)]] if n
+                     else np.zeros((0, C), bool))
     rows = np.concatenate(picks)
     channel = np.repeat(np.arange(C), [len(p) for p in picks])
     out = np.full((C, n_rows), np.nan)
