@@ -8,16 +8,59 @@ refuses other data than a run was started on.
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .catalog import load_catalog, map_reader, read_catalog, working_nside
+from .catalog import load_catalog, map_reader, read_catalog, select_maps, working_nside
 from .dataset import DataSet, read_table
 from .errors import InputError
 from .preprocessing import ChannelTransform, Preprocessor
 
-__all__ = ["load_preprocessed", "noise_floor", "Prepared", "SkySource", "TableSource", "FashionMNISTSource"]
+__all__ = ["load_preprocessed", "noise_floor", "channel_rows", "Prepared", "SkySource", "TableSource",
+           "FashionMNISTSource"]
+
+
+def channel_rows(catalog, names, nside, fwhm_arcmin=None, allow_missing=False):
+    """A catalog's maps as rows of the channels ``names`` (a trained run's), matched by map name.
+
+    Parameters
+    ----------
+    catalog : str or Catalog
+    names : list of str
+        The channels, in the order of the returned columns.
+    nside : int
+        Resolution to read the maps at (NESTED rows).
+    fwhm_arcmin : float, optional
+        Target resolution (:func:`~galdecomp.catalog.load_catalog`).
+    allow_missing : bool
+        A channel the catalog lacks is a column of NaN (else InputError).
+
+    Returns
+    -------
+    rows : ndarray, shape (P, C)
+        Physical units, NaN where missing.
+    data_set : SkyDataSet
+        The maps read (the catalog's entries for ``names`` that it has).
+    entries : list of MapEntry or None
+        Per channel of ``names``, its entry (None where the catalog lacks it).
+
+    Raises
+    ------
+    InputError
+        None of ``names`` in the catalog; a channel missing without ``allow_missing``; a bad map.
+    """
+    given = isinstance(catalog, (str, os.PathLike))
+    cat = read_catalog(os.fspath(catalog)) if given else catalog
+    entries = select_maps(cat, names, allow_missing=allow_missing)
+    present = [e for e in entries if e is not None]
+    if not present:
+        raise InputError(f"{os.fspath(catalog) if given else cat.path}: none of the run's channels ({', '.join(names[:4])}, ...)")
+    data_set = load_catalog(replace(cat, nside=nside, maps=present), nside=nside, nest=True,
+                            fwhm_arcmin=fwhm_arcmin)
+    rows = np.full((data_set.n_samples, len(names)), np.nan)
+    rows[:, [names.index(e.name) for e in present]] = data_set.values.T
+    return rows, data_set, entries
 
 
 def load_preprocessed(catalog, nside, pixels=None, comm=None, fwhm_arcmin=None):

@@ -4,7 +4,7 @@ Shapes: maps in and out are HEALPix (C, npix) and (L, npix); the rows the encode
 (npix, C) in NESTED order. Features are in the run's significance order (feature_01, ...).
 """
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -67,24 +67,16 @@ def _map_rows(model, maps, input_nest, allow_missing):
     :func:`encode_maps`."""
     import healpy as hp
 
-    from ..catalog import load_catalog, read_catalog, select_maps, unseen_to_nan
+    from ..catalog import unseen_to_nan
+    from ..sources import channel_rows
 
     if model.data.get("kind") != "sky":
         raise InputError(f"encode_maps: the run was fitted to a {model.data.get('kind')}, not to maps "
                          f"(use encode)")
     C = model.n_features
     if isinstance(maps, (str, os.PathLike)):
-        path = os.fspath(maps)
-        cat = read_catalog(path)
-        entries = select_maps(cat, model.names, allow_missing=allow_missing)
-        present = [e for e in entries if e is not None]
-        if not present:
-            raise InputError(f"{path}: none of the run's channels ({', '.join(model.names[:4])}, ...)")
         nside = int(model.data["nside"])
-        ds = load_catalog(replace(cat, nside=nside, maps=present), nside=nside, nest=True,
-                          fwhm_arcmin=model.target_fwhm())
-        rows = np.full((ds.n_samples, C), np.nan)
-        rows[:, [model.names.index(e.name) for e in present]] = ds.values.T
+        rows = channel_rows(os.fspath(maps), model.names, nside, model.target_fwhm(), allow_missing)[0]
         return rows, nside
     if isinstance(maps, dict):
         unknown = [k for k in maps if k not in model.names]

@@ -221,10 +221,8 @@ class TrainedModel:
         ndarray, shape (P, C)
             NaN where missing; rows in the order the run was trained on (NESTED pixels).
         """
-        from dataclasses import replace
-
-        from ..catalog import load_catalog, read_catalog, select_maps
         from ..dataset import read_table
+        from ..sources import channel_rows
 
         kind = self.data.get("kind")
         if kind == "table" and (path or self.data["path"]) == "fashion-mnist":
@@ -240,12 +238,8 @@ class TrainedModel:
         if kind != "sky":
             raise InputError(f"{path or self.data.get('path')}: reading a data set of kind {kind!r} "
                              f"is not supported")
-        cat = read_catalog(path or self.data["path"])
-        nside = int(self.data["nside"])
         target = self.data.get("fwhm_arcmin") if fwhm_arcmin is None else fwhm_arcmin
-        ds = load_catalog(replace(cat, nside=nside, maps=select_maps(cat, self.names)), nside=nside, nest=True,
-                          fwhm_arcmin=target)
-        return ds.values.T
+        return channel_rows(path or self.data["path"], self.names, int(self.data["nside"]), target)[0]
 
     # -- units ---------------------------------------------------------------------------------
     def standardise(self, values):

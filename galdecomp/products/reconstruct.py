@@ -7,15 +7,15 @@ calibration.csv (with ``--noise calibrated``: per channel, the nominal intervals
 entries of the run's own data hidden and predicted, and the levels read instead), plots/holdout.png.
 """
 import os
-from dataclasses import replace
 
 import numpy as np
 
-from ..catalog import load_catalog, read_catalog, select_maps
+from ..catalog import read_catalog, select_maps
 from ..errors import InputError
 from ..fileio import atomic_output_dir, write_healpix_fits, write_text
 from ..inference.reconstruction import CALIBRATION_ROWS, QUANTILES, pit_calibration, predictive
 from ..random import stream
+from ..sources import channel_rows
 from .tables import format_table
 
 __all__ = ["reconstruct_sky", "regression_baselines", "interval_coverage", "calibration_table"]
@@ -131,14 +131,11 @@ def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n
         raise InputError(f"--holdout: {', '.join(missing)}: not in {catalog_path} (nothing to score)")
     if not 0.0 <= hide_fraction < 1.0:
         raise InputError(f"--hide-fraction: must be in [0, 1), got {hide_fraction}")
-    nside = int(trained.data["nside"])
+    physical, ds, _ = channel_rows(cat, trained.names, int(trained.data["nside"]),
+                                   trained.target_fwhm(fwhm_arcmin, say), allow_missing=True)
+    P, C = physical.shape
     present = [e for e in entries if e is not None]
-    ds = load_catalog(replace(cat, nside=nside, maps=present), nside=nside, nest=True,
-                      fwhm_arcmin=trained.target_fwhm(fwhm_arcmin, say))
-    P, C = ds.n_samples, trained.n_features
-    physical = np.full((P, C), np.nan)
     idx = [trained.names.index(e.name) for e in present]
-    physical[:, idx] = ds.values.T
     extra_noise, gain_sigma = np.zeros(C), np.zeros(C)
     extra_noise[idx] = [e.extra_noise for e in present]
     gain_sigma[idx] = [e.gain_sigma for e in present]
