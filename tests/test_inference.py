@@ -56,6 +56,35 @@ def test_training_is_deterministic_for_a_seed():
     np.testing.assert_array_equal(out[0], out[1])
 
 
+def test_indicator_weights_are_frozen_exactly_when_no_entry_is_missing(monkeypatch):
+    """On complete rows the encoder's indicator weights get a zero gradient at every step (so
+    Adam skips them, ``ELBOObjective.frozen``); one missing entry unfreezes them."""
+    data, _ = simulated_truth(P=600)
+    cfg = small_config(max_epochs=3)
+    model = Autoencoder.from_config(cfg, data.shape[1])
+    obj, params = ELBOObjective(model, data, 600), model.init_params(0)
+    C, H = data.shape[1], cfg["encoder"]["hidden"][0]
+    assert obj.frozen == slice(C * H, 2 * C * H)
+    rows, xi = np.arange(0, 600, 3), np.random.default_rng(1).standard_normal((200, 3))
+    g = obj.value_and_gradient(params, rows, xi)[1]
+    assert not g[obj.frozen].any() and g[:C * H].all()
+    spoiled = data.copy()
+    spoiled[7, 2] = np.nan
+    obj = ELBOObjective(model, spoiled, 600)
+    assert obj.frozen is None and obj.value_and_gradient(params, np.arange(200), xi)[1][C * H:2 * C * H].any()
+    # a fit with the frozen weights skipped ends where the full update ends, bit for bit
+    out = []
+    for skip in (True, False):
+        if not skip:
+            step = Adam.step
+            monkeypatch.setattr(Adam, "step", lambda self, x, g, lr, part=slice(None), frozen=None:
+                                step(self, x, g, lr, part))
+        st = TrainingState(model.init_params(0), 1e-2, 0)
+        out.append(fit_rows(model, data, st, cfg))
+    np.testing.assert_array_equal(out[0].params, out[1].params)
+    np.testing.assert_array_equal(out[0].adam.v, out[1].adam.v)
+
+
 @pytest.mark.parametrize("n,bs", [(44237, 1024), (1000, 100), (1099, 100), (250, 100), (99, 100)])
 def test_stratified_minibatches_use_every_row_once_and_span_the_table(n, bs):
     rows = np.sort(np.random.default_rng(1).choice(10 * n, n, replace=False))
@@ -112,6 +141,32 @@ def test_adam_equals_the_textbook_update_bitwise(n, per_parameter):
     np.testing.assert_array_equal(x, xr)
     np.testing.assert_array_equal(opt.m, m)
     np.testing.assert_array_equal(opt.v, v)
+
+
+@pytest.mark.parametrize("blocks", [[slice(0, 2 * Adam.CHUNK + 7)],
+                                    [slice(0, 9000), slice(9000, 2 * Adam.CHUNK + 7)]])
+def test_adam_skips_frozen_parameters_bitwise(blocks):
+    """Parameters whose gradient is always 0 keep zero moments and an exactly zero step: skipping
+    them gives the same bits as updating them, on the whole vector and on ranks' blocks that cut
+    the frozen range."""
+    n, frozen = 2 * Adam.CHUNK + 7, slice(5000, Adam.CHUNK + 3000)
+    rng = np.random.default_rng(5)
+    full, skip, x = Adam(n), Adam(n), rng.standard_normal(n)
+    lr = 1e-2 * rng.uniform(0.5, 2.0, n)
+    xs = x.copy()
+    for _ in range(15):
+        g = rng.standard_normal(n)
+        g[frozen] = 0.0
+        x = full.step(x, g, lr)
+        new = []
+        for b in blocks:
+            skip.t = full.t - 1
+            new.append(skip.step(xs, g[b], lr, part=b, frozen=frozen))
+        xs = np.concatenate(new)
+    np.testing.assert_array_equal(xs, x)
+    np.testing.assert_array_equal(skip.m, full.m)
+    np.testing.assert_array_equal(skip.v, full.v)
+    assert not full.m[frozen].any() and full.m[:5000].all()
 
 
 def test_adam_on_blocks_equals_adam_on_the_whole_vector_bitwise():

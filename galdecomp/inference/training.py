@@ -35,7 +35,7 @@ class Adam:
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self._buf = np.empty((2, min(n, self.CHUNK)))
 
-    def step(self, x, grad, lr, part=slice(None)):
+    def step(self, x, grad, lr, part=slice(None), frozen=None):
         """Return the updated parameters ``x - lr * m_hat / (sqrt(v_hat) + eps)`` of ``part``.
 
         Parameters
@@ -49,6 +49,10 @@ class Adam:
         part : slice
             The parameters to update (under MPI each rank updates its block and the blocks are
             gathered); only their moments change.
+        frozen : slice, optional
+            Parameters (indices of ``x``) whose gradient is 0 at every step of the optimisation
+            (the encoder's indicator weights on complete data): their moments stay 0 and their
+            update is exactly 0, so they are copied instead of updated (the same bits, sooner).
 
         Returns
         -------
@@ -60,12 +64,19 @@ class Adam:
         expressions, elementwise, so results depend neither on the chunking nor on ``part``.
         """
         self.t += 1
+        lo = part.indices(len(self.m))[0]
         m, v, x = self.m[part], self.v[part], x[part]
         rate = lr[part] if np.ndim(lr) else lr
         out = np.empty_like(x)
         c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
-        for i in range(0, len(x), self.CHUNK):
-            s = slice(i, i + self.CHUNK)
+        ranges = [(0, len(x))]
+        if frozen is not None:  # the frozen parameters' positions in the part, copied
+            f0, f1, _ = frozen.indices(len(self.m))
+            f0, f1 = min(max(f0 - lo, 0), len(x)), min(max(f1 - lo, 0), len(x))
+            out[f0:f1] = x[f0:f1]
+            ranges = [(0, f0), (f1, len(x))] if f1 > f0 else ranges
+        for i, end in ((i, min(i + self.CHUNK, r1)) for r0, r1 in ranges for i in range(r0, r1, self.CHUNK)):
+            s = slice(i, end)
             mc, vc, gc = m[s], v[s], grad[s]
             a, b = self._buf[:, :len(gc)]
             mc *= self.beta1
@@ -242,6 +253,7 @@ class _Loop:
         self.comm = getattr(objective, "comm", None) or SerialComm()
         self.n_par = state.params.size
         self.part = self.comm.vector_block(self.n_par)
+        self.frozen = getattr(objective, "frozen", None)
         self.sec = dict.fromkeys(("gradient", "optimiser", "params_gather", "checks", "validation", "checkpoint"),
                                  0.0)
         self.sec.update(steps=0, epochs=0)
@@ -295,7 +307,7 @@ class _Loop:
         value, grad, terms = self.objective.value_and_gradient(state.params, rows, xi, extra=flags, dealt=b,
                                                                scatter=True, **kw)
         t2 = clock()
-        mine = state.adam.step(state.params, grad, lr, self.part)
+        mine = state.adam.step(state.params, grad, lr, self.part, self.frozen)
         t3 = clock()
         params = self.comm.allgather_blocks(mine, self.n_par)
         t4 = clock()
@@ -380,7 +392,8 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         ``objective.value(params, rows, xi) -> (value, terms)``, ``objective.latent_dim`` and,
         for ``cfg["select"] == "median"``, ``objective.validation(params, rows, xi) -> (mean,
         median)`` of the rows' negative ELBOs; ``objective.comm`` (optional, default serial): the
-        ranks. Each rank takes the Adam step of its block of the parameters and the blocks are
+        ranks; ``objective.frozen`` (optional): a slice of parameters whose gradient is always 0
+        (:meth:`Adam.step`). Each rank takes the Adam step of its block of the parameters and the blocks are
         gathered, so the parameters are the same on every rank.
     state : TrainingState
         Where to start (fresh or loaded from a checkpoint); updated in place.

@@ -244,6 +244,11 @@ class ELBOObjective:
     reduce_seconds : float
         Time spent summing the gradient over the ranks (reduce-scatter or Allreduce), including
         the wait for the slowest rank.
+    frozen : slice or None
+        Parameters whose gradient is 0 in every minibatch: the encoder's weights of the
+        missing-entry indicators when no row of any rank lacks an entry (the first layer then
+        skips those inputs, :class:`~galdecomp.model.mlp.MLP` ``sparse_inputs``, and the
+        parameters have no prior term); None otherwise.
     """
 
     def __init__(self, model, data, n_total, offset=0, comm=None):
@@ -267,6 +272,12 @@ class ELBOObjective:
             if self._edges[self.comm.rank] != self.offset:
                 raise ValueError(f"rank {self.comm.rank}: rows start at {self.offset}, not after the lower "
                                  f"ranks' {self._edges[self.comm.rank]}")
+        self.frozen = None
+        lacking = self.comm.allreduce_sum(np.array([float((~self.mask).sum())]))[0]
+        if model.mask_input == "missing" and lacking == 0:
+            C, H = model.n_features, model.encoder.sizes[1]
+            start = model.slices["encoder"].start
+            self.frozen = slice(start + C * H, start + 2 * C * H)
         L = model.latent_dim
         self._op = model.elbo(self.data[:0], self.mask[:0], np.zeros((0, L)), self.n_total,
                               with_prior=self.comm.rank == 0)
