@@ -457,7 +457,7 @@ class ELBOObjective:
             t = op.sums(self._excitations(params), grad_keys=self.model.slices)
         else:
             op, t = self._sums(params, rows, xi, beta, grad_keys=self.model.slices)
-        grad = np.concatenate([t["grad"][key] for key in self.model.slices])
+        grad = t["grad_flat"]  # [encoder | decoder | noise], the model's order
         head = np.concatenate([[op.value_of(t), t["nll"] / t["B"], t["kl"] / t["B"]], extra])
         t0 = time.perf_counter()
         if scatter:

@@ -20,7 +20,7 @@ KEYS = ("encoder", "decoder", "noise")
 MASK_INPUTS = ("missing", "observed")
 
 
-def encoder_input(data, mask, mask_input="missing"):
+def encoder_input(data, mask, mask_input="missing", dtype=np.float64):
     """The encoder's input rows: the data (0 where missing) beside a mask indicator.
 
     With ``missing`` the indicator is 1 only where an entry is missing, so on complete rows
@@ -37,6 +37,8 @@ def encoder_input(data, mask, mask_input="missing"):
         True where observed.
     mask_input : str
         One of :data:`MASK_INPUTS`.
+    dtype : numpy dtype
+        Of the result (the encoder's compute dtype: its passes cast their input to it anyway).
 
     Returns
     -------
@@ -44,7 +46,7 @@ def encoder_input(data, mask, mask_input="missing"):
     """
     m = np.asarray(mask, bool)
     indicator = ~m if mask_input == "missing" else m
-    return np.concatenate([data, indicator.astype(np.float64)], axis=1)
+    return np.concatenate([data, indicator], axis=1, dtype=dtype)
 
 
 class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
@@ -142,7 +144,7 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         d = np.where(mask, data, 0.0)
         m = mask.astype(np.float64)
         dt = self._dec.dtype
-        return {"x": encoder_input(d, mask, self._mask_input), "m": m, "count": m.sum(axis=0),
+        return {"x": encoder_input(d, mask, self._mask_input, self._enc.dtype), "m": m, "count": m.sum(axis=0),
                 "dc": d.astype(dt), "mc": m.astype(dt), "xi": xi}
 
     def with_batch(self, data, mask, xi, n_batch=None, beta=None):
@@ -255,7 +257,10 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
 
     def prepare(self, v):
         """The parameters as the block sums use them, from excitations ``v`` (dict of arrays)."""
-        theta_e, theta_d = self._esc * v["encoder"], self._dsc * v["decoder"]
+        # the encoder's weights rounded to its dtype in the product's pass (as astype would)
+        theta_e = np.multiply(self._esc, v["encoder"], out=np.empty(self._esc.shape, self._enc.dtype),
+                              casting="unsafe")
+        theta_d = self._dsc * v["decoder"]
         w, _ = _noise.d_inv_var_ds(v["noise"], self._floor, self._sigma0, self._tau)
         return dict(enc=self._enc.prepare(theta_e), dec=self._dec.prepare(theta_d), theta_d=theta_d, w=w,
                     wt=w.astype(self._dec.dtype))
@@ -284,19 +289,29 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
                                + GaussianLikelihood.log_norm_rows(batch["m"], w))
             out["kl_rows"] = np.concatenate([p["kl_rows"] for p in parts])
         if want["grad"]:
-            g = {}
-            if want["encoder"]:  # in place: the textbook order, without temporaries
-                g["encoder"] = np.multiply(self._esc, acc["gte"])
-                g["encoder"] /= norm
-            if want["decoder"]:
-                g["decoder"] = np.multiply(self._dsc, acc["gtd"])
-                g["decoder"] /= norm
-                g["decoder"] += np.multiply(pw, xi_d) / self._n_total
-            if want["noise"]:
-                gw = GaussianLikelihood.grad_inv_var_from_sums(rr, cnt, w) + acc["gw"]
-                g["noise"] = gw * dw / norm + pw * s / self._n_total
-            out["grad"] = g
+            out["grad"], out["grad_flat"] = self._gradient(acc, want, norm, pw, xi_d, s, rr, cnt, w, dw)
         return out
+
+    def _gradient(self, acc, want, norm, pw, xi_d, s, rr, cnt, w, dw):
+        """The wanted gradients (dict) as views of one flat array ``[encoder | decoder | noise]``
+        of the wanted parts, and that array."""
+        sizes = {"encoder": len(self._esc), "decoder": len(self._dsc), "noise": len(s)}
+        flat = np.empty(sum(n for k, n in sizes.items() if want[k]))
+        g, i = {}, 0
+        for k, n in sizes.items():
+            if want[k]:
+                g[k], i = flat[i:i + n], i + n
+        if want["encoder"]:  # in place: the textbook order, without temporaries
+            np.multiply(self._esc, acc["gte"], out=g["encoder"])
+            g["encoder"] /= norm
+        if want["decoder"]:
+            np.multiply(self._dsc, acc["gtd"], out=g["decoder"])
+            g["decoder"] /= norm
+            g["decoder"] += np.multiply(pw, xi_d) / self._n_total
+        if want["noise"]:
+            gw = GaussianLikelihood.grad_inv_var_from_sums(rr, cnt, w) + acc["gw"]
+            g["noise"][:] = gw * dw / norm + pw * s / self._n_total
+        return g, flat
 
     def block_sums(self, weights, rows, want, batch=None):
         """Partial sums of one row block ``rows`` (a slice of the batch; default the operator's).

@@ -243,7 +243,10 @@ class MLP:
             return None
         if isinstance(theta, PreparedWeights):
             return theta.layers
-        return augmented_layers(np.asarray(theta, dtype=np.float64).astype(self.dtype, copy=False), self.sizes)
+        theta = np.asarray(theta)
+        if theta.dtype != self.dtype:
+            theta = np.asarray(theta, dtype=np.float64).astype(self.dtype, copy=False)
+        return augmented_layers(theta, self.sizes)
 
     def _check_x(self, x, n_cols=None):
         x = np.asarray(x)
