@@ -46,7 +46,7 @@ from galdecomp.catalog import read_catalog  # noqa: E402
 from galdecomp.cli import main as cli  # noqa: E402
 from galdecomp.fileio import write_healpix_fits  # noqa: E402
 from galdecomp.inference.trained import load  # noqa: E402
-from galdecomp.products.anomaly import load_rows, run_anomaly  # noqa: E402
+from galdecomp.products.anomaly import load_rows, residual_scale, run_anomaly  # noqa: E402
 
 KINDS = ("source", "line", "calibration")
 
@@ -150,6 +150,33 @@ def prepare(sky, seed, args):
     return base, cat, run, fit_s
 
 
+def held_out_coverage(model, values, sky, seed):
+    """Per channel, the fraction of the residuals of half of the clean sky's pixels within +-1
+    in the trained noise's units and in the units calibrated on the other half (rows of dicts)."""
+    half = np.random.default_rng([seed, 55]).permutation(len(values))
+    fit_rows, test_rows = half[:len(values) // 2], half[len(values) // 2:]
+    scale, _ = residual_scale(model, values[fit_rows])
+    y = model.standardise(values[test_rows])
+    m = np.isfinite(y)
+    r = np.abs(y - model.decode(model.encode(y, m, standardised=True)[0], physical=False)) / model.sigma
+    with np.errstate(invalid="ignore"):
+        model_cov = np.nanmean(np.where(m, r <= 1, np.nan), axis=0)
+        cal_cov = np.nanmean(np.where(m, r <= scale, np.nan), axis=0)
+    return [dict(sky=sky, seed=seed, channel=c, model=float(a), calibrated=float(b), factor=float(f))
+            for c, a, b, f in zip(model.names, model_cov, cal_cov, scale)]
+
+
+def coverage_lines(coverage):
+    """Markdown: per sky, the held-out 68 % coverage over channels and seeds, both noise units."""
+    lines = ["| sky | noise | channel-seed pairs | median | min | max | within 0.683 +- 0.03 |", "|---|---|---|---|---|---|---|"]
+    for sky in dict.fromkeys(r["sky"] for r in coverage):
+        for key in ("model", "calibrated"):
+            v = np.array([r[key] for r in coverage if r["sky"] == sky])
+            lines.append(f"| {sky} | {key} | {v.size} | {np.median(v):.3f} | {v.min():.3f} | {v.max():.3f} | "
+                         f"{int((np.abs(v - 0.6827) <= 0.03).sum())} |")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skies", default="demo,realmorph")
@@ -165,11 +192,14 @@ def main():
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 4.0],
                     help="amplitude scales of the source and line injections (one injection each)")
     ap.add_argument("--cal-radius", type=float, default=15.0)
+    ap.add_argument("--noise", nargs="+", default=["calibrated"], choices=["calibrated", "model"],
+                    help="residual units to compare (galdecomp anomaly --noise); with two, score names get "
+                         "/calibrated or /model")
     ap.add_argument("--work", default="/tmp/galdecomp_bench_anomaly")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "anomaly"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    rows = []
+    rows, coverage = [], []
     for sky in args.skies.split(","):
         for seed in args.seeds:
             base, cat, run, fit_s = prepare(sky, seed, args)
@@ -178,20 +208,24 @@ def main():
             c = read_catalog(cat)
             freqs = np.array([e.frequency_hz for e in c.maps])[[c.names.index(n) for n in model.names]]
             kinds = [c.maps[c.names.index(n)].kind or "intensity" for n in model.names]
+            coverage += held_out_coverage(model, values, sky, seed)
             for k, kind in enumerate(KINDS):
                 for scale in (args.cal_factors if kind == "calibration" else args.scales):
                     rng = np.random.default_rng([seed, 101, k])  # same positions for every scale
                     bad, pos, what = inject(model, values, freqs, kind, rng, args, scale)
                     tag = f"{kind}_x{scale:g}"
                     acat = write_catalog(cat, model.names, kinds, bad, os.path.join(base, f"anomalous_{tag}"))
-                    t0 = time.perf_counter()
-                    res = run_anomaly(run, os.path.join(base, f"scores_{tag}"), catalog=acat, overwrite=True,
-                                      progress=lambda m: None)
-                    score_s = time.perf_counter() - t0
-                    new = [dict(sky=sky, seed=seed, kind=kind, scale=scale, score=name, auc=r["auc"],
-                                tpr_at_1pct=r["tpr1"], positives=int(pos.sum()), injected=what,
-                                fit_s=round(fit_s, 1), score_s=round(score_s, 2))
-                           for name, r in auc_rows(res["scores"], pos).items()]
+                    new = []
+                    for noise in args.noise:
+                        t0 = time.perf_counter()
+                        res = run_anomaly(run, os.path.join(base, f"scores_{tag}"), catalog=acat, overwrite=True,
+                                          progress=lambda m: None, noise=noise)
+                        score_s = time.perf_counter() - t0
+                        suffix = f"/{noise}" if len(args.noise) > 1 else ""
+                        new += [dict(sky=sky, seed=seed, kind=kind, scale=scale, score=name + suffix, auc=r["auc"],
+                                     tpr_at_1pct=r["tpr1"], positives=int(pos.sum()), injected=what,
+                                     fit_s=round(fit_s, 1), score_s=round(score_s, 2))
+                                for name, r in auc_rows(res["scores"], pos).items()]
                     rows += new
                     best = max(new, key=lambda r: r["auc"])
                     print(f"{sky} seed {seed} {kind} x{scale:g}: {what}; best {best['score']} AUC {best['auc']:.3f}",
@@ -231,6 +265,12 @@ def main():
     lines += [""] + table("auc", lambda x: f"{x:.3f}")
     lines += ["", "Fraction of injected pixels above the 99th percentile of the clean ones (tpr at 1 % fpr):", ""]
     lines += table("tpr_at_1pct", lambda x: f"{x:.2f}")
+    lines += ["", "Residuals within +-1 on half of each clean sky's pixels (68 % interval of the posterior-mean "
+              "residual), the calibration measured on the other half:", ""] + coverage_lines(coverage)
+    with open(os.path.join(args.out, "coverage.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(coverage[0]))
+        w.writeheader()
+        w.writerows(coverage)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(text)

@@ -172,7 +172,8 @@ def cmd_anomaly(args, comm):
     from .products.anomaly import run_anomaly
 
     res = run_anomaly(args.run, args.out, catalog=args.catalog, top=args.top, score=args.score,
-                      overwrite=args.overwrite, progress=log.info, fwhm_arcmin=args.fwhm_arcmin)
+                      overwrite=args.overwrite, progress=log.info, fwhm_arcmin=args.fwhm_arcmin,
+                      noise=args.noise)
     print(f"anomaly maps: {res['paths']['anomaly.fits']} (plot: {res['paths']['anomaly.png']})")
     print(f"most anomalous pixels by {args.score}: {res['paths']['anomaly_top.csv']}")
     return 0

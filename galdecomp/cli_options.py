@@ -184,6 +184,9 @@ def _add_anomaly(sub, common, no_lock):
     s.add_argument("--score", default="chi2_per_channel", metavar="NAME",
                    help="score that ranks anomaly_top.csv: chi2_per_channel (default), max_abs_residual, "
                         "local_residual, contrast_chi2, neg_elbo, neg_log_prior, neg_log_latent_density")
+    s.add_argument("--noise", default="calibrated", choices=("calibrated", "model"),
+                   help="unit of the residuals: each channel's noise calibrated so that 68%% of the run's own "
+                        "residuals lie within +-1 (default; DIR/calibration.csv), or the trained noise")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
 
 

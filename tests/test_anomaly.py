@@ -11,7 +11,7 @@ from astropy.io import fits
 import galdecomp
 from galdecomp.cli import main
 from galdecomp.fileio import write_healpix_fits
-from galdecomp.products.anomaly import SCORES, anomaly_scores, load_rows
+from galdecomp.products.anomaly import ONE_SIGMA, SCORES, anomaly_scores, load_rows, residual_scale
 
 ANOMALY_PIXEL = 600  # NESTED, high latitude at nside 8
 
@@ -55,9 +55,11 @@ def test_injected_anomaly_is_ranked_first_by_chi2(toy, capsys):
     root, model, sky, bad = toy
     out = root / "scores"
     assert main(["anomaly", str(root / "run"), "--catalog", bad, "--out", str(out), "--top", "5"]) == 0
-    assert sorted(os.listdir(out)) == ["anomaly.fits", "anomaly.png", "anomaly_top.csv"]
+    assert sorted(os.listdir(out)) == ["anomaly.fits", "anomaly.png", "anomaly_top.csv", "calibration.csv"]
     top = list(csv.DictReader(open(out / "anomaly_top.csv")))
-    assert len(top) == 5 and int(top[0]["pixel"]) == ANOMALY_PIXEL
+    # in calibrated units the short toy fit's worst Galactic-plane pixels compete with it
+    assert len(top) == 5 and ANOMALY_PIXEL in [int(r["pixel"]) for r in top]
+    top = [r for r in top if int(r["pixel"]) == ANOMALY_PIXEL]
     assert top[0]["channel_1"] in model.names and abs(float(top[0]["residual_1"])) > 5
     lon, lat = hp.pix2ang(8, ANOMALY_PIXEL, nest=True, lonlat=True)
     assert float(top[0]["l_deg"]) == pytest.approx(lon, abs=1e-3) and float(top[0]["b_deg"]) == pytest.approx(lat, abs=1e-3)
@@ -70,7 +72,11 @@ def test_injected_anomaly_is_ranked_first_by_chi2(toy, capsys):
     assert cols == [k for k in SCORES if has_transform or k != "neg_log_latent_density"]
     maps = np.array(hp.read_map(str(out / "anomaly.fits"), field=None, nest=True))
     values = load_rows(model, bad)[0]
-    scores, _, _ = anomaly_scores(model, values, 8)
+    cal = list(csv.DictReader(open(out / "calibration.csv")))
+    assert [r["channel"] for r in cal] == model.names
+    scale = residual_scale(model, load_rows(model, sky)[0])[0]
+    np.testing.assert_allclose([float(r["noise_factor"]) for r in cal], scale, atol=1e-4)
+    scores, _, _ = anomaly_scores(model, values, 8, scale=scale)
     np.testing.assert_allclose(maps[0], scores["chi2_per_channel"], rtol=1e-10)
     if has_transform and hasattr(model, "latent_log_density"):
         mean = model.encode(values)[0]
@@ -85,6 +91,35 @@ def test_default_catalog_is_the_runs_own_and_scores_rank_by_choice(toy):
     top = list(csv.DictReader(open(out / "anomaly_top.csv")))
     vals = [float(r["max_abs_residual"]) for r in top]
     assert vals == sorted(vals, reverse=True) and int(top[0]["pixel"]) != ANOMALY_PIXEL
+
+
+def test_calibrated_residuals_cover_68_percent_per_channel_on_held_out_pixels(toy):
+    """The scale measured on half of the run's pixels puts 68 % of the other half's residuals of
+    every channel within +-1; the trained noise alone does worse; ``--noise model`` is the
+    trained noise (the scores of the model's own chi2)."""
+    root, model, sky, bad = toy
+    values = load_rows(model, sky)[0]
+    half = np.random.default_rng(1).permutation(len(values))
+    fit_rows, test_rows = half[:len(values) // 2], half[len(values) // 2:]
+    scale, before = residual_scale(model, values[fit_rows])
+
+    def residuals(rows):
+        y = model.standardise(values[rows])
+        return np.abs(y - model.decode(model.encode(values[rows])[0], physical=False)) / model.sigma
+
+    r = residuals(test_rows)
+    calibrated, trained = (r <= scale).mean(0), (r <= 1).mean(0)
+    assert np.all(np.abs(calibrated - ONE_SIGMA) < 0.09), calibrated
+    assert np.mean(np.abs(calibrated - ONE_SIGMA)) < np.mean(np.abs(trained - ONE_SIGMA)), (calibrated, trained)
+    np.testing.assert_allclose(before, (residuals(fit_rows) <= 1).mean(0), atol=1e-12)
+    out = root / "model_noise"
+    assert main(["anomaly", str(root / "run"), "--catalog", bad, "--out", str(out), "--noise", "model"]) == 0
+    assert "calibration.csv" not in os.listdir(out)
+    top = list(csv.DictReader(open(out / "anomaly_top.csv")))
+    assert int(top[0]["pixel"]) == ANOMALY_PIXEL
+    maps = np.array(hp.read_map(str(out / "anomaly.fits"), field=None, nest=True))
+    scores = anomaly_scores(model, load_rows(model, bad)[0], 8)[0]
+    np.testing.assert_allclose(maps[0], scores["chi2_per_channel"], rtol=1e-10)
 
 
 def test_pixels_with_gaps_are_scored_per_observed_channel(toy):

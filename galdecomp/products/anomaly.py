@@ -18,6 +18,12 @@ Every score is a HEALPix map, higher = more anomalous (standardised units, the r
   (``RUN/latent_transform.npz``), only if it exists and :mod:`galdecomp.model.latent_transform`
   is importable.
 
+With ``noise="calibrated"`` (the default of :func:`run_anomaly`) every residual is in units of
+its channel's calibrated spread: ``sigma_c`` times the factor that puts 68.27 % of the channel's
+normalised residuals on the run's own data within +-1 (:func:`residual_scale`), so a channel
+whose trained noise is too wide or too narrow for the residuals of the posterior mean neither
+hides nor dominates the residual scores.
+
 The last three are p(x)-type scores (how probable the pixel is under the model); they can rank
 out-of-distribution inputs as *more* typical than in-distribution ones (an input the encoder maps
 close to the latent origin gets a high prior density), so the residual scores are the default.
@@ -33,7 +39,15 @@ from ..fileio import write_healpix_fits, write_text
 from .plots import mollview_grid
 from .tables import format_table
 
-__all__ = ["SCORES", "load_rows", "anomaly_scores", "top_pixels", "write_anomaly_products"]
+__all__ = ["SCORES", "NOISE_MODES", "load_rows", "residual_scale", "anomaly_scores", "top_pixels",
+           "write_anomaly_products"]
+
+#: ``--noise`` of ``galdecomp anomaly``: the residuals' unit per channel
+NOISE_MODES = ("calibrated", "model")
+#: rows of the run's own data the calibration reads at most
+CALIBRATION_ROWS = 50000
+#: the probability mass of +-1 standard deviation of a Gaussian
+ONE_SIGMA = 0.6826894921370859
 
 #: score name -> description (the FITS columns, in this order, when present)
 SCORES = {
@@ -108,7 +122,42 @@ def _block_contrast(r, block=64, floor=0.1):
     return ((rb - med) / np.maximum(mad, floor)).reshape(P, C)
 
 
-def anomaly_scores(model, values, nside, transform=None, block=65536):
+def residual_scale(model, values, rows=CALIBRATION_ROWS, seed=0):
+    """Per channel, the factor of ``sigma_c`` that makes the residuals of the posterior mean on
+    ``values`` cover 68.27 % within +-1: the 68.27 % quantile of ``|d_c - f(mean)_c| / sigma_c``.
+
+    Parameters
+    ----------
+    model : TrainedModel
+    values : ndarray, shape (P, C)
+        The run's own data (physical units, NaN where missing).
+    rows : int
+        At most this many rows, drawn at random (``seed``), are read.
+    seed : int
+
+    Returns
+    -------
+    scale : ndarray, shape (C,)
+        1 for a channel without observed entries.
+    coverage : ndarray, shape (C,)
+        The fraction of those residuals within +-1 in the trained noise's units (before).
+    """
+    if len(values) > rows:
+        pick = np.sort(np.random.default_rng(seed).choice(len(values), rows, replace=False))
+        values = values[pick]
+    y = model.standardise(values)
+    m = np.isfinite(y)
+    r = np.abs(np.where(m, y - model.decode(model.encode(y, m, standardised=True)[0], physical=False), np.nan))
+    r /= model.sigma
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a channel without entries
+        scale = np.nanquantile(r, ONE_SIGMA, axis=0)
+        coverage = np.nanmean(np.where(m, r <= 1.0, np.nan), axis=0)
+    ok = np.isfinite(scale) & (scale > 0)
+    return np.where(ok, scale, 1.0), coverage
+
+
+def anomaly_scores(model, values, nside, transform=None, block=65536, scale=None):
     """Per-pixel anomaly scores of data under a trained model.
 
     Parameters
@@ -121,20 +170,22 @@ def anomaly_scores(model, values, nside, transform=None, block=65536):
         With ``log_density(z)`` for latents (N, L): adds ``neg_log_latent_density``.
     block : int
         Rows per block.
+    scale : ndarray, shape (C,), optional
+        Factor of each channel's noise in the residuals (:func:`residual_scale`); default 1.
 
     Returns
     -------
     scores : dict of ndarray, shape (P,)
         The scores of :data:`SCORES` (NaN for a pixel without any observed channel).
     residual : ndarray, shape (P, C)
-        Normalised residuals ``(d - f(mean)) / sigma``, NaN where missing.
+        Normalised residuals ``(d - f(mean)) / (sigma * scale)``, NaN where missing.
     n_observed : ndarray of int, shape (P,)
     """
     P = len(values)
     names = ["chi2", "n_observed", "neg_elbo", "neg_log_prior"] + (["lt"] if transform is not None else [])
     out = {k: np.empty(P) for k in names}
     residual = np.empty(values.shape)
-    sigma = model.sigma
+    sigma = model.sigma if scale is None else model.sigma * scale
     for a in range(0, P, block):
         s = slice(a, a + block)
         y = model.standardise(values[s])
@@ -154,7 +205,8 @@ def anomaly_scores(model, values, nside, transform=None, block=65536):
         absr = np.abs(residual)
         local, n_local = _neighbour_mean(residual, nside)
         local = np.abs(local) * np.sqrt(n_local)
-        scores = dict(chi2_per_channel=np.where(seen, out["chi2"] / np.maximum(n_obs, 1), np.nan),
+        chi2 = out["chi2"] if scale is None else np.nansum(residual ** 2, axis=1)
+        scores = dict(chi2_per_channel=np.where(seen, chi2 / np.maximum(n_obs, 1), np.nan),
                       max_abs_residual=np.where(seen, np.nanmax(np.where(np.isfinite(absr), absr, -np.inf), axis=1),
                                                 np.nan),
                       local_residual=np.nanmax(np.where(np.isfinite(local), local, -np.inf), axis=1),
@@ -252,7 +304,7 @@ def write_anomaly_products(out, scores, residual, channel_names, nside, score=DE
 
 
 def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwrite=False, progress=print,
-                fwhm_arcmin=None):
+                fwhm_arcmin=None, noise="calibrated"):
     """Score a catalog with a finished run and write the anomaly products to the folder ``out``.
 
     Every input is checked before anything is written; ``out`` is built under a temporary name
@@ -274,11 +326,15 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
     progress : callable
     fwhm_arcmin : float, optional
         Target resolution of the maps (default: the run's, ``data.fwhm_arcmin``).
+    noise : {"calibrated", "model"}
+        The residuals' unit: each channel's trained noise calibrated on the run's own data
+        (:func:`residual_scale`; ``calibration.csv`` written), or the trained noise as it is.
 
     Returns
     -------
     dict
-        ``out``, ``paths``, ``top`` rows, ``scores``.
+        ``out``, ``paths``, ``top`` rows, ``scores``, ``residual``, ``n_observed`` and
+        ``scale`` (C,) (ones for ``noise="model"``).
 
     Raises
     ------
@@ -295,6 +351,8 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
         raise InputError(f"--score: unknown score {score!r} (one of {', '.join(SCORES)})")
     if top < 1:
         raise InputError(f"--top: must be a positive integer, got {top}")
+    if noise not in NOISE_MODES:
+        raise InputError(f"--noise: must be one of {', '.join(NOISE_MODES)}, got {noise!r}")
     if not os.path.isdir(run_dir):
         raise InputError(f"{run_dir}: run folder not found")
     check_output_dir(out, overwrite)
@@ -305,14 +363,24 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
     values, nside, cat_path = load_rows(model, catalog, model.target_fwhm(fwhm_arcmin, progress))
     frame = read_catalog(cat_path).frame
     progress(f"read {cat_path}")
+    scale, cal_rows = np.ones(len(model.names)), None
+    if noise == "calibrated":
+        progress("calibrating each channel's residuals on the run's own data")
+        scale, before = residual_scale(model, model.load_rows())  # at the run's resolution
+        cal_rows = [dict(channel=c, coverage_68_trained_noise=round(float(b), 4), noise_factor=round(float(f), 4))
+                    for c, b, f in zip(model.names, before, scale)]
     progress(f"scoring {len(values)} pixels x {values.shape[1]} channels")
-    scores, residual, n_obs = anomaly_scores(model, values, nside, transform)
+    scores, residual, n_obs = anomaly_scores(model, values, nside, transform, scale=scale)
     hdr = [("ORIGIN", f"galdecomp {__version__}", "software"), ("NSIDE", nside),
            ("CATALOG", os.path.basename(cat_path)[:60], "scored catalog"),
-           ("RUN", os.path.basename(os.path.abspath(run_dir))[:60], "run folder")]
+           ("RUN", os.path.basename(os.path.abspath(run_dir))[:60], "run folder"),
+           ("NOISE", noise, "residual unit: calibrated or trained (model) noise")]
     with atomic_output_dir(out, overwrite) as tmp:
         progress(f"writing {out}")
         res = write_anomaly_products(tmp, scores, residual, model.names, nside, score, top, hdr, frame)
+        if cal_rows is not None:
+            write_text(os.path.join(tmp, "calibration.csv"), format_table(cal_rows, list(cal_rows[0]), "csv"))
+            res["paths"]["calibration.csv"] = os.path.join(tmp, "calibration.csv")
     paths = {k: os.path.join(os.path.abspath(out), os.path.basename(v)) for k, v in res["paths"].items()}
     return dict(out=os.path.abspath(out), paths=paths, top=res["top"], scores=scores, residual=residual,
-                n_observed=n_obs)
+                n_observed=n_obs, scale=scale)
