@@ -88,9 +88,9 @@ def fit_table(path, out, overrides=None, config_file=None, resume=False, overwri
     """
     if path == FashionMNISTSource.NAME:
         from .datasets.fashion_mnist import PRESET
-        from .inference.config import DEFAULTS, _merge
+        from .inference.config import DEFAULTS, merge_settings
 
-        config_file = _merge(_merge(DEFAULTS, PRESET), config_file or {}, "config")
+        config_file = merge_settings(merge_settings(DEFAULTS, PRESET), config_file or {}, "config")
         return fit_data(FashionMNISTSource(), out, overrides, config_file, resume, overwrite, comm)
     return fit_data(TableSource(path), out, overrides, config_file, resume, overwrite, comm)
 

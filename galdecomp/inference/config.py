@@ -10,7 +10,7 @@ import yaml
 from ..errors import InputError
 from .training import MINIBATCH_KINDS
 
-__all__ = ["DEFAULTS", "DATA_KINDS", "POSTERIOR_METHODS", "resolve_config", "load_config_file", "model_signature",
+__all__ = ["merge_settings", "DEFAULTS", "DATA_KINDS", "POSTERIOR_METHODS", "resolve_config", "load_config_file", "model_signature",
            "with_former_defaults"]
 
 #: Every setting of a fit, with its default.
@@ -94,7 +94,9 @@ def _nside_into_data(settings):
     return settings
 
 
-def _merge(base, new, where="config"):
+def merge_settings(base, new, where="config"):
+    """``base`` (nested dict) updated by ``new``, recursively; a key of ``new`` not in ``base``
+    is an :class:`~galdecomp.errors.InputError` naming it (``where``: the message's prefix)."""
     out = copy.deepcopy(base)
     for k, v in (new or {}).items():
         if k not in base:
@@ -102,7 +104,7 @@ def _merge(base, new, where="config"):
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
                 raise InputError(f"{where}: '{k}' must be a mapping")
-            out[k] = _merge(base[k], v, f"{where}: {k}")
+            out[k] = merge_settings(base[k], v, f"{where}: {k}")
         else:
             out[k] = v
     return out
@@ -159,8 +161,8 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     """
     if file_config and "versions" in file_config:  # a run's record of the versions that wrote it
         file_config = {k: v for k, v in file_config.items() if k != "versions"}
-    cfg = _merge(DEFAULTS, _nside_into_data(file_config), where)
-    cfg = _merge(cfg, _nside_into_data({k: v for k, v in (overrides or {}).items() if v is not None}), where)
+    cfg = merge_settings(DEFAULTS, _nside_into_data(file_config), where)
+    cfg = merge_settings(cfg, _nside_into_data({k: v for k, v in (overrides or {}).items() if v is not None}), where)
     if cfg["data"]["kind"] not in (None,) + DATA_KINDS:
         raise InputError(f"{where}: data.kind must be one of {', '.join(DATA_KINDS)}, got {cfg['data']['kind']!r}")
     if cfg["data"]["fwhm_arcmin"] is not None:

@@ -420,14 +420,16 @@ class GaussianMixtureDensity:
     kind = "gaussian_mixture"
 
     def __init__(self, weights, means, covariances):
+        from scipy.linalg import cholesky, solve_triangular
         from sklearn.mixture import GaussianMixture
-        from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky
 
         self.weights, self.means = np.asarray(weights, float), np.asarray(means, float)
         self.covariances = np.asarray(covariances, float)
         gm = GaussianMixture(len(self.weights), covariance_type="full")
         gm.weights_, gm.means_, gm.covariances_ = self.weights, self.means, self.covariances
-        gm.precisions_cholesky_ = _compute_precision_cholesky(self.covariances, "full")
+        eye = np.eye(self.means.shape[1])  # the fitted attribute: inverse Cholesky factors, transposed
+        gm.precisions_cholesky_ = np.array([solve_triangular(cholesky(c, lower=True), eye, lower=True).T
+                                            for c in self.covariances])
         self._gm = gm
 
     @property

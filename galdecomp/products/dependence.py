@@ -17,7 +17,7 @@ from scipy.special import digamma
 
 from ..random import stream
 
-__all__ = ["mi_binned", "mi_ksg", "ksg_terms", "equivalent_correlation",
+__all__ = ["pearson", "mi_binned", "mi_ksg", "ksg_terms", "equivalent_correlation",
            "gaussian_mi", "default_block_nside", "block_index", "block_ids", "BlockResampler",
            "block_permutation_pvalue", "rotation_pvalue", "block_split", "heldout_r2", "match_features",
            "INTERVAL"]
@@ -32,7 +32,8 @@ def _pairs(x, y):
     return x[ok], y[ok]
 
 
-def _corr(x, y):
+def pearson(x, y):
+    """Pearson correlation of two finite 1-D arrays (NaN if either is constant)."""
     x, y = x - x.mean(), y - y.mean()
     den = np.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / den) if den > 0 else float("nan")

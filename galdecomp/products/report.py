@@ -18,7 +18,7 @@ from ..fileio import atomic_output_dir, check_output_dir, write_text
 from ..preprocessing import Preprocessor
 from .baselines import METHODS as BASELINES
 from .baselines import component_names, linear_baselines
-from .dependence import (INTERVAL, BlockResampler, _corr, block_index,
+from .dependence import (INTERVAL, BlockResampler, pearson, block_index,
                          block_split, equivalent_correlation, gaussian_mi, heldout_r2,
                          match_features, mi_binned)
 from .run_outputs import unused_features
@@ -152,8 +152,8 @@ def _pair_rows(method, names, maps, templates, T, resampler, bins, ranks):
             m = np.isfinite(x) & np.isfinite(y)
             mi, lo, hi = resampler.ksg(x, y, KSG_K)
             rows.append(dict(method=method, feature=fname, template=tname,
-                             pearson=_corr(x[m], y[m]) if m.sum() > 1 else np.nan,
-                             spearman=_corr(ranks((method, i), x, m), ranks(("template", j), y, m))
+                             pearson=pearson(x[m], y[m]) if m.sum() > 1 else np.nan,
+                             spearman=pearson(ranks((method, i), x, m), ranks(("template", j), y, m))
                              if m.sum() > 1 else np.nan,
                              mi_binned=mi_binned(x[m], y[m], bins), mi_ksg=mi, mi_ksg_low=lo,
                              mi_ksg_high=hi, p_value=resampler.pvalue(x, y)))
