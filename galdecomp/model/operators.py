@@ -74,12 +74,19 @@ class _LikelihoodPartial(_PartialConstant):
     """Partial-constant support for LikelihoodEnergyOperators (transformation, residual)."""
 
     def _after_partial(self):
-        ins = self._insertion()
-        if self._res_full is not None:
-            self._res = self._res_full @ ins
-        self._sqrt_data_metric_at = lambda x: self._sqrt_metric_full(
+        """The residual and the metric's square root on the variable keys, through NIFTy's own
+        constructor (the operator's name kept)."""
+        ins, name = self._insertion(), self.name
+        res = None if self._res_full is None else self._res_full @ ins
+        ift.LikelihoodEnergyOperator.__init__(self, res, lambda x: self._sqrt_metric_full(
             ift.MultiField.from_dict({**self._fields_of(x), **{
-                k: ift.makeField(self._full_domain[k], v) for k, v in self._const.items()}}))
+                k: ift.makeField(self._full_domain[k], v) for k, v in self._const.items()}})))
+        self.name = name
+
+    @property
+    def residual_full(self):
+        """The data residual operator on the full (constants included) domain, or None."""
+        return self._res_full
 
     @staticmethod
     def _fields_of(x):
@@ -380,7 +387,7 @@ class DecoderLikelihood(_LikelihoodPartial, _NoiseSetup, ift.LikelihoodEnergyOpe
             self._nk: self._cdom})
         self._lift = self._mlpop.ducktape_left(self._pk) + \
             ift.FieldAdapter(self._cdom, self._nk).ducktape_left(self._nk)
-        self._res_full = self._lik._res @ self._lift
+        self._res_full = self._lik.residual_full @ self._lift
         self._dc = self._data.astype(decoder.dtype)
         self._mc = self._mask.astype(decoder.dtype)
         ift.LikelihoodEnergyOperator.__init__(self, self._res_full, self._sqrt_metric_full)
