@@ -177,3 +177,20 @@ def test_products_of_the_rotated_features(covariance):
     if covariance == "fisher":
         iu = np.triu_indices(len(R))
         np.testing.assert_allclose(loc["cov"], rcov[:, order][:, :, order][:, iu[0], iu[1]], atol=1e-12)
+
+
+def test_resume_with_another_rotation_rewrites_the_maps_and_rotation_csv(tmp_path):
+    import healpy as hp
+
+    from conftest import fit_small_sky
+    from galdecomp import load
+    from galdecomp.cli import main
+
+    root = fit_small_sky(tmp_path, "--max-epochs", "4", "--latent-dim", "3", "--rotate", "varimax")
+    run = root / "run"
+    assert (run / "rotation.csv").exists()
+    assert main(["fit", str(root / "sky" / "catalog.yaml"), "--out", str(run), "--resume", "--rotate", "none"]) == 0
+    tm = load(str(run))
+    assert not (run / "rotation.csv").exists() and np.array_equal(tm.rotation, np.eye(3))
+    mean = np.array(hp.read_map(str(run / "latent_mean.fits"), field=None, nest=True))
+    np.testing.assert_allclose(mean, tm.encode(tm.load_rows())[0][:, tm.feature_order].T, atol=1e-6)

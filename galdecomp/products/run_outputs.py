@@ -345,6 +345,8 @@ def _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, g
     if prod.get("rotation") is not None:
         rrows = rotation_rows(prod["rotation"], order, prod["rotation_method"])
         tables.append(("rotation.csv", rrows, list(rrows[0])))
+    elif os.path.isfile(os.path.join(run_dir, "rotation.csv")):  # of earlier products (--resume --rotate none)
+        os.remove(os.path.join(run_dir, "rotation.csv"))
     for name, table, cols in tables:
         paths[name] = os.path.join(run_dir, name)
         write_text(paths[name], format_table(table, cols, "csv"))
