@@ -102,7 +102,7 @@ def cmd_fit(args, comm):
     overrides = fit_overrides(dict(nside=args.nside, latent_dim=args.latent_dim, covariance=args.covariance,
                                    beta=args.beta, seed=args.seed, max_epochs=args.max_epochs,
                                    threads=args.threads, posterior=args.posterior,
-                                   fwhm_arcmin=args.fwhm_arcmin))
+                                   fwhm_arcmin=args.fwhm_arcmin, rotation=args.rotate))
     fit = fit_catalog if args.data is None else fit_table
     res = fit(args.catalog if args.data is None else args.data, args.out, overrides, _config_file(args.config),
               args.resume, args.overwrite, comm=comm)
@@ -136,7 +136,8 @@ def cmd_report(args, comm):
 
         res = make_report(args.run, args.templates, out=args.out, bins=args.bins, seed=args.seed,
                           progress=log.info)
-    print(f"report: {res['paths'].get('report.md', os.path.join(res['out'], 'report.md'))}")
+    print(f"report: {res['paths'].get('report.md', os.path.join(res['out'], 'report.md'))} "
+          f"(latent features rotated: {res.get('rotation', 'none')})")
     return 0
 
 

@@ -146,6 +146,9 @@ def _add_fit(sub, common, no_lock):
     s.add_argument("--posterior", choices=["amortised", "mgvi", "geovi"],
                    help="latent posterior: the encoder's (default), or NIFTy's MGVI/geoVI after "
                         "training (also on a finished run with --resume)")
+    s.add_argument("--rotate", choices=["none", "varimax"],
+                   help="orthogonal rotation of the latent maps chosen after training (config "
+                        "rotation.method; default varimax): varimax of the decoder Jacobians, or none")
     s.add_argument("--config", metavar="FILE", help="YAML configuration (e.g. a run's config.yaml)")
     s.add_argument("--resume", action="store_true", help="continue the run in RUN from its checkpoint")
     s.add_argument("--overwrite", action="store_true", help="replace an existing RUN")

@@ -107,7 +107,7 @@ def fit_overrides(settings):
     settings : dict
         Top-level settings of the configuration (``latent_dim``, ``covariance``, ``beta``,
         ``seed``, ``nside``, ``decoder``, ...), and the options' shortcuts ``max_epochs`` and
-        ``threads`` (``training``), ``posterior`` (a method name) and ``fwhm_arcmin``
+        ``threads`` (``training``), ``posterior`` and ``rotation`` (method names) and ``fwhm_arcmin``
         (``data``); None values are ignored.
 
     Returns
@@ -119,8 +119,9 @@ def fit_overrides(settings):
     training = {k: settings[k] for k in _TRAINING_OPTIONS if settings.get(k) is not None}
     if training:
         out["training"] = {**out["training"], **training} if isinstance(out.get("training"), dict) else training
-    if isinstance(out.get("posterior"), str):
-        out["posterior"] = {"method": out["posterior"]}
+    for part in ("posterior", "rotation"):  # a method name
+        if isinstance(out.get(part), str):
+            out[part] = {"method": out[part]}
     if "fwhm_arcmin" in out:
         fwhm = out.pop("fwhm_arcmin")
         out["data"] = {**out["data"], "fwhm_arcmin": fwhm} if isinstance(out.get("data"), dict) else {"fwhm_arcmin": fwhm}
@@ -292,7 +293,7 @@ def _write_run(run_dir, source, ready, model, state, cfg, rows, n_rows, comm):
         from .inference.trained import TrainedModel
 
         TrainedModel(model, params, ready.preprocessor, cfg, ready.data_set.units, cfg["data"],
-                     prod["order"]).save(run_dir)
+                     prod["order"], rotation=prod["rotation"]).save(run_dir)
     comm.barrier()  # every file of the run is written when the fit returns on any rank
     return dict(run_dir=run_dir, config=cfg, state=state, products=products)
 

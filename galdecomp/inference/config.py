@@ -10,7 +10,8 @@ import yaml
 from ..errors import InputError
 from .training import MINIBATCH_KINDS
 
-__all__ = ["merge_settings", "DEFAULTS", "DATA_KINDS", "POSTERIOR_METHODS", "resolve_config", "load_config_file", "model_signature",
+__all__ = ["merge_settings", "DEFAULTS", "DATA_KINDS", "POSTERIOR_METHODS", "ROTATION_METHODS", "resolve_config",
+           "load_config_file", "model_signature",
            "with_former_defaults"]
 
 #: Every setting of a fit, with its default.
@@ -43,6 +44,9 @@ DEFAULTS = {
     "transform": {
         "method": "gaussianising",  # gaussianising | gmm | gaussian | none: latent density fitted after training
     },
+    "rotation": {
+        "method": "varimax",        # none | varimax: orthogonal rotation of the latent maps chosen after training
+    },
     "training": {
         "batch_size": 1024,
         "minibatches": "shuffled",  # shuffled | stratified: one row of each of batch_size runs of rows (even MPI load)
@@ -68,6 +72,7 @@ DEFAULTS = {
 _CHOICES = {"covariance": ("diagonal", "fisher")}
 POSTERIOR_METHODS = ("amortised", "mgvi", "geovi")
 TRANSFORM_METHODS = ("gaussianising", "gmm", "gaussian", "none")
+ROTATION_METHODS = ("none", "varimax")
 #: Settings that define the model and its optimisation path: a run can only be resumed with them
 #: unchanged (the posterior method is applied after training and may change on --resume).
 #: The data set (``data``, with the sky's nside) is not among them: the checkpoint's fingerprint of
@@ -199,6 +204,9 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     if cfg["transform"]["method"] not in TRANSFORM_METHODS:
         raise InputError(f"{where}: transform.method must be one of {', '.join(TRANSFORM_METHODS)}, "
                          f"got {cfg['transform']['method']!r}")
+    if cfg["rotation"]["method"] not in ROTATION_METHODS:
+        raise InputError(f"{where}: rotation.method must be one of {', '.join(ROTATION_METHODS)}, "
+                         f"got {cfg['rotation']['method']!r}")
     t = cfg["training"]
     if t["step_on"] not in ("weights", "excitations"):
         raise InputError(f"{where}: training.step_on must be weights or excitations, got {t['step_on']!r}")
@@ -249,8 +257,15 @@ _FORMER_DEFAULTS = {"encoder": {"output_scale": 0.1, "mask_input": "observed"}, 
                                  "select": "mean", "block_rows": 1024}}
 
 
+#: Sections a stored configuration predates, as they were then (a run without ``rotation`` had none).
+_FORMER_SECTIONS = {"rotation": {"method": "none"}}
+
+
 def with_former_defaults(stored):
     """A stored run configuration with the settings it predates filled in as they were then."""
+    if isinstance(stored, dict) and "latent_dim" in stored:  # a resolved configuration, not a partial file
+        for part, values in _FORMER_SECTIONS.items():
+            stored.setdefault(part, dict(values))
     for part, values in _FORMER_DEFAULTS.items():
         if isinstance(stored.get(part), dict):
             for k, v in values.items():

@@ -35,7 +35,8 @@ class LatentMaps:
     nest : bool
         Pixel ordering of ``mean`` and ``std``: NESTED if true (that of the run's FITS files).
     latent_index : ndarray of int, shape (L,)
-        The model's latent index of each feature (:attr:`TrainedModel.feature_order`).
+        The model's latent index of each feature (:attr:`TrainedModel.feature_order`; of the
+        rotated latents ``z @ R`` with a :attr:`TrainedModel.rotation`).
     """
 
     mean: np.ndarray
@@ -51,8 +52,17 @@ def encode_maps(model, maps, nest=True, input_nest=False, allow_missing=False):
     :meth:`galdecomp.inference.trained.TrainedModel.encode_maps`."""
     import healpy as hp
 
+    from ..model.rotation import rotate_moments
+
     rows, nside = _map_rows(model, maps, input_nest, allow_missing)
-    mean, std = model.encode(rows)
+    R = model.rotation
+    if np.array_equal(R, np.eye(len(R))):
+        mean, std = model.encode(rows)
+    else:  # the rotated features' std from the covariances (one block of rows at a time)
+        mean, std = np.empty((len(rows), len(R))), np.empty((len(rows), len(R)))
+        for a in range(0, len(rows), 8192):
+            m, cov = model.encode(rows[a:a + 8192], full_cov=True)
+            mean[a:a + 8192], std[a:a + 8192] = rotate_moments(R, m, cov)[:2]
     order = model.feature_order
     mean, std = mean[:, order].T, std[:, order].T
     if not nest:

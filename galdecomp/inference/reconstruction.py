@@ -27,6 +27,8 @@ PIT values of a calibration (C, N), NaN-padded.
 """
 import numpy as np
 
+from ..model.rotation import rotate_moments
+
 __all__ = ["QUANTILES", "extra_variance", "predictive", "pit_calibration", "CALIBRATION_ROWS"]
 
 #: predictive percentiles written by `galdecomp reconstruct`: name -> percent
@@ -97,7 +99,8 @@ def predictive(trained, physical, mask, extra_noise=None, gain_sigma=None, n_dra
     dict
         ``mean``, ``std`` (P, C) in physical units; one (P, C) array per name of
         :data:`QUANTILES`; ``standardised_mean`` (P, C): the predictive mean of the standardised
-        value; ``latent_mean``, ``latent_std`` (P, L): the conditioned posterior;
+        value; ``latent_mean``, ``latent_std`` (P, L): the conditioned posterior (of the latents
+        of the run's maps, ``z @ trained.rotation``);
         ``converged`` (P,) bool; ``pit`` (P, C), NaN where ``truth`` is (only with ``truth``).
     """
     rng = np.random.default_rng() if rng is None else rng
@@ -118,7 +121,8 @@ def predictive(trained, physical, mask, extra_noise=None, gain_sigma=None, n_dra
     for at in range(0, P, CONDITION_ROWS):
         c = slice(at, min(at + CONDITION_ROWS, P))
         cond = trained.condition(y[c], mask[c], standardised=True, extra_noise=np.sqrt(xvar[c]), sigma=sigma)
-        out["latent_mean"][c], out["latent_std"][c], out["converged"][c] = cond["mean"], cond["std"], cond["converged"]
+        out["latent_mean"][c], out["latent_std"][c] = rotate_moments(trained.rotation, cond["mean"], cond["cov"])[:2]
+        out["converged"][c] = cond["converged"]
         _predict_rows(trained, cond, at, c.stop, block, n_draws, rng, sigma, en, gs, out, levels, truth)
     return out
 

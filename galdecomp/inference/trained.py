@@ -59,13 +59,16 @@ class TrainedModel:
         The data set the model was trained on: ``kind`` (``"sky"`` or ``"table"``), ``path``,
         and for a sky ``nside``.
     feature_order : ndarray of int, shape (L,), optional
-        Latent index of feature_01, feature_02, ... (by significance); default 0..L-1.
+        Latent index (of ``z @ rotation``) of feature_01, feature_02, ...; default 0..L-1.
     prior : LatentPrior, optional
         The training prior; default N(0, 1).
     transform : object, optional
         A density fitted to the aggregate posterior (:mod:`galdecomp.model.latent_transform`:
         ``log_density``, ``sample``; a transform also ``forward``/``inverse``), read from
         ``RUN/latent_transform.npz`` by :meth:`load`.
+    rotation : ndarray, shape (L, L), optional
+        Orthogonal ``R`` (default the identity): :meth:`encode_maps`, as the run's maps, gives
+        ``z @ R``; every other method works in the model's own latents ``z``.
 
     Attributes
     ----------
@@ -78,7 +81,7 @@ class TrainedModel:
     versions = None
 
     def __init__(self, model, params, preprocessor, config, units, data, feature_order=None, prior=None,
-                 transform=None):
+                 transform=None, rotation=None):
         self.model, self.params = model, np.asarray(params, dtype=float)
         self.preprocessor, self.config = preprocessor, config
         self.names, self.units = list(preprocessor.names), list(units)
@@ -87,6 +90,7 @@ class TrainedModel:
         self.feature_order = np.arange(L) if feature_order is None else np.asarray(feature_order, int)
         self.prior = STANDARD_NORMAL if prior is None else prior
         self.transform = transform
+        self.rotation = np.eye(L) if rotation is None else np.asarray(rotation, dtype=float)
 
     @property
     def latent_dim(self):
@@ -126,7 +130,7 @@ class TrainedModel:
             model = Autoencoder.from_config(cfg, len(pre.names), a["floor"])
             model_ok = a["params"].shape == (model.n_params,)
             out = cls(model, a["params"], pre, cfg, [str(u) for u in a["units"]], json.loads(str(a["data"])),
-                      a["feature_order"])
+                      a["feature_order"], rotation=a.get("rotation"))
             out.versions = json.loads(str(a["versions"])) if "versions" in a else None
         except InputError:
             raise
@@ -176,7 +180,8 @@ class TrainedModel:
                 np.savez(f, params=self.params, floor=self.model.floor, config=json.dumps(self.config),
                          preprocessing=json.dumps(self.preprocessor.to_dict()),
                          units=np.array(self.units, dtype=str), data=json.dumps(self.data),
-                         feature_order=self.feature_order, versions=json.dumps(current_versions()))
+                         feature_order=self.feature_order, rotation=self.rotation,
+                         versions=json.dumps(current_versions()))
         return path
 
     # -- the data set ----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .dependence import (INTERVAL, BlockResampler, pearson, block_index,
                          block_split, equivalent_correlation, gaussian_mi, heldout_r2,
                          match_features, mi_binned)
 from .run_outputs import unused_features
+from .latent_rotation import read_rotation
 from .report_figures import write_figures
 from .report_markdown import STATS_TEXT, notes_text, report_markdown
 from .tables import format_table
@@ -79,7 +80,8 @@ def read_run(run_dir):
     dict
         ``features`` (L, npix) latent posterior means, RING, NaN where missing; ``names``
         (feature_01, ...); ``nside``; ``catalog`` (input catalog path from config.yaml);
-        ``config`` (dict); ``significance`` (rows of significance.csv, [] if absent).
+        ``config`` (dict); ``significance`` (rows of significance.csv, [] if absent);
+        ``rotation``: the rotation of the latent maps (rotation.csv's method, ``none`` without it).
 
     Raises
     ------
@@ -112,7 +114,8 @@ def read_run(run_dir):
         with open(sig_path) as f:
             sig = list(csv.DictReader(f))
     return dict(features=features, names=names, nside=hp.npix2nside(features.shape[1]),
-                catalog=cfg["catalog"], config=cfg, significance=sig)
+                catalog=cfg["catalog"], config=cfg, significance=sig,
+                rotation=read_rotation(os.path.join(run_dir, "rotation.csv")))
 
 
 def _unused(sig):
@@ -349,9 +352,10 @@ def compute_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progr
                 catalog=run["catalog"], n_channels=inputs.n_features, templates=tset.names,
                 templates_catalog=os.path.abspath(templates_catalog), methods=list(methods),
                 skipped=skipped, ksg_pixels=res.n_pixels, n_blocks=res.index.shape[0],
-                nside_block=res.nside_block, unused=_unused(run["significance"]))
+                nside_block=res.nside_block, unused=_unused(run["significance"]), rotation=run["rotation"])
     _add_texts(info, null_binned, bins)
     result = dict(out=out, correlations=corr, summary=summary, matches=matches, methods=list(methods),
+                  rotation=run["rotation"],
                   skipped=skipped, nside=nside, n_pixels=int(valid.sum()), ksg_pixels=res.n_pixels,
                   timings=timings)
     parts = dict(info=info, methods=methods, templates=tset, T=T, cm=cm, significance=run["significance"])

@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 
+from .latent_rotation import ROTATION_NAMES
 from .report_figures import feature_labeller, fmt
 from .run_outputs import UNUSED_NATS_PER_ROW, feature_support
 from .tables import format_table
@@ -44,6 +45,9 @@ def report_markdown(info, corr, summary, matches, sig, figures):
              f"(for the baselines and the R^2 ceiling)",
              f"- templates: `{info['templates_catalog']}` — {len(info['templates'])} maps, each "
              f"transformed as in its catalog entry (log / asinh / linear) and standardised",
+             f"- latent features rotated: {info.get('rotation', 'none')} — "
+             f"{ROTATION_NAMES.get(info.get('rotation'), info.get('rotation'))}"
+             + (" (RUN/rotation.csv)" if info.get("rotation", "none") != "none" else ""),
              f"- methods: {', '.join(info['methods'])}"
              + "".join(f"; {m} skipped: {why}" for m, why in info["skipped"].items()),
              f"- KSG, bootstrap and permutations on {info['ksg_pixels']} pixels (the same "

@@ -9,7 +9,8 @@ Three steps: :func:`compute_products` (each process its own rows), :func:`gather
 - table (:func:`write_table_products`): the same arrays as CSV tables (latent_mean.csv, ...,
   one row per data row);
 
-and for both noise.csv, significance.csv, history.csv, plots/training.png, plots/residuals.png.
+and for both noise.csv, significance.csv, history.csv, plots/training.png, plots/residuals.png
+(and rotation.csv with a latent rotation, ``rotation.method``).
 :func:`write_run_products` does all three for a sky.
 """
 import io
@@ -20,6 +21,7 @@ import numpy as np
 from .. import __version__
 from ..fileio import atomic_path, write_healpix_fits, write_text
 from ..inference.latent_maps import feature_names
+from .latent_rotation import product_rotation, rotated_moments, rotation_rows
 from .plots import mollview_grid, plot_history, plot_residual_summary
 from .tables import format_table
 
@@ -28,7 +30,7 @@ __all__ = ["feature_significance", "UNUSED_NATS_PER_ROW", "unused_features", "fe
            "write_sky_products", "write_table_products", "WRITERS", "write_run_products", "feature_names", "BLOCK"]
 
 
-def feature_significance(model, params, data, mask, mean, block=16384):
+def feature_significance(model, params, data, mask, mean, block=16384, rotation=None):
     """Loss of log-likelihood when one feature is replaced by its prior mean (0).
 
     Parameters
@@ -38,8 +40,10 @@ def feature_significance(model, params, data, mask, mean, block=16384):
     data, mask : ndarray, shape (P, C)
         Standardised data and observed mask.
     mean : ndarray, shape (P, L)
-        Posterior means.
+        Posterior means (of the rotated features ``z @ rotation`` with a rotation).
     block : int
+    rotation : ndarray, shape (L, L), optional
+        Orthogonal ``R``: the model's latents are ``mean @ R.T``.
 
     Returns
     -------
@@ -48,13 +52,14 @@ def feature_significance(model, params, data, mask, mean, block=16384):
     """
     L = mean.shape[1]
     out = np.zeros(L)
+    own = (lambda z: z) if rotation is None else (lambda z: z @ rotation.T)  # the model's latents
     for a in range(0, len(mean), block):
         d, m, z = data[a:a + block], mask[a:a + block], mean[a:a + block]
-        base = model.nll_rows(params, d, m, z)
+        base = model.nll_rows(params, d, m, own(z))
         for k in range(L):
             zk = z.copy()
             zk[:, k] = 0.0
-            out[k] += (model.nll_rows(params, d, m, zk) - base).sum()
+            out[k] += (model.nll_rows(params, d, m, own(zk)) - base).sum()
     return out
 
 
@@ -184,7 +189,9 @@ def compute_products(preprocessor, model, params, data, mean, std, cfg, samples=
         covariance; with samples ``enc_mean``, ``enc_std``, ``samples``, ``gap``, ``shift``,
         ``ratio``); ``significance`` (L,) nats summed over all rows, by latent index; ``order``
         (latent index of feature_01, ...); ``sigma`` (C,) learned noise, standardised;
-        ``n_samples`` (S or None).
+        ``rotation`` (L, L) or None: the latent products are of ``z @ rotation``
+        (:mod:`~galdecomp.products.latent_rotation`; latent indices are then the rotated ones);
+        ``rotation_method``; ``n_samples`` (S or None).
     """
     from ..parallel import SerialComm
 
@@ -205,23 +212,41 @@ def compute_products(preprocessor, model, params, data, mean, std, cfg, samples=
         post_mean, post_std = mean, enc_std
     progress("feature significance")
     sig_nats = comm.allreduce_sum(feature_significance(model, params, data, mask, post_mean))
+    rotation = cfg.get("rotation", {}).get("method", "none")
+    R, post_mean, post_std, sig_nats = _rotated(model, params, data, mask, (post_mean, post_std, std), sig_nats,
+                                                rotation if samples is None else "none", cfg, comm, block, progress)
+    if rotation != "none" and samples is not None:
+        progress("latent rotation: not applied to MGVI/geoVI samples")
     order = np.argsort(-sig_nats, kind="stable")
     sigma = model.sigma(params)
-    pred = model.decode(params, post_mean)
+    pred = model.decode(params, post_mean if R is None else post_mean @ R.T)  # the model's own latents
     local = dict(mean=post_mean[:, order], std=post_std[:, order], recon=preprocessor.inverse(pred.T).T,
                  resid=np.where(mask, (data - pred) / sigma, np.nan))
     if cfg["covariance"] == "fisher":
-        local["cov"] = upper_triangles(model, params, data, mask, order, block)
+        local["cov"] = upper_triangles(model, params, data, mask, order, block, R)
     if samples is not None:
         local.update(enc_mean=mean[:, order], enc_std=enc_std[:, order],
                      samples=np.concatenate(samples[:, :, order], axis=1),
                      gap=np.column_stack([gap["mahalanobis"], np.log(gap["std_ratio"]).mean(1)]),
                      shift=gap["shift"][:, order], ratio=gap["std_ratio"][:, order])
-    return dict(rows=local, significance=sig_nats, order=order, sigma=sigma,
-                n_samples=None if samples is None else len(samples))
+    return dict(rows=local, significance=sig_nats, order=order, sigma=sigma, rotation=R,
+                rotation_method=rotation, n_samples=None if samples is None else len(samples))
 
 
-def upper_triangles(model, params, data, mask, order, block=BLOCK):
+def _rotated(model, params, data, mask, moments, sig_nats, method, cfg, comm, block, progress):
+    """``(R, mean, std, significance)`` of the rotated features (``R`` None for ``method`` none);
+    ``moments``: posterior mean, std and the std or covariances :func:`compute_products` was given."""
+    mean, std, given = moments
+    if method == "none":
+        return None, mean, std, sig_nats
+    progress(f"latent rotation ({method})")
+    n_all = comm.allreduce_sum(np.array([float(len(data))]))[0]
+    R = product_rotation(model, params, mean, ~unused_features(sig_nats / max(n_all, 1.0)), comm)
+    mean, std = rotated_moments(model, params, data, mask, mean, given, R, cfg, block)
+    return R, mean, std, comm.allreduce_sum(feature_significance(model, params, data, mask, mean, rotation=R))
+
+
+def upper_triangles(model, params, data, mask, order, block=BLOCK, rotation=None):
     """The upper triangles of the encoder's posterior covariances, features in ``order``.
 
     Parameters
@@ -233,6 +258,8 @@ def upper_triangles(model, params, data, mask, order, block=BLOCK):
     order : ndarray of int, shape (L,)
         Latent index of feature_01, feature_02, ...
     block : int
+    rotation : ndarray, shape (L, L), optional
+        The covariances of the rotated features ``R^T cov R``.
 
     Returns
     -------
@@ -244,6 +271,8 @@ def upper_triangles(model, params, data, mask, order, block=BLOCK):
     a, b = np.asarray(order)[iu[0]], np.asarray(order)[iu[1]]
     out = np.empty((len(data), len(a)))
     for s, cov in covariance_blocks(model, params, data, mask, block):
+        if rotation is not None:
+            cov = np.einsum("li,plm,mj->pij", rotation, cov, rotation, optimize=True)
         out[s] = cov[:, a, b]
     return out
 
@@ -313,6 +342,11 @@ def _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, g
     hcols = ["epoch", "step", "elbo", "reconstruction", "kl", "validation_elbo", "validation_median", "lr", "seconds"]
     tables += [("noise.csv", rows, list(rows[0])), ("significance.csv", srows, list(srows[0])),
                ("history.csv", history, hcols)]
+    if prod.get("rotation") is not None:
+        rrows = rotation_rows(prod["rotation"], order, prod["rotation_method"])
+        tables.append(("rotation.csv", rrows, list(rrows[0])))
+    elif os.path.isfile(os.path.join(run_dir, "rotation.csv")):  # of earlier products (--resume --rotate none)
+        os.remove(os.path.join(run_dir, "rotation.csv"))
     for name, table, cols in tables:
         paths[name] = os.path.join(run_dir, name)
         write_text(paths[name], format_table(table, cols, "csv"))
