@@ -116,6 +116,7 @@ def main(argv=None):
     ap.add_argument("--shared", default=os.environ.get("GALDECOMP_SHARED", os.path.join(HERE, "..", "..", "shared")))
     ap.add_argument("--out", default=os.path.join(HERE, "out", "reconstruct"))
     args = ap.parse_args(argv)
+    os.environ["GALDECOMP_SHARED"] = os.path.abspath(args.shared)  # bench_quality's real-sky catalogs too
     os.makedirs(os.path.join(args.out, "work"), exist_ok=True)
     rows = []
     for sky in args.skies.split(","):
