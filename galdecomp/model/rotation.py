@@ -13,7 +13,7 @@ import numpy as np
 from .fisher import jacobian_forward
 
 __all__ = ["orthomax", "varimax", "whitened_jacobians", "loadings", "stacked_loadings", "oriented",
-           "embedded", "stacked_varimax", "rotate_moments"]
+           "embedded", "stacked_varimax", "rotate_moments", "rotate_covariances"]
 
 
 def orthomax(A, gamma=1.0, normalize=True, max_iter=1000, tol=1e-10):
@@ -175,5 +175,10 @@ def rotate_moments(R, mean, second):
     second = np.asarray(second, float)
     if second.ndim == 2:
         return mean, np.sqrt(second ** 2 @ R ** 2)
-    cov = np.einsum("li,plm,mj->pij", R, second, R, optimize=True)
+    cov = rotate_covariances(R, second)
     return mean, np.sqrt(np.diagonal(cov, axis1=1, axis2=2)), cov
+
+
+def rotate_covariances(R, cov):
+    """Covariances (P, L, L) of the rotated latents ``z' = R^T z``: ``R^T Sigma R`` for each row."""
+    return np.einsum("li,plm,mj->pij", R, cov, R, optimize=True)

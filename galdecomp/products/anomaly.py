@@ -363,7 +363,7 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
     values, nside, cat_path = load_rows(model, catalog, model.target_fwhm(fwhm_arcmin, progress))
     frame = read_catalog(cat_path).frame
     progress(f"read {cat_path}")
-    scale, cal_rows = np.ones(len(model.names)), None
+    scale, cal_rows = None, None  # None: the trained noise, the scores' own chi2
     if noise == "calibrated":
         progress("calibrating each channel's residuals on the run's own data")
         scale, before = residual_scale(model, model.load_rows())  # at the run's resolution
@@ -383,4 +383,4 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
             res["paths"]["calibration.csv"] = os.path.join(tmp, "calibration.csv")
     paths = {k: os.path.join(os.path.abspath(out), os.path.basename(v)) for k, v in res["paths"].items()}
     return dict(out=os.path.abspath(out), paths=paths, top=res["top"], scores=scores, residual=residual,
-                n_observed=n_obs, scale=scale)
+                n_observed=n_obs, scale=np.ones(len(model.names)) if scale is None else scale)

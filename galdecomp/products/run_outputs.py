@@ -21,6 +21,7 @@ import numpy as np
 from .. import __version__
 from ..fileio import atomic_path, write_healpix_fits, write_text
 from ..inference.latent_maps import feature_names
+from ..model.rotation import rotate_covariances
 from .latent_rotation import product_rotation, rotated_moments, rotation_rows
 from .plots import mollview_grid, plot_history, plot_residual_summary
 from .tables import format_table
@@ -272,7 +273,7 @@ def upper_triangles(model, params, data, mask, order, block=BLOCK, rotation=None
     out = np.empty((len(data), len(a)))
     for s, cov in covariance_blocks(model, params, data, mask, block):
         if rotation is not None:
-            cov = np.einsum("li,plm,mj->pij", rotation, cov, rotation, optimize=True)
+            cov = rotate_covariances(rotation, cov)
         out[s] = cov[:, a, b]
     return out
 
