@@ -134,13 +134,14 @@ def test_killed_run_resumes_on_another_rank_count(sky, tmp_path):
     assert np.max(np.abs(a - b)) <= 1e-8 * np.max(np.abs(a))
 
 
-def test_mgvi_on_two_ranks_equals_one(sky, tmp_path):
-    """MGVI draws are keyed by global pixel index: 1 and 2 ranks give the same samples (nearly)."""
+@pytest.mark.parametrize("method", ["mgvi", "geovi"])
+def test_mgvi_on_two_ranks_equals_one(sky, tmp_path, method):
+    """MGVI/geoVI draws are keyed by global pixel index: 1 and 2 ranks give the same samples (nearly)."""
     run = tmp_path / "k1"
     assert main(["fit", sky, "--out", str(run), "--nside", "8", "--max-epochs", "40", "--latent-dim", "3"]) == 0
     shutil.copytree(run, tmp_path / "k2")
-    assert main(["fit", sky, "--out", str(run), "--resume", "--posterior", "mgvi"]) == 0
-    p = mpirun(2, ["fit", sky, "--out", str(tmp_path / "k2"), "--resume", "--posterior", "mgvi"])
+    assert main(["fit", sky, "--out", str(run), "--resume", "--posterior", method]) == 0
+    p = mpirun(2, ["fit", sky, "--out", str(tmp_path / "k2"), "--resume", "--posterior", method])
     assert p.returncode == 0, p.stderr
     a, b = (maps(tmp_path / k / "latent_samples.fits") for k in ("k1", "k2"))
     sd = np.tile(maps(run / "latent_std.fits"), (a.shape[0] // 3, 1))  # columns sNN_feature_MM

@@ -339,6 +339,23 @@ class LatentMetrics:
         g += z
         return e, g
 
+    def outputs_and_jacobians(self, z):
+        """Decoder outputs ``f(z)`` (n, C) and Jacobians ``J(z)`` (n, C, L) at latents ``z`` (n, L)."""
+        n, C = len(z), self._iv.shape[1]
+        f, J = np.empty((n, C)), np.empty((n, C, z.shape[1]))
+        for s in self._blocks(n):
+            f[s], J[s], _ = jacobian_forward(self._theta, self._dec.sizes, self._dec.activation, z[s])
+        return f, J
+
+    def pullback(self, z0, rows=None):
+        """``A_i = J_i(z0)^T N_i^-1``, shape (n, L, C): geoVI's transformation ``g(z) = z + A f(z)``
+        at expansion point ``z0`` (n, L); ``rows`` as for :meth:`posterior`."""
+        iv = self._rows(self._iv, rows)
+        A = np.empty(z0.shape + iv.shape[1:])
+        for s in self._blocks(len(z0)):
+            A[s] = np.swapaxes(self._jac(z0[s]), 1, 2) * iv[s, None, :]
+        return A
+
     def geometric(self, z0):
         """The metric of geoVI's non-linear sample update for expansion point ``z0`` (rows, L).
 
@@ -349,9 +366,7 @@ class LatentMetrics:
             ``J(z0)^T N^-1`` (rows x L x C) is computed once, here.
         """
         P, L = z0.shape
-        A = np.empty((P, L, self._iv.shape[1]))
-        for s in self._blocks(P):
-            A[s] = np.swapaxes(self._jac(z0[s]), 1, 2) * self._iv[s, None, :]
+        A = self.pullback(z0)
 
         def blocks(z):
             out = np.empty((P, L, L))

@@ -14,13 +14,13 @@ Every metric involved is block-diagonal, one L x L block per pixel. The default 
 - samples: :class:`BlockMetricHamiltonian`, a ``StandardHamiltonian`` whose metric is the whole
   posterior metric as a :class:`~.block_metric.BlockDiagonalMetric`; NIFTy's ``draw_samples``
   calls its ``special_draw_sample`` (exact, Cholesky per pixel) instead of conjugate gradients.
-- KL minimisation and geoVI's non-linear sample update:
-  :class:`~.block_metric.BlockNewton`, a NIFTy ``DescentMinimizer`` (NIFTy's line search and
-  iteration controllers) whose direction is the exact Newton direction of the block metric.
+- KL minimisation: :class:`~.block_metric.BlockNewton`, a NIFTy ``DescentMinimizer`` (NIFTy's
+  line search and iteration controllers) whose direction is the exact Newton direction of the
+  block metric.
+- geoVI's samples: every row's non-linear equation solved on its own (:mod:`.geovi`), with
+  MGVI's draws.
 - NIFTy's ``optimize_kl`` builds its own ``StandardHamiltonian`` (no hook for the metric), so its
-  loop (``SampledKLEnergy``, then the minimiser, per iteration) is repeated in
-  :func:`_block_kl`; geoVI's linear sampling step is always NIFTy's CG (hard-coded in
-  ``draw_samples``), here only a few iterations, as it only starts the exact non-linear update.
+  loop (new samples, then the minimiser, per iteration) is repeated in :func:`_block_kl`.
 
 ``solver="cg"`` is NIFTy's ``optimize_kl`` with conjugate gradients (the reference).
 
@@ -43,14 +43,15 @@ from ..logs import captured
 from ..model.operators import DecoderLikelihood
 from ..random import seed_sequence
 from .block_metric import BlockDiagonalMetric, BlockNewton, LatentMetrics, SampledKLRows
+from .geovi import GeoVIStats, geovi_kl_energy
 
 __all__ = ["latent_posterior_samples", "latent_posterior_samples_on_cores", "BlockMetricHamiltonian",
            "TrackedController", "amortisation_gap"]
 
 _log = logging.getLogger(__name__)
 
-#: Block solver, geoVI: conjugate-gradient iterations of NIFTy's linear sampling step, whose result
-#: is only the starting point of the (exact-Newton) non-linear sample update.
+#: Block solver, geoVI with NIFTy's draws: conjugate-gradient iterations of NIFTy's linear sampling
+#: step, whose result is only the starting point of the (exact-Newton) non-linear sample update.
 GEOVI_LINEAR_CG = 5
 
 
@@ -115,19 +116,19 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
         Global index of the first row (MPI: the rank's first pixel).
     solver : {"block", "cg"}
         ``"block"``: NIFTy's ``SampledKLEnergy`` with the exact block-diagonal metric
-        (:mod:`.block_metric`): exact MGVI samples, exact Newton directions for the KL and for
-        geoVI's non-linear sample update. ``"cg"``: NIFTy's ``optimize_kl`` with its conjugate
+        (:mod:`.block_metric`): exact MGVI samples, exact Newton directions for the KL, geoVI's
+        samples solved row by row (:mod:`.geovi`). ``"cg"``: NIFTy's ``optimize_kl`` with its conjugate
         gradients (the reference).
     draws : {"rows", "nifty"}
-        Block solver, MGVI: ``"rows"`` draws by global row index (the same samples on any number
-        of ranks); ``"nifty"`` uses NIFTy's own draws, the random numbers of the ``"cg"`` path.
-        geoVI's draws and the ``"cg"`` path's are NIFTy's (per rank: seeded by ``(seed, offset)``).
+        Block solver: ``"rows"`` draws by global row index (the same samples on any number of
+        ranks; geoVI: :func:`.geovi.geovi_kl_energy`); ``"nifty"`` uses NIFTy's own draws, the
+        random numbers of the ``"cg"`` path (per rank: seeded by ``(seed, offset)``), and for geoVI
+        NIFTy's ``draw_samples`` (CG linear step, one minimiser for all rows).
     controllers : dict, optional
-        Replace the default IterationControllers: ``sampling`` (CG of the samples; block solver:
-        geoVI's linear step only), ``kl`` (KL minimisation), ``geo`` (geoVI's non-linear update).
+        Replace the default IterationControllers: ``sampling`` (CG of the samples), ``kl`` (KL
+        minimisation), ``geo`` (geoVI's non-linear update); ``"rows"`` geoVI uses ``kl`` only.
     comm : SerialComm or MPIComm, optional
-        The processes holding the rows (unused: NIFTy's messages go through the package's
-        logging, which shows rank 0 only).
+        Unused (NIFTy's messages go through the package's logging: rank 0 only).
 
     Returns
     -------
@@ -151,7 +152,7 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
     ctl = dict(controllers or {})
     sampling, kl_ctrl, geo_ctrl = (ctl.get(k, v) for k, v in
                                    (("sampling", sampling), ("kl", kl_ctrl), ("geo", geo_ctrl)))
-    keyed = solver == "block" and method == "mgvi" and draws == "rows"
+    keyed = solver == "block" and draws == "rows"
     with captured("NIFTy8", _log) as nifty_msgs, \
             ift.random.Context(seed if keyed else seed_sequence(seed, "mgvi", offset)):
         if solver == "cg":
@@ -173,9 +174,9 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
             # the result hardly depends on how many rows share the stopping rule (MPI ranks)
             kl_t = TrackedController(ctl.get("kl", ift.AbsDeltaEnergyController(
                 deltaE=1e-8 * P, iteration_limit=50, convergence_level=2, name=None)))
-            geo_t = TrackedController(geo_ctrl)
+            geo_t = GeoVIStats() if draws == "rows" else TrackedController(geo_ctrl)
             say = _reporter(log, method, iterations, kl_t, geo_t if method == "geovi" else None, nifty_msgs)
-            samples = _block_kl(ham, pos, method, n_samples, iterations, kl_t, geo_t, say)
+            samples = _block_kl(ham, pos, method, n_samples, iterations, kl_t, geo_t, say, offset)
     return np.stack([s["latent"].val for s in samples.iterator()])
 
 
@@ -280,22 +281,28 @@ class BlockMetricHamiltonian(ift.StandardHamiltonian):
         raise NotImplementedError("BlockMetricHamiltonian: no constant inputs")
 
 
-def _block_kl(ham, pos, method, n_samples, iterations, kl_ctrl, geo_ctrl, say):
+def _block_kl(ham, pos, method, n_samples, iterations, kl_ctrl, geo_ctrl, say, offset=0):
     """The loop of ``optimize_kl`` (samples, then KL minimisation) with ``ham`` and exact solves.
 
     The KL minimiser is a :class:`BlockNewton` on the sampled KL row by row
-    (:class:`SampledKLRows`: per-row step lengths, rows at their optimum held fixed).
+    (:class:`SampledKLRows`: per-row step lengths, rows at their optimum held fixed). geoVI with
+    ``geo_ctrl`` a :class:`~.geovi.GeoVIStats`: samples solved row by row
+    (:func:`~.geovi.geovi_kl_energy`); with an IterationController: NIFTy's ``draw_samples`` (its
+    draws and CG linear step) with a :class:`BlockNewton` non-linear update.
     """
     dom = ham.domain
     key = next(iter(dom.keys()))
     mean = pos.extract(dom)
     for it in range(iterations):
         nonlin = None
-        if method == "geovi":
-            geo = ham.metrics.geometric(mean[key].val)
-            nonlin = BlockNewton(geo_ctrl, lambda e, geo=geo: BlockDiagonalMetric(
-                dom, geo(e.position[key].val)), damping=1.0)  # T may be near-singular in some rows
-        e = ift.SampledKLEnergy(mean, ham, n_samples, nonlin, mirror_samples=True)
+        if method == "geovi" and isinstance(geo_ctrl, GeoVIStats):
+            e = geovi_kl_energy(ham, mean, n_samples, offset, geo_ctrl)
+        else:
+            if method == "geovi":
+                geo = ham.metrics.geometric(mean[key].val)
+                nonlin = BlockNewton(geo_ctrl, lambda e, geo=geo: BlockDiagonalMetric(
+                    dom, geo(e.position[key].val)), damping=1.0)  # T may be near-singular in some rows
+            e = ift.SampledKLEnergy(mean, ham, n_samples, nonlin, mirror_samples=True)
         rows = SampledKLRows(ham.metrics, dom, row_energies=ham.row_energies)
         e, _ = BlockNewton(kl_ctrl, rows.metric, row_energy=rows.energies)(e)
         mean = e.position
