@@ -104,6 +104,44 @@ def test_fisher_backward_fd(act, block_size, cache_rows):
     assert np.allclose(kl, gaussian_kl(mu, np.linalg.inv(M), np.zeros_like(mu), np.broadcast_to(np.eye(L), M.shape)))
 
 
+@pytest.mark.parametrize("act", ACTS)
+def test_float32_jacobian_passes_agree_with_float64(act):
+    """``dtype="float32"``: the Jacobian passes in single precision, the metric, Cholesky, draws and
+    KL in float64; value and every gradient within float32 rounding of the float64 family's."""
+    rng, dec, theta, mu, inv_var = _setup(act)
+    xi = rng.standard_normal((B, L))
+    g_z, g_kl = rng.standard_normal((B, L)), rng.standard_normal(B)
+    out = {}
+    for dt in ("float64", "float32"):
+        post = F.FisherGaussian(dtype=dt)
+        z, kl, ctx = post.forward(mu, xi, dec, theta, inv_var)
+        assert z.dtype == kl.dtype == np.float64 and ctx["caches"][0]["Jt"].dtype == np.dtype(dt)
+        out[dt] = (z, kl) + tuple(g.astype(np.float64) for g in post.backward(ctx, g_z, g_kl))
+    for a, b in zip(out["float32"], out["float64"]):
+        assert 0 < _rel(a, b) < 1e-5 or np.array_equal(a, b)
+    assert not np.array_equal(out["float32"][3], out["float64"][3])  # the decoder gradient is single precision
+    # the products' moments stay float64 whatever the training dtype
+    m32, m64 = (F.FisherGaussian(dtype=dt).mean_and_std(mu, dec, theta, inv_var)[1] for dt in ("float32", "float64"))
+    assert np.array_equal(m32, m64)
+
+
+def test_fisher_dtype_setting():
+    """``training.fisher_dtype``: null follows ``training.dtype``; runs stored without it keep float64."""
+    from galdecomp.errors import InputError
+    from galdecomp.inference.config import resolve_config, with_former_defaults
+    from galdecomp.model.autoencoder import Autoencoder
+
+    cfg = resolve_config({"covariance": "fisher"}, {})
+    assert cfg["training"]["fisher_dtype"] is None
+    assert Autoencoder.from_config(cfg, C).posterior.dtype == np.dtype(cfg["training"]["dtype"]) == np.float32
+    stored = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
+    stored["training"] = {k: v for k, v in cfg["training"].items() if k != "fisher_dtype"}
+    old = with_former_defaults(stored)
+    assert Autoencoder.from_config(old, C).posterior.dtype == np.float64
+    with pytest.raises(InputError, match="fisher_dtype"):
+        resolve_config({"covariance": "fisher", "training": {"fisher_dtype": "float16"}}, {})
+
+
 def _linear_case(seed=5):
     """One-layer decoder f(z) = z W + b with data drawn from it: exact posterior in closed form."""
     rng = np.random.default_rng(seed)

@@ -63,6 +63,7 @@ DEFAULTS = {
         "validation_fraction": 0.1,
         "select": "median",        # median | mean: per-row validation ELBO statistic that picks the kept parameters
         "dtype": "float32",        # MLP kernels: float32 | float64 (sums, Adam and products stay float64)
+        "fisher_dtype": None,      # covariance fisher: its Jacobian passes in training (None: as dtype)
         "block_rows": 512,         # rows per block of a minibatch: partial sums per block, added in block order
         "threads": None,           # threads of execution of a one-process fit (None: every core it may use; MPI: 1)
         "checkpoint_seconds": 600,  # also checkpoint inside an epoch after this long (0: every step)
@@ -234,6 +235,8 @@ def resolve_config(file_config=None, overrides=None, where="config"):
         raise InputError(f"{where}: training.validation_fraction must be in (0, 0.5)")
     if t["dtype"] not in ("float64", "float32"):
         raise InputError(f"{where}: training.dtype must be float64 or float32")
+    if t["fisher_dtype"] not in (None, "float64", "float32"):
+        raise InputError(f"{where}: training.fisher_dtype must be float64, float32 or null")
     return cfg
 
 
@@ -254,7 +257,7 @@ def model_signature(cfg):
 #: Settings added since the first runs, with the values that reproduce the runs written before them.
 _FORMER_DEFAULTS = {"encoder": {"output_scale": 0.1, "mask_input": "observed"}, "noise": {"poisson_floor": False},
                     "training": {"schedule": "plateau", "kl_warmup_epochs": 0, "step_on": "excitations",
-                                 "select": "mean", "block_rows": 1024}}
+                                 "select": "mean", "block_rows": 1024, "fisher_dtype": "float64"}}
 
 
 #: Sections a stored configuration predates, as they were then (a run without ``rotation`` had none).

@@ -35,8 +35,8 @@ class Autoencoder:
         Hidden layer widths.
     decoder_activation, encoder_activation : str
         Names in :data:`galdecomp.model.mlp.ACTIVATIONS`.
-    covariance : str
-        Posterior family: ``"diagonal"`` or ``"fisher"``.
+    covariance : str or LatentPosterior
+        Posterior family: ``"diagonal"`` or ``"fisher"`` (with its defaults), or an instance.
     floor : array_like, shape (C,)
         Known noise floor per feature (standardised units).
     sigma0, tau : float
@@ -64,7 +64,7 @@ class Autoencoder:
                  encoder_output_scale=1.0, mask_input="missing", block_rows=1024):
         dt = np.dtype(dtype).type
         self.n_features, self.latent_dim = int(n_features), int(latent_dim)
-        self.posterior = POSTERIORS[covariance]()
+        self.posterior = POSTERIORS[covariance]() if isinstance(covariance, str) else covariance
         self.decoder = MLP([latent_dim, *decoder_hidden, n_features], decoder_activation, dtype=dt)
         self.encoder = MLP([2 * n_features, *encoder_hidden, self.posterior.n_encoder_outputs(latent_dim)],
                            encoder_activation, dtype=dt, sparse_inputs=slice(n_features, 2 * n_features))
@@ -89,7 +89,8 @@ class Autoencoder:
     def from_config(cls, cfg, n_features, floor=0.0):
         """Build from a resolved fit configuration (:mod:`galdecomp.inference.config`)."""
         return cls(n_features, cfg["latent_dim"], cfg["decoder"]["hidden"], cfg["encoder"]["hidden"],
-                   cfg["decoder"]["activation"], cfg["encoder"]["activation"], cfg["covariance"],
+                   cfg["decoder"]["activation"], cfg["encoder"]["activation"],
+                   POSTERIORS[cfg["covariance"]].from_config(cfg),
                    floor, cfg["noise"]["sigma0"], cfg["noise"]["tau"], cfg["beta"],
                    cfg["training"]["dtype"], cfg["encoder"]["output_scale"], cfg["encoder"]["mask_input"],
                    cfg["training"]["block_rows"])

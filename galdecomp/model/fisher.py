@@ -48,7 +48,7 @@ def jacobian_forward(theta, sizes, activation, z):
     """
     act = ACTIVATIONS[activation]
     layers = unpack_params(theta, sizes)
-    z = np.asarray(z, dtype=float)
+    z = np.asarray(z, dtype=np.result_type(theta.dtype, np.float32))
     B, L = z.shape
     # T_k = dh_k/dz (B, L, n_k) and dA_k = da_k/dz = T_k W_k. T_0 = 1, so dA_0 = W_0 (kept 2-D), and
     # dA_1 = (s1_0 * W_0) W_1 = s1_0 @ K with K[n, (l, m)] = W_0[l, n] W_1[n, m]: T_1 is never formed.
@@ -96,7 +96,8 @@ def jacobian_backward(cache, g_y, g_J):
     layers, hs, Ts, dAs, s1s, s2s = (cache[k] for k in ("layers", "h", "T", "dA", "s1", "s2"))
     B, L = hs[0].shape
     g_dA = np.ascontiguousarray(np.swapaxes(g_J, 1, 2))  # (B, L, C)
-    g_a = np.zeros((B, layers[-1][0].shape[1])) if g_y is None else np.asarray(g_y, dtype=float)
+    dt = layers[-1][0].dtype
+    g_a = np.zeros((B, layers[-1][0].shape[1]), dt) if g_y is None else np.asarray(g_y, dtype=dt)
     grads = []
     for k in range(len(layers) - 1, -1, -1):
         W = layers[k][0]
@@ -229,13 +230,18 @@ class FisherGaussian(LatentPosterior):
     cache_rows : int
         Keep the forward Jacobian caches for :meth:`backward` when the batch has at most this many
         rows (about 21 kB per row for a 10-64-64-35 decoder); recompute them otherwise.
+    dtype : {"float64", "float32"}
+        Of the decoder's Jacobian passes in training (forward and reverse, the cost of this
+        posterior); the metric, its Cholesky factor, the draws, the KL and its derivatives, and
+        :meth:`mean_and_cov` / :meth:`mean_and_std` (the products) are float64 always.
     """
 
     name = "fisher"
 
-    def __init__(self, block_size=1024, cache_rows=8192):
+    def __init__(self, block_size=1024, cache_rows=8192, dtype="float64"):
         self.block_size = int(block_size)
         self.cache_rows = int(cache_rows)
+        self.dtype = np.dtype(dtype)
 
     def n_encoder_outputs(self, latent_dim):
         """Number of encoder outputs per row: the mean only."""
@@ -244,9 +250,16 @@ class FisherGaussian(LatentPosterior):
     def _blocks(self, n):
         return [slice(i, min(i + self.block_size, n)) for i in range(0, n, self.block_size)]
 
-    def _precision(self, mu, decoder, theta_dec, inv_var):
-        _, J, cache = jacobian_forward(theta_dec, decoder.sizes, decoder.activation, mu)
-        return metric(J, inv_var), cache
+    @classmethod
+    def from_config(cls, cfg):
+        """The family with the Jacobian passes in ``training.fisher_dtype`` (None: ``training.dtype``)."""
+        return cls(dtype=cfg["training"].get("fisher_dtype") or cfg["training"]["dtype"])
+
+    def _precision(self, mu, decoder, theta_dec, inv_var, dtype=np.float64):
+        """``M(mu)`` (float64) and the cache of the Jacobian pass (computed in ``dtype``)."""
+        _, J, cache = jacobian_forward(np.asarray(theta_dec, dtype), decoder.sizes, decoder.activation,
+                                       mu.astype(dtype, copy=False))
+        return metric(J.astype(np.float64, copy=False), inv_var), cache
 
     def forward(self, enc_out, xi, decoder, theta_dec, inv_var):
         """Draw ``z = mu + L^-T xi`` and the analytic KL to the prior.
@@ -271,11 +284,11 @@ class FisherGaussian(LatentPosterior):
             For :meth:`backward`.
         """
         mu, xi, inv_var = (np.asarray(a, dtype=float) for a in (enc_out, xi, inv_var))
-        theta_dec = np.array(theta_dec, dtype=float)  # a copy: backward must see the same decoder
+        theta_dec = np.array(theta_dec, dtype=self.dtype)  # a copy: backward must see the same decoder
         B, L = mu.shape
         z, kl, Linv, caches = np.empty_like(mu), np.empty(B), np.empty((B, L, L)), []
         for s in self._blocks(B):
-            M, cache = self._precision(mu[s], decoder, theta_dec, inv_var[s])
+            M, cache = self._precision(mu[s], decoder, theta_dec, inv_var[s], self.dtype)
             Lc = cholesky(M)
             Li = inv_lower(Lc)
             z[s] = mu[s] + np.einsum("bji,bj->bi", Li, xi[s])  # L^-T xi
@@ -304,8 +317,9 @@ class FisherGaussian(LatentPosterior):
         low = np.tri(L, k=-1) + 0.5 * np.eye(L)  # Phi: lower triangle, halved diagonal
         for s, cache in zip(self._blocks(B), ctx["caches"]):
             if cache is None:
-                cache = jacobian_forward(theta, dec.sizes, dec.activation, mu[s])[2]
+                cache = jacobian_forward(theta, dec.sizes, dec.activation, mu[s].astype(theta.dtype))[2]
             Li, Jt = Linv[s], cache["Jt"]
+            dt = Jt.dtype
             LiT = np.ascontiguousarray(Li.transpose(0, 2, 1))  # contiguous: numpy's fast batched matmul
             # kl: G_kl = dKL/dM = L^-T Q_kl L^-1 with Q_kl from the prior (M^-1 = L^-T L^-1)
             _, d_mu, q_kl = STANDARD_NORMAL.kl_precision(mu[s], Li, 0.0)
@@ -318,9 +332,9 @@ class FisherGaussian(LatentPosterior):
             Q += 0.5 * (P + P.transpose(0, 2, 1))
             G = LiT @ Q @ Li  # G_kl + G_sample
             # M = J^T N J + 1: g_J = 2 N J G, g_N_c = (J G J^T)_cc  (in the (B, L, C) layout, G symmetric)
-            GJt = G @ Jt
+            GJt = G.astype(dt, copy=False) @ Jt
             g_iv[s] = np.einsum("blc,blc->bc", Jt, GJt)
-            GJt *= 2.0 * inv_var[s, None, :]
+            GJt *= 2.0 * inv_var[s, None, :].astype(dt)
             gt, gm = jacobian_backward(cache, None, GJt.transpose(0, 2, 1))
             g_theta += gt
             g_mu[s] += gm

@@ -19,6 +19,11 @@ class LatentPosterior:
     #: registry name
     name = "base"
 
+    @classmethod
+    def from_config(cls, cfg):
+        """The family as a resolved fit configuration sets it up (default: no settings)."""
+        return cls()
+
     def n_encoder_outputs(self, latent_dim):
         """Number of encoder outputs per row for latent dimension ``latent_dim``."""
         raise NotImplementedError
