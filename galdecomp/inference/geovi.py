@@ -49,7 +49,8 @@ class GeoVIStats:
     ----------
     samples, steps, at_limit, rows : int
         Samples solved, the most Newton steps any row took summed over the samples, rows that
-        stopped at :data:`MAX_STEPS` or could not descend (summed over the samples), rows per sample.
+        stopped at :data:`MAX_STEPS` or could not descend, rows solved (the last two summed over
+        the samples).
     """
 
     def __init__(self):
@@ -63,11 +64,11 @@ class GeoVIStats:
         self.samples += 1
         self.steps += int(steps)
         self.at_limit += int(at_limit)
-        self.rows = int(rows)
+        self.rows += int(rows)
 
     def state(self, what):
-        """E.g. ``"4 samples, 0 of 12288 rows at the step limit"``."""
-        return f"{self.samples} {what}, {self.at_limit} of {self.rows} rows at the step limit"
+        """E.g. ``"4 samples, 0 of 49152 row samples unsolved"`` (at the step limit or at a fold)."""
+        return f"{self.samples} {what}, {self.at_limit} of {self.rows} row samples unsolved"
 
 
 def _residual(metrics, A, x, target):
