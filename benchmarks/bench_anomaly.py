@@ -45,7 +45,7 @@ import benchutil  # noqa: E402
 from galdecomp.catalog import read_catalog  # noqa: E402
 from galdecomp.cli import main as cli  # noqa: E402
 from galdecomp.fileio import write_healpix_fits  # noqa: E402
-from galdecomp.inference.trained import load  # noqa: E402
+from galdecomp import load  # noqa: E402
 from galdecomp.products.anomaly import load_rows, residual_scale, run_anomaly  # noqa: E402
 
 KINDS = ("source", "line", "calibration")

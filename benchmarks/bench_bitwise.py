@@ -46,6 +46,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
+    from galdecomp.model.likelihood import GaussianLikelihood
     from galdecomp.parallel import SerialComm
 
     class NotFirst(SerialComm):  # a block's energy without the prior terms (which rank 0 adds once)
@@ -54,7 +55,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     P, C, L = 12 * a.nside ** 2, a.channels, 10
     data = rng.standard_normal((P, C))
-    model = Autoencoder(C, L, floor=0.01)
+    model = Autoencoder(C, L, likelihood=GaussianLikelihood(0.01))
     obj = ELBOObjective(model, data, P)
     obj_block = ELBOObjective(model, data, P, comm=NotFirst())
     params = model.init_params(0)

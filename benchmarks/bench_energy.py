@@ -178,6 +178,7 @@ def main():
     import nifty8 as ift
     from threadpoolctl import threadpool_limits
     from galdecomp.model.mlp import MLP
+    from galdecomp.model.likelihood import GaussianLikelihood
     from galdecomp.model.operators import DecoderLikelihood
 
     torch = optional_torch(args.no_torch, " (pip install -e '.[bench]')")
@@ -247,7 +248,7 @@ def main():
         scales = mlps[np.float64].init_scales()
         theta = scales * xi_w
         rows = ift.UnstructuredDomain(P)
-        ops = {dt: DecoderLikelihood(m, data, mask, floor=FLOOR, sigma0=SIGMA0, tau=TAU, row_domain=rows)
+        ops = {dt: DecoderLikelihood(m, data, mask, GaussianLikelihood(FLOOR, SIGMA0, TAU), row_domain=rows)
                for dt, m in mlps.items()}
         vals = {"latent": z, "weights": xi_w, "noise": s}
         pos = ift.MultiField.from_dict({k: ift.makeField(ops[np.float64].domain[k], v) for k, v in vals.items()})

@@ -390,7 +390,7 @@ def analyse_profile(prof, r):
         steps - run_in_steps
     parts["Adam.step"] = ct("step", "training.py")
     parts["validation (ELBOObjective.value, every epoch)"] = ct("value", "autoencoder")
-    parts["checkpoints (save_checkpoint)"] = ct("save_checkpoint", "run_folder.py")
+    parts["checkpoints (save_checkpoint)"] = ct("save_checkpoint", "run/folder.py")
     parts["training total (fit_rows)"] = ct("fit_rows", "fitting.py")
     counts = {"steps": ncalls("value_and_gradient", "autoencoder"),
               "MLP.vjp calls": ncalls("vjp", "mlp.py"),

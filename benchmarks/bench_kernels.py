@@ -29,6 +29,7 @@ def main():
     import numpy as np
     import nifty8 as ift
     from galdecomp.model.mlp import MLP as _MLP, blas_threads
+    from galdecomp.model.likelihood import GaussianLikelihood
     from galdecomp.model.operators import DecoderLikelihood, MaskedGaussianEnergy
 
     nthr = args.blas_threads or None
@@ -85,9 +86,9 @@ def main():
                 {k: ift.makeField(op.domain[k], vals[k]) for k in op.domain.keys()})
             return lambda: op(ift.Linearization.make_var(pos)).gradient
 
-        fused = {dt: DecoderLikelihood(mlps[dt], data, mask, floor=0.01, row_domain=rows)
+        fused = {dt: DecoderLikelihood(mlps[dt], data, mask, GaussianLikelihood(0.01), row_domain=rows)
                  for dt in mlps}
-        lik = MaskedGaussianEnergy(data, mask, floor=0.01, row_domain=rows)
+        lik = MaskedGaussianEnergy(data, mask, GaussianLikelihood(0.01), row_domain=rows)
         mop = fused[np.float64].mlp_operator
         composed = lik @ (mop.ducktape_left("prediction") +
                           ift.FieldAdapter(lik.domain["noise"], "noise").ducktape_left("noise"))
@@ -114,7 +115,7 @@ def main():
             print("  block_size sweep, nifty fused value+gradient (ms):")
             bss = (256, 512, 1024, 2048, 4096, 8192)
             fs = {(bs, dt): nifty_grad(DecoderLikelihood(MLP(sizes, block_size=bs, dtype=dt), data,
-                                                         mask, floor=0.01, row_domain=rows))
+                                                         mask, GaussianLikelihood(0.01), row_domain=rows))
                   for bs in bss for dt in (np.float64, np.float32)}
             ts = best_all(fs, args.repeat)
             for bs in bss:

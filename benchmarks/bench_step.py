@@ -46,8 +46,10 @@ def flops_per_row():
 def package_entries(dt, B, data, rng):
     from galdecomp.inference.training import Adam
     from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
+    from galdecomp.model.likelihood import GaussianLikelihood
+    from galdecomp.model.settings import Architecture
 
-    model = Autoencoder(C, L, DEC[1:-1], ENC[1:-1], dtype=dt, floor=0.01)
+    model = Autoencoder(C, L, Architecture(DEC[1:-1], ENC[1:-1], dtype=dt), GaussianLikelihood(0.01))
     obj = ELBOObjective(model, data, len(data))
     params = model.init_params(0)
     adam = Adam(params.size)

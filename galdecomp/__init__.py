@@ -13,11 +13,17 @@ def load(run_dir):
 
     ``encode_maps`` gives HEALPix latent maps as ``galdecomp fit`` writes them; ``encode``,
     ``decode``, ``sample``, ``score_rows`` and ``condition`` work on rows x channels in physical
-    units (or standardised ones with ``standardised=True``).
-    """
-    from .inference.trained import TrainedModel
+    units (or standardised ones with ``standardised=True``). Read by
+    :meth:`galdecomp.run.RunFolder.trained_model`.
 
-    return TrainedModel.load(run_dir)
+    Raises
+    ------
+    InputError
+        The folder holds no finished run, or its files are unreadable.
+    """
+    from .run import RunFolder
+
+    return RunFolder(run_dir).trained_model()
 
 
 def __getattr__(name):
@@ -74,7 +80,6 @@ def fit(data, out, config=None, resume=False, overwrite=False, comm=None, **sett
     """
     from .errors import InputError
     from .inference.config import load_config_file
-    from .inference.trained import TrainedModel
     from .pipeline import fit_overrides, fit_path
 
     def as_config(c):
@@ -95,7 +100,7 @@ def fit(data, out, config=None, resume=False, overwrite=False, comm=None, **sett
     if config is not None:
         config.pop("catalog", None)  # written into RUN/config.yaml for the record
     res = fit_path(path, out, fit_overrides(settings), config, resume, overwrite, comm)
-    return TrainedModel.load(res["run_dir"])
+    return load(res["run_dir"])
 
 
 def _is_config(path):

@@ -112,31 +112,34 @@ def cmd_fit(args, comm):
 
 
 def _print_fit(res):
-    p = res["products"]["paths"]
+    from .run import RunFolder
+
+    p, name = res["products"]["paths"], RunFolder.array_name
     print(f"run folder: {res['run_dir']}")
-    if "latent_mean.fits" in p:
-        print(f"latent feature maps: {p['latent_mean.fits']} (std: {p['latent_std.fits']})")
+    if name("latent_mean", ".fits") in p:
+        print(f"latent feature maps: {p[name('latent_mean', '.fits')]} (std: {p[name('latent_std', '.fits')]})")
     else:
-        print(f"latent features: {p['latent_mean.csv']} (std: {p['latent_std.csv']})")
+        print(f"latent features: {p[name('latent_mean', '.csv')]} (std: {p[name('latent_std', '.csv')]})")
     print(f"plots: {p['plots']}")
 
 
 def cmd_report(args, comm):
-    from .fileio import folder_lock
+    from .run import RunFolder
 
     if comm.size > 1:
         raise InputError("galdecomp report runs on one process (start it without mpiexec)")
     if args.bins < 2:
         raise InputError(f"--bins must be at least 2, got {args.bins}")
-    run = os.path.abspath(args.run)
-    out = os.path.abspath(args.out or os.path.join(run, "report"))
-    into_run = os.path.isdir(run) and os.path.commonpath([run, out]) == run
-    with folder_lock(run) if into_run else contextlib.nullcontext():  # one writer per run folder
+    run = RunFolder(os.path.abspath(args.run))
+    out = os.path.abspath(args.out or run.path("report"))
+    into_run = os.path.isdir(run.dir) and os.path.commonpath([run.dir, out]) == run.dir
+    with run.lock() if into_run else contextlib.nullcontext():  # one writer per run folder
         from .products.report import make_report
 
         res = make_report(args.run, args.templates, out=args.out, bins=args.bins, seed=args.seed,
                           progress=log.info)
-    print(f"report: {res['paths'].get('report.md', os.path.join(res['out'], 'report.md'))} "
+    report_md = RunFolder.REPORT_FILES["report"]
+    print(f"report: {res['paths'].get(report_md, RunFolder.report_file(res['out'], 'report'))} "
           f"(latent features rotated: {res.get('rotation', 'none')})")
     return 0
 
@@ -200,11 +203,11 @@ def _one_process(comm, command):
 
 def _load_run(path):
     """The trained model of a run folder (InputError if there is none)."""
-    from .inference.trained import TrainedModel
+    from .run import RunFolder
 
     if not os.path.isdir(path):
         raise InputError(f"{path}: run folder not found")
-    return TrainedModel.load(path)
+    return RunFolder(path).trained_model()
 
 
 def cmd_reconstruct(args, comm):
@@ -228,14 +231,14 @@ def cmd_reconstruct(args, comm):
 
 def cmd_transform(args, comm):
     _one_process(comm, args.command)
-    from .fileio import folder_lock
-    from .inference.latent_density import write_transform
     from .products.generate import refit_transform
+    from .run import RunFolder
 
     trained = _load_run(args.run)
     res = refit_transform(trained, args.method, args.seed, progress=log.info)
-    with folder_lock(os.path.abspath(args.run)):
-        path = write_transform(args.run, res["density"])
+    run = RunFolder(args.run)
+    with RunFolder(os.path.abspath(args.run)).lock():
+        path = run.write_transform(res["density"])
     print(f"latent transform: {path}")
     print(f"held-out log-density per draw: {res['held_out_log_density']:.3f} "
           f"(prior N(0, 1): {res['held_out_log_prior']:.3f})")
@@ -248,9 +251,11 @@ def cmd_sample(args, comm):
 
     if args.n < 1:
         raise InputError(f"--n must be positive, got {args.n}")
+    from .run import RunFolder
+
     trained = _load_run(args.run)
     if args.source == "transformed" and trained.transform is None:
-        raise InputError(f"{args.run}: no latent transform (latent_transform.npz): fit one with "
+        raise InputError(f"{args.run}: no latent transform ({RunFolder.FILES['transform']}): fit one with "
                          f"`galdecomp transform {args.run}`")
     real = held_out_rows(trained, trained.standardise(trained.load_rows()))
     if len(real) < 2:

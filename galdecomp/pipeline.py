@@ -21,8 +21,7 @@ from .inference.config import model_signature, resolve_config
 from .inference.fitting import StopSignals, fit_rows
 from .inference.training import TrainingState, finished
 from .model.autoencoder import Autoencoder
-from .run_folder import (CHECKPOINT, check_run_dir, make_run_dir, read_checkpoint, require_run, save_checkpoint,
-                         stored_config, write_config)
+from .run import RunFolder
 from .sources import FashionMNISTSource, SkySource, TableSource, noise_floor
 from .versions import differences as version_differences
 from .workers import threads_of
@@ -162,25 +161,25 @@ def fit_data(source, out, overrides=None, config_file=None, resume=False, overwr
 def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm):
     """:func:`fit_data`, holding the run folder's lock in the ExitStack ``held``."""
     run_dir = os.path.abspath(out)
-    ckpt = os.path.join(run_dir, CHECKPOINT)
+    run = RunFolder(run_dir)
     # everything that can fail is checked, on every rank, before the run folder is touched
     if resume:
-        require_run(run_dir, (overrides or {}).get("posterior") or (config_file or {}).get("posterior"))
-        held.enter_context(folder_lock(run_dir, comm))
-        stored = stored_config(run_dir)
-        old = model_signature(resolve_config(stored, where=f"{run_dir}/config.yaml"))
+        run.require((overrides or {}).get("posterior") or (config_file or {}).get("posterior"))
+        held.enter_context(run.lock(comm))
+        stored = run.stored_config()
+        old = model_signature(resolve_config(stored, where=run.path("config")))
         cfg = resolve_config(config_file if config_file is not None else stored, overrides)
         if not _sets_target(config_file) and not _sets_target(overrides):  # the run's target resolution
             cfg["data"]["fwhm_arcmin"] = (stored.get("data") or {}).get("fwhm_arcmin")
         diff = sorted(k for k, v in model_signature(cfg).items() if old[k] != v)
         if diff:
             raise InputError(f"{run_dir}: --resume with another configuration (differs in: {', '.join(diff)})")
-        arrays, state = read_checkpoint(ckpt)
+        arrays, state = run.read_checkpoint()
     else:
         cfg = resolve_config(config_file, overrides)
-        check_run_dir(run_dir, overwrite)
+        run.check(overwrite)
         if os.path.isdir(run_dir):
-            held.enter_context(folder_lock(run_dir, comm))
+            held.enter_context(run.lock(comm))
     ready = source.prepare(cfg, comm)
     cfg["data"] = ready.record
     data, rows, n_rows = ready.data, ready.rows, ready.n_rows
@@ -204,15 +203,15 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
             log.info(f"resuming under other versions than the run was written with: {', '.join(changed)}")
         comm.barrier()  # every rank has validated its input before rank 0 writes
         if comm.rank == 0:  # the posterior and duration settings may have changed
-            write_config(run_dir, cfg)
+            run.write_config(cfg)
     else:
         comm.barrier()  # every rank has validated its input before rank 0 replaces anything
         if comm.rank == 0:
-            make_run_dir(run_dir)
+            run.create()
         comm.barrier()
-        held.enter_context(folder_lock(run_dir, comm, created=True))  # already held if the folder existed
+        held.enter_context(run.lock(comm, created=True))  # already held if the folder existed
         if comm.rank == 0:
-            write_config(run_dir, cfg)
+            run.write_config(cfg)
         state = TrainingState(model.init_params(cfg["seed"]), tcfg["learning_rate"], cfg["seed"])
     comm.barrier()
     extra = dict(preprocessing=json.dumps(ready.preprocessor.to_dict()), fingerprint=ready.fingerprint,
@@ -220,7 +219,7 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
     ranks = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
     log.info(f"fitting {n_rows} {source.row_word} x {C} {source.feature_word}, {L} latent features, "
              f"{cfg['covariance']} covariance{ranks}")
-    save = (lambda st: save_checkpoint(ckpt, st, extra)) if comm.rank == 0 else None
+    save = (lambda st: run.save_checkpoint(st, extra)) if comm.rank == 0 else None
     hint = f"continue with `{source.resume_command(out)}`"
     try:
         with StopSignals() as stop:
@@ -234,12 +233,12 @@ def _fit_data(source, out, overrides, config_file, resume, overwrite, held, comm
     except KeyboardInterrupt:
         log.info(f"interrupted: {hint} (from the last checkpoint)")
         raise
-    return _write_run(run_dir, source, ready, model, state, cfg, rows, n_rows, comm)
+    return _write_run(run, source, ready, model, state, cfg, rows, n_rows, comm)
 
 
-def _write_run(run_dir, source, ready, model, state, cfg, rows, n_rows, comm):
+def _write_run(run, source, ready, model, state, cfg, rows, n_rows, comm):
     """After training: the latent posterior of every row (and MGVI/geoVI samples if asked), the
-    products, the latent transform and ``model.npz`` written into ``run_dir``; returns
+    products, the latent transform and ``model.npz`` written into the RunFolder ``run``; returns
     :func:`fit_data`'s result."""
     data = ready.data
     from .products.run_outputs import WRITERS, compute_products, feature_support, gather_products
@@ -271,9 +270,9 @@ def _write_run(run_dir, source, ready, model, state, cfg, rows, n_rows, comm):
 
     def stage(k):
         if k == last:
-            fit_transform(run_dir, mean, t_cov, cfg, rows.start, n_rows, comm, root=comm.size - 1)
+            fit_transform(run, mean, t_cov, cfg, rows.start, n_rows, comm, root=comm.size - 1)
         if k == 0 and prod is not None:
-            written["paths"] = WRITERS[source.kind](run_dir, prod, ready.data_set, ready.preprocessor, model,
+            written["paths"] = WRITERS[source.kind](run, prod, ready.data_set, ready.preprocessor, model,
                                                     state.history, cfg, source.path, log.info)
 
     last = 1 if comm.size == 1 and threads_of(cfg["training"], comm) > 1 else 0
@@ -292,10 +291,10 @@ def _write_run(run_dir, source, ready, model, state, cfg, rows, n_rows, comm):
     if comm.rank == 0:
         from .inference.trained import TrainedModel
 
-        TrainedModel(model, params, ready.preprocessor, cfg, ready.data_set.units, cfg["data"],
-                     prod["order"], rotation=prod["rotation"]).save(run_dir)
+        run.write_model(TrainedModel(model, params, ready.preprocessor, cfg, ready.data_set.units, cfg["data"],
+                                     prod["order"], rotation=prod["rotation"]))
     comm.barrier()  # every file of the run is written when the fit returns on any rank
-    return dict(run_dir=run_dir, config=cfg, state=state, products=products)
+    return dict(run_dir=run.dir, config=cfg, state=state, products=products)
 
 
 def transform_fit_rows(cfg, offset, n_rows, n_local):
@@ -308,13 +307,13 @@ def transform_fit_rows(cfg, offset, n_rows, n_local):
     return transform_rows(n_rows, cfg["training"]["validation_fraction"], cfg["seed"], offset, n_local)
 
 
-def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm, root=0):
+def fit_transform(run, mean, cov, cfg, offset, n_rows, comm, root=0):
     """Fit the latent density of ``cfg["transform"]`` to the aggregate posterior on rank ``root``,
     which writes it (collective: the draws of all ranks are gathered there).
 
     Parameters
     ----------
-    run_dir : str
+    run : RunFolder
     mean : ndarray, shape (P_local, L)
         Posterior means of this process's rows.
     cov : ndarray, shape (K, L, L)
@@ -333,7 +332,6 @@ def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm, root=0):
     str or None
         The path written, on ``root``; None elsewhere (and for ``method: none``).
     """
-    from .inference.latent_density import write_transform
     from .products.generate import aggregate_draws, fit_latent_density
 
     method = cfg["transform"]["method"]
@@ -351,7 +349,7 @@ def fit_transform(run_dir, mean, cov, cfg, offset, n_rows, comm, root=0):
         return None
     log.info(f"latent transform ({method}) on {len(z)} draws of the aggregate posterior")
     density = fit_latent_density(z, groups, method, seed=cfg["seed"])
-    return write_transform(run_dir, density)
+    return run.write_transform(density)
 
 
 #: Defaults of the main job (`galdecomp run`).
@@ -445,12 +443,12 @@ def _run_main_job(cfg, sim, morphology, out, sky_dir, resume, comm):
     result = fit_catalog(os.path.join(sky_dir, "catalog.yaml"), os.path.join(out, "fit"),
                          config_file=fit_cfg, resume=resume, overwrite=True, comm=comm)
     report = None
-    with folder_lock(result["run_dir"], comm):  # the report goes into the fit's run folder
+    with RunFolder(result["run_dir"]).lock(comm):  # the report goes into the fit's run folder
         if comm.rank == 0:
             from .products.report import make_report
 
             log.info("report: the latent features against the truth maps")
             rep = make_report(result["run_dir"], os.path.join(sky_dir, "truth", "catalog.yaml"),
                               progress=log.info)
-            report = os.path.join(rep["out"], "report.md")
+            report = RunFolder.report_file(rep["out"], "report")
     return dict(sky=os.path.join(sky_dir, "catalog.yaml"), fit=result, report=report)

@@ -127,7 +127,7 @@ def test_inspect_shows_the_beams_and_warns_when_they_differ(tmp_path, capsys):
 
 
 def test_fit_stores_the_target_and_resume_reconstruct_anomaly_use_it(tmp_path, capsys):
-    from galdecomp.inference.trained import TrainedModel
+    from galdecomp import load
 
     cat = two_beams_catalog(tmp_path)
     run = tmp_path / "run"
@@ -145,7 +145,7 @@ def test_fit_stores_the_target_and_resume_reconstruct_anomaly_use_it(tmp_path, c
     capsys.readouterr()
     assert main(["fit", cat, "--out", str(run), "--resume", "--max-epochs", "4", "--fwhm-arcmin", "150"]) == 2
     assert "other data" in capsys.readouterr().err
-    trained = TrainedModel.load(str(run))
+    trained = load(str(run))
     np.testing.assert_array_equal(trained.load_rows(), load_catalog(cat, nest=True, fwhm_arcmin=120).values.T)
     assert main(["anomaly", str(run), "--out", str(tmp_path / "an")]) == 0
     assert main(["reconstruct", str(run), "--catalog", cat, "--out", str(tmp_path / "rec"), "--samples", "4",

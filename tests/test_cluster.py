@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from galdecomp import fileio, run_folder
+from galdecomp import fileio
+from galdecomp.run import RunFolder
 from galdecomp.cli import main
 from galdecomp.errors import WriteError
 from galdecomp.logs import LINE
@@ -83,7 +84,7 @@ def test_atomic_writes_fsync_the_file_and_its_folder(tmp_path, events):
             f.write(b"x")
     assert_synced_around(events, tmp_path / "b.bin")
     state = type("S", (), {"to_arrays": lambda self: {"params": np.zeros(3)}})()
-    run_folder.save_checkpoint(str(tmp_path / "checkpoint.npz"), state, {"fingerprint": "x"})
+    RunFolder(str(tmp_path)).save_checkpoint(state, {"fingerprint": "x"})
     assert_synced_around(events, tmp_path / "checkpoint.npz")
 
 

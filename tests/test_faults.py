@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from galdecomp import pipeline
+from galdecomp.run import RunFolder
 from galdecomp.cli import main
 from galdecomp.inference.config import model_signature, resolve_config
 from galdecomp.model.autoencoder import ELBOObjective
@@ -215,17 +215,17 @@ def test_resume_from_a_time_checkpoint_inside_an_epoch(sky, tmp_path, monkeypatc
     cfg = config(tmp_path, checkpoint_seconds=0)  # a checkpoint after every step
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(["fit", sky, "--out", str(whole), "--config", cfg, "--max-epochs", "3"]) == 0
-    save = pipeline.save_checkpoint
+    save = RunFolder.save_checkpoint
 
-    def save_then_die(path, state, extra):
-        save(path, state, extra)
+    def save_then_die(run, state, extra):
+        save(run, state, extra)
         if state.epoch == 1 and state.batch == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
     assert main(["fit", sky, "--out", str(cut), "--config", cfg, "--max-epochs", "3"]) == 130
     assert [int(v) for v in checkpoint(cut, "epoch", "batch", "step")] == [1, 5, 26]
-    monkeypatch.setattr(pipeline, "save_checkpoint", save)
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save)
     assert main(["fit", sky, "--out", str(cut), "--resume"]) == 0
     np.testing.assert_array_equal(latent(cut), latent(whole))
 

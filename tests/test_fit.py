@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from conftest import write_catalog, write_map
-from galdecomp import pipeline
+from galdecomp.run import RunFolder
 from galdecomp.cli import main
 
 FAST = ["--max-epochs", "3", "--latent-dim", "4"]
@@ -64,17 +64,17 @@ def test_interrupted_run_resumes_to_the_same_end(sky, tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = ["--max-epochs", "5", "--latent-dim", "4", "--seed", "1"]
     assert main(["fit", sky, "--out", str(full)] + args) == 0
-    save = pipeline.save_checkpoint
+    save = RunFolder.save_checkpoint
 
-    def save_then_interrupt(path, state, extra):
-        save(path, state, extra)
+    def save_then_interrupt(run, state, extra):
+        save(run, state, extra)
         if state.epoch == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_interrupt)
     assert main(["fit", sky, "--out", str(cut)] + args) == 130
     assert not (cut / "latent_mean.fits").exists() and (cut / "checkpoint.npz").exists()
-    monkeypatch.setattr(pipeline, "save_checkpoint", save)
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save)
     assert main(["fit", sky, "--out", str(cut), "--resume"]) == 0
     np.testing.assert_array_equal(hp.read_map(str(full / "latent_mean.fits"), field=None),
                                   hp.read_map(str(cut / "latent_mean.fits"), field=None))

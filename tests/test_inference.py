@@ -206,14 +206,14 @@ def test_runs_of_the_previous_release_resume_with_their_settings(tmp_path):
     import yaml
 
     from galdecomp.inference.config import DEFAULTS, resolve_config
-    from galdecomp.run_folder import stored_config
+    from galdecomp.run import RunFolder
 
     old = resolve_config()
     del old["encoder"]["output_scale"], old["training"]["schedule"], old["training"]["kl_warmup_epochs"]
     del old["training"]["schedule_epochs"], old["training"]["step_on"], old["training"]["select"]
     del old["noise"]["poisson_floor"], old["encoder"]["mask_input"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"catalog": "x.yaml", **old}))
-    cfg = resolve_config(stored_config(str(tmp_path)))
+    cfg = resolve_config(RunFolder(str(tmp_path)).stored_config())
     assert cfg["training"]["schedule"] == "plateau" and cfg["training"]["kl_warmup_epochs"] == 0
     assert cfg["encoder"]["output_scale"] == 0.1
     assert cfg["encoder"]["mask_input"] == "observed" and DEFAULTS["encoder"]["mask_input"] == "missing"

@@ -7,7 +7,7 @@ The layers, as the data flow (docs/layout.md):
 1 data set     skymaps, catalog, dataset, datasets/, preprocessing, sources, simulation/
 2 model        model/
 3 inference    inference/
-3.5 run folder run_folder (a run's config.yaml and checkpoint)
+3.5 run        run/ (RunFolder: the only code that names, reads and writes a run's files)
 4 products     products/
 5 recipes      pipeline
 6 front        cli_options, cli, __main__ (and the package's own ``__init__``, which is not judged)
@@ -20,7 +20,7 @@ PACKAGE = os.path.join(ROOT, "galdecomp")
 LAYER = {"errors": 0, "fileio": 0, "random": 0, "parallel": 0, "workers": 0, "logs": 0, "figures": 0,
          "versions": 0,
          "skymaps": 1, "catalog": 1, "sources": 1, "dataset": 1, "datasets": 1, "preprocessing": 1, "simulation": 1,
-         "model": 2, "inference": 3, "run_folder": 3.5, "products": 4, "pipeline": 5, "cli_options": 6, "cli": 6, "__main__": 6}
+         "model": 2, "inference": 3, "run": 3.5, "products": 4, "pipeline": 5, "cli_options": 6, "cli": 6, "__main__": 6}
 
 
 def modules():

@@ -9,6 +9,8 @@ import pytest
 from galdecomp.inference.mgvi import amortisation_gap
 from galdecomp.inference.trained import TrainedModel
 from galdecomp.model.autoencoder import Autoencoder
+from galdecomp.model.likelihood import GaussianLikelihood
+from galdecomp.model.settings import Architecture
 from galdecomp.products.generate import aggregate_draws, encoder_draws
 from galdecomp.products.run_outputs import compute_products
 
@@ -16,7 +18,8 @@ L, C = 10, 12
 
 
 def small_model(covariance, seed=0):
-    model = Autoencoder(C, L, decoder_hidden=(16,), encoder_hidden=(16,), covariance=covariance, floor=0.01)
+    model = Autoencoder(C, L, Architecture(decoder_hidden=(16,), encoder_hidden=(16,), covariance=covariance),
+                        GaussianLikelihood(0.01))
     params = model.init_params(seed) * 0.3
     return model, params
 

@@ -8,6 +8,8 @@ from galdecomp.inference.block_metric import BlockDiagonalMetric, row_keyed_norm
 from galdecomp.inference import mgvi
 from galdecomp.inference.mgvi import amortisation_gap, latent_posterior_samples
 from galdecomp.model.autoencoder import Autoencoder
+from galdecomp.model.likelihood import GaussianLikelihood
+from galdecomp.model.settings import Architecture
 from galdecomp.model import noise
 
 L, C, P = 2, 5, 400
@@ -16,7 +18,7 @@ L, C, P = 2, 5, 400
 def linear_model():
     """A linear decoder f(z) = z W + b with known weights and noise."""
     rng = np.random.default_rng(11)
-    model = Autoencoder(C, L, decoder_hidden=(), floor=0.0)
+    model = Autoencoder(C, L, Architecture(decoder_hidden=()), GaussianLikelihood(0.0))
     params = model.init_params(0)
     dec = rng.normal(size=model.decoder.n_params)
     params[model.slices["decoder"]] = dec
@@ -50,7 +52,7 @@ def test_linear_decoder_gives_the_exact_posterior(method, solver):
 
 def nonlinear_sky(P, seed=5):
     """A small sky from a one-hidden-layer decoder, 10 % of the entries missing."""
-    model = Autoencoder(6, 3, decoder_hidden=(16,), floor=0.0)
+    model = Autoencoder(6, 3, Architecture(decoder_hidden=(16,)), GaussianLikelihood(0.0))
     rng = np.random.default_rng(seed)
     params = model.init_params(0)
     params[model.slices["noise"]] = -1.0
@@ -136,8 +138,8 @@ def test_geovi_rows_solve_nifty_geometric_equation():
     n = 60
     model, params, data, mask = nonlinear_sky(n)
     data = np.where(mask, data, 0.0)
-    lh = DecoderLikelihood(model.decoder, data, mask, model.floor, model.sigma0, model.tau,
-                           row_domain=ift.UnstructuredDomain(n), scales=model.dec_scales)
+    lh = DecoderLikelihood(model.decoder, data, mask, model.likelihood, row_domain=ift.UnstructuredDomain(n),
+                           scales=model.dec_scales)
     const = ift.MultiField.from_dict({
         "weights": ift.makeField(lh.domain["weights"], params[model.slices["decoder"]]),
         "noise": ift.makeField(lh.domain["noise"], params[model.slices["noise"]])})
@@ -201,8 +203,8 @@ def test_block_hamiltonian_rows_match_nifty():
     model, params, data, mask = nonlinear_sky(P)
     data = np.where(mask, data, 0.0)
     row = ift.UnstructuredDomain(P)
-    lh = DecoderLikelihood(model.decoder, data, mask, model.floor, model.sigma0, model.tau, row_domain=row,
-                           scales=model.dec_scales)
+    lh = DecoderLikelihood(model.decoder, data, mask, GaussianLikelihood(model.floor, model.sigma0, model.tau),
+                           row_domain=row, scales=model.dec_scales)
     const = ift.MultiField.from_dict({
         "weights": ift.makeField(lh.domain["weights"], params[model.slices["decoder"]]),
         "noise": ift.makeField(lh.domain["noise"], params[model.slices["noise"]])})

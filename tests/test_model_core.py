@@ -7,7 +7,8 @@ import nifty8 as ift
 import pytest
 
 from galdecomp.model import noise
-from galdecomp.model.elbo import AmortisedELBO
+from galdecomp.model.elbo import AmortisedELBO, ELBOSettings
+from galdecomp.model.likelihood import GaussianLikelihood
 from galdecomp.model.mlp import MLP, blas_threads, unpack_params
 from galdecomp.model.operators import (DecoderLikelihood, MaskedGaussianEnergy, MLPOperator,
                                        NoiseInvVar)
@@ -175,7 +176,7 @@ def test_noise_model_derivatives():
 
 def test_likelihood_noise_gradient_finite_differences():
     rng, data, mask = _problem(4)
-    lik = MaskedGaussianEnergy(data, mask, floor=0.05, tau=0.7)
+    lik = MaskedGaussianEnergy(data, mask, GaussianLikelihood(0.05, tau=0.7))
     loc = _pos(lik, rng)
     g = lik(ift.Linearization.make_var(loc)).gradient["noise"].val
     s0 = loc["noise"].val
@@ -203,7 +204,7 @@ def test_mlp_operator(row):
 
 def test_masked_gaussian_energy():
     rng, data, mask = _problem(6)
-    lik = MaskedGaussianEnergy(data, mask, floor=0.05)
+    lik = MaskedGaussianEnergy(data, mask, GaussianLikelihood(0.05))
     loc = _pos(lik, rng)
     ift.extra.check_operator(lik, loc, ntries=3)
     _assert_fast_constants(lik, loc)
@@ -218,11 +219,11 @@ def test_decoder_likelihood_matches_composition():
     rng, data, mask = _problem(7)
     row = ift.HPSpace(1)
     data, mask = data[:12], mask[:12]
-    dl = DecoderLikelihood(MLP([L, 8, C], block_size=5), data, mask, floor=0.05, row_domain=row)
+    dl = DecoderLikelihood(MLP([L, 8, C], block_size=5), data, mask, GaussianLikelihood(0.05), row_domain=row)
     loc = _pos(dl, rng)
     ift.extra.check_operator(dl, loc, ntries=3)
     _assert_fast_constants(dl, loc)
-    lik = MaskedGaussianEnergy(data, mask, floor=0.05, row_domain=row)
+    lik = MaskedGaussianEnergy(data, mask, GaussianLikelihood(0.05), row_domain=row)
     comp = lik @ (dl.mlp_operator.ducktape_left("prediction")
                   + ift.FieldAdapter(lik.domain["noise"], "noise").ducktape_left("noise"))
     a, b = dl(ift.Linearization.make_var(loc)), comp(ift.Linearization.make_var(loc))
@@ -237,7 +238,7 @@ def test_decoder_likelihood_matches_composition():
         np.testing.assert_allclose(ma[k].val, mb[k].val, rtol=1e-12, atol=1e-12)
     # float32 fused pass agrees with float64
     dl32 = DecoderLikelihood(MLP([L, 8, C], block_size=5, dtype=np.float32), data, mask,
-                             floor=0.05, row_domain=row)
+                             GaussianLikelihood(0.05), row_domain=row)
     c = dl32(ift.Linearization.make_var(loc))
     np.testing.assert_allclose(c.val.val, a.val.val, rtol=1e-5)
     for k in loc.keys():
@@ -298,7 +299,8 @@ def test_amortised_elbo(dtype):
     xi = rng.standard_normal((P, L))
     enc = MLP([2 * C, 8, 2 * L], block_size=6, dtype=dtype)
     dec = MLP([L, 7, C], block_size=4, dtype=dtype)
-    el = AmortisedELBO(data, mask, xi, enc, dec, "diagonal", floor=0.05, beta=0.7, n_total=500)
+    el = AmortisedELBO(data, mask, xi, enc, dec, "diagonal", GaussianLikelihood(0.05),
+                       ELBOSettings(beta=0.7, n_total=500))
     loc = _pos(el, rng, 0.5)
     if dtype == np.float64:
         ift.extra.check_operator(el, loc, ntries=3, metric_sampling=False)
@@ -314,8 +316,8 @@ def test_amortised_elbo(dtype):
     th_e = enc.init_scales() * loc["encoder"].val
     th_d = dec.init_scales() * loc["decoder"].val
     for mask_input, indicator in (("missing", ~mask), ("observed", mask)):
-        op = el if mask_input == "missing" else AmortisedELBO(data, mask, xi, enc, dec, "diagonal", floor=0.05,
-                                                              beta=0.7, n_total=500, mask_input=mask_input)
+        op = el if mask_input == "missing" else AmortisedELBO(data, mask, xi, enc, dec, "diagonal", GaussianLikelihood(0.05),
+                                                              ELBOSettings(beta=0.7, n_total=500, mask_input=mask_input))
         eo = MLP(enc.sizes).forward(th_e, np.concatenate([np.where(mask, data, 0), indicator], 1))
         mu, sd = eo[:, :L], np.exp(eo[:, L:])
         f = MLP(dec.sizes).forward(th_d, mu + sd * xi)
@@ -338,7 +340,7 @@ def test_elbo_float32_gradient_agrees():
     grads = []
     for dt in (np.float64, np.float32):
         el = AmortisedELBO(data, mask, xi, MLP([2 * C, 16, 2 * L], dtype=dt),
-                           MLP([L, 16, C], dtype=dt), DiagonalGaussian(), floor=0.05)
+                           MLP([L, 16, C], dtype=dt), DiagonalGaussian(), GaussianLikelihood(0.05))
         loc = _pos(el, np.random.default_rng(0), 0.5)
         grads.append(el(ift.Linearization.make_var(loc)).gradient)
     for k in grads[0].keys():

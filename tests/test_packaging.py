@@ -103,7 +103,7 @@ def test_version_option(capsys):
 
 
 def test_versions_recorded_in_config_and_model_and_ignored_on_resume(tmp_path, capsys):
-    from galdecomp.inference.trained import TrainedModel
+    from galdecomp import load
     from conftest import fit_small_sky
 
     small = tmp_path / "small.yaml"
@@ -117,7 +117,7 @@ def test_versions_recorded_in_config_and_model_and_ignored_on_resume(tmp_path, c
     assert cfg["versions"] == now
     with np.load(run / "model.npz") as f:
         assert json.loads(str(f["versions"])) == now
-    assert TrainedModel.load(str(run)).versions == now
+    assert load(str(run)).versions == now
 
     # a run's config.yaml is a --config file as it is (the record is ignored)
     sky = str(tmp_path / "sky" / "catalog.yaml")
@@ -138,7 +138,7 @@ def test_versions_recorded_in_config_and_model_and_ignored_on_resume(tmp_path, c
     with np.load(run / "model.npz") as f:
         arrays = {k: f[k] for k in f.files if k != "versions"}
     np.savez(run / "model.npz", **arrays)
-    assert TrainedModel.load(str(run)).versions is None
+    assert load(str(run)).versions is None
     capsys.readouterr()
     assert main(["fit", sky, "--out", str(run), "--resume", "--max-epochs", "4"]) == 0
     assert "other versions" not in capsys.readouterr().err

@@ -16,6 +16,7 @@ from galdecomp.products.posterior_check import (COLUMNS, MCMC_COLUMNS, SUMMARY_C
                                                  importance_check, q_candidates, summarise)
 from galdecomp.inference.trained import TrainedModel
 from galdecomp.model.autoencoder import Autoencoder
+from galdecomp.model.settings import Architecture
 from galdecomp.model.mlp import unpack_params
 
 L, C, P = 2, 6, 60
@@ -23,7 +24,7 @@ L, C, P = 2, 6, 60
 
 @pytest.fixture(scope="module")
 def linear():
-    model = Autoencoder(C, L, decoder_hidden=(), encoder_hidden=(8,), covariance="fisher")
+    model = Autoencoder(C, L, Architecture(decoder_hidden=(), encoder_hidden=(8,), covariance="fisher"))
     params = model.init_params(3)
     params[model.slices["noise"]] = np.random.default_rng(1).uniform(-1.0, 0.0, C)  # sigma 0.18 .. 0.5
     (W, b), = unpack_params(model.split(params)[1], model.decoder.sizes)

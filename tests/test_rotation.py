@@ -4,6 +4,8 @@ import pytest
 from scipy.stats import special_ortho_group
 
 from galdecomp.model.autoencoder import Autoencoder
+from galdecomp.model.likelihood import GaussianLikelihood
+from galdecomp.model.settings import Architecture
 from galdecomp.model.rotation import (embedded, loadings, oriented, orthomax, rotate_moments, stacked_loadings,
                                       varimax, whitened_jacobians)
 
@@ -53,7 +55,7 @@ def test_oriented_signs_and_orders_columns():
 
 @pytest.fixture
 def small_model():
-    model = Autoencoder(6, latent_dim=3, decoder_hidden=(8, 8), encoder_hidden=(8,), floor=0.05)
+    model = Autoencoder(6, 3, Architecture(decoder_hidden=(8, 8), encoder_hidden=(8,)), GaussianLikelihood(0.05))
     params = model.init_params(7)
     params[model.slices["noise"]] = np.linspace(-1, 1, 6)
     rng = np.random.default_rng(2)
@@ -83,8 +85,8 @@ def test_loadings_are_rms_of_the_whitened_jacobians(small_model):
 @pytest.mark.parametrize("covariance", ["diagonal", "fisher"])
 def test_rotated_std_is_the_diagonal_of_the_rotated_covariance(small_model, covariance):
     model, params, _, d = small_model
-    model = Autoencoder(6, latent_dim=3, decoder_hidden=(8, 8), encoder_hidden=(8,), floor=0.05,
-                        covariance=covariance)
+    model = Autoencoder(6, 3, Architecture(decoder_hidden=(8, 8), encoder_hidden=(8,), covariance=covariance),
+                        GaussianLikelihood(0.05))
     mask = np.ones_like(d, bool)
     mean, cov = model.posterior_moments(params, d, mask, full_cov=True)
     _, std = model.posterior_moments(params, d, mask)

@@ -14,6 +14,7 @@ from galdecomp.inference.conditional import latent_map
 from galdecomp.inference.trained import TrainedModel
 from galdecomp.inference.training import split_rows
 from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
+from galdecomp.model.settings import Architecture
 from galdecomp.model.fisher import FisherGaussian
 from galdecomp.model.likelihood import GaussianLikelihood
 from galdecomp.model.mlp import MLP, unpack_params
@@ -158,7 +159,7 @@ def test_gaussian_likelihood_equals_the_fused_energy():
     rng, data, mask, pred, s = small_problem()
     floor = np.full(data.shape[1], 0.05)
     lh = GaussianLikelihood(floor, 0.5, 1.0)
-    op = MaskedGaussianEnergy(np.where(mask, data, np.nan), mask, floor, 0.5, 1.0)
+    op = MaskedGaussianEnergy(np.where(mask, data, np.nan), mask, GaussianLikelihood(floor, 0.5, 1.0))
     x = ift.MultiField.from_dict({"prediction": ift.makeField(op.domain["prediction"], pred),
                                   "noise": ift.makeField(op.domain["noise"], s)})
     lin = op(ift.Linearization.make_var(x, want_metric=True))
@@ -175,7 +176,7 @@ def test_gaussian_likelihood_equals_the_fused_energy():
 @pytest.mark.parametrize("covariance", ["diagonal", "fisher"])
 def test_per_row_elbo_terms_are_the_families(covariance):
     rng, data, mask, _, _ = small_problem(1)
-    model = Autoencoder(data.shape[1], 3, (8,), (8,), covariance=covariance, floor=0.02)
+    model = Autoencoder(data.shape[1], 3, Architecture((8,), (8,), covariance=covariance), GaussianLikelihood(0.02))
     params = model.init_params(2)
     xi = rng.standard_normal((len(data), 3))
     op = model.elbo(data, mask, xi, len(data))

@@ -139,8 +139,7 @@ def latent_posterior_samples(model, params, data, mask, start, method="mgvi", n_
         raise ValueError(f"unknown method/solver/draws {method}/{solver}/{draws}")
     P, L = start.shape
     row = ift.UnstructuredDomain(P)
-    lh = DecoderLikelihood(model.decoder, data, mask, model.floor, model.sigma0, model.tau,
-                           row_domain=row, scales=model.dec_scales)
+    lh = DecoderLikelihood(model.decoder, data, mask, model.likelihood, row_domain=row, scales=model.dec_scales)
     const = ift.MultiField.from_dict({
         "weights": ift.makeField(lh.domain["weights"], params[model.slices["decoder"]]),
         "noise": ift.makeField(lh.domain["noise"], params[model.slices["noise"]])})

@@ -1,4 +1,4 @@
-"""A trained model as an object: load a run folder, encode, decode, sample, score, condition.
+"""A trained model as an object: read, encode, decode, sample, score, condition.
 
 Shapes (rows x features, as everywhere): data and masks (P, C) in physical units unless
 ``standardised=True``; latents (P, L) in the model's own latent order (the run's FITS columns
@@ -7,15 +7,14 @@ posterior standard deviations (P, L); covariances (P, L, L) only where asked for
 :meth:`TrainedModel.encode_maps` gives HEALPix maps instead: (L, npix), features in the run's
 significance order.
 
-A run folder written by ``galdecomp fit`` holds ``model.npz``: the trained parameters, the noise
-floor, the resolved configuration, the preprocessing, channel names and units, the data set it
-was trained on, the order of the features by significance and the versions of galdecomp and its
-main dependencies that wrote it (``versions``, JSON). Runs written before model.npz
-existed are read from their ``checkpoint.npz`` and ``noise.csv``.
+:meth:`TrainedModel.save` writes one file (``RUN/model.npz``, where
+:class:`galdecomp.run.RunFolder` puts it): the trained parameters, the noise floor, the resolved
+configuration, the preprocessing, channel names and units, the data set it was trained on, the
+order of the features by significance and the versions of galdecomp and its main dependencies
+that wrote it (``versions``, JSON); :meth:`TrainedModel.read` reads it back. A run folder's model
+is read with :func:`galdecomp.load` (:meth:`galdecomp.run.RunFolder.trained_model`).
 """
-import csv
 import json
-import os
 
 import numpy as np
 
@@ -26,15 +25,11 @@ from ..model.prior import STANDARD_NORMAL
 from ..preprocessing import Preprocessor
 from ..versions import versions as current_versions
 from .conditional import latent_map
-from .latent_density import TRANSFORM_FILE, PriorDensity, read_transform
+from .latent_density import PriorDensity
 from .latent_maps import encode_maps
 from .config import resolve_config, with_former_defaults
 
-__all__ = ["TrainedModel", "load", "MODEL_FILE", "TRANSFORM_FILE"]
-
-#: the trained model inside a run folder
-MODEL_FILE = "model.npz"
-#: the latent transform fitted to the aggregate posterior (optional)
+__all__ = ["TrainedModel"]
 
 
 def _bad(path, why):
@@ -60,18 +55,18 @@ class TrainedModel:
         and for a sky ``nside``.
     feature_order : ndarray of int, shape (L,), optional
         Latent index (of ``z @ rotation``) of feature_01, feature_02, ...; default 0..L-1.
-    prior : LatentPrior, optional
-        The training prior; default N(0, 1).
-    transform : object, optional
-        A density fitted to the aggregate posterior (:mod:`galdecomp.model.latent_transform`:
-        ``log_density``, ``sample``; a transform also ``forward``/``inverse``), read from
-        ``RUN/latent_transform.npz`` by :meth:`load`.
     rotation : ndarray, shape (L, L), optional
         Orthogonal ``R`` (default the identity): :meth:`encode_maps`, as the run's maps, gives
         ``z @ R``; every other method works in the model's own latents ``z``.
 
     Attributes
     ----------
+    prior : LatentPrior
+        The training prior, N(0, 1).
+    transform : object or None
+        A density fitted to the aggregate posterior (:mod:`galdecomp.model.latent_transform`:
+        ``log_density``, ``sample``; a transform also ``forward``/``inverse``); a run's, read from
+        its folder by :func:`galdecomp.load`; None without one.
     versions : dict or None
         The versions of galdecomp, Python, numpy, scipy, nifty8 and healpy that wrote the
         loaded ``model.npz`` (:func:`galdecomp.versions.versions`); None for a model not read
@@ -80,16 +75,15 @@ class TrainedModel:
 
     versions = None
 
-    def __init__(self, model, params, preprocessor, config, units, data, feature_order=None, prior=None,
-                 transform=None, rotation=None):
+    def __init__(self, model, params, preprocessor, config, units, data, feature_order=None, rotation=None):
         self.model, self.params = model, np.asarray(params, dtype=float)
         self.preprocessor, self.config = preprocessor, config
         self.names, self.units = list(preprocessor.names), list(units)
         self.data = dict(data)
         L = model.latent_dim
         self.feature_order = np.arange(L) if feature_order is None else np.asarray(feature_order, int)
-        self.prior = STANDARD_NORMAL if prior is None else prior
-        self.transform = transform
+        self.prior = STANDARD_NORMAL
+        self.transform = None
         self.rotation = np.eye(L) if rotation is None else np.asarray(rotation, dtype=float)
 
     @property
@@ -105,23 +99,16 @@ class TrainedModel:
         """Noise standard deviation per channel (standardised units), shape (C,)."""
         return self.model.sigma(self.params)
 
-    # -- loading and saving --------------------------------------------------------------------
+    # -- reading and saving --------------------------------------------------------------------
     @classmethod
-    def load(cls, run_dir):
-        """Read the trained model of a run folder.
+    def read(cls, path):
+        """The trained model of a model file written by :meth:`save` (without a latent transform).
 
         Raises
         ------
         InputError
-            The folder holds no finished run, or its files are unreadable.
+            The file is unreadable or not a galdecomp model.
         """
-        path = os.path.join(run_dir, MODEL_FILE)
-        out = cls._from_model_file(path) if os.path.isfile(path) else cls._from_checkpoint(run_dir)
-        out.transform = read_transform(run_dir)
-        return out
-
-    @classmethod
-    def _from_model_file(cls, path):
         try:
             with open(path, "rb") as fh, np.load(fh) as f:
                 a = dict(f)
@@ -140,41 +127,8 @@ class TrainedModel:
             raise _bad(path, "parameters do not match the configuration")
         return out
 
-    @classmethod
-    def _from_checkpoint(cls, run_dir):
-        """A run of the release before model.npz: checkpoint.npz, noise.csv, significance.csv."""
-        ckpt, noise = os.path.join(run_dir, "checkpoint.npz"), os.path.join(run_dir, "noise.csv")
-        if not os.path.isfile(ckpt):
-            raise _bad(run_dir, f"not a galdecomp run folder (no {MODEL_FILE} or checkpoint.npz)")
-        if not os.path.isfile(noise):
-            raise _bad(run_dir, "the run has not finished (no model.npz or noise.csv): "
-                                "finish it with `galdecomp fit ... --resume`")
-        try:
-            with open(ckpt, "rb") as fh, np.load(fh) as f:
-                a = {k: f[k] for k in ("best_params", "config", "preprocessing", "fingerprint")}
-            cfg = resolve_config(with_former_defaults(json.loads(str(a["config"]))), where=ckpt)
-            pre = Preprocessor.from_dict(json.loads(str(a["preprocessing"])))
-            with open(noise, newline="") as f:
-                rows = list(csv.DictReader(f))
-            floor = np.array([float(r["floor_standardised"]) for r in rows])
-            units = [r["unit"] for r in rows]
-            order = _significance_order(run_dir)
-        except InputError:
-            raise
-        except Exception as e:
-            raise _bad(run_dir, f"cannot read the run written by an earlier release "
-                                f"({type(e).__name__}: {e})".splitlines()[0]) from None
-        if len(floor) != len(pre.names):
-            raise _bad(noise, f"{len(floor)} channels, the model has {len(pre.names)}")
-        parts = str(a["fingerprint"]).split("|")
-        data = (dict(kind="sky", path=parts[0], nside=int(parts[1]),
-                     fwhm_arcmin=(cfg.get("data") or {}).get("fwhm_arcmin")) if len(parts) > 2 else dict(kind="unknown"))
-        model = Autoencoder.from_config(cfg, len(pre.names), floor)
-        return cls(model, a["best_params"], pre, cfg, units, data, order)
-
-    def save(self, run_dir):
-        """Write ``run_dir/model.npz`` atomically; returns its path."""
-        path = os.path.join(run_dir, MODEL_FILE)
+    def save(self, path):
+        """Write the model file ``path`` (a run's ``model.npz``) atomically; returns ``path``."""
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, params=self.params, floor=self.model.floor, config=json.dumps(self.config),
@@ -347,8 +301,7 @@ class TrainedModel:
             return PriorDensity(self.prior, self.latent_dim)
         if source == "transformed":
             if self.transform is None:
-                raise InputError(f"the run has no latent transform ({TRANSFORM_FILE}): "
-                                 f"fit one with `galdecomp transform RUN`")
+                raise InputError("the run has no latent transform: fit one with `galdecomp transform RUN`")
             return self.transform
         raise ValueError(f"source must be 'prior' or 'transformed', got {source!r}")
 
@@ -483,17 +436,3 @@ class TrainedModel:
             res["samples"] = latent_posterior_samples(self.model, self.params, y, m, res["mean"], "mgvi",
                                                       n_samples, 1, seed=seed)
         return res
-
-
-def _significance_order(run_dir):
-    """Latent index of feature_01, feature_02, ... from significance.csv (None without it)."""
-    path = os.path.join(run_dir, "significance.csv")
-    if not os.path.isfile(path):
-        return None
-    with open(path, newline="") as f:
-        return np.array([int(r["latent_index"]) for r in csv.DictReader(f)])
-
-
-def load(run_dir):
-    """The trained model of a run folder (:meth:`TrainedModel.load`)."""
-    return TrainedModel.load(run_dir)

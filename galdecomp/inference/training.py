@@ -238,9 +238,10 @@ def finished(state, cfg):
 class _Loop:
     """One call of :func:`train`: what its epochs and steps share, and the time they took."""
 
-    def __init__(self, objective, state, train_rows, valid_rows, cfg, seed, checkpoint, stop, step_scale):
+    def __init__(self, objective, state, rows, cfg, seed, checkpoint, stop, step_scale):
+        """``rows``: the training and the validation rows (a pair); the rest as :func:`train`'s."""
         self.objective, self.state, self.cfg = objective, state, cfg
-        self.train_rows, self.valid_rows = train_rows, valid_rows
+        self.train_rows, self.valid_rows = train_rows, valid_rows = rows
         self.checkpoint, self.stop, self.step_scale = checkpoint, stop, step_scale
         self.bs = int(cfg["batch_size"])
         self.warmup = int(cfg.get("kl_warmup_epochs", 0))
@@ -436,7 +437,7 @@ def train(objective, state, train_rows, valid_rows, cfg, seed=0, checkpoint=None
         ``stop.signal`` returned a signal: after the step (or the epoch, at its last step) and a
         checkpoint of the state.
     """
-    loop = _Loop(objective, state, train_rows, valid_rows, cfg, seed, checkpoint, stop, step_scale)
+    loop = _Loop(objective, state, (train_rows, valid_rows), cfg, seed, checkpoint, stop, step_scale)
     while not state.done:
         signum = loop.epoch()
         if seconds is not None:

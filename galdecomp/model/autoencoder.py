@@ -11,12 +11,12 @@ import time
 import numpy as np
 import nifty8 as ift
 
-from . import noise as _noise
 from .elbo import AmortisedELBO, encoder_input
 from .likelihood import GaussianLikelihood
 from .mlp import MLP
 from .families import POSTERIORS
 from .prior import STANDARD_NORMAL
+from .settings import Architecture, ELBOSettings
 from ..random import stream
 
 __all__ = ["Autoencoder", "ELBOObjective"]
@@ -31,50 +31,42 @@ class Autoencoder:
         Data columns (channels) C.
     latent_dim : int
         Latent features L.
-    decoder_hidden, encoder_hidden : sequence of int
-        Hidden layer widths.
-    decoder_activation, encoder_activation : str
-        Names in :data:`galdecomp.model.mlp.ACTIVATIONS`.
-    covariance : str or LatentPosterior
-        Posterior family: ``"diagonal"`` or ``"fisher"`` (with its defaults), or an instance.
-    floor : array_like, shape (C,)
-        Known noise floor per feature (standardised units).
-    sigma0, tau : float
-        Prior of the adaptive noise (:mod:`galdecomp.model.noise`).
+    architecture : Architecture, optional
+        The networks (hidden widths, activations, dtype, initial output scale of the encoder,
+        its mask input), the posterior family (``covariance``) and the row blocks of a minibatch
+        (:class:`~galdecomp.model.settings.Architecture`); default ``Architecture()``.
+    likelihood : GaussianLikelihood, optional
+        The noise model: known floor per feature (standardised units, broadcast to C) and the
+        prior of the adaptive noise ``sigma0``, ``tau`` (:mod:`galdecomp.model.noise`); default
+        ``GaussianLikelihood()`` (no floor).
     beta : float
         Weight of the KL term.
-    dtype : str
-        ``"float64"`` or ``"float32"`` for the MLP kernels.
-    encoder_output_scale : float
-        Factor of the initial excitations of the encoder's output layer.
-    block_rows : int
-        Rows per block of a minibatch whose partial sums are formed separately (and may be
-        computed by other processes, :class:`ELBOObjective`); part of the arithmetic.
-    mask_input : str
-        What the encoder's second C inputs hold (:func:`~galdecomp.model.elbo.encoder_input`):
-        ``"missing"`` (1 where missing) or ``"observed"`` (the mask; runs written before
-        2026-12-04). With ``"missing"`` a row block without missing entries skips those inputs
-        (all 0) in the encoder's first layer (:class:`~galdecomp.model.mlp.MLP`
-        ``sparse_inputs``).
+
+    Attributes
+    ----------
+    floor : ndarray, shape (C,)
+    sigma0, tau, beta : float
+    likelihood : GaussianLikelihood
+        With the floor broadcast to C.
     """
 
-    def __init__(self, n_features, latent_dim=10, decoder_hidden=(128, 128), encoder_hidden=(128, 128),
-                 decoder_activation="tanh", encoder_activation="tanh", covariance="diagonal",
-                 floor=0.0, sigma0=_noise.SIGMA0, tau=_noise.TAU, beta=1.0, dtype="float64",
-                 encoder_output_scale=1.0, mask_input="missing", block_rows=1024):
-        dt = np.dtype(dtype).type
+    def __init__(self, n_features, latent_dim=10, architecture=None, likelihood=None, beta=1.0):
+        arch = Architecture() if architecture is None else architecture
+        lik = GaussianLikelihood() if likelihood is None else likelihood
+        dt = np.dtype(arch.dtype).type
         self.n_features, self.latent_dim = int(n_features), int(latent_dim)
-        self.posterior = POSTERIORS[covariance]() if isinstance(covariance, str) else covariance
-        self.decoder = MLP([latent_dim, *decoder_hidden, n_features], decoder_activation, dtype=dt)
-        self.encoder = MLP([2 * n_features, *encoder_hidden, self.posterior.n_encoder_outputs(latent_dim)],
-                           encoder_activation, dtype=dt, sparse_inputs=slice(n_features, 2 * n_features))
-        self.floor = np.broadcast_to(np.asarray(floor, float), (n_features,)).copy()
-        self.sigma0, self.tau, self.beta = float(sigma0), float(tau), float(beta)
+        self.architecture = arch
+        self.posterior = POSTERIORS[arch.covariance].from_architecture(arch)
+        self.decoder = MLP([latent_dim, *arch.decoder_hidden, n_features], arch.decoder_activation, dtype=dt)
+        self.encoder = MLP([2 * n_features, *arch.encoder_hidden, self.posterior.n_encoder_outputs(latent_dim)],
+                           arch.encoder_activation, dtype=dt, sparse_inputs=slice(n_features, 2 * n_features))
+        self.floor = np.broadcast_to(np.asarray(lik.floor, float), (n_features,)).copy()
+        self.sigma0, self.tau, self.beta = float(lik.sigma0), float(lik.tau), float(beta)
         self.likelihood = GaussianLikelihood(self.floor, self.sigma0, self.tau)
         self.prior = STANDARD_NORMAL
-        self.encoder_output_scale = float(encoder_output_scale)
-        self.mask_input = mask_input
-        self.block_rows = int(block_rows)
+        self.encoder_output_scale = float(arch.encoder_output_scale)
+        self.mask_input = arch.mask_input
+        self.block_rows = int(arch.block_rows)
         self.enc_scales = self.encoder.init_scales()
         self.dec_scales = self.decoder.init_scales()
         sizes = [("encoder", self.encoder.n_params), ("decoder", self.decoder.n_params),
@@ -87,13 +79,10 @@ class Autoencoder:
 
     @classmethod
     def from_config(cls, cfg, n_features, floor=0.0):
-        """Build from a resolved fit configuration (:mod:`galdecomp.inference.config`)."""
-        return cls(n_features, cfg["latent_dim"], cfg["decoder"]["hidden"], cfg["encoder"]["hidden"],
-                   cfg["decoder"]["activation"], cfg["encoder"]["activation"],
-                   POSTERIORS[cfg["covariance"]].from_config(cfg),
-                   floor, cfg["noise"]["sigma0"], cfg["noise"]["tau"], cfg["beta"],
-                   cfg["training"]["dtype"], cfg["encoder"]["output_scale"], cfg["encoder"]["mask_input"],
-                   cfg["training"]["block_rows"])
+        """Build from a resolved fit configuration (:mod:`galdecomp.inference.config`) and the
+        noise floor per feature."""
+        return cls(n_features, cfg["latent_dim"], Architecture.from_config(cfg),
+                   GaussianLikelihood(floor, cfg["noise"]["sigma0"], cfg["noise"]["tau"]), cfg["beta"])
 
     # -- parameters -------------------------------------------------------------------------------
     def init_params(self, seed):
@@ -133,10 +122,10 @@ class Autoencoder:
     # -- NIFTy energy -----------------------------------------------------------------------------
     def elbo(self, data, mask, xi, n_total, with_prior=True):
         """The :class:`AmortisedELBO` operator (negative ELBO per row) for one minibatch."""
-        return AmortisedELBO(data, mask, xi, self.encoder, self.decoder, self.posterior, self.floor,
-                             self.sigma0, self.tau, self.beta, n_total, self.enc_scales, self.dec_scales,
-                             with_prior=with_prior, mask_input=self.mask_input,
-                             block_rows=self.block_rows)
+        return AmortisedELBO(data, mask, xi, self.encoder, self.decoder, self.posterior, self.likelihood,
+                             ELBOSettings(self.beta, n_total, with_prior=with_prior, mask_input=self.mask_input,
+                                          block_rows=self.block_rows, encoder_scales=self.enc_scales,
+                                          decoder_scales=self.dec_scales))
 
     def position(self, params, domain):
         """Flat excitations as a MultiField on an ELBO operator's domain."""

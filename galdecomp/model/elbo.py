@@ -9,8 +9,9 @@ from .likelihood import GaussianLikelihood
 from .operators import _PartialConstant, channel_domain
 from .families import POSTERIORS
 from .posteriors import LatentPosterior
+from .settings import ELBOSettings
 
-__all__ = ["AmortisedELBO", "KEYS", "MASK_INPUTS", "encoder_input"]
+__all__ = ["AmortisedELBO", "ELBOSettings", "KEYS", "MASK_INPUTS", "encoder_input"]
 
 #: domain keys: encoder excitations, decoder excitations, noise excitations
 KEYS = ("encoder", "decoder", "noise")
@@ -73,25 +74,12 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         L -> C.
     posterior : LatentPosterior or str
         Instance, or a key of :data:`~galdecomp.model.families.POSTERIORS`.
-    floor, sigma0, tau
-        Noise model (:mod:`.noise`).
-    beta : float
-        KL weight.
-    n_total : int, optional
-        Rows in the full training set (scales the prior terms); default B.
-    encoder_scales, decoder_scales : ndarray, optional
-        Default ``init_scales()`` of the networks.
-    n_batch : int, optional
-        Rows the data terms are averaged over; default B. A pixel-sharded minibatch uses the
-        global batch size, so that the ranks' energies add up to the global one.
-    with_prior : bool
-        Include the prior terms (one rank of a sharded energy only).
-    mask_input : str
-        How the encoder sees which entries are observed (:func:`encoder_input`).
-    block_rows : int
-        Rows per block: the partial sums of a batch are formed per block of this many rows and
-        added in block order, whoever computes the blocks (:class:`~.autoencoder.ELBOObjective`
-        with worker processes), so results do not depend on how many compute them.
+    likelihood : GaussianLikelihood, optional
+        The noise model (floor, sigma0, tau; :mod:`.noise`); default ``GaussianLikelihood()``.
+    settings : ELBOSettings, optional
+        KL weight ``beta``, ``n_total``, ``n_batch``, ``with_prior``, ``mask_input``,
+        ``block_rows`` (the row blocks whose partial sums :class:`~.autoencoder.ELBOObjective`
+        may have computed by worker processes) and the networks' scales; default ``ELBOSettings()``.
 
     Notes
     -----
@@ -101,14 +89,13 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
     functional (``ift.VdotOperator``); no metric is provided (use a first-order optimiser).
     """
 
-    def __init__(self, data, mask, xi, encoder, decoder, posterior, floor=0.0,
-                 sigma0=_noise.SIGMA0, tau=_noise.TAU, beta=1.0, n_total=None,
-                 encoder_scales=None, decoder_scales=None, n_batch=None, with_prior=True,
-                 mask_input="missing", block_rows=1024):
-        if mask_input not in MASK_INPUTS:
-            raise ValueError(f"mask_input must be one of {MASK_INPUTS}, got {mask_input!r}")
-        self._mask_input = mask_input
-        self._block_rows = max(int(block_rows), 1)
+    def __init__(self, data, mask, xi, encoder, decoder, posterior, likelihood=None, settings=None):
+        lik = GaussianLikelihood() if likelihood is None else likelihood
+        st = ELBOSettings() if settings is None else settings
+        if st.mask_input not in MASK_INPUTS:
+            raise ValueError(f"mask_input must be one of {MASK_INPUTS}, got {st.mask_input!r}")
+        self._mask_input = st.mask_input
+        self._block_rows = max(int(st.block_rows), 1)
         self._post = POSTERIORS[posterior]() if isinstance(posterior, str) else posterior
         if not isinstance(self._post, LatentPosterior):
             raise TypeError(f"posterior must be a LatentPosterior, got {type(posterior)}")
@@ -119,14 +106,14 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         if encoder.n_out != self._post.n_encoder_outputs(L):
             raise ValueError(f"encoder needs {self._post.n_encoder_outputs(L)} outputs for "
                              f"posterior {self._post.name!r}, has {encoder.n_out}")
-        self._esc = encoder.init_scales() if encoder_scales is None else np.asarray(encoder_scales, float)
-        self._dsc = decoder.init_scales() if decoder_scales is None else np.asarray(decoder_scales, float)
-        self._floor = np.broadcast_to(np.asarray(floor, np.float64), (C,)).copy()
-        self._sigma0, self._tau = float(sigma0), float(tau)
-        self._beta = float(beta)
+        self._esc = encoder.init_scales() if st.encoder_scales is None else np.asarray(st.encoder_scales, float)
+        self._dsc = decoder.init_scales() if st.decoder_scales is None else np.asarray(st.decoder_scales, float)
+        self._floor = np.broadcast_to(np.asarray(lik.floor, np.float64), (C,)).copy()
+        self._sigma0, self._tau = float(lik.sigma0), float(lik.tau)
+        self._beta = float(st.beta)
         self._batch = self._make_batch(data, mask, xi)
-        self._n_batch, self._with_prior = n_batch, bool(with_prior)
-        self._n_total = float(len(self._batch["xi"]) if n_total is None else n_total)
+        self._n_batch, self._with_prior = st.n_batch, bool(st.with_prior)
+        self._n_total = float(len(self._batch["xi"]) if st.n_total is None else st.n_total)
         self._domain = self._full_domain = ift.MultiDomain.make({
             "encoder": channel_domain(encoder.n_params),
             "decoder": channel_domain(decoder.n_params),

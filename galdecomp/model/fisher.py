@@ -251,9 +251,9 @@ class FisherGaussian(LatentPosterior):
         return [slice(i, min(i + self.block_size, n)) for i in range(0, n, self.block_size)]
 
     @classmethod
-    def from_config(cls, cfg):
-        """The family with the Jacobian passes in ``training.fisher_dtype`` (None: ``training.dtype``)."""
-        return cls(dtype=cfg["training"].get("fisher_dtype") or cfg["training"]["dtype"])
+    def from_architecture(cls, arch):
+        """The family with its Jacobian passes in ``arch.fisher_dtype`` (None: ``arch.dtype``)."""
+        return cls(dtype=arch.fisher_dtype or arch.dtype)
 
     def _precision(self, mu, decoder, theta_dec, inv_var, dtype=np.float64):
         """``M(mu)`` (float64) and the cache of the Jacobian pass (computed in ``dtype``)."""

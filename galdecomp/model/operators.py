@@ -214,7 +214,10 @@ class NoiseInvVar(ift.Operator):
 class _NoiseSetup:
     """Shared data/mask/noise handling of the likelihood operators."""
 
-    def _setup_data(self, data, mask, row_domain, floor, sigma0, tau):
+    def _setup_data(self, data, mask, row_domain, likelihood):
+        """The data and mask as arrays, the domains, and the noise model of ``likelihood``
+        (a GaussianLikelihood; default no floor, :mod:`.noise`'s sigma0 and tau)."""
+        lik = GaussianLikelihood() if likelihood is None else likelihood
         if isinstance(data, ift.Field):
             row_domain = data.domain[0] if row_domain is None else row_domain
             data = data.val
@@ -233,10 +236,10 @@ class _NoiseSetup:
         self._data = np.where(mask, data, 0.0)
         self._mask = mask.astype(np.float64)
         self._count = self._mask.sum(axis=0)
-        self._floor = np.broadcast_to(np.asarray(floor, np.float64), (data.shape[1],)).copy()
+        self._floor = np.broadcast_to(np.asarray(lik.floor, np.float64), (data.shape[1],)).copy()
         if np.any(self._floor < 0):
             raise ValueError("noise floor must be >= 0")
-        self._sigma0, self._tau = float(sigma0), float(tau)
+        self._sigma0, self._tau = float(lik.sigma0), float(lik.tau)
 
     def _noise(self, s):
         return _noise.d_inv_var_ds(s, self._floor, self._sigma0, self._tau)
@@ -279,8 +282,8 @@ class MaskedGaussianEnergy(_LikelihoodPartial, _NoiseSetup, ift.LikelihoodEnergy
         Missing entries may hold anything (NaN included); they are zeroed.
     mask : ndarray (rows, C) of bool, optional
         True where observed; default ``isfinite(data)``.
-    floor, sigma0, tau
-        Noise model (see :mod:`.noise`).
+    likelihood : GaussianLikelihood, optional
+        The noise model: floor, sigma0, tau (see :mod:`.noise`); default ``GaussianLikelihood()``.
     row_domain : Domain, optional
         1-D row domain; default the data Field's first domain or ``UnstructuredDomain(rows)``.
     prediction_key, noise_key : str
@@ -295,9 +298,9 @@ class MaskedGaussianEnergy(_LikelihoodPartial, _NoiseSetup, ift.LikelihoodEnergy
     in expectation, not exactly), for geoVI.
     """
 
-    def __init__(self, data, mask=None, floor=0.0, sigma0=_noise.SIGMA0, tau=_noise.TAU,
-                 row_domain=None, prediction_key="prediction", noise_key="noise"):
-        self._setup_data(data, mask, row_domain, floor, sigma0, tau)
+    def __init__(self, data, mask=None, likelihood=None, row_domain=None, prediction_key="prediction",
+                 noise_key="noise"):
+        self._setup_data(data, mask, row_domain, likelihood)
         self._pk, self._nk = str(prediction_key), str(noise_key)
         self._domain = self._full_domain = ift.MultiDomain.make(
             {self._pk: self._pdom, self._nk: self._cdom})
@@ -356,11 +359,12 @@ class DecoderLikelihood(_LikelihoodPartial, _NoiseSetup, ift.LikelihoodEnergyOpe
     ----------
     decoder : MLP
         Latent -> channels network (its dtype sets the compute precision).
-    data, mask, floor, sigma0, tau, row_domain
+    data, mask, likelihood, row_domain
         As for :class:`MaskedGaussianEnergy`.
     scales : ndarray (n_params,), optional
         Default ``decoder.init_scales()``.
-    latent_key, weights_key, noise_key : str
+    keys : tuple of str
+        The domain's keys of the latents, the decoder's weights and the noise.
 
     Notes
     -----
@@ -370,18 +374,17 @@ class DecoderLikelihood(_LikelihoodPartial, _NoiseSetup, ift.LikelihoodEnergyOpe
     :class:`MaskedGaussianEnergy` and J the Jacobian of (decoder, noise) (MGVI-ready).
     """
 
-    def __init__(self, decoder, data, mask=None, floor=0.0, sigma0=_noise.SIGMA0, tau=_noise.TAU,
-                 row_domain=None, scales=None, latent_key="latent", weights_key="weights",
-                 noise_key="noise"):
-        self._setup_data(data, mask, row_domain, floor, sigma0, tau)
+    def __init__(self, decoder, data, mask=None, likelihood=None, row_domain=None, scales=None,
+                 keys=("latent", "weights", "noise")):
+        latent_key, weights_key, noise_key = keys
+        self._setup_data(data, mask, row_domain, likelihood)
         self._mlpop = MLPOperator(decoder, self._pdom[0], latent_key, weights_key, scales)
         if decoder.n_out != self._pdom.shape[1]:
             raise ValueError(f"decoder has {decoder.n_out} outputs, data {self._pdom.shape[1]} channels")
         self._dec = decoder
         self._lk, self._wk, self._nk = str(latent_key), str(weights_key), str(noise_key)
         self._pk = "_prediction"
-        self._lik = MaskedGaussianEnergy(self._data, self._mask > 0, floor, sigma0, tau,
-                                         self._pdom[0], self._pk, self._nk)
+        self._lik = MaskedGaussianEnergy(self._data, self._mask > 0, likelihood, self._pdom[0], self._pk, self._nk)
         self._domain = self._full_domain = ift.MultiDomain.make({
             **{k: self._mlpop.domain[k] for k in self._mlpop.domain.keys()},
             self._nk: self._cdom})

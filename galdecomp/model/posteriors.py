@@ -20,8 +20,9 @@ class LatentPosterior:
     name = "base"
 
     @classmethod
-    def from_config(cls, cfg):
-        """The family as a resolved fit configuration sets it up (default: no settings)."""
+    def from_architecture(cls, arch):
+        """The family as an :class:`~galdecomp.model.settings.Architecture` sets it up (default:
+        no settings)."""
         return cls()
 
     def n_encoder_outputs(self, latent_dim):

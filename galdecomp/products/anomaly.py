@@ -345,7 +345,7 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
     from .. import __version__
     from ..catalog import read_catalog
     from ..fileio import atomic_output_dir, check_output_dir
-    from ..inference.trained import load
+    from ..run import RunFolder
 
     if score not in SCORES:
         raise InputError(f"--score: unknown score {score!r} (one of {', '.join(SCORES)})")
@@ -356,10 +356,10 @@ def run_anomaly(run_dir, out, catalog=None, top=50, score=DEFAULT_SCORE, overwri
     if not os.path.isdir(run_dir):
         raise InputError(f"{run_dir}: run folder not found")
     check_output_dir(out, overwrite)
-    model = load(run_dir)
+    model = RunFolder(run_dir).trained_model()
     transform = model.transform
     if score == "neg_log_latent_density" and transform is None:
-        raise InputError(f"--score neg_log_latent_density: {run_dir} has no usable latent_transform.npz")
+        raise InputError(f"--score neg_log_latent_density: {run_dir} has no usable {RunFolder.FILES['transform']}")
     values, nside, cat_path = load_rows(model, catalog, model.target_fwhm(fwhm_arcmin, progress))
     frame = read_catalog(cat_path).frame
     progress(f"read {cat_path}")

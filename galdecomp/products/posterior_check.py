@@ -343,14 +343,14 @@ def run_posterior_check(run_dir, out, n_pixels, draws=2000, seed=0, overwrite=Fa
         A missing or unfinished run, its catalog unreadable, an output folder that exists.
     """
     from ..fileio import atomic_output_dir, check_output_dir, write_text
-    from ..inference.trained import load
+    from ..run import RunFolder
     from .anomaly import load_rows
     from .tables import format_table
 
     if not os.path.isdir(run_dir):
         raise InputError(f"{run_dir}: run folder not found")
     check_output_dir(out, overwrite)
-    trained = load(run_dir)
+    trained = RunFolder(run_dir).trained_model()
     values = load_rows(trained, None)[0]
     y = trained.standardise(values)
     m = np.isfinite(y)

@@ -10,7 +10,6 @@ import time
 import warnings
 
 import numpy as np
-import yaml
 
 from ..catalog import load_catalog, unseen_to_nan
 from ..errors import InputError
@@ -25,6 +24,7 @@ from .run_outputs import unused_features
 from .latent_rotation import read_rotation
 from .report_figures import write_figures
 from .report_markdown import STATS_TEXT, notes_text, report_markdown
+from ..run import RunFolder
 from .tables import format_table
 
 __all__ = ["make_report", "compute_report", "write_report", "read_run", "CORRELATION_COLUMNS", "SUMMARY_COLUMNS", "METHODS"]
@@ -94,28 +94,18 @@ def read_run(run_dir):
 
     if not os.path.isdir(run_dir):
         raise InputError(f"{run_dir}: run folder not found")
-    path = os.path.join(run_dir, "latent_mean.fits")
+    run = RunFolder(run_dir)
+    path = run.array("latent_mean", ".fits")
     if not os.path.isfile(path):
-        raise InputError(f"{run_dir}: no latent maps (latent_mean.fits) — run galdecomp fit first")
+        raise InputError(f"{run_dir}: no latent maps ({os.path.basename(path)}) — run galdecomp fit first")
     features, names = _read_maps(path)
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    try:
-        with open(cfg_path) as f:
-            cfg = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise InputError(f"{cfg_path}: not found (the run's configuration names its input catalog)") from None
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise InputError(f"{cfg_path}: not valid YAML") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("catalog"), str):
-        raise InputError(f"{cfg_path}: no 'catalog' entry (the path of the run's input catalog)")
+    cfg = run.read_config_file()
     sig = []
-    sig_path = os.path.join(run_dir, "significance.csv")
-    if os.path.isfile(sig_path):
-        with open(sig_path) as f:
+    if run.has("significance"):
+        with open(run.path("significance")) as f:
             sig = list(csv.DictReader(f))
     return dict(features=features, names=names, nside=hp.npix2nside(features.shape[1]),
-                catalog=cfg["catalog"], config=cfg, significance=sig,
-                rotation=read_rotation(os.path.join(run_dir, "rotation.csv")))
+                catalog=cfg["catalog"], config=cfg, significance=sig, rotation=read_rotation(run.path("rotation")))
 
 
 def _unused(sig):
@@ -322,12 +312,12 @@ def compute_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progr
         raise InputError(f"bins: must be an integer >= 2, got {bins!r}")
     run_dir = os.path.abspath(run_dir)
     run = read_run(run_dir)
-    out = os.path.abspath(out or os.path.join(run_dir, "report"))
+    out = os.path.abspath(out or RunFolder(run_dir).path("report"))
     check_output_dir(out, overwrite=True)
     nside, names, F = run["nside"], run["names"], run["features"]
     valid = np.isfinite(F).all(axis=0)
     if not valid.any():
-        raise InputError(f"{os.path.join(run_dir, 'latent_mean.fits')}: no pixel with valid features")
+        raise InputError(f"{RunFolder(run_dir).array('latent_mean', '.fits')}: no pixel with valid features")
     tset, T, inputs, X = _compared_maps(run, run_dir, templates_catalog, valid, say)
     lap("load")
     methods, skipped = _methods(names, F, X, valid, seed, say)
@@ -375,20 +365,20 @@ def write_report(result, parts, progress=None):
     paths = {}
     say(f"writing {out}")
     with atomic_output_dir(out, overwrite=True) as tmp:
-        pdir = os.path.join(tmp, "plots")
+        pdir = os.path.join(tmp, RunFolder.FILES["plots"])
         os.makedirs(pdir)
         crow = [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()} for r in corr]
         srow = [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()} for r in summary]
-        write_text(os.path.join(tmp, "correlations.csv"), format_table(crow, CORRELATION_COLUMNS, "csv"))
-        write_text(os.path.join(tmp, "summary.csv"), format_table(srow, SUMMARY_COLUMNS, "csv"))
+        write_text(RunFolder.report_file(tmp, "correlations"), format_table(crow, CORRELATION_COLUMNS, "csv"))
+        write_text(RunFolder.report_file(tmp, "summary"), format_table(srow, SUMMARY_COLUMNS, "csv"))
         say("plots")
         figures = write_figures(pdir, parts["methods"], parts["templates"], parts["T"], summary, parts["cm"],
                            parts["info"].get("unused", set()))
-        write_text(os.path.join(tmp, "report.md"),
+        write_text(RunFolder.report_file(tmp, "report"),
                    report_markdown(parts["info"], corr, summary, result["matches"], parts["significance"], figures))
-        for f in ["correlations.csv", "summary.csv", "report.md"]:
+        for f in RunFolder.REPORT_FILES.values():
             paths[f] = os.path.join(out, f)
-        paths["plots"] = os.path.join(out, "plots")
+        paths["plots"] = os.path.join(out, RunFolder.FILES["plots"])
     return paths
 
 

@@ -22,6 +22,7 @@ from .. import __version__
 from ..fileio import atomic_path, write_healpix_fits, write_text
 from ..inference.latent_maps import feature_names
 from ..model.rotation import rotate_covariances
+from ..run import RunFolder
 from .latent_rotation import product_rotation, rotated_moments, rotation_rows
 from .plots import mollview_grid, plot_history, plot_residual_summary
 from .tables import format_table
@@ -316,10 +317,11 @@ def _arrays(prod, dataset, cfg):
     return out
 
 
-def _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, gap_name, progress):
+def _write_tables(run, prod, dataset, preprocessor, model, history, paths, kind, progress):
     """The products that do not depend on the kind of data set: CSV tables and training plots.
 
-    ``gap_name``: the file of the amortisation-gap summary per feature (MGVI/geoVI only).
+    ``kind``: of the data set, names the amortisation-gap summary per feature (MGVI/geoVI only;
+    :meth:`RunFolder.gap_summary`).
     """
     full, order, sig_nats, sigma = prod["rows"], prod["order"], prod["significance"], prod["sigma"]
     names = feature_names(len(order))
@@ -331,7 +333,7 @@ def _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, g
                       median_std_ratio=float(np.median(ratio[:, k])),
                       p10_std_ratio=float(np.percentile(ratio[:, k], 10)),
                       p90_std_ratio=float(np.percentile(ratio[:, k], 90))) for k, n in enumerate(names)]
-        tables.append((gap_name, grows, list(grows[0])))
+        tables.append((RunFolder.GAP_SUMMARY[kind], run.gap_summary(kind), grows, list(grows[0])))
     # noise in physical units: sigma / median |dy/dx| over observed rows
     rows = [dict(channel=n, sigma_standardised=float(sigma[c]), sigma_physical=float(sigma[c] / t.slope),
                  unit=u, floor_standardised=float(model.floor[c]))
@@ -341,32 +343,33 @@ def _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, g
                   delta_loglike_nats=float(sig_nats[order[r]]),
                   delta_loglike_per_pixel=float(sig_nats[order[r]] / n_rows)) for r in range(len(order))]
     hcols = ["epoch", "step", "elbo", "reconstruction", "kl", "validation_elbo", "validation_median", "lr", "seconds"]
-    tables += [("noise.csv", rows, list(rows[0])), ("significance.csv", srows, list(srows[0])),
-               ("history.csv", history, hcols)]
+    tables += [(key, run.path(key), table, cols) for key, table, cols in
+               (("noise", rows, list(rows[0])), ("significance", srows, list(srows[0])), ("history", history, hcols))]
     if prod.get("rotation") is not None:
         rrows = rotation_rows(prod["rotation"], order, prod["rotation_method"])
-        tables.append(("rotation.csv", rrows, list(rrows[0])))
-    elif os.path.isfile(os.path.join(run_dir, "rotation.csv")):  # of earlier products (--resume --rotate none)
-        os.remove(os.path.join(run_dir, "rotation.csv"))
-    for name, table, cols in tables:
-        paths[name] = os.path.join(run_dir, name)
-        write_text(paths[name], format_table(table, cols, "csv"))
+        tables.append(("rotation", run.path("rotation"), rrows, list(rrows[0])))
+    elif run.has("rotation"):  # of earlier products (--resume --rotate none)
+        os.remove(run.path("rotation"))
+    for key, path, table, cols in tables:
+        paths[RunFolder.FILES.get(key, key)] = path
+        write_text(path, format_table(table, cols, "csv"))
     if progress:
         progress("plots")
-    pdir = os.path.join(run_dir, "plots")
+    pdir = run.path("plots")
     os.makedirs(pdir, exist_ok=True)
-    plot_history(history, os.path.join(pdir, "training.png"))
-    plot_residual_summary(dataset.names, full["resid"].T, sigma, os.path.join(pdir, "residuals.png"))
+    plot_history(history, run.plot("training"))
+    plot_residual_summary(dataset.names, full["resid"].T, sigma, run.plot("residuals"))
     paths["plots"] = pdir
     return pdir
 
 
-def write_sky_products(run_dir, prod, dataset, preprocessor, model, history, cfg, source, progress=None):
+def write_sky_products(run, prod, dataset, preprocessor, model, history, cfg, source, progress=None):
     """Write the gathered products of a sky: HEALPix FITS maps, tables and mollview plots.
 
     Parameters
     ----------
-    run_dir : str
+    run : RunFolder
+        Where each file goes.
     prod : dict
         From :func:`gather_products` (all pixels, the data set's ordering).
     dataset : SkyDataSet
@@ -391,26 +394,25 @@ def write_sky_products(run_dir, prod, dataset, preprocessor, model, history, cfg
     hdr = _header(dataset, cfg, [("CATALOG", os.path.basename(source)[:60], "input catalog")])
     paths = {}
     for stem, rows, cols, units, content in _arrays(prod, dataset, cfg):
-        paths[f"{stem}.fits"] = os.path.join(run_dir, f"{stem}.fits")
+        path = paths[RunFolder.array_name(stem, ".fits")] = run.array(stem, ".fits")
         missing = np.isnan(rows)
         maps = np.where(missing, hp.UNSEEN, rows).T if missing.any() else rows.T  # no copy without NaN
         del missing
-        write_healpix_fits(paths[f"{stem}.fits"], maps, cols, units, nest=nest, coord=coord,
+        write_healpix_fits(path, maps, cols, units, nest=nest, coord=coord,
                            header=hdr + [("CONTENT", content)])
         del maps
-    pdir = _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, "amortisation_gap.csv",
-                         progress)
+    _write_tables(run, prod, dataset, preprocessor, model, history, paths, "sky", progress)
     full, names = prod["rows"], feature_names(len(prod["order"]))
     sig = prod["significance"][prod["order"]] / len(full["mean"])
     sig_txt = [f"{n} ({s:.3g} nats/pix{', unused' if u else ''})"
                for n, s, u in zip(names, sig, unused_features(sig))]
-    mollview_grid(full["mean"].T, sig_txt, os.path.join(pdir, "latent_mean.png"), nest=nest,
+    mollview_grid(full["mean"].T, sig_txt, run.plot("latent_mean"), nest=nest,
                   suptitle="posterior mean of the latent features, by significance")
-    mollview_grid(full["std"].T, names, os.path.join(pdir, "latent_std.png"), nest=nest, cmap="magma",
+    mollview_grid(full["std"].T, names, run.plot("latent_std"), nest=nest, cmap="magma",
                   suptitle="posterior standard deviation of the latent features")
     if prod["n_samples"] is not None:
         mollview_grid(full["gap"].T, ["RMS mean shift [posterior sigma]", "mean log(std_encoder / std)"],
-                      os.path.join(pdir, "amortisation_gap.png"), nest=nest, ncols=2, cmap="coolwarm",
+                      run.plot("amortisation_gap"), nest=nest, ncols=2, cmap="coolwarm",
                       suptitle=f"amortisation gap: encoder vs {cfg['posterior']['method']}")
     return paths
 
@@ -422,7 +424,7 @@ def _csv(path, rows, columns):
     write_text(path, buf.getvalue())
 
 
-def write_table_products(run_dir, prod, dataset, preprocessor, model, history, cfg, source, progress=None):
+def write_table_products(run, prod, dataset, preprocessor, model, history, cfg, source, progress=None):
     """Write the gathered products of a table as CSV tables (one row per data row) and plots.
 
     Parameters and returns as :func:`write_sky_products` (``dataset``: a DataSet, ``source``:
@@ -431,18 +433,17 @@ def write_table_products(run_dir, prod, dataset, preprocessor, model, history, c
     paths = {}
     for stem, rows, cols, _, _ in _arrays(prod, dataset, cfg):
         if len(cols) > WIDE_TABLE:  # images: a CSV of 60,000 x 784 numbers would be ~0.6 GB
-            paths[f"{stem}.npy"] = os.path.join(run_dir, f"{stem}.npy")
-            with atomic_path(paths[f"{stem}.npy"]) as tmp:
+            path = paths[RunFolder.array_name(stem, ".npy")] = run.array(stem, ".npy")
+            with atomic_path(path) as tmp:
                 np.save(tmp, np.asarray(rows, dtype=np.float32))
         else:
-            paths[f"{stem}.csv"] = os.path.join(run_dir, f"{stem}.csv")
-            _csv(paths[f"{stem}.csv"], rows, cols)
-    _write_tables(run_dir, prod, dataset, preprocessor, model, history, paths, "amortisation_gap_summary.csv",
-                  progress)
+            path = paths[RunFolder.array_name(stem, ".csv")] = run.array(stem, ".csv")
+            _csv(path, rows, cols)
+    _write_tables(run, prod, dataset, preprocessor, model, history, paths, "table", progress)
     side = int(round(np.sqrt(dataset.n_features)))
     if side * side == dataset.n_features and side >= 8:  # square images: a grid of data and reconstructions
-        paths["plots/reconstructions.png"] = os.path.join(run_dir, "plots", "reconstructions.png")
-        _image_grid(dataset.values.T[:32], prod["rows"]["recon"][:32], side, paths["plots/reconstructions.png"])
+        path = paths[RunFolder.plot_name("reconstructions")] = run.plot("reconstructions")
+        _image_grid(dataset.values.T[:32], prod["rows"]["recon"][:32], side, path)
     return paths
 
 
@@ -488,6 +489,7 @@ def write_run_products(run_dir, dataset, preprocessor, model, params, data, mean
     prod = gather_products(prod, comm)
     if prod is None:
         return None
-    paths = write_sky_products(run_dir, prod, dataset, preprocessor, model, history, cfg, catalog_path, progress)
+    paths = write_sky_products(RunFolder(run_dir), prod, dataset, preprocessor, model, history, cfg, catalog_path,
+                               progress)
     return dict(order=prod["order"], significance=prod["significance"][prod["order"]], sigma=prod["sigma"],
                 paths=paths)
