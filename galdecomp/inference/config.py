@@ -208,7 +208,12 @@ def resolve_config(file_config=None, overrides=None, where="config"):
     if cfg["rotation"]["method"] not in ROTATION_METHODS:
         raise InputError(f"{where}: rotation.method must be one of {', '.join(ROTATION_METHODS)}, "
                          f"got {cfg['rotation']['method']!r}")
-    t = cfg["training"]
+    _check_training(cfg["training"], where)
+    return cfg
+
+
+def _check_training(t, where):
+    """Validate the ``training`` section ``t`` of a merged configuration (fills ``schedule_epochs``)."""
     if t["step_on"] not in ("weights", "excitations"):
         raise InputError(f"{where}: training.step_on must be weights or excitations, got {t['step_on']!r}")
     if t["select"] not in ("median", "mean"):
@@ -237,7 +242,6 @@ def resolve_config(file_config=None, overrides=None, where="config"):
         raise InputError(f"{where}: training.dtype must be float64 or float32")
     if t["fisher_dtype"] not in (None, "float64", "float32"):
         raise InputError(f"{where}: training.fisher_dtype must be float64, float32 or null")
-    return cfg
 
 
 def model_signature(cfg):
