@@ -170,7 +170,7 @@ def keep_freed_memory(mmap_threshold=32 << 20, trim_threshold=256 << 20):
     Once MPI is initialised (the mpich wheels), glibc no longer raises its mmap and trim
     thresholds as a process frees large blocks, so every ~1 MB work array of a training step was
     mapped and page-faulted afresh: a 2-rank fit trained no faster than one rank
-    (benchmarks/README.md, "End to end at 2 ranks"). Without MPI glibc's own adjustment depends
+    (benchmarks/history/2026-12.md, "End to end at 2 ranks"). Without MPI glibc's own adjustment depends
     on the order of allocations (a step of 512 rows took 8.9 ms instead of 4.4 ms in a plain
     process), so :func:`world` sets it for every run. The same as ``MALLOC_MMAP_THRESHOLD_`` and
     ``MALLOC_TRIM_THRESHOLD_`` set before the process starts; does nothing off glibc.

@@ -178,7 +178,7 @@ def test_weak_curvature_on_complete_rows_is_kept():
     the mask itself as input (``observed``, the code before the fourth fit-quality pass) every complete row feeds
     30 constant ones, i.e. 30 redundant biases per hidden unit that Adam moves each by its own
     step; the curvature was lost (R^2 0.01-0.24, 2-4 active features) as synchrotron curvature was
-    on the real-morphology sky (benchmarks/README.md, "Fourth pass")."""
+    on the real-morphology sky (benchmarks/history/2026-12.md, "Fourth pass")."""
     data, s = curved_spectra()
     cfg = resolve_config({"latent_dim": L, "noise": {"floor": 0.0},
                           "training": {"batch_size": 128, "max_epochs": 60}}, {"seed": 1})

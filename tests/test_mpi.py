@@ -92,9 +92,8 @@ def test_two_ranks_equal_one(sky, tmp_path, minibatches):
     line, = [ln for ln in p.stderr.splitlines() if "training time" in ln]
     assert "(min-max over 2 ranks): per step [ms] gradient on the rank's rows " in line
     assert "reduce-scatter with the wait for the slowest rank" in line and "checkpoints 0.00-" in line  # rank 1 writes none
-    # benchmarks/bench_scaling.py reads every item of it
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    from bench_scaling import step_costs
+    # benchmarks/scaling/bench_scaling.py reads every item of it
+    from benchmarks.scaling.bench_scaling import step_costs
 
     assert len(step_costs(line)) == line.count(", ") + 2  # items: comma-separated, plus the "; per epoch" one
 

@@ -23,13 +23,13 @@ DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
            "Ankle boot")
 #: eps of the logit transform of pixels: y = logit(eps + (1 - 2 eps) x). At L = 10 (diagonal, 8 epochs)
-#: the test pixel MSE is 0.0212 / 0.0177 / 0.0161 for eps 1e-3 / 1e-2 / 5e-2 (benchmarks/README.md)
+#: the test pixel MSE is 0.0212 / 0.0177 / 0.0161 for eps 1e-3 / 1e-2 / 5e-2 (benchmarks/history/2026-12.md)
 LOGIT_EPS = 1e-2
 #: fit configuration for 784-pixel images (overrides of :data:`galdecomp.inference.config.DEFAULTS`).
 #: Widths chosen for cost (a diagonal epoch on 60,000 images in ~10 s on one core), not swept;
 #: learning rate from a probe at L = 10 on 6,000 images, 4 epochs (test pixel MSE 0.053 at 3e-3,
 #: 0.039 at 1e-2, 0.034 at 3e-2, 0.042 at 6e-2), Adam steps on the excitations and the mean
-#: validation ELBO picking the kept epoch, as measured; 8 epochs as in benchmarks/bench_fashion.py.
+#: validation ELBO picking the kept epoch, as measured; 8 epochs as in benchmarks/science/bench_fashion.py.
 PRESET = {
     "encoder": {"hidden": [256, 128]},
     "decoder": {"hidden": [128, 256]},

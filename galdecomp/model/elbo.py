@@ -27,7 +27,7 @@ def encoder_input(data, mask, mask_input="missing", dtype=np.float64):
     With ``missing`` the indicator is 1 only where an entry is missing, so on complete rows
     those inputs are 0 and their weights get no gradient. With ``observed`` (the mask itself) a
     complete row feeds C constant ones: C redundant biases per hidden unit, each moved by its own
-    Adam step, which shook the first layer and lost weak signals (benchmarks/README.md,
+    Adam step, which shook the first layer and lost weak signals (benchmarks/history/2026-12.md,
     "Fourth pass").
 
     Parameters

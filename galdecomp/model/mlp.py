@@ -137,7 +137,7 @@ class MLP:
         Hidden-layer activation, a key of :data:`ACTIVATIONS`; the output layer is linear.
     block_size : int
         Rows per block. Default 1024: fastest on the project's 2-core Xeon (1 MB L2 per core)
-        for the 10-64-64-35 decoder, 10-20 % faster than 4096 (benchmarks/bench_kernels.py --sweep).
+        for the 10-64-64-35 decoder, 10-20 % faster than 4096 (benchmarks/speed/bench_kernels.py --sweep).
     dtype : numpy dtype
         Compute dtype, ``np.float64`` or ``np.float32``. Inputs are cast per block, outputs are
         returned as float64 and parameter gradients are accumulated in float64.

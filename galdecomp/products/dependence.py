@@ -291,7 +291,7 @@ class BlockResampler:
     (all pixels if ``npix <= max_pixels``), so blocks stay equal and interchangeable. Fewer
     pixels make the KSG estimate noisier and, for strong dependence, lower (KSG is biased low
     at high MI, the more so the fewer the points); neighbouring pixels of smooth maps carry
-    little extra information, so the loss is small (see ``benchmarks/bench_report.py``).
+    little extra information, so the loss is small (see ``benchmarks/speed/bench_report.py``).
 
     Parameters
     ----------

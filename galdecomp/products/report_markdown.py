@@ -129,7 +129,7 @@ def notes_text(info, null_binned, bins):
     return (
         f"- The KSG estimate, its interval and the p-value use a subsample of {info['ksg_pixels']} of the "
         f"{info['n_pixels']} pixels (KSG on all pixels of every pair would take minutes); neighbouring "
-        f"pixels of smooth maps carry little extra information, and `benchmarks/bench_report.py` prints "
+        f"pixels of smooth maps carry little extra information, and `benchmarks/speed/bench_report.py` prints "
         f"the difference from the all-pixel estimate for a few pairs.\n"
         f"- The bootstrap keeps the KSG neighbour counts of the subsample fixed (a bootstrap that recomputes "
         f"them would put duplicated pixels at distance 0 and inflate the MI); for independent samples its "
@@ -138,7 +138,7 @@ def notes_text(info, null_binned, bins):
         f"the dependence between maps but keeps each map's structure inside a block; two maps that both "
         f"follow Galactic latitude are dependent in this sense. It treats blocks as independent: for maps "
         f"correlated over a block or more it is anti-conservative (independent Gaussian fields smoothed "
-        f"to 20 degrees FWHM at nside 16 gave p < 0.05 in ~26 % of pairs; see `benchmarks/bench_report.py "
+        f"to 20 degrees FWHM at nside 16 gave p < 0.05 in ~26 % of pairs; see `benchmarks/speed/bench_report.py "
         f"--calibration`), and the bootstrap interval is then too narrow (68 % intervals covered the truth "
         f"in 79 % of pairs at 5 degrees, 54 % at 20 degrees). The rotation test (p_value_rotation) keeps "
         f"all spatial correlations and stayed at <= 5 % false positives.\n"

@@ -27,7 +27,7 @@ fit needed).
 Catalog: the 18 real maps of the fit-quality protocol (``realsky64`` without dust and HI, from
 ``$GALDECOMP_SHARED`` or ``../shared``), else ``--catalog``.
 
-Usage: ``python benchmarks/bench_scaling.py [--repeat 2] [--catalog CATALOG] [--nside 64]``
+Usage: ``python -m benchmarks.scaling.bench_scaling [--repeat 2] [--catalog CATALOG] [--nside 64]``
 """
 import argparse
 import os
@@ -39,12 +39,10 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+from benchmarks.common import galdecomp_command, prepare_real
+
 
 def real_catalog(work):
-    from bench_quality import prepare_real
-
     return prepare_real(work)[0]
 
 
@@ -126,14 +124,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="bench_scaling_")
     catalog = a.catalog or real_catalog(work)
-    exe = os.path.dirname(sys.executable)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
     def launch(ranks, tag):
-        cmd = [os.path.join(exe, "galdecomp"), "fit", catalog, "--out", os.path.join(work, tag), "--overwrite",
-               "--nside", str(a.nside)] + a.fit_args.split()
-        if ranks > 1:
-            cmd = [os.path.join(exe, "mpiexec"), "-n", str(ranks)] + cmd
+        cmd = galdecomp_command(["fit", catalog, "--out", os.path.join(work, tag), "--overwrite",
+                                 "--nside", str(a.nside)] + a.fit_args.split(), ranks)
         return time.perf_counter(), subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                      text=True, env=env)
 

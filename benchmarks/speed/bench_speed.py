@@ -8,7 +8,7 @@ In ONE run, round-robin over the variants (each in a fresh subprocess), best of 
   ``default`` is the released default (float32 kernels, every core); ``f32-1t`` the same on one
   core; ``2-ranks`` the default under ``mpiexec -n 2`` (one thread per rank); ``previous`` the
   defaults before (float64 kernels, one core, blocks of 1024 rows);
-- ``torch``: the peer of ``bench_quality.py`` (PyTorch VAE, encoder and decoder 2x128 tanh,
+- ``torch``: the peer of bench_quality (``benchmarks.common.fit_torch_peer``: PyTorch VAE, encoder and decoder 2x128 tanh,
   Adam 2e-3 with cosine annealing, batch 1024, float32) on the same preprocessed rows (complete
   rows), with ``torch.set_num_threads`` = the cores given (``--threads``, default all);
   ``training`` is its training loop, ``end to end`` the subprocess (imports, data, training).
@@ -19,9 +19,9 @@ simulated sky of ``runs/realmorph.yaml``, 35 channels), ``demo`` (``runs/demo.ya
 
 Usage::
 
-    python benchmarks/bench_speed.py                          # real maps, 200 epochs, 3 rounds
-    python benchmarks/bench_speed.py --epochs 20 --repeat 2   # quick look
-    python benchmarks/bench_speed.py --variants default,torch --datasets real,realmorph
+    python -m benchmarks.speed.bench_speed                          # real maps, 200 epochs, 3 rounds
+    python -m benchmarks.speed.bench_speed --epochs 20 --repeat 2   # quick look
+    python -m benchmarks.speed.bench_speed --variants default,torch --datasets real,realmorph
 """
 import argparse
 import os
@@ -34,10 +34,7 @@ import time
 
 import yaml
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import bench_quality  # noqa: E402  (data sets and the peer)
+from benchmarks.common import Data, fit_torch_peer, galdecomp_command, prepare
 
 VARIANTS = {
     "default": {},
@@ -47,18 +44,20 @@ VARIANTS = {
 }
 RANKS = {"2-ranks": 2}
 
-PEER = """
-import sys, time, json
-sys.path.insert(0, {here!r})
-import numpy as np, torch
-torch.set_num_threads({threads})
-import bench_quality as bq
-t0 = time.perf_counter()
-data = bq.Data({inputs!r}, {templates!r})
-X = data.data[data.complete]
-res = bq.torch_fit(X, {seed}, 10, epochs={epochs})
-print(json.dumps(dict(training=res["seconds"], setup=time.perf_counter() - t0 - res["seconds"])))
-"""
+
+
+def peer_worker(inputs, templates, seed, epochs, threads):
+    """The peer's subprocess (``--peer``): data, training; prints its seconds as JSON."""
+    import json
+
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    data = Data(inputs, templates)
+    X = data.data[data.complete]
+    res = fit_torch_peer(X, seed, 10, epochs=epochs)
+    print(json.dumps(dict(training=res["seconds"], setup=time.perf_counter() - t0 - res["seconds"])))
 
 
 def run_package(catalog, settings, epochs, seed, work, ranks=1):
@@ -66,11 +65,8 @@ def run_package(catalog, settings, epochs, seed, work, ranks=1):
     with open(cfg, "w") as f:
         yaml.safe_dump(settings, f)
     out = os.path.join(work, "run")
-    bindir = os.path.dirname(sys.executable)
-    cmd = [os.path.join(bindir, "galdecomp"), "fit", catalog, "--out", out, "--overwrite",
-           "--config", cfg, "--max-epochs", str(epochs), "--seed", str(seed)]
-    if ranks > 1:
-        cmd = [os.path.join(bindir, "mpiexec"), "-n", str(ranks), sys.executable, "-m", "galdecomp"] + cmd[1:]
+    cmd = galdecomp_command(["fit", catalog, "--out", out, "--overwrite", "--config", cfg, "--max-epochs", str(epochs),
+                             "--seed", str(seed)], ranks, module=ranks > 1)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -84,9 +80,9 @@ def run_package(catalog, settings, epochs, seed, work, ranks=1):
 
 
 def run_peer(inputs, templates, epochs, seed, threads):
-    code = PEER.format(here=HERE, inputs=inputs, templates=templates, seed=seed, epochs=epochs, threads=threads)
+    cmd = [sys.executable, "-m", __spec__.name, "--peer", inputs, templates, str(seed), str(epochs), str(threads)]
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode:
         raise SystemExit(f"the PyTorch peer failed (pip install -e '.[bench]'):\n{p.stderr[-2000:]}")
@@ -105,13 +101,18 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="cores of the peer (default: all, as the package's default)")
+    ap.add_argument("--peer", nargs=5, metavar=("INPUTS", "TEMPLATES", "SEED", "EPOCHS", "THREADS"),
+                    help=argparse.SUPPRESS)  # the peer's subprocess
     args = ap.parse_args(argv)
+    if args.peer:
+        inputs, templates, seed, epochs, threads = args.peer
+        return peer_worker(inputs, templates, int(seed), int(epochs), int(threads))
     work = tempfile.mkdtemp(prefix="bench_speed_")
     names = args.variants.split(",")
     rows = []
     try:
         for ds in args.datasets.split(","):
-            inputs, templates = bench_quality.prepare(ds, work)
+            inputs, templates = prepare(ds, work)
             best = {}
             for r in range(args.repeat):
                 for name in names:

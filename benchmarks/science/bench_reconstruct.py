@@ -14,29 +14,21 @@ the learned noise matches the residuals at the MAP; below 1: sigma too large, in
 
 Usage::
 
-    python benchmarks/bench_reconstruct.py [--skies demo,realmorph,real] [--seeds 0,1,2] [--max-epochs 100]
+    python -m benchmarks.science.bench_reconstruct [--skies demo,realmorph,real] [--seeds 0,1,2] [--max-epochs 100]
 """
 import argparse
 import csv
 import os
-import sys
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from benchmarks import common
+
 HOLDOUT = ["planck_545GHz", "rosat_0p75keV", "fermi_1_3GeV", "halpha", "radio_408MHz", "wmap_W_94GHz"]
-#: held-out channels of the real maps (``bench_quality.prepare_real``'s inputs at nside 32)
+#: held-out channels of the real maps (``benchmarks.common.prepare_real``'s inputs at nside 32)
 HOLDOUT_REAL = ["wham_halpha", "rosat_R45_3-4keV", "wmap7yr_W", "gsm2008_408MHz", "fermi2fhl_50-171GeV"]
 NOISE_MODES = ("model", "recalibrated", "calibrated")
-
-
-def run(cmd):
-    from galdecomp.cli import main
-
-    code = main(cmd)
-    if code != 0:
-        sys.exit(f"failed ({code}): galdecomp {' '.join(cmd)}")
 
 
 def one(sky, seed, args, work):
@@ -46,21 +38,16 @@ def one(sky, seed, args, work):
     sky_dir, fit_dir, rec_dir = (os.path.join(work, f"{sky}-{seed}-{k}") for k in ("sky", "fit", "rec"))
     holdout = HOLDOUT
     if sky == "real":
-        sys.path.insert(0, HERE)
-        import bench_quality
-
-        catalog = bench_quality.prepare_real(work, 32)[0]
+        catalog = common.prepare_real(work, 32)[0]
         holdout = HOLDOUT_REAL
     else:
         catalog = os.path.join(sky_dir, "catalog.yaml")
         if not os.path.isfile(catalog):
-            extra = ["--morphology", os.path.join(args.shared, "data", "realsky32")] if sky == "realmorph" else []
-            run(["simulate", "--nside", "32", "--seed", str(seed), "--out", sky_dir, "--overwrite", "--no-plot"]
-                + extra)
+            morphology = os.path.join(args.shared, "data", "realsky32") if sky == "realmorph" else None
+            common.simulate(sky_dir, 32, seed, morphology=morphology and os.path.abspath(morphology))
     t0 = time.perf_counter()
     if not os.path.isfile(os.path.join(fit_dir, "model.npz")):
-        run(["fit", catalog, "--out", fit_dir, "--overwrite", "--seed", str(seed),
-             "--max-epochs", str(args.max_epochs)])
+        common.fit(catalog, fit_dir, seed=seed, max_epochs=args.max_epochs)
     t_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
     from galdecomp.products.reconstruct import reconstruct_sky
@@ -113,10 +100,11 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--max-epochs", type=int, default=100)
     ap.add_argument("--draws", type=int, default=200)
-    ap.add_argument("--shared", default=os.environ.get("GALDECOMP_SHARED", os.path.join(HERE, "..", "..", "shared")))
-    ap.add_argument("--out", default=os.path.join(HERE, "out", "reconstruct"))
+    ap.add_argument("--shared", default=common.shared_dir())
+    ap.add_argument("--out", default=common.out_dir("reconstruct"))
     args = ap.parse_args(argv)
-    os.environ["GALDECOMP_SHARED"] = os.path.abspath(args.shared)  # bench_quality's real-sky catalogs too
+    os.environ["GALDECOMP_SHARED"] = os.path.abspath(args.shared)  # common.prepare_real's real-sky catalogs too
+    common.show_progress()
     os.makedirs(os.path.join(args.out, "work"), exist_ok=True)
     rows = []
     for sky in args.skies.split(","):

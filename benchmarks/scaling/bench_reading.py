@@ -1,6 +1,6 @@
 """Reading a catalog on K ranks: peak memory per rank and time, maps read in rounds over the ranks vs every rank reading.
 
-Run under MPI, e.g. ``mpiexec -n 2 python benchmarks/bench_reading.py CATALOG --nside 128``. Each
+Run under MPI, e.g. ``mpiexec -n 2 python -m benchmarks.scaling.bench_reading CATALOG --nside 128``. Each
 rank reports the peak of the memory allocated while reading (``tracemalloc``, which sees numpy's
 arrays; imports excluded) and the wall time; ``--every-rank`` makes every rank read every full map (the behaviour before 2026-12-04).
 """

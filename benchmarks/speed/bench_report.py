@@ -5,27 +5,24 @@ folder), time ``make_report`` against the truth templates stage by stage, then c
 KSG MI of a few (feature, template) pairs on the report's subsample with the KSG MI on all
 pixels and on a 4x larger subsample.
 
-Usage: ``python benchmarks/bench_report.py [--nside 64 128] [--epochs 3] [--keep DIR]``,
-``python benchmarks/bench_report.py --run RUN --templates CATALOG`` for an existing run, or
-``python benchmarks/bench_report.py --calibration``: false-positive rates of the block-permutation
+Usage: ``python -m benchmarks.speed.bench_report [--nside 64 128] [--epochs 3] [--keep DIR]``,
+``python -m benchmarks.speed.bench_report --run RUN --templates CATALOG`` for an existing run, or
+``python -m benchmarks.speed.bench_report --calibration``: false-positive rates of the block-permutation
 and rotation p-values and coverage of the bootstrap interval on Gaussian random fields.
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+from benchmarks.common import fit, show_progress, simulate  # noqa: E402  (after the BLAS threads)
 
-def _sh(args):
-    from galdecomp.cli import main
 
+def _timed(f, *args, **kw):
     t = time.perf_counter()
-    code = main(args)
-    if code:
-        sys.exit(f"galdecomp {' '.join(args)} failed ({code})")
+    f(*args, **kw)
     return time.perf_counter() - t
 
 
@@ -107,9 +104,9 @@ def bench(nside, epochs, work, run=None, templates=None):
 
     if run is None:
         sky, run = os.path.join(work, f"sky{nside}"), os.path.join(work, f"run{nside}")
-        t_sim = _sh(["simulate", "--nside", str(nside), "--out", sky, "--no-plot", "--overwrite"])
-        t_fit = _sh(["fit", os.path.join(sky, "catalog.yaml"), "--out", run, "--max-epochs", str(epochs),
-                     "--overwrite"])
+        show_progress()  # as the command line did
+        t_sim = _timed(simulate, sky, nside)
+        t_fit = _timed(fit, os.path.join(sky, "catalog.yaml"), run, max_epochs=epochs)
         templates = os.path.join(sky, "truth", "catalog.yaml")
         print(f"nside {nside}: simulate {t_sim:.1f} s, fit ({epochs} epochs) {t_fit:.1f} s", flush=True)
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ pass with respect to latents, weights and noise, timed as the best of ``--repeat
 - ``MLP.vjp f64/f32``: the bare blocked kernel with a given output cotangent
 - tall-skinny matmul ``(P x 64) @ (64 x 64)`` rate, the memory-bound reference
 
-Usage: ``python benchmarks/bench_kernels.py [--blas-threads N] [--repeat R] [--sweep] [--breakdown]``
+Usage: ``python -m benchmarks.speed.bench_kernels [--blas-threads N] [--repeat R] [--sweep] [--breakdown]``
 """
 import argparse
 import os

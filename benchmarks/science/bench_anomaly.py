@@ -24,7 +24,7 @@ the negatives (``tpr@1%``).
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_anomaly.py --morphology /work/shared/data/realsky32 --seeds 0 1
+    OMP_NUM_THREADS=1 python -m benchmarks.science.bench_anomaly --morphology /work/shared/data/realsky32 --seeds 0 1
 
 Writes ``--out`` (default ``benchmarks/out/anomaly``): ``rows.csv`` and ``summary.md``.
 """
@@ -39,14 +39,11 @@ import healpy as hp
 import numpy as np
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchutil  # noqa: E402
-
-from galdecomp.catalog import read_catalog  # noqa: E402
-from galdecomp.cli import main as cli  # noqa: E402
-from galdecomp.fileio import write_healpix_fits  # noqa: E402
-from galdecomp import load  # noqa: E402
-from galdecomp.products.anomaly import load_rows, residual_scale, run_anomaly  # noqa: E402
+from benchmarks import common
+from galdecomp.catalog import read_catalog
+from galdecomp.fileio import write_healpix_fits
+from galdecomp import load
+from galdecomp.products.anomaly import load_rows, residual_scale, run_anomaly
 
 KINDS = ("source", "line", "calibration")
 
@@ -138,14 +135,12 @@ def prepare(sky, seed, args):
     os.makedirs(base, exist_ok=True)
     cat, run = os.path.join(base, "sky", "catalog.yaml"), os.path.join(base, "run")
     if not os.path.isfile(cat):
-        extra = ["--morphology", args.morphology] if sky == "realmorph" else []
-        assert cli(["simulate", "--nside", str(args.nside), "--seed", str(seed), "--out",
-                    os.path.dirname(cat), "--no-plot"] + extra) == 0
+        common.simulate(os.path.dirname(cat), args.nside, seed,
+                        morphology=os.path.abspath(args.morphology) if sky == "realmorph" else None)
     fit_s = 0.0
     if not os.path.isfile(os.path.join(run, "model.npz")):
         t0 = time.perf_counter()
-        assert cli(["fit", cat, "--out", run, "--max-epochs", str(args.epochs), "--seed", str(seed),
-                    "--overwrite"]) == 0
+        common.fit(cat, run, max_epochs=args.epochs, seed=seed)
         fit_s = time.perf_counter() - t0
     return base, cat, run, fit_s
 
@@ -183,8 +178,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--nside", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=80)
-    ap.add_argument("--morphology", default=os.path.join(os.environ.get("GALDECOMP_SHARED", "../shared"),
-                                                         "data", "realsky32"))
+    ap.add_argument("--morphology", default=os.path.join(common.shared_dir(), "data", "realsky32"))
     ap.add_argument("--n-sources", type=int, default=50)
     ap.add_argument("--cal-channel", default="planck_545GHz")
     ap.add_argument("--cal-factors", type=float, nargs="+", default=[1.1, 1.2, 1.3],
@@ -196,8 +190,9 @@ def main():
                     help="residual units to compare (galdecomp anomaly --noise); with two, score names get "
                          "/calibrated or /model")
     ap.add_argument("--work", default="/tmp/galdecomp_bench_anomaly")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "anomaly"))
+    ap.add_argument("--out", default=common.out_dir("anomaly"))
     args = ap.parse_args()
+    common.show_progress()
     os.makedirs(args.out, exist_ok=True)
     rows, coverage = [], []
     for sky in args.skies.split(","):
@@ -258,7 +253,7 @@ def main():
                         else r["injected"].split(" in ")[0])
     lines = [f"# Anomaly maps: ROC AUC (min-max over seeds {' '.join(map(str, args.seeds))})", "",
              f"`{' '.join(sys.argv)}`; nside {args.nside}, {args.epochs} epochs; "
-             f"{benchutil.package_fingerprint()}; load {benchutil.load_average()}", "",
+             f"{common.package_fingerprint()}; load {common.load_average()}", "",
              "Injected (level: the amplitude scale of source and line, A in units of the run's noise "
              "sigma of each channel; the factor of calibration):", ""]
     lines += [f"- {kind} x{scale:g}: {w}" for (kind, scale), w in what.items()]

@@ -20,7 +20,7 @@ Rates count ``6 * B * (sum of n_in * n_out over both networks)`` flops per step 
 encoder's input gradient, which is not needed), i.e. ``6 * 34880 - 2 * 8960`` per row. Ratios are
 against torch f32 at the same batch size. The data are random (timing does not depend on them).
 
-Usage: ``python benchmarks/bench_step.py [--batch 1024 4096] [--repeat 7] [--no-torch]``
+Usage: ``python -m benchmarks.speed.bench_step [--batch 1024 4096] [--repeat 7] [--no-torch]``
 """
 import argparse
 import os
@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from benchutil import best_all, load_average, optional_torch, package_fingerprint, torch_vae
+from benchmarks.common import best_all, load_average, optional_torch, package_fingerprint, torch_vae
 
 C, L = 35, 10
 ENC, DEC = (2 * C, 128, 128, 2 * L), (L, 64, 64, C)

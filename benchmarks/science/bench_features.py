@@ -21,8 +21,8 @@ Writes ``--out`` (default ``bench_features``): ``features.csv`` (one row per fit
 
 Usage::
 
-    python benchmarks/bench_features.py                                  # 2 skies x L = 2..12, 60 epochs
-    python benchmarks/bench_features.py --skies demo --latent-dims 2,6 --epochs 5   # quick check
+    python -m benchmarks.science.bench_features                                  # 2 skies x L = 2..12, 60 epochs
+    python -m benchmarks.science.bench_features --skies demo --latent-dims 2,6 --epochs 5   # quick check
 """
 import argparse
 import csv
@@ -35,33 +35,21 @@ import time
 
 import numpy as np
 
-from benchutil import load_average, package_fingerprint
+from benchmarks.common import fit, load_average, package_fingerprint, shared_dir, simulate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("GALDECOMP_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 COLUMNS = ["sky", "latent_dim", "epochs", "best_validation_elbo", "features_used", "significance_per_pixel",
            "seconds"]
 
 
-def demo_sky(nside, folder):
-    """The simulated default sky (seed 0) written into ``folder``; its catalog path."""
-    from galdecomp.simulation import simulate_sky, write_simulated_sky
-
-    os.makedirs(folder)
-    write_simulated_sky(simulate_sky(nside, seed=0), folder)
-    return os.path.join(folder, "catalog.yaml")
-
-
 def one_fit(catalog, run_dir, L, epochs, seed, threads):
     """One fit; returns its row of features.csv (without ``sky``)."""
-    from galdecomp.pipeline import fit_catalog
     from galdecomp.products.run_outputs import unused_features
 
     training = {"max_epochs": epochs}
     if threads:
         training["threads"] = threads
     t0 = time.perf_counter()
-    res = fit_catalog(catalog, run_dir, dict(latent_dim=L, seed=seed, training=training), overwrite=True)
+    res = fit(catalog, run_dir, latent_dim=L, seed=seed, training=training)
     seconds = time.perf_counter() - t0
     with open(os.path.join(run_dir, "significance.csv"), newline="") as f:
         sig = np.array([float(r["delta_loglike_per_pixel"]) for r in csv.DictReader(f)])
@@ -99,9 +87,9 @@ def main(argv=None):
     try:
         for sky in args.skies.split(","):
             if sky == "demo":
-                catalog = demo_sky(args.nside, os.path.join(scratch, "demo"))
+                catalog = simulate(os.path.join(scratch, "demo"), args.nside, seed=0)
             elif sky == "realsky32":
-                catalog = os.path.join(SHARED, "data", "realsky32", "catalog.yaml")
+                catalog = os.path.join(shared_dir(), "data", "realsky32", "catalog.yaml")
             else:
                 p.error(f"unknown sky {sky!r}")
             C = len(read_catalog(catalog).maps)

@@ -8,7 +8,7 @@ one process with seeds 0, 1, 2 and for 2 and 4 ranks with seed 0. Writes
 
 Usage::
 
-    python benchmarks/bench_ranks.py [--nside 32] [--ranks 2,4] [--seeds 0,1,2]
+    python -m benchmarks.science.bench_ranks [--nside 32] [--ranks 2,4] [--seeds 0,1,2]
 """
 import argparse
 import csv
@@ -18,15 +18,12 @@ import sys
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+from benchmarks.common import galdecomp_command, out_dir, simulate
 
 
 def galdecomp(args, ranks=1):
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "galdecomp"] + args
-    if ranks > 1:
-        cmd = [MPIEXEC, "-n", str(ranks)] + cmd
+    cmd = galdecomp_command(args, ranks, module=True)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
@@ -46,12 +43,12 @@ def main(argv=None):
     ap.add_argument("--nside", type=int, default=32)
     ap.add_argument("--ranks", default="2,4")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--out", default=os.path.join(HERE, "out", "ranks"))
+    ap.add_argument("--out", default=out_dir("ranks"))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     sky = os.path.join(args.out, "sky")
     if not os.path.isfile(os.path.join(sky, "catalog.yaml")):
-        galdecomp(["simulate", "--nside", str(args.nside), "--out", sky, "--overwrite", "--no-plot"])
+        simulate(sky, args.nside)
     truth = os.path.join(sky, "truth", "catalog.yaml")
     runs = {f"1 rank, seed {s}": (1, int(s)) for s in args.seeds.split(",")}
     runs.update({f"{k} ranks, seed 0": (int(k), 0) for k in args.ranks.split(",")})

@@ -30,31 +30,26 @@ Measured per method:
 
 Usage::
 
-    python benchmarks/bench_transform.py /tmp/tx/demo-fit /tmp/tx/rm-fit
+    python -m benchmarks.science.bench_transform /tmp/tx/demo-fit /tmp/tx/rm-fit
 
 Prints a table per run and writes ``--out`` (default ``benchmarks/out/transform``)/summary.md.
 """
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import yaml
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from benchutil import load_average, package_fingerprint  # noqa: E402
-
-from galdecomp.catalog import read_catalog, working_nside  # noqa: E402
-from galdecomp.inference.training import split_rows  # noqa: E402
-from galdecomp.model.autoencoder import Autoencoder  # noqa: E402
-from galdecomp.model.latent_transform import (GaussianDensity, GaussianisingTransform,  # noqa: E402
+from benchmarks.common import load_average, out_dir, package_fingerprint
+from galdecomp.catalog import read_catalog, working_nside
+from galdecomp.inference.training import split_rows
+from galdecomp.model.autoencoder import Autoencoder
+from galdecomp.model.latent_transform import (GaussianDensity, GaussianisingTransform,
                                               GaussianMixtureDensity, aggregate_posterior_draws)
-from galdecomp.sources import load_preprocessed  # noqa: E402
-from galdecomp.products.sample_quality import frechet_distance, ks_per_feature  # noqa: E402
+from galdecomp.sources import load_preprocessed
+from galdecomp.products.sample_quality import frechet_distance, ks_per_feature
 
 
 def load_run(run):
@@ -85,11 +80,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gmm", default="4,16,32", help="GMM component counts")
     ap.add_argument("--layers", default="5,20,80", help="fixed layer counts of iterative Gaussianisation")
-    ap.add_argument("--out", default=os.path.join(HERE, "out", "transform"))
+    ap.add_argument("--out", default=out_dir("transform"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     lines = [f"# Latent transform benchmark\n",
-             f"`python benchmarks/bench_transform.py {' '.join(args.runs)}` --draws {args.draws} "
+             f"`python -m benchmarks.science.bench_transform {' '.join(args.runs)}` --draws {args.draws} "
              f"--gen {args.gen} --repeats {args.repeats}; {package_fingerprint()}; load {load_average()}\n"]
     for run in args.runs:
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """One feature, one component: post-hoc orthogonal rotations of the latent space, scored.
 
-For each sky (``real``, ``realmorph``, ``demo`` as :mod:`bench_quality` defines them) and seed,
-the package's default fit (``bench_quality.galdecomp_fit``, 200 epochs; cached in
+For each sky (``real``, ``realmorph``, ``demo`` as :func:`benchmarks.common.prepare` defines them) and seed,
+the package's default fit (``benchmarks.science.bench_quality.galdecomp_fit``, 200 epochs; cached in
 ``--work/fits`` so re-scoring does not refit), and its features scored as bench_quality scores
 them (``bench_quality.scores``: held-out R^2 of each template from all features by gradient
 boosting, half-sky block split; best single-feature KSG MI per template) for:
@@ -30,10 +30,10 @@ template on all features (``r2_lin``): unchanged by an orthogonal rotation.
 
 Usage::
 
-    nice -n 10 python benchmarks/bench_rotation.py                       # 3 skies x 3 seeds
-    python benchmarks/bench_rotation.py --datasets demo --seeds 0 --epochs 5   # quick check
-    python benchmarks/bench_rotation.py --summarise
-    python benchmarks/bench_rotation.py --methods varimax-stack-used   # re-score one method (fits cached)
+    nice -n 10 python -m benchmarks.science.bench_rotation                       # 3 skies x 3 seeds
+    python -m benchmarks.science.bench_rotation --datasets demo --seeds 0 --epochs 5   # quick check
+    python -m benchmarks.science.bench_rotation --summarise
+    python -m benchmarks.science.bench_rotation --methods varimax-stack-used   # re-score one method (fits cached)
 
 Writes ``--out`` (default ``benchmarks/out/rotation``): ``rows.csv`` (one row per sky, method,
 seed, template) and ``summary.md`` (median [min, max] over seeds).
@@ -48,10 +48,8 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import bench_quality as bq  # noqa: E402
+from benchmarks.common import Data, out_dir, prepare
+from benchmarks.science import bench_quality as bq
 
 ROTATIONS = ("varimax", "varimax-stack", "varimax-used", "varimax-stack-used", "quartimax-used")
 LINEAR = ("pca", "fastica", "nmf")
@@ -236,7 +234,7 @@ def main(argv=None):
     ap.add_argument("--fit-only", action="store_true", help="only train (and cache) the fits")
     ap.add_argument("--summarise", action="store_true", help="only write summary.md from --out/rows.csv")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "galdecomp-bench-rotation"))
-    ap.add_argument("--out", default=os.path.join(HERE, "out", "rotation"))
+    ap.add_argument("--out", default=out_dir("rotation"))
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--methods", help="score only these methods (comma-separated; default all)")
     a = ap.parse_args(argv)
@@ -248,7 +246,7 @@ def main(argv=None):
     log = None if a.quiet else (lambda m: print("   ", m, file=sys.stderr, flush=True))
     seeds = [int(s) for s in a.seeds.split(",")]
     for ds in a.datasets.split(","):
-        data = bq.Data(*bq.prepare(ds, a.work))
+        data = Data(*prepare(ds, a.work))
         for seed in seeds:
             t0 = time.perf_counter()
             fit = cached_fit(data, ds, seed, a.epochs, a.work, log)

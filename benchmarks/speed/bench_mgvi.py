@@ -18,8 +18,8 @@ wall time), for runs on a shared machine.
 
 Usage::
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_mgvi.py --nside 32 64 --cg-max-nside 32
-    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python benchmarks/bench_mgvi.py --nside 32 64 --cg-max-nside 0 \
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.speed.bench_mgvi --nside 32 64 --cg-max-nside 32
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python -m benchmarks.speed.bench_mgvi --nside 32 64 --cg-max-nside 0 \
         --catalog real64_inputs.yaml
 """
 import argparse
@@ -30,9 +30,9 @@ import time
 
 import numpy as np
 
+from benchmarks.common import fit, show_progress, simulate
 from galdecomp import pipeline
 from galdecomp.inference import mgvi
-from galdecomp.cli import main as cli
 
 
 class _Captured(Exception):
@@ -88,12 +88,13 @@ def main():
             catalog = os.path.abspath(args.catalog)
         else:
             catalog = os.path.join(tmp, "sky", "catalog.yaml")
-            cli(["simulate", "--nside", str(max(args.nside)), "--out", os.path.join(tmp, "sky"), "--no-plot"])
+            show_progress()  # as the command line galdecomp simulate did before the fits
+            simulate(os.path.join(tmp, "sky"), max(args.nside))
         rows = []
         for nside in args.nside:
             run = os.path.join(tmp, f"run{nside}")
             CLOCK = time.perf_counter
-            t_fit, _ = timed(pipeline.fit_catalog, catalog, run, overrides={"nside": nside})
+            t_fit, _ = timed(fit, catalog, run, nside=nside)
             a, kw = posterior_inputs(catalog, run)
             CLOCK = time.process_time if args.cpu else time.perf_counter
             res = {"amortised fit": t_fit}

@@ -1,6 +1,6 @@
 """Timing of the Fisher-metric posterior on a full nside-128 sky (196,608 rows), decoder 10->64->64->35, float64.
 
-Run: ``python benchmarks/bench_fisher.py [--rows N] [--repeat R] [--blocks 512 1024 4096]``.
+Run: ``python -m benchmarks.speed.bench_fisher [--rows N] [--repeat R] [--blocks 512 1024 4096]``.
 Prints the best of R runs in seconds for all rows, and each time as a multiple of one decoder
 value+gradient pass (``MLP.vjp``, float64, 1 BLAS thread, the package default) over the same rows,
 measured in the same run (before and after the stages, best of both): absolute seconds are noisy

@@ -39,9 +39,9 @@ overhead, Adam, validation, checkpoints and products.
 
 Usage::
 
-    python benchmarks/bench_fit.py                              # full comparison (long: ~1-2 h)
-    python benchmarks/bench_fit.py --nside 16 --epochs 3 --repeat 3 --profile-epochs 2   # quick check
-    python benchmarks/bench_fit.py --variants pkg,pkg-b4096,torch --epochs 20
+    python -m benchmarks.speed.bench_fit                              # full comparison (long: ~1-2 h)
+    python -m benchmarks.speed.bench_fit --nside 16 --epochs 3 --repeat 3 --profile-epochs 2   # quick check
+    python -m benchmarks.speed.bench_fit --variants pkg,pkg-b4096,torch --epochs 20
 """
 import argparse
 import inspect
@@ -55,9 +55,8 @@ import time
 
 import numpy as np
 
-from benchutil import torch_vae
+from benchmarks.common import ROOT, fit, package_dir, package_fingerprint, simulate, torch_vae
 
-HERE = os.path.abspath(__file__)
 LOG2PI = np.log(2.0 * np.pi)
 
 VARIANTS = {
@@ -165,7 +164,7 @@ def worker_prepare(job):
     _capture_fit_rows(pl, cap)
     _patch_log([], False)
     try:
-        pl.fit_catalog(job["catalog"], os.path.join(job["scratch"], "prepare"), overwrite=True)
+        fit(job["catalog"], os.path.join(job["scratch"], "prepare"))
     except _Captured:
         pass
     model, data, cfg = cap["model"], cap["data"], cap["cfg"]
@@ -201,11 +200,10 @@ def worker_package(job, profile=False):
         prof = cProfile.Profile()
     _capture_fit_rows(pl, cap, prof)
     _patch_log(marks, job.get("verbose", False))
-    overrides = {"training": {"max_epochs": job["epochs"]}, **spec.get("overrides", {})}
     out = os.path.join(job["scratch"], f"run-{job['variant']}-{job['rep']}")
     t0 = time.perf_counter()
-    res = pl.fit_catalog(job["catalog"], out, overrides=overrides,
-                         config_file=spec.get("config") or None, overwrite=True)
+    res = fit(job["catalog"], out, config=spec.get("config") or None, max_epochs=job["epochs"],
+              **spec.get("overrides", {}))
     t_end = time.perf_counter()
     state, model, cfg = res["state"], cap["model"], cap["cfg"]
     hist = state.history
@@ -409,8 +407,8 @@ def run_worker(job, timeout=None):
     fd, path = tempfile.mkstemp(suffix=".json", dir=job["scratch"])
     os.close(fd)
     job = {**job, "result": path}
-    cmd = [sys.executable, HERE, "--_job", json.dumps(job)]
-    p = subprocess.run(cmd, timeout=timeout)
+    cmd = [sys.executable, "-m", __spec__.name, "--_job", json.dumps(job)]
+    p = subprocess.run(cmd, timeout=timeout, cwd=job.get("src"))  # --snapshot: the copy's packages first
     if p.returncode != 0:
         raise RuntimeError(f"worker {job.get('variant', job['task'])} failed (exit {p.returncode})")
     with open(path) as f:
@@ -419,7 +417,11 @@ def run_worker(job, timeout=None):
 
 def _worker_main(job):
     task = job["task"]
-    if task == "prepare":
+    if task == "simulate":
+        t0 = time.perf_counter()
+        simulate(job["sky"], job["nside"], seed=0)
+        r = dict(seconds=time.perf_counter() - t0)
+    elif task == "prepare":
         r = worker_prepare(job)
     elif task == "profile":
         r = worker_package(job, profile=True)
@@ -502,32 +504,29 @@ def main():
 
 
 def _drive(args, names, scratch):
-    from benchutil import package_dir, package_fingerprint
-
     pkg_dir = package_dir()
     orig_fp = package_fingerprint(pkg_dir)
-    if args.snapshot:
+    src = None
+    if args.snapshot:  # the workers run in the copy's folder, so they import its galdecomp and benchmarks
         src = os.path.join(scratch, "src")
         shutil.copytree(pkg_dir, os.path.join(src, "galdecomp"),
                         ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(os.path.join(ROOT, "benchmarks"), os.path.join(src, "benchmarks"),
+                        ignore=shutil.ignore_patterns("__pycache__", "out", "*.md"))
         if os.path.isdir(os.path.join(os.path.dirname(pkg_dir), "data")):   # the repo's data/ (channel table)
             shutil.copytree(os.path.join(os.path.dirname(pkg_dir), "data"), os.path.join(src, "data"))
         pkg_dir = os.path.join(src, "galdecomp")
-        sys.path.insert(0, src)
         os.environ["PYTHONPATH"] = src + os.pathsep + os.environ.get("PYTHONPATH", "")
     args.package = f"{pkg_dir} ({orig_fp})" + (" [snapshot of the working tree]" if args.snapshot else "")
-    from galdecomp.simulation import simulate_sky, write_simulated_sky
 
     def say(msg):
         print(f"[bench_fit {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     load0 = os.getloadavg()
     sky_dir = os.path.join(scratch, "sky")
-    os.mkdir(sky_dir)
-    t0 = time.perf_counter()
-    write_simulated_sky(simulate_sky(args.nside, seed=0), sky_dir)
-    say(f"simulated sky nside {args.nside} in {time.perf_counter() - t0:.1f} s")
-    base = dict(scratch=scratch, catalog=os.path.join(sky_dir, "catalog.yaml"),
+    sim = run_worker(dict(scratch=scratch, src=src, task="simulate", sky=sky_dir, nside=args.nside))
+    say(f"simulated sky nside {args.nside} in {sim['seconds']:.1f} s")
+    base = dict(scratch=scratch, src=src, catalog=os.path.join(sky_dir, "catalog.yaml"),
                 data=os.path.join(scratch, "data.npz"), epochs=args.epochs, draws=args.eval_draws,
                 verbose=args.verbose)
     info = run_worker({**base, "task": "prepare"})

@@ -39,9 +39,9 @@ R^2 and MI use the pixels valid for every method (the peer drops incomplete pixe
 
 Usage::
 
-    python benchmarks/bench_quality.py                                 # all data sets, 3 seeds
-    python benchmarks/bench_quality.py --datasets real --seeds 0 --methods galdecomp,torch
-    python benchmarks/bench_quality.py --datasets real --set training.learning_rate=0.003 --tag lr3e-3
+    python -m benchmarks.science.bench_quality                                 # all data sets, 3 seeds
+    python -m benchmarks.science.bench_quality --datasets real --seeds 0 --methods galdecomp,torch
+    python -m benchmarks.science.bench_quality --datasets real --set training.learning_rate=0.003 --tag lr3e-3
 
 Writes ``--out`` (default ``benchmarks/out/quality``): ``rows.csv`` (one row per data set,
 method, seed, template) and ``summary.md`` (medians and ranges over seeds).
@@ -58,121 +58,10 @@ import time
 import numpy as np
 import yaml
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+from benchmarks.common import EVAL_DRAWS, Data, fit_torch_peer, out_dir, prepare, with_entries
 
-REAL_INPUTS_EXCLUDE = ("NHI", "EBV")
-REAL_TEMPLATES = ("hi4pi_NHI", "sfd98_EBV", "planck13_EBV")
 ACTIVE_STD = 0.1
-EVAL_DRAWS = 32
 KSG_PIXELS = 4096
-
-
-def shared_dir():
-    env = os.environ.get("GALDECOMP_SHARED")
-    return env if env else os.path.join(os.path.dirname(HERE), "..", "shared")
-
-
-# ------------------------------------------------------------------------------------ data sets
-def _write_catalog(path, entries, nside=None):
-    doc = {"maps": entries}
-    if nside:
-        doc["nside"] = nside
-    with open(path, "w") as f:
-        yaml.safe_dump(doc, f, sort_keys=False)
-    return path
-
-
-def prepare_real(work, nside=64):
-    """Input and template catalogs of the real-sky protocol (absolute paths, no copies)."""
-    src = os.path.abspath(os.path.join(shared_dir(), "data", f"realsky{nside}"))
-    with open(os.path.join(src, "catalog.yaml")) as f:
-        maps = yaml.safe_load(f)["maps"]
-    for m in maps:
-        m["file"] = os.path.join(src, m["file"])
-    inputs = [m for m in maps if not any(x in m["name"] for x in REAL_INPUTS_EXCLUDE)]
-    templ = [m for m in maps if m["name"] in REAL_TEMPLATES]
-    return (_write_catalog(os.path.join(work, f"real{nside}_inputs.yaml"), inputs),
-            _write_catalog(os.path.join(work, f"real{nside}_templates.yaml"), templ))
-
-
-def prepare_simulated(work, name, preset):
-    """Simulate the sky of a ``runs/`` preset once into ``work/name`` (cached); (inputs, truth) catalogs."""
-    import shutil
-
-    from galdecomp.simulation import simulate_sky, write_simulated_sky
-    from galdecomp.simulation.morphology import morphology_from_config
-
-    out = os.path.join(work, name)
-    if not os.path.isfile(os.path.join(out, "truth", "catalog.yaml")):
-        runs = os.path.join(os.path.dirname(HERE), "runs")
-        with open(os.path.join(runs, preset)) as f:
-            sim = yaml.safe_load(f)["simulate"]
-        morph = None
-        if sim.get("morphology"):
-            morph = morphology_from_config(sim["morphology"], runs, preset)
-        sky = simulate_sky(sim["nside"], seed=sim["seed"], morphology=morph)
-        shutil.rmtree(out, ignore_errors=True)
-        os.makedirs(out)
-        write_simulated_sky(sky, out)
-    return os.path.join(out, "catalog.yaml"), os.path.join(out, "truth", "catalog.yaml")
-
-
-def with_entries(catalog, settings, work):
-    """A copy of ``catalog`` (absolute file paths) with ``settings`` set on every map entry."""
-    if not settings:
-        return catalog
-    with open(catalog) as f:
-        doc = yaml.safe_load(f)
-    folder = os.path.dirname(os.path.abspath(catalog))
-    for m in doc["maps"]:
-        m["file"] = os.path.join(folder, m["file"])
-        m.update(settings)
-    tag = "_".join(f"{k}-{v}" for k, v in sorted(settings.items()))
-    return _write_catalog(os.path.join(work, f"{os.path.basename(folder)}_{tag}.yaml"), doc["maps"],
-                          doc.get("nside"))
-
-
-def prepare(name, work):
-    if name == "real":
-        return prepare_real(work)
-    if name == "real32":  # the same protocol at nside 32 (4x cheaper)
-        return prepare_real(work, 32)
-    if name == "demo":
-        return prepare_simulated(work, "demo_sky", "demo.yaml")
-    if name == "realmorph":
-        return prepare_simulated(work, "realmorph_sky", "realmorph.yaml")
-    raise SystemExit(f"unknown data set {name}")
-
-
-class Data:
-    """Inputs (NESTED rows) of one catalog with galdecomp's preprocessing, and the templates (RING)."""
-
-    def __init__(self, inputs, templates):
-        import healpy as hp
-
-        from galdecomp.catalog import load_catalog, read_catalog, working_nside
-        from galdecomp.sources import load_preprocessed
-        from galdecomp.preprocessing import Preprocessor
-
-        cat = read_catalog(inputs)
-        self.nside = working_nside(cat)
-        self.catalog = cat
-        self.dataset, self.pre, self.data = load_preprocessed(cat, self.nside)
-        npix = 12 * self.nside ** 2
-        self.n2r = hp.ring2nest(self.nside, np.arange(npix))  # RING pixel r is NESTED row n2r[r]
-        self.physical = self.dataset.values.T  # (P, C) NESTED, NaN missing
-        tset = load_catalog(templates, nside=self.nside)
-        self.template_names = tset.names
-        self.T = Preprocessor.fit(tset).forward(tset.values)  # (n_templates, npix) RING
-        self.complete = np.isfinite(self.data).all(axis=1)     # NESTED rows
-        # channels that are not photon counts (anscombe): a Gaussian density on sparse counts
-        # rewards predicting single photons, so the ELBO is also reported without them
-        self.intensity = np.array([t.kind != "anscombe" for t in self.pre.transforms])
-
-    def ring(self, rows):
-        """(P, k) NESTED rows -> (P, k) RING rows."""
-        return rows[self.n2r]
 
 
 # ------------------------------------------------------------------------------------ methods
@@ -208,79 +97,6 @@ def peer_transform(x):
     ok = np.isfinite(x)
     t = np.log(x) if np.nanmin(x) > 0 else np.arcsinh(x / np.nanstd(x))
     return (t - np.nanmean(t[ok])) / np.nanstd(t[ok])
-
-
-def torch_fit(X, seed, latent_dim, epochs=200, lr=2e-3, batch=1024, valid=None, log=None, channels=None):
-    """The PyTorch peer on complete rows ``X`` (n, C); returns its encoder means on X and timings.
-
-    ``validation``: mean and median -ELBO of the ``valid`` rows; ``validation_channels``: the
-    same with only the likelihood terms of the boolean ``channels``."""
-    import torch
-
-    torch.manual_seed(seed)
-    nn = torch.nn
-    n, C = X.shape
-    L = latent_dim
-
-    from benchutil import torch_mlp
-
-    enc, dec = torch_mlp(torch, [C, 128, 128, 2 * L]), torch_mlp(torch, [L, 128, 128, C])
-    log_sigma = nn.Parameter(torch.zeros(C))
-    params = [*enc.parameters(), *dec.parameters(), log_sigma]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    train = np.arange(n) if valid is None else np.setdiff1d(np.arange(n), valid)
-    Xt = torch.tensor(X, dtype=torch.float32)
-    gen = np.random.default_rng([seed, 77])
-    log2pi = float(np.log(2 * np.pi))
-
-    def neg_elbo(x, draws=1, gen_t=None, keep=None):
-        e = enc(x)
-        mu, ls = e[:, :L], e[:, L:]
-        sd = torch.exp(ls)
-        var = torch.exp(2 * log_sigma)
-        nll = 0.0
-        for _ in range(draws):
-            eps = torch.randn(mu.shape, generator=gen_t)
-            r = x - dec(mu + sd * eps)
-            t = 0.5 * ((r * r) / var + log2pi + torch.log(var))
-            nll = nll + (t if keep is None else t[:, keep]).sum(1)
-        kl = 0.5 * (mu * mu + sd * sd - 1.0 - 2.0 * ls).sum(1)
-        return nll / draws + kl
-
-    t0 = time.perf_counter()
-    for ep in range(epochs):
-        order = gen.permutation(train)
-        for b in range(0, len(order), batch):
-            idx = torch.as_tensor(order[b:b + batch])
-            loss = neg_elbo(Xt[idx]).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-        if log and (ep + 1) % 50 == 0:
-            log(f"torch epoch {ep + 1}: loss {loss.item():.4f}")
-    seconds = time.perf_counter() - t0
-    weights = dict(enc=[(m.weight.detach().numpy().T.astype(float), m.bias.detach().numpy().astype(float))
-                        for m in enc if isinstance(m, nn.Linear)],
-                   dec=[(m.weight.detach().numpy().T.astype(float), m.bias.detach().numpy().astype(float))
-                        for m in dec if isinstance(m, nn.Linear)],
-                   log_sigma=log_sigma.detach().numpy().astype(float))
-    with torch.no_grad():
-        mu = enc(Xt)[:, :L].numpy().astype(float)
-        val = None
-        if valid is not None:
-            g = torch.Generator().manual_seed(12345)
-            per_row = neg_elbo(Xt[torch.as_tensor(valid)], EVAL_DRAWS, g).numpy().astype(float)
-            val = (float(per_row.mean()), float(np.median(per_row)))
-            val_ch = None
-            if channels is not None:
-                g = torch.Generator().manual_seed(12345)
-                keep = torch.as_tensor(np.asarray(channels, bool))
-                per_row = neg_elbo(Xt[torch.as_tensor(valid)], EVAL_DRAWS, g, keep).numpy().astype(float)
-                val_ch = (float(per_row.mean()), float(np.median(per_row)))
-    return dict(features=mu, seconds=seconds, validation=val, weights=weights,
-                validation_channels=val_ch if valid is not None else None)
 
 
 def galdecomp_at_peer(data, weights, rows):
@@ -457,7 +273,7 @@ def main(argv=None):
     ap.add_argument("--torch-epochs", type=int, default=200)
     ap.add_argument("--torch-threads", type=int, default=2, help="PyTorch threads (the package runs 1 BLAS thread)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "galdecomp-bench-quality"))
-    ap.add_argument("--out", default=os.path.join(HERE, "out", "quality"))
+    ap.add_argument("--out", default=out_dir("quality"))
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--save-features", metavar="DIR",
                     help="also write each fit's features (RING, NaN where invalid) as DIR/DATASET-METHOD[TAG]-sSEED.npy "
@@ -564,7 +380,7 @@ def main(argv=None):
                         Xp = np.stack([peer_transform(phys[:, c]) for c in range(phys.shape[1])], axis=1)
                     else:
                         Xp = Xc
-                    res = torch_fit(Xp, seed, L, epochs=a.torch_epochs, valid=pos_in_complete[val_rows]
+                    res = fit_torch_peer(Xp, seed, L, epochs=a.torch_epochs, valid=pos_in_complete[val_rows]
                                     if m == "torch-same" else None, log=log, channels=data.intensity)
                     F = np.full((len(data.data), L), np.nan)
                     F[data.complete] = res["features"]

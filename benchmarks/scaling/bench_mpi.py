@@ -8,7 +8,7 @@ nside 1024 x 35 channels.
 Also measures the machine's own ceiling: two independent single-process fits at the same time
 (on a 2-core virtual machine two busy processes rarely get twice the throughput of one).
 
-Usage: ``python benchmarks/bench_mpi.py [--epochs 3] [--nsides 64 128] [--repeat 2]``
+Usage: ``python -m benchmarks.scaling.bench_mpi [--epochs 3] [--nsides 64 128] [--repeat 2]``
 The worker mode (``--worker``) is what mpiexec runs.
 """
 import argparse
@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.common import fit, simulate
+
 
 def worker(catalog, nside, epochs, batch, out):
     import resource
@@ -26,12 +28,9 @@ def worker(catalog, nside, epochs, batch, out):
     import numpy as np
 
     from galdecomp.parallel import world
-    from galdecomp.pipeline import fit_catalog
-
     comm = world()
     t0 = time.perf_counter()
-    res = fit_catalog(catalog, out, overrides={"nside": nside, "training": {"max_epochs": epochs, "batch_size": batch}},
-                      overwrite=True)
+    res = fit(catalog, out, nside=nside, training={"max_epochs": epochs, "batch_size": batch})
     wall = time.perf_counter() - t0
     hist = res["state"].history
     rss = comm.allreduce_sum([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0])[0] / comm.size
@@ -67,11 +66,10 @@ def main():
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     tmp = tempfile.mkdtemp(prefix="bench_mpi_")
     sky = os.path.join(tmp, "sky")
-    subprocess.run([sys.executable, "-m", "galdecomp", "simulate", "--nside", str(max(args.nsides)),
-                    "--out", sky, "--no-plot"], check=True, env=env, capture_output=True)
+    simulate(sky, max(args.nsides))
 
     def launch(nside, batch, k, tag):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", os.path.join(sky, "catalog.yaml"),
+        cmd = [sys.executable, "-m", __spec__.name, "--worker", os.path.join(sky, "catalog.yaml"),
                str(nside), str(args.epochs), str(batch), os.path.join(tmp, f"run{nside}_{batch}_{tag}")]
         if k:
             cmd = [mpiexec, "-n", str(k)] + cmd

@@ -14,16 +14,13 @@ the minibatch) against one call per block touched by the minibatch plus the fixe
 conversion and integer sum, for blocks of 4096, 1024 and 256 rows. The communication (one int64
 Allreduce of the same length plus a scalar max) is not included: it is the same size as today's.
 
-Usage: ``OPENBLAS_NUM_THREADS=1 python benchmarks/bench_bitwise.py [--nside 64] [--channels 18] [--repeat 7]``
+Usage: ``OPENBLAS_NUM_THREADS=1 python -m benchmarks.scaling.bench_bitwise [--nside 64] [--channels 18] [--repeat 7]``
 """
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchutil import best_all, load_average, package_fingerprint  # noqa: E402
+from benchmarks.common import best_all, load_average, package_fingerprint
 
 
 def fixed_point_sum(grads, bits=52):

@@ -18,7 +18,7 @@ sampled every 0.1 s, matched against the log lines as they arrive).
 Catalog: the 18 real maps of the fit-quality protocol (``realsky64`` without dust and HI, from
 ``$GALDECOMP_SHARED`` or ``../shared``), else ``--catalog``.
 
-Usage: ``python benchmarks/bench_cost.py [--catalog CATALOG] [--nsides 32 64 128 256] [--epochs 3]
+Usage: ``python -m benchmarks.scaling.bench_cost [--catalog CATALOG] [--nsides 32 64 128 256] [--epochs 3]
 [--mpi-nside 256] [--ranks 2]``
 """
 import argparse
@@ -31,13 +31,10 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+from benchmarks.common import galdecomp_command, load_average, package_fingerprint, prepare_real
 
 
 def real_catalog(work):
-    from bench_quality import prepare_real
-
     return prepare_real(work)[0]
 
 
@@ -132,16 +129,14 @@ def main(argv=None):
     exe = os.path.dirname(sys.executable)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")  # log lines arrive when written: their arrival times date the stages
-    from benchutil import load_average, package_fingerprint
-
     print(f"# {package_fingerprint()}; catalog {catalog}; --max-epochs {a.epochs}; "
           f"load average before {load_average()}")
     jobs = [(n, 1) for n in a.nsides] + ([(a.mpi_nside, a.ranks)] if a.mpi_nside else [])
     rows = []
     for nside, ranks in jobs:
         out = os.path.join(work, f"run{nside}_{ranks}")
-        fit = [os.path.join(exe, "galdecomp"), "fit", catalog, "--out", out, "--nside", str(nside),
-               "--max-epochs", str(a.epochs), "--overwrite", *a.fit_args.split()]
+        fit = galdecomp_command(["fit", catalog, "--out", out, "--nside", str(nside),
+                                 "--max-epochs", str(a.epochs), "--overwrite", *a.fit_args.split()])
         if ranks == 1:
             wall, maxrss, lines, samples = run_one(fit, env)
             where, _ = peak_stage(lines, samples)

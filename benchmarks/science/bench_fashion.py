@@ -15,7 +15,7 @@ On the test images (``--n-test``):
   (a lower bound of the true KL, tight when the effective sample size is large), with the median
   ESS per image;
 - samples from N(0, 1) (and through ``galdecomp.model.latent_transform.GaussianisingTransform``
-  fitted on the training posterior means, when that module exists): Fréchet distance in the
+  fitted on the training posterior means): Fréchet distance in the
   64-d penultimate-layer feature space of a classifier (784-256-64-10 ReLU MLP, torch) trained
   here on the training images — no Inception weights can be downloaded here; the floor is the
   distance between training and test images;
@@ -23,13 +23,13 @@ On the test images (``--n-test``):
   test images) of the negative ELBO, the reconstruction chi^2, ``-log N(mu; 0, 1)`` and the
   transform's ``-log density(mu)``;
 - throughput: one epoch on 60,000 images (59,400 trained, 600 validated) at L = 10 with galdecomp
-  against the PyTorch VAE peer of the same widths, batch and float32 (``benchutil.torch_vae``),
+  against the PyTorch VAE peer of the same widths, batch and float32 (``benchmarks.common.torch_vae``),
   side by side in this process (``OMP_NUM_THREADS`` and torch threads equal: ``--threads``).
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_fashion.py --quick      # a few minutes
-    OMP_NUM_THREADS=1 python benchmarks/bench_fashion.py              # the full run (<= 30 min, 2 cores)
+    OMP_NUM_THREADS=1 python -m benchmarks.science.bench_fashion --quick      # a few minutes
+    OMP_NUM_THREADS=1 python -m benchmarks.science.bench_fashion              # the full run (<= 30 min, 2 cores)
 
 Writes ``--out`` (default ``benchmarks/out/fashion``): ``summary.md``, ``rows.csv`` and PNG grids.
 """
@@ -42,10 +42,7 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import benchutil  # noqa: E402
+from benchmarks import common
 
 LOG2PI = np.log(2 * np.pi)
 
@@ -107,10 +104,7 @@ def ood_scores(model, params, D, rng, trans=None, k=16):
     out = {"-elbo": -lw.mean(1), "chi2": (((D - pred) / model.sigma(params)) ** 2).sum(1),
            "-log N(mu)": 0.5 * (mu ** 2).sum(1)}
     if trans is not None:
-        try:
-            out["-log p_T(mu)"] = -np.asarray(trans.log_density(mu))
-        except Exception:  # the API of a module merged later
-            pass
+        out["-log p_T(mu)"] = -np.asarray(trans.log_density(mu))
     return out
 
 
@@ -171,7 +165,7 @@ def torch_epoch(torch, D, L, cfg, seed=0):
     """Seconds of one epoch of the PyTorch peer (same widths, batch, float32) over rows ``D``."""
     torch.manual_seed(seed)
     C = D.shape[1]
-    params, neg_elbo, _ = benchutil.torch_vae(torch, C, L, cfg["encoder"]["hidden"], cfg["decoder"]["hidden"],
+    params, neg_elbo, _ = common.torch_vae(torch, C, L, cfg["encoder"]["hidden"], cfg["decoder"]["hidden"],
                                               cfg["noise"]["floor"] ** 2, cfg["noise"]["sigma0"])
     opt = torch.optim.Adam(params, lr=cfg["training"]["learning_rate"])
     Dt = torch.tensor(D, dtype=torch.float32)
@@ -234,7 +228,7 @@ def grid_png(path, images, ncol, title=None, scale=0.45):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="6,000 images, 2 epochs, L 2 and 10, smaller checks")
-    ap.add_argument("--out", default=os.path.join(HERE, "out", "fashion"))
+    ap.add_argument("--out", default=common.out_dir("fashion"))
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--latent-dims", default=None, help="comma-separated (default 2,10,32)")
     ap.add_argument("--fisher-dims", default=None, help="latent dims also trained with Fisher (default 2,10)")
@@ -267,8 +261,8 @@ def main(argv=None):
 
     torch.set_num_threads(a.threads)
     omp = os.environ.get("OMP_NUM_THREADS", "unset")
-    print(f"# threads: torch {a.threads}, OMP_NUM_THREADS {omp}; load {benchutil.load_average()}")
-    print(f"# {benchutil.package_fingerprint()}")
+    print(f"# threads: torch {a.threads}, OMP_NUM_THREADS {omp}; load {common.load_average()}")
+    print(f"# {common.package_fingerprint()}")
     Xtr_all, ytr_all = load_fashion_mnist("train")
     Xte_all, yte_all = load_fashion_mnist("test")
     Xtr, ytr = Xtr_all[:n_train], ytr_all[:n_train]
@@ -382,8 +376,8 @@ def main(argv=None):
     mode = "--quick" if q else "full run"
     say(f"## Fashion-MNIST ({mode}): {n_train} training images, {n_test} test images, {epochs} epochs")
     say()
-    say(f"`{' '.join(['OMP_NUM_THREADS=' + omp, 'python benchmarks/bench_fashion.py'] + (argv or sys.argv[1:]))}`; "
-        f"{benchutil.package_fingerprint()}; torch threads {a.threads}; logit eps {eps}; "
+    say(f"`{' '.join(['OMP_NUM_THREADS=' + omp, 'python -m benchmarks.science.bench_fashion'] + (argv or sys.argv[1:]))}`; "
+        f"{common.package_fingerprint()}; torch threads {a.threads}; logit eps {eps}; "
         f"widths encoder {PRESET['encoder']['hidden']}, decoder {PRESET['decoder']['hidden']}, "
         f"batch {PRESET['training']['batch_size']}, float32.")
     say()

@@ -25,7 +25,7 @@ matmul rate of the same library, dtype and thread count (the package and plain n
 ``--blas-threads``; torch: torch's own matmul). All implementations are checked against the
 package's f64 value and gradient before timing.
 
-Usage: ``python benchmarks/bench_energy.py [--nside 64 128] [--repeat 5] [--block-size 1024]
+Usage: ``python -m benchmarks.speed.bench_energy [--nside 64 128] [--repeat 5] [--block-size 1024]
 [--blas-threads 1] [--no-torch] [--torch-threads N]``
 """
 import argparse
@@ -34,7 +34,7 @@ import sys
 
 import numpy as np
 
-from benchutil import best_all, load_average, optional_torch, package_fingerprint
+from benchmarks.common import best_all, load_average, optional_torch, package_fingerprint
 
 SIZES = (10, 64, 64, 35)
 FLOOR, SIGMA0, TAU = 0.01, 0.5, 1.0

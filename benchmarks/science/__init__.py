@@ -1,0 +1,1 @@
+"""Science: fit quality, features, rotations, anomalies, reconstruction, latent transform, images."""

@@ -1,0 +1,1 @@
+"""Speed: wall time of fits, training steps, kernels and products, against the PyTorch peer."""
