@@ -6,7 +6,11 @@ sky, ``ift.UnstructuredDomain(n)`` otherwise); channels and network widths are
 ``xi`` with ``theta = scales * xi``.
 
 Holding some inputs constant (``simplify_for_constant_input``) returns a copy of the same
-operator class with the constants stored, never NIFTy's generic ``InsertionOperator`` chain.
+operator class with the constants stored, never NIFTy's generic ``InsertionOperator`` chain
+(where NIFTy's own chain needs the constants inserted — a likelihood's residual and geoVI
+transformation — public operators do it: ``PartialExtractor(...).adjoint`` and an ``Adder``).
+The only private names written are ``_domain`` / ``_target`` (and ``_capability`` of linear
+operators), which is how NIFTy's documentation has a custom operator declare its spaces.
 """
 import copy
 
@@ -51,12 +55,16 @@ class _PartialConstant:
         return out
 
     def _insertion(self):
-        """``InsertionOperator`` from the variable keys to the full domain (None if no constants)."""
+        """The operator from the variable keys to the full domain that inserts the constants
+        (None if there are none): the variable fields embedded (the adjoint of NIFTy's
+        ``PartialExtractor``, zeros at the constant keys) plus the constants (zeros at the
+        variable keys). Built from public operators only; exact, as adding zeros is."""
         if not self._const:
             return None
-        cst = ift.MultiField.from_dict(
-            {k: ift.makeField(self._full_domain[k], v) for k, v in self._const.items()})
-        return ift.operators.simplify_for_const.InsertionOperator(self._full_domain, cst)
+        full = self._full_domain
+        cst = ift.MultiField.from_dict({k: ift.makeField(full[k], self._const[k]) if k in self._const
+                                        else ift.full(full[k], 0.0) for k in full.keys()}, full)
+        return ift.Adder(cst) @ ift.PartialExtractor(full, self._domain).adjoint
 
     def _simplify_for_constant_input_nontrivial(self, c_inp):
         new = copy.copy(self)
