@@ -78,6 +78,22 @@ def test_block_solver_agrees_with_nifty_conjugate_gradients(method):
     assert np.median(np.abs(out[1] - out[0]) / out[0].std(0)) < 1e-5
 
 
+def test_nifty_controller_private_limit_we_read():
+    """TrackedController reads NIFTy's private ``_iteration_limit`` (no public getter): pinned here,
+    so that a NIFTy release that renames it fails this test rather than misreport convergence."""
+    inner = ift.AbsDeltaEnergyController(1e-30, iteration_limit=3, name=None)
+    assert inner._iteration_limit == 3
+    t = mgvi.TrackedController(inner)
+    dom = ift.UnstructuredDomain(2)
+    energy = ift.VdotOperator(ift.full(dom, 1.0))
+    k = 0
+    status = t.start(ift.EnergyAdapter(ift.full(dom, 0.0), energy))
+    while status == t.CONTINUE:  # the energy changes by 2 at every step: only the limit stops it
+        k += 1
+        status = t.check(ift.EnergyAdapter(ift.full(dom, float(k)), energy))
+    assert t.steps == 3 and t.state("x") == "iteration limit reached"
+
+
 def test_block_metric_operator():
     rng = np.random.default_rng(0)
     dom = ift.MultiDomain.make({"latent": ift.DomainTuple.make((ift.UnstructuredDomain(20000),

@@ -347,6 +347,9 @@ class TrackedController(ift.IterationController):
         self.steps += 1
         self.energy = energy.value
         status = self._inner.check(energy)
+        # NIFTy's controllers keep their limit in the private ``_iteration_limit`` and have no
+        # public getter (checked with nifty8 8.5.7; tests/test_mgvi.py pins it); without it the
+        # state reads "converged" where the limit stopped the minimiser
         limit = getattr(self._inner, "_iteration_limit", None)
         if status == self.CONVERGED and limit is not None and self._n >= limit:
             self.at_limit += 1
