@@ -33,7 +33,7 @@ DEFAULTS = {
     "noise": {
         "sigma0": 0.5,             # prior median of the adaptive noise (standardised units)
         "tau": 1.0,                # prior width of log sigma (e-folds)
-        "floor": 0.001,            # floor added in quadrature to the catalog's noise (standardised; 0.01 before the fourth fit-quality pass)
+        "floor": 0.001,            # floor added in quadrature to the catalog's noise (standardised units)
         "poisson_floor": True,     # photon counts without a catalog noise: their Poisson noise as known noise
     },
     "posterior": {

@@ -26,7 +26,7 @@ Every metric involved is block-diagonal, one L x L block per pixel. The default 
 
 The block solver's KL minimisation steps every row on its own energy (per-row backtracking of
 the Newton step, rows at their optimum held fixed: :class:`~.block_metric.SampledKLRows`), so
-that the line search over the sum of all rows no longer waits for the worst-conditioned pixel.
+that the line search over the sum of all rows does not wait for the worst-conditioned pixel.
 
 NIFTy's own messages (controllers, line search, ``optimize_kl``) are sent to this module's
 logger at DEBUG level while the posterior runs (:func:`galdecomp.logs.captured`), never

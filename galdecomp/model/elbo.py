@@ -17,7 +17,7 @@ __all__ = ["AmortisedELBO", "ELBOSettings", "KEYS", "MASK_INPUTS", "encoder_inpu
 KEYS = ("encoder", "decoder", "noise")
 
 #: How the encoder is told which entries are missing: ``missing`` feeds ``1 - m`` (0 where
-#: observed), ``observed`` feeds ``m`` (runs written before 2026-12-04).
+#: observed), ``observed`` feeds ``m`` (the setting of older runs, kept so they resume).
 MASK_INPUTS = ("missing", "observed")
 
 
