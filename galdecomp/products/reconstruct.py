@@ -14,7 +14,7 @@ from ..catalog import read_catalog, select_maps
 from ..errors import InputError
 from ..fileio import atomic_output_dir, write_healpix_fits, write_text
 from ..inference.reconstruction import CALIBRATION_ROWS, QUANTILES, pit_calibration, predictive
-from ..random import stream
+from ..seeds import stream
 from ..sources import channel_rows
 from .tables import format_table
 
