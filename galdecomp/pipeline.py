@@ -332,7 +332,7 @@ def fit_transform(run, mean, cov, cfg, offset, n_rows, comm, root=0):
     str or None
         The path written, on ``root``; None elsewhere (and for ``method: none``).
     """
-    from .products.generate import aggregate_draws, fit_latent_density
+    from .products.generate import draws_from_moments, fit_latent_density
 
     method = cfg["transform"]["method"]
     if method == "none":
@@ -340,7 +340,7 @@ def fit_transform(run, mean, cov, cfg, offset, n_rows, comm, root=0):
     rows = transform_fit_rows(cfg, offset, n_rows, len(mean))
     if len(cov) != len(rows):  # covariances of all local rows
         cov = cov[rows]
-    z, _ = aggregate_draws(mean[rows], cov, np.arange(len(rows)), cfg["seed"] + offset)
+    z, _ = draws_from_moments(mean[rows], cov, np.arange(len(rows)), cfg["seed"] + offset)
     groups = np.repeat(rows + offset, len(z) // max(len(rows), 1))
     z, groups = comm.gather_rows(z, root), comm.gather_rows(groups.astype(float), root)
     if comm.rank != root:

@@ -4,7 +4,7 @@ import pytest
 from scipy import stats
 
 from galdecomp.model.latent_transform import (GaussianDensity, GaussianisingTransform,
-                                              GaussianMixtureDensity, aggregate_posterior_draws,
+                                              GaussianMixtureDensity, gaussian_draws_per_row,
                                               load_density)
 from galdecomp.products.sample_quality import frechet_distance, ks_per_feature
 
@@ -107,17 +107,17 @@ def test_gaussian_baseline_exact():
                                stats.multivariate_normal(g.mean, g.cov).logpdf(z[:10]), rtol=1e-12)
 
 
-def test_aggregate_posterior_draws():
+def test_gaussian_draws_per_row():
     rng = np.random.default_rng(4)
     P, L, n = 3, 2, 20000
     mean = rng.standard_normal((P, L))
     std = rng.uniform(0.1, 1.0, (P, L))
-    z = aggregate_posterior_draws(mean, std, n, rng).reshape(P, n, L)
+    z = gaussian_draws_per_row(mean, std, n, rng).reshape(P, n, L)
     np.testing.assert_allclose(z.mean(1), mean, atol=0.03)
     np.testing.assert_allclose(z.std(1), std, rtol=0.03)
     A = rng.standard_normal((P, L, L))
     cov = A @ A.transpose(0, 2, 1) + 0.1 * np.eye(L)
-    z = aggregate_posterior_draws(mean, cov, n, rng).reshape(P, n, L)
+    z = gaussian_draws_per_row(mean, cov, n, rng).reshape(P, n, L)
     for p in range(P):
         np.testing.assert_allclose(np.cov(z[p], rowvar=False), cov[p], atol=0.1 * np.abs(cov[p]).max())
 

@@ -17,7 +17,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "galdecomp")
-LAYER = {"errors": 0, "fileio": 0, "random": 0, "parallel": 0, "workers": 0, "logs": 0, "figures": 0,
+LAYER = {"errors": 0, "fileio": 0, "seeds": 0, "parallel": 0, "workers": 0, "logs": 0, "figures": 0,
          "versions": 0,
          "skymaps": 1, "catalog": 1, "sources": 1, "dataset": 1, "datasets": 1, "preprocessing": 1, "simulation": 1,
          "model": 2, "inference": 3, "run": 3.5, "products": 4, "pipeline": 5, "cli_options": 6, "cli": 6, "__main__": 6}

@@ -11,7 +11,7 @@ from galdecomp.inference.trained import TrainedModel
 from galdecomp.model.autoencoder import Autoencoder
 from galdecomp.model.likelihood import GaussianLikelihood
 from galdecomp.model.settings import Architecture
-from galdecomp.products.generate import aggregate_draws, encoder_draws
+from galdecomp.products.generate import draws_from_moments, encoder_draws
 from galdecomp.products.run_outputs import compute_products
 
 L, C = 10, 12
@@ -97,7 +97,7 @@ def test_trained_model_encode_returns_std_unless_asked(covariance):
     np.testing.assert_array_equal(std, np.sqrt(np.einsum("pii->pi", cov)))
     # aggregate-posterior draws in blocks are the draws from all covariances at once
     pick = np.arange(0, 300, 7)
-    z0, g0 = aggregate_draws(mean2, cov, pick, 5)
+    z0, g0 = draws_from_moments(mean2, cov, pick, 5)
     z1, g1 = encoder_draws(tm, y, pick, 5, block=64)
     np.testing.assert_allclose(z1, z0, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(encoder_draws(tm, y, pick, 5)[0], z0)  # same blocks: bitwise

@@ -278,8 +278,8 @@ def test_diagonal_posterior_backward():
     e, xi = rng.standard_normal((6, 2 * L)), rng.standard_normal((6, L))
     gz, gkl = rng.standard_normal((6, L)), rng.standard_normal(6)
     z, kl, ctx = post.forward(e, xi, None, None, None)
-    ge, gth, giv = post.backward(ctx, gz, gkl)
-    assert gth is None and giv is None
+    ge, gth, g_inv_var = post.backward(ctx, gz, gkl)
+    assert gth is None and g_inv_var is None
     de, eps = rng.standard_normal(e.shape), 1e-6
     zp, klp, _ = post.forward(e + eps * de, xi, None, None, None)
     zm, klm, _ = post.forward(e - eps * de, xi, None, None, None)

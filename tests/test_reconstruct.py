@@ -9,7 +9,7 @@ import galdecomp
 from conftest import fit_small_sky
 from galdecomp.cli import main
 from galdecomp.inference.config import resolve_config
-from galdecomp.inference.reconstruction import predictive
+from galdecomp.inference.predictive import predictive
 from galdecomp.inference.trained import TrainedModel
 from galdecomp.model.autoencoder import Autoencoder
 from galdecomp.model.mlp import unpack_params
@@ -134,7 +134,7 @@ def test_recalibrated_noise_is_unbiased_for_the_true_model():
 def test_predictive_and_recalibration_condition_the_rows_in_chunks(monkeypatch):
     """Only one chunk of rows' Laplace covariances is held at a time; the results are those of
     one call on all rows (the chunks cut nothing that couples rows)."""
-    from galdecomp.inference import reconstruction
+    from galdecomp.inference import predictive as predictive_module
 
     tm, W, b, sigma = linear_model()
     rng = np.random.default_rng(4)
@@ -150,7 +150,7 @@ def test_predictive_and_recalibration_condition_the_rows_in_chunks(monkeypatch):
         return orig(y, *a, **k)
 
     monkeypatch.setattr(tm, "condition", condition)
-    monkeypatch.setattr(reconstruction, "CONDITION_ROWS", 64)
+    monkeypatch.setattr(predictive_module, "CONDITION_ROWS", 64)
     chunked = predictive(tm, data, mask, n_draws=20, rng=np.random.default_rng(0), block=16)
     assert held == [64, 64, 64, 64, 44]
     for k in ("mean", "std", "latent_mean", "latent_std"):
@@ -162,7 +162,7 @@ def test_pit_calibration_corrects_heavy_tailed_noise():
     """Student-t noise (3 degrees of freedom) of the model's variance: the Gaussian predictive's
     68 % intervals are too wide (~0.8 coverage) while its 95 % ones are about right; recalibrated
     on entries of other rows hidden one channel at a time, both levels come right on new rows."""
-    from galdecomp.inference.reconstruction import pit_calibration
+    from galdecomp.inference.predictive import pit_calibration
 
     tm, W, b, sigma = linear_model(7)
     rng = np.random.default_rng(8)

@@ -257,7 +257,7 @@ def main(argv=None):
     from sklearn.metrics import roc_auc_score
 
     from galdecomp.datasets.fashion_mnist import CLASSES, LOGIT_EPS, PRESET, image_preprocessor, load_fashion_mnist
-    from galdecomp.products.generate import aggregate_draws, fit_latent_density, transform_rows
+    from galdecomp.products.generate import draws_from_moments, fit_latent_density, transform_rows
 
     torch.set_num_threads(a.threads)
     omp = os.environ.get("OMP_NUM_THREADS", "unset")
@@ -310,7 +310,7 @@ def main(argv=None):
         # the recipe of `galdecomp fit` / `galdecomp transform`: 8 draws from q(z|d) of up to
         # 20,000 training images, iterative Gaussianisation (and the 16-component mixture)
         mtr, ctr = model.posterior_moments(params, Dtr, np.ones(Dtr.shape, bool), full_cov=True)
-        z, groups = aggregate_draws(mtr, ctr, transform_rows(len(Dtr), 0.1, 0), 0)
+        z, groups = draws_from_moments(mtr, ctr, transform_rows(len(Dtr), 0.1, 0), 0)
         for method, key in (("gmm", "fd_gmm"), ("gaussianising", "fd_transform")):
             trans = fit_latent_density(z, groups, method, seed=0)
             St = to_pixels(pre, model.decode(params, np.asarray(trans.sample(n_s, rng))))

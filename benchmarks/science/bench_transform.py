@@ -5,7 +5,7 @@ For every trained run folder given (``galdecomp fit ... --out RUN``): the model 
 ``RUN/checkpoint.npz``, the posterior moments of every pixel are computed, and the pixels are
 split as the fit split them (``split_rows`` with the run's seed and validation fraction), so
 the held-out pixels were seen neither by the autoencoder nor by the densities. Densities are
-fitted to ``--draws`` draws per training pixel (:func:`aggregate_posterior_draws`):
+fitted to ``--draws`` draws per training pixel (:func:`gaussian_draws_per_row`):
 
 - ``prior``: N(0, 1), no transform;
 - ``gauss``: one full-covariance Gaussian;
@@ -47,7 +47,7 @@ from galdecomp.catalog import read_catalog, working_nside
 from galdecomp.inference.training import split_rows
 from galdecomp.model.autoencoder import Autoencoder
 from galdecomp.model.latent_transform import (GaussianDensity, GaussianisingTransform,
-                                              GaussianMixtureDensity, aggregate_posterior_draws)
+                                              GaussianMixtureDensity, gaussian_draws_per_row)
 from galdecomp.sources import load_preprocessed
 from galdecomp.products.sample_quality import frechet_distance, ks_per_feature
 
@@ -95,9 +95,9 @@ def main():
         P, L = mean.shape
         tr, va = split_rows(P, cfg["training"]["validation_fraction"], cfg["seed"])
         rng = np.random.default_rng(0)
-        z_tr = aggregate_posterior_draws(mean[tr], cov[tr], args.draws, rng)
+        z_tr = gaussian_draws_per_row(mean[tr], cov[tr], args.draws, rng)
         groups = np.repeat(np.arange(len(tr)), args.draws)
-        z_va = aggregate_posterior_draws(mean[va], cov[va], args.draws, rng)
+        z_va = gaussian_draws_per_row(mean[va], cov[va], args.draws, rng)
         complete = mask.all(1)
         real_va = data[va][complete[va]]
         real_tr = data[tr][complete[tr]]

@@ -41,7 +41,7 @@ import nifty8 as ift
 
 from ..logs import captured
 from ..model.operators import DecoderLikelihood
-from ..random import seed_sequence
+from ..seeds import seed_sequence
 from .block_metric import BlockDiagonalMetric, BlockNewton, LatentMetrics, SampledKLRows
 from .geovi import GeoVIStats, geovi_kl_energy
 

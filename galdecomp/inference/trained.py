@@ -378,7 +378,7 @@ class TrainedModel:
         """
         from ..model.fisher import jacobian_forward
 
-        from .reconstruction import CONDITION_ROWS
+        from .predictive import CONDITION_ROWS
 
         y, m = self._rows(data, mask, standardised)
         theta, dec = self.model.split(self.params)[1], self.model.decoder

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import JobStopped
 from ..parallel import SerialComm
-from ..random import stream
+from ..seeds import stream
 
 __all__ = ["Adam", "TrainingState", "MINIBATCH_KINDS", "split_rows", "epoch_order", "finished", "train"]
 

@@ -17,7 +17,7 @@ from .mlp import MLP
 from .families import POSTERIORS
 from .prior import STANDARD_NORMAL
 from .settings import Architecture, ELBOSettings
-from ..random import stream
+from ..seeds import stream
 
 __all__ = ["Autoencoder", "ELBOObjective"]
 

@@ -27,7 +27,7 @@ import numpy as np
 from scipy import special
 
 __all__ = ["GaussianisingTransform", "GaussianDensity", "GaussianMixtureDensity",
-           "aggregate_posterior_draws", "load_density", "standard_normal_logpdf"]
+           "gaussian_draws_per_row", "load_density", "standard_normal_logpdf"]
 
 _LOG_2PI = np.log(2.0 * np.pi)
 
@@ -38,7 +38,7 @@ def standard_normal_logpdf(u):
     return -0.5 * (u * u).sum(1) - 0.5 * u.shape[1] * _LOG_2PI
 
 
-def aggregate_posterior_draws(mean, cov_or_std, n_per_row, rng):
+def gaussian_draws_per_row(mean, cov_or_std, n_per_row, rng):
     """Draws from every row's Gaussian posterior (the aggregate posterior's fitting set).
 
     Parameters
@@ -215,7 +215,7 @@ class GaussianisingTransform:
         Parameters
         ----------
         z : ndarray, shape (N, L)
-            Draws (e.g. from :func:`aggregate_posterior_draws`).
+            Draws (e.g. from :func:`gaussian_draws_per_row`).
         seed : int
             Seed of the train/validation split and the random rotations.
         max_layers : int

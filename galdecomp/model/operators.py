@@ -133,10 +133,10 @@ class MLPOperator(_PartialConstant, ift.Operator):
         self._scales = mlp.init_scales() if scales is None else np.asarray(scales, np.float64)
         if self._scales.shape != (mlp.n_params,):
             raise ValueError(f"scales must have shape ({mlp.n_params},)")
-        self._ik, self._wk = str(input_key), str(weights_key)
+        self._input_key, self._weights_key = str(input_key), str(weights_key)
         self._domain = self._full_domain = ift.MultiDomain.make({
-            self._ik: rows_domain(row_domain, mlp.n_in),
-            self._wk: channel_domain(mlp.n_params)})
+            self._input_key: rows_domain(row_domain, mlp.n_in),
+            self._weights_key: channel_domain(mlp.n_params)})
         self._target = rows_domain(row_domain, mlp.n_out)
 
     @property
@@ -150,7 +150,7 @@ class MLPOperator(_PartialConstant, ift.Operator):
     def apply(self, x):
         self._check_input(x)
         v = self._values(x)
-        theta, inp = self._scales * v[self._wk], v[self._ik]
+        theta, inp = self._scales * v[self._weights_key], v[self._input_key]
         y = ift.makeField(self._target, self._mlp.forward(theta, inp))
         if x.jac is None:
             return y
@@ -159,7 +159,7 @@ class MLPOperator(_PartialConstant, ift.Operator):
     def jacobian(self, theta, inp):
         """Jacobian at parameters ``theta`` (not excitations) and input ``inp``, over the variable keys."""
         return _MLPJacobian(self._domain, self._target, self._mlp, self._scales, theta, inp,
-                            self._ik, self._wk)
+                            self._input_key, self._weights_key)
 
     def __repr__(self):
         return f"MLPOperator({self._mlp}, variable={list(self._domain.keys())})"
@@ -168,27 +168,27 @@ class MLPOperator(_PartialConstant, ift.Operator):
 class _MLPJacobian(ift.LinearOperator):
     """Jacobian of :class:`MLPOperator` (``times`` = jvp, ``adjoint_times`` = vjp)."""
 
-    def __init__(self, domain, target, mlp, scales, theta, inp, ik, wk):
+    def __init__(self, domain, target, mlp, scales, theta, inp, input_key, weights_key):
         self._domain, self._target = domain, target
         self._capability = self.TIMES | self.ADJOINT_TIMES
         self._mlp, self._sc, self._theta, self._inp = mlp, scales, theta, inp
-        self._ik, self._wk = ik, wk
+        self._input_key, self._weights_key = input_key, weights_key
 
     def apply(self, x, mode):
         self._check_input(x, mode)
         dom = self._domain
-        hasw, hasi = self._wk in dom.keys(), self._ik in dom.keys()
+        has_weights, has_input = self._weights_key in dom.keys(), self._input_key in dom.keys()
         if mode == self.TIMES:
-            dth = self._sc * x[self._wk].val if hasw else None
-            dx = x[self._ik].val if hasi else None
+            dth = self._sc * x[self._weights_key].val if has_weights else None
+            dx = x[self._input_key].val if has_input else None
             return ift.makeField(self._target, self._mlp.jvp(self._theta, self._inp, dth, dx)[1])
-        _, gth, gx = self._mlp.vjp(self._theta, self._inp, x.val, want_theta=hasw, want_x=hasi,
+        _, gth, gx = self._mlp.vjp(self._theta, self._inp, x.val, want_theta=has_weights, want_x=has_input,
                                    return_y=False)
         out = {}
-        if hasw:
-            out[self._wk] = ift.makeField(dom[self._wk], self._sc * gth)
-        if hasi:
-            out[self._ik] = ift.makeField(dom[self._ik], gx)
+        if has_weights:
+            out[self._weights_key] = ift.makeField(dom[self._weights_key], self._sc * gth)
+        if has_input:
+            out[self._input_key] = ift.makeField(dom[self._input_key], gx)
         return ift.MultiField.from_dict(out, dom)
 
 
@@ -264,18 +264,18 @@ class _NoiseSetup:
         """Derivative of :meth:`_value` with respect to ``w``."""
         return GaussianLikelihood.grad_inv_var_from_sums(rr, self._count, w)
 
-    def _stock_transformation(self, pk, nk):
+    def _stock_transformation(self, prediction_key, noise_key):
         """Metric-whitening transformation from stock operators (as in VariableCovarianceGaussianEnergy)."""
-        f = ift.FieldAdapter(self._pdom, pk)
+        f = ift.FieldAdapter(self._pdom, prediction_key)
         ivar = NoiseInvVar(self._cdom, self._floor, self._sigma0, self._tau) @ \
-            ift.FieldAdapter(self._cdom, nk)
+            ift.FieldAdapter(self._cdom, noise_key)
         bcast = ift.ContractionOperator(self._pdom, spaces=0).adjoint
         res = ift.makeOp(ift.makeField(self._pdom, np.sqrt(self._mask))) @ \
             ift.Adder(ift.makeField(self._pdom, -self._data)) @ f
         part1 = (bcast @ ivar.sqrt()) * res
         part2 = ift.makeOp(ift.makeField(self._cdom, 0.5 * np.sqrt(self._count))) @ ivar.log()
-        trafo = part1.ducktape_left(pk) + part2.ducktape_left(nk)
-        return {pk: np.float64, nk: np.float64}, trafo
+        trafo = part1.ducktape_left(prediction_key) + part2.ducktape_left(noise_key)
+        return {prediction_key: np.float64, noise_key: np.float64}, trafo
 
 
 class MaskedGaussianEnergy(_LikelihoodPartial, _NoiseSetup, ift.LikelihoodEnergyOperator):
@@ -309,48 +309,48 @@ class MaskedGaussianEnergy(_LikelihoodPartial, _NoiseSetup, ift.LikelihoodEnergy
     def __init__(self, data, mask=None, likelihood=None, row_domain=None, prediction_key="prediction",
                  noise_key="noise"):
         self._setup_data(data, mask, row_domain, likelihood)
-        self._pk, self._nk = str(prediction_key), str(noise_key)
+        self._prediction_key, self._noise_key = str(prediction_key), str(noise_key)
         self._domain = self._full_domain = ift.MultiDomain.make(
-            {self._pk: self._pdom, self._nk: self._cdom})
+            {self._prediction_key: self._pdom, self._noise_key: self._cdom})
         res = ift.makeOp(ift.makeField(self._pdom, self._mask)) @ \
-            ift.Adder(ift.makeField(self._pdom, -self._data)) @ ift.FieldAdapter(self._pdom, self._pk)
+            ift.Adder(ift.makeField(self._pdom, -self._data)) @ ift.FieldAdapter(self._pdom, self._prediction_key)
         res = res @ ift.PartialExtractor(self._domain, res.domain)
         self._res_full = res
         ift.LikelihoodEnergyOperator.__init__(self, res, self._sqrt_metric_full)
 
     def _sqrt_metric_full(self, x):
-        w = self._noise(x[self._nk].val)[0]
+        w = self._noise(x[self._noise_key].val)[0]
         return ift.makeOp(ift.makeField(self._pdom, np.sqrt(self._mask * w)))
 
     def apply(self, x):
         self._check_input(x)
         v = self._values(x)
-        w, dw = self._noise(v[self._nk])
-        r = (v[self._pk] - self._data) * self._mask
+        w, dw = self._noise(v[self._noise_key])
+        r = (v[self._prediction_key] - self._data) * self._mask
         rr = np.einsum("ij,ij->j", r, r)
         val = ift.Field.scalar(self._value(rr, w))
         if x.jac is None:
             return val
         keys = self._domain.keys()
         g = {}
-        if self._pk in keys:
+        if self._prediction_key in keys:
             r *= w
-            g[self._pk] = ift.makeField(self._pdom, r)
-        if self._nk in keys:
-            g[self._nk] = ift.makeField(self._cdom, self._g_w(rr, w) * dw)
+            g[self._prediction_key] = ift.makeField(self._pdom, r)
+        if self._noise_key in keys:
+            g[self._noise_key] = ift.makeField(self._cdom, self._g_w(rr, w) * dw)
         g = ift.MultiField.from_dict(g, self._domain)
         if not x.want_metric:
             return x.new(val, ift.VdotOperator(g))
         met = {}
-        if self._pk in keys:
-            met[self._pk] = ift.makeField(self._pdom, self._mask * w)
-        if self._nk in keys:
-            met[self._nk] = ift.makeField(self._cdom, self._noise_fisher(v[self._nk]))
+        if self._prediction_key in keys:
+            met[self._prediction_key] = ift.makeField(self._pdom, self._mask * w)
+        if self._noise_key in keys:
+            met[self._noise_key] = ift.makeField(self._cdom, self._noise_fisher(v[self._noise_key]))
         met = ift.makeOp(ift.MultiField.from_dict(met, self._domain), sampling_dtype=np.float64)
         return x.new(val, ift.VdotOperator(g), met)
 
     def _transformation(self):
-        return self._stock_transformation(self._pk, self._nk)
+        return self._stock_transformation(self._prediction_key, self._noise_key)
 
     def __repr__(self):
         return f"MaskedGaussianEnergy({self._pdom.shape}, variable={list(self._domain.keys())})"
@@ -390,14 +390,14 @@ class DecoderLikelihood(_LikelihoodPartial, _NoiseSetup, ift.LikelihoodEnergyOpe
         if decoder.n_out != self._pdom.shape[1]:
             raise ValueError(f"decoder has {decoder.n_out} outputs, data {self._pdom.shape[1]} channels")
         self._dec = decoder
-        self._lk, self._wk, self._nk = str(latent_key), str(weights_key), str(noise_key)
-        self._pk = "_prediction"
-        self._lik = MaskedGaussianEnergy(self._data, self._mask > 0, likelihood, self._pdom[0], self._pk, self._nk)
+        self._latent_key, self._weights_key, self._noise_key = str(latent_key), str(weights_key), str(noise_key)
+        self._prediction_key = "_prediction"
+        self._lik = MaskedGaussianEnergy(self._data, self._mask > 0, likelihood, self._pdom[0], self._prediction_key, self._noise_key)
         self._domain = self._full_domain = ift.MultiDomain.make({
             **{k: self._mlpop.domain[k] for k in self._mlpop.domain.keys()},
-            self._nk: self._cdom})
-        self._lift = self._mlpop.ducktape_left(self._pk) + \
-            ift.FieldAdapter(self._cdom, self._nk).ducktape_left(self._nk)
+            self._noise_key: self._cdom})
+        self._lift = self._mlpop.ducktape_left(self._prediction_key) + \
+            ift.FieldAdapter(self._cdom, self._noise_key).ducktape_left(self._noise_key)
         self._res_full = self._lik.residual_full @ self._lift
         self._dc = self._data.astype(decoder.dtype)
         self._mc = self._mask.astype(decoder.dtype)
@@ -432,22 +432,22 @@ class DecoderLikelihood(_LikelihoodPartial, _NoiseSetup, ift.LikelihoodEnergyOpe
     def apply(self, x):
         self._check_input(x)
         v = self._values(x)
-        theta, z, s = self._mlpop.scales * v[self._wk], v[self._lk], v[self._nk]
+        theta, z, s = self._mlpop.scales * v[self._weights_key], v[self._latent_key], v[self._noise_key]
         w, dw = self._noise(s)
         keys = self._domain.keys()
         lin = x.jac is not None
         rr, gth, gz = self._pass(theta, z, w if lin else None,
-                                 lin and self._wk in keys, lin and self._lk in keys)
+                                 lin and self._weights_key in keys, lin and self._latent_key in keys)
         val = ift.Field.scalar(self._value(rr, w))
         if not lin:
             return val
         g = {}
-        if self._wk in keys:
-            g[self._wk] = ift.makeField(self._domain[self._wk], self._mlpop.scales * gth)
-        if self._lk in keys:
-            g[self._lk] = ift.makeField(self._domain[self._lk], gz)
-        if self._nk in keys:
-            g[self._nk] = ift.makeField(self._cdom, self._g_w(rr, w) * dw)
+        if self._weights_key in keys:
+            g[self._weights_key] = ift.makeField(self._domain[self._weights_key], self._mlpop.scales * gth)
+        if self._latent_key in keys:
+            g[self._latent_key] = ift.makeField(self._domain[self._latent_key], gz)
+        if self._noise_key in keys:
+            g[self._noise_key] = ift.makeField(self._cdom, self._g_w(rr, w) * dw)
         jac = ift.VdotOperator(ift.MultiField.from_dict(g, self._domain))
         if not x.want_metric:
             return x.new(val, jac)
@@ -456,18 +456,18 @@ class DecoderLikelihood(_LikelihoodPartial, _NoiseSetup, ift.LikelihoodEnergyOpe
     def _metric(self, theta, z, s, w):
         """``J^T F J`` over the variable keys (J: Jacobian of (decoder, noise), F: Fisher)."""
         keys = self._domain.keys()
-        mlp_keys = [k for k in (self._lk, self._wk) if k in keys]
+        mlp_keys = [k for k in (self._latent_key, self._weights_key) if k in keys]
         jac, fisher = None, {}
         if mlp_keys:
             jac = _MLPJacobian(ift.MultiDomain.make({k: self._domain[k] for k in mlp_keys}),
                                self._pdom, self._dec, self._mlpop.scales, theta, z,
-                               self._lk, self._wk)
-            fisher[self._pk] = ift.makeField(self._pdom, self._mask * w)
-        if self._nk in keys:
-            fisher[self._nk] = ift.makeField(self._cdom, self._noise_fisher(s))
+                               self._latent_key, self._weights_key)
+            fisher[self._prediction_key] = ift.makeField(self._pdom, self._mask * w)
+        if self._noise_key in keys:
+            fisher[self._noise_key] = ift.makeField(self._cdom, self._noise_fisher(s))
         fisher = ift.MultiField.from_dict(fisher)
-        bun = _LiftJacobian(self._domain, fisher.domain, jac, self._pk, self._nk)
-        return ift.SandwichOperator.make(bun, ift.makeOp(fisher, sampling_dtype=np.float64))
+        lift_jacobian = _LiftJacobian(self._domain, fisher.domain, jac, self._prediction_key, self._noise_key)
+        return ift.SandwichOperator.make(lift_jacobian, ift.makeOp(fisher, sampling_dtype=np.float64))
 
     def _transformation(self):
         dt, trafo = self._lik.get_transformation()
@@ -480,21 +480,21 @@ class DecoderLikelihood(_LikelihoodPartial, _NoiseSetup, ift.LikelihoodEnergyOpe
 class _LiftJacobian(ift.LinearOperator):
     """Jacobian of ``(latent, weights, noise) -> (prediction, noise)`` over the variable keys."""
 
-    def __init__(self, domain, target, mlp_jac, pk, nk):
+    def __init__(self, domain, target, mlp_jac, prediction_key, noise_key):
         self._domain, self._target = domain, target
         self._capability = self.TIMES | self.ADJOINT_TIMES
-        self._jac, self._pk, self._nk = mlp_jac, pk, nk
+        self._jac, self._prediction_key, self._noise_key = mlp_jac, prediction_key, noise_key
 
     def apply(self, x, mode):
         self._check_input(x, mode)
-        noise = self._nk in self._domain.keys()
+        noise = self._noise_key in self._domain.keys()
         if mode == self.TIMES:
-            out = {self._nk: x[self._nk]} if noise else {}
+            out = {self._noise_key: x[self._noise_key]} if noise else {}
             if self._jac is not None:
-                out[self._pk] = self._jac(x.extract(self._jac.domain))
+                out[self._prediction_key] = self._jac(x.extract(self._jac.domain))
             return ift.MultiField.from_dict(out, self._target)
-        out = {self._nk: x[self._nk]} if noise else {}
+        out = {self._noise_key: x[self._noise_key]} if noise else {}
         if self._jac is not None:
-            g = self._jac.adjoint(x[self._pk])
+            g = self._jac.adjoint(x[self._prediction_key])
             out.update({k: g[k] for k in g.keys()})
         return ift.MultiField.from_dict(out, self._domain)

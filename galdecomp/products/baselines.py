@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from ..random import stream
+from ..seeds import stream
 
 __all__ = ["METHODS", "component_names", "linear_baselines"]
 

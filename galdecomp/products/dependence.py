@@ -15,7 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 from scipy.special import digamma
 
-from ..random import stream
+from ..seeds import stream
 
 __all__ = ["pearson", "mi_binned", "mi_ksg", "ksg_terms", "equivalent_correlation",
            "gaussian_mi", "default_block_nside", "block_index", "block_ids", "BlockResampler",

@@ -13,11 +13,11 @@ import numpy as np
 from ..fileio import atomic_output_dir, write_text
 from ..inference.training import split_rows
 from ..model.latent_transform import (GaussianDensity, GaussianisingTransform, GaussianMixtureDensity,
-                                      aggregate_posterior_draws)
+                                      gaussian_draws_per_row)
 from .sample_quality import frechet_distance, ks_per_feature
 from .tables import format_table
 
-__all__ = ["METHODS", "transform_rows", "held_out_rows", "refit_transform", "aggregate_draws", "encoder_draws",
+__all__ = ["METHODS", "transform_rows", "held_out_rows", "refit_transform", "draws_from_moments", "encoder_draws",
            "fit_latent_density", "sample_quality",
            "write_samples", "MAX_ROWS", "DRAWS_PER_ROW"]
 
@@ -61,8 +61,8 @@ def held_out_rows(trained, y):
     return valid[np.isfinite(valid).all(1)]
 
 
-def aggregate_draws(mean, cov, rows, seed, n_per_row=DRAWS_PER_ROW):
-    """Draws of the aggregate posterior from the posteriors of ``rows``.
+def draws_from_moments(mean, cov, rows, seed, n_per_row=DRAWS_PER_ROW):
+    """Draws of the aggregate posterior from given posterior moments of ``rows`` (seeded, with groups).
 
     Parameters
     ----------
@@ -80,14 +80,14 @@ def aggregate_draws(mean, cov, rows, seed, n_per_row=DRAWS_PER_ROW):
         The row of each draw (held out together when the stopping rule validates).
     """
     rng = np.random.default_rng([seed, 8101])
-    z = aggregate_posterior_draws(mean[rows], cov[rows], n_per_row, rng)
+    z = gaussian_draws_per_row(mean[rows], cov[rows], n_per_row, rng)
     return z, np.repeat(np.arange(len(rows)), n_per_row)
 
 
 def encoder_draws(trained, y, rows, seed, n_per_row=DRAWS_PER_ROW, block=8192):
-    """:func:`aggregate_draws` of the encoder's posteriors of ``y[rows]``, in row blocks.
+    """:func:`draws_from_moments` of the encoder's posteriors of ``y[rows]``, in row blocks.
 
-    The same draws (bitwise) as ``aggregate_draws(*trained.encode(y, standardised=True,
+    The same draws (bitwise) as ``draws_from_moments(*trained.encode(y, standardised=True,
     full_cov=True), rows, seed)`` without the covariances of all rows: the encoder runs over
     ``y`` in blocks of ``block`` rows (those of :meth:`~galdecomp.model.autoencoder.Autoencoder.
     posterior_moments`) and one block's covariances exist at a time; the random numbers are
@@ -106,7 +106,7 @@ def encoder_draws(trained, y, rows, seed, n_per_row=DRAWS_PER_ROW, block=8192):
     Returns
     -------
     z, groups
-        As :func:`aggregate_draws`.
+        As :func:`draws_from_moments`.
     """
     rows = np.asarray(rows, dtype=np.int64)
     if np.any(np.diff(rows) < 0):
@@ -120,7 +120,7 @@ def encoder_draws(trained, y, rows, seed, n_per_row=DRAWS_PER_ROW, block=8192):
         if len(here) == 0:
             continue
         mean, cov = trained.model.posterior_moments(trained.params, d[a:b], m[a:b], block=block, full_cov=True)
-        out.append(aggregate_posterior_draws(mean[here], cov[here], n_per_row, rng))
+        out.append(gaussian_draws_per_row(mean[here], cov[here], n_per_row, rng))
     return np.concatenate(out), np.repeat(np.arange(len(rows)), n_per_row)
 
 

@@ -13,8 +13,8 @@ import numpy as np
 from ..catalog import read_catalog, select_maps
 from ..errors import InputError
 from ..fileio import atomic_output_dir, write_healpix_fits, write_text
-from ..inference.reconstruction import CALIBRATION_ROWS, QUANTILES, pit_calibration, predictive
-from ..random import stream
+from ..inference.predictive import CALIBRATION_ROWS, QUANTILES, pit_calibration, predictive
+from ..seeds import stream
 from ..sources import channel_rows
 from .tables import format_table
 
@@ -105,7 +105,7 @@ def reconstruct_sky(trained, catalog_path, out, holdout=(), hide_fraction=0.0, n
         at the MAP on the run's own data (:meth:`TrainedModel.recalibrated_sigma`), or the
         trained model's; ``calibrated``: re-estimated, and each channel's predictive levels
         recalibrated on entries of the run's own data hidden and predicted
-        (:func:`galdecomp.inference.reconstruction.pit_calibration`).
+        (:func:`galdecomp.inference.predictive.pit_calibration`).
     calibration_rows : int
         Entries per channel hidden for the calibration.
     fwhm_arcmin : float, optional
@@ -188,7 +188,7 @@ def calibration_table(names, pit):
     ----------
     names : list of str
     pit : ndarray, shape (C, N)
-        PIT values (:func:`galdecomp.inference.reconstruction.pit_calibration`), NaN-padded.
+        PIT values (:func:`galdecomp.inference.predictive.pit_calibration`), NaN-padded.
 
     Returns
     -------

@@ -296,8 +296,8 @@ def compute_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progr
         ``timings`` (stage -> seconds).
     parts : dict
         What :func:`write_report` needs besides: ``info``, ``methods`` (name -> (feature names,
-        maps)), ``templates`` (DataSet), ``T`` (standardised templates), ``cm`` (correlation
-        rows by (method, feature, template)), ``significance``.
+        maps)), ``templates`` (DataSet), ``template_maps`` (standardised), ``rows_by_pair``
+        (correlation rows by (method, feature, template)), ``significance``.
 
     Raises
     ------
@@ -348,7 +348,7 @@ def compute_report(run_dir, templates_catalog, out=None, bins=512, seed=0, progr
                   rotation=run["rotation"],
                   skipped=skipped, nside=nside, n_pixels=int(valid.sum()), ksg_pixels=res.n_pixels,
                   timings=timings)
-    parts = dict(info=info, methods=methods, templates=tset, T=T, cm=cm, significance=run["significance"])
+    parts = dict(info=info, methods=methods, templates=tset, template_maps=T, rows_by_pair=cm, significance=run["significance"])
     return result, parts
 
 
@@ -372,8 +372,8 @@ def write_report(result, parts, progress=None):
         write_text(RunFolder.report_file(tmp, "correlations"), format_table(crow, CORRELATION_COLUMNS, "csv"))
         write_text(RunFolder.report_file(tmp, "summary"), format_table(srow, SUMMARY_COLUMNS, "csv"))
         say("plots")
-        figures = write_figures(pdir, parts["methods"], parts["templates"], parts["T"], summary, parts["cm"],
-                           parts["info"].get("unused", set()))
+        figures = write_figures(pdir, parts["methods"], parts["templates"], parts["template_maps"], summary,
+                                parts["rows_by_pair"], parts["info"].get("unused", set()))
         write_text(RunFolder.report_file(tmp, "report"),
                    report_markdown(parts["info"], corr, summary, result["matches"], parts["significance"], figures))
         for f in RunFolder.REPORT_FILES.values():

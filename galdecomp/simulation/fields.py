@@ -10,7 +10,7 @@ import functools
 import healpy as hp
 import numpy as np
 
-from ..random import stream
+from ..seeds import stream
 
 __all__ = ["rng_for", "sky_coords", "angular_distance_deg", "power_law_cl", "gaussian_field",
            "lognormal_field", "shell_profile", "ring_profile", "lobe_mask", "blob", "SkyGeometry"]
