@@ -52,10 +52,6 @@ class DataSet:
         """Boolean mask, True where a value is missing."""
         return ~self.observed
 
-    def coverage(self):
-        """Fraction of samples observed, per feature."""
-        return self.observed.mean(axis=1)
-
 
 @dataclass
 class SkyDataSet(DataSet):

@@ -6,9 +6,8 @@ sky, ``ift.UnstructuredDomain(n)`` otherwise); channels and network widths are
 ``xi`` with ``theta = scales * xi``.
 
 Holding some inputs constant (``simplify_for_constant_input``) returns a copy of the same
-operator class with the constants stored, never NIFTy's generic ``InsertionOperator`` chain
-(where NIFTy's own chain needs the constants inserted — a likelihood's residual and geoVI
-transformation — public operators do it: ``PartialExtractor(...).adjoint`` and an ``Adder``).
+operator class with the constants stored (where NIFTy's chain needs them inserted, the residual
+and geoVI's transformation, public operators do it: ``PartialExtractor(...).adjoint``, ``Adder``).
 The only private names written are ``_domain`` / ``_target`` (and ``_capability`` of linear
 operators), which is how NIFTy's documentation has a custom operator declare its spaces.
 """
@@ -248,13 +247,14 @@ class _NoiseSetup:
         if np.any(self._floor < 0):
             raise ValueError("noise floor must be >= 0")
         self._sigma0, self._tau = float(lik.sigma0), float(lik.tau)
+        self._likelihood = GaussianLikelihood(self._floor, self._sigma0, self._tau)
 
     def _noise(self, s):
         return _noise.d_inv_var_ds(s, self._floor, self._sigma0, self._tau)
 
     def _noise_fisher(self, s):
-        """Fisher information of the noise excitations, ``0.5 n_c (d log sigma_c^2 / d s_c)^2``."""
-        return 0.5 * self._count * _noise.d_log_var_ds(s, self._floor, self._sigma0, self._tau) ** 2
+        """Fisher information of the noise excitations (:meth:`GaussianLikelihood.noise_fisher`)."""
+        return self._likelihood.noise_fisher(self._count, s)
 
     def _value(self, rr, w):
         """``0.5 sum_c [w_c rr_c + n_c log(2 pi / w_c)]``."""

@@ -11,7 +11,8 @@ Three steps: :func:`compute_products` (each process its own rows), :func:`gather
 
 and for both noise.csv, significance.csv, history.csv, plots/training.png, plots/residuals.png
 (and rotation.csv with a latent rotation, ``rotation.method``).
-:func:`write_run_products` does all three for a sky.
+The recipes (:mod:`galdecomp.pipeline`) run the three steps: :func:`compute_products`,
+:func:`gather_products`, then the writer of the data set's kind (:data:`WRITERS`).
 """
 import io
 import os
@@ -29,7 +30,7 @@ from .tables import format_table
 
 __all__ = ["feature_significance", "UNUSED_NATS_PER_ROW", "unused_features", "feature_support",
            "compute_products", "covariance_blocks", "upper_triangles", "gather_products",
-           "write_sky_products", "write_table_products", "WRITERS", "write_run_products", "feature_names", "BLOCK"]
+           "write_sky_products", "write_table_products", "WRITERS", "feature_names", "BLOCK"]
 
 
 def feature_significance(model, params, data, mask, mean, block=16384, rotation=None):
@@ -470,26 +471,3 @@ def _image_grid(data, recon, side, path):
 #: The writer of each kind of data set (``config: data: kind``).
 WRITERS = {"sky": write_sky_products, "table": write_table_products}
 
-
-def write_run_products(run_dir, dataset, preprocessor, model, params, data, mean, std, history, cfg,
-                       catalog_path, samples=None, comm=None, progress=print):
-    """Compute, gather and write every product of a model trained on a sky.
-
-    Parameters as :func:`compute_products` and :func:`write_sky_products` (``dataset``: this
-    process's pixels).
-
-    Returns
-    -------
-    dict or None
-        On rank 0: ``order`` (latent index of feature_01, feature_02, ...), ``significance``
-        (nats, in that order), ``sigma`` (noise per channel, standardised), ``paths`` (name ->
-        file written). None on other ranks.
-    """
-    prod = compute_products(preprocessor, model, params, data, mean, std, cfg, samples, comm, progress)
-    prod = gather_products(prod, comm)
-    if prod is None:
-        return None
-    paths = write_sky_products(RunFolder(run_dir), prod, dataset, preprocessor, model, history, cfg, catalog_path,
-                               progress)
-    return dict(order=prod["order"], significance=prod["significance"][prod["order"]], sigma=prod["sigma"],
-                paths=paths)
