@@ -26,7 +26,7 @@ Methods (all with ``fit``, ``log_density``, ``sample``, ``to_arrays`` / ``from_a
 import numpy as np
 from scipy import special
 
-__all__ = ["GaussianisingTransform", "GaussianDensity", "GaussianMixtureDensity",
+__all__ = ["GaussianisingTransform", "GaussianDensity", "GaussianMixtureDensity", "DENSITIES",
            "gaussian_draws_per_row", "load_density", "standard_normal_logpdf"]
 
 _LOG_2PI = np.log(2.0 * np.pi)
@@ -474,10 +474,15 @@ def _check_kind(arrays, kind):
         raise ValueError(f"arrays hold a {str(arrays['kind'])!r}, not a {kind!r}")
 
 
+#: The latent density families by their setting name (``transform.method``): name -> class
+#: (benchmarks/README.md, "Latent transform", for the default).
+DENSITIES = {"gaussianising": GaussianisingTransform, "gmm": GaussianMixtureDensity, "gaussian": GaussianDensity}
+
+
 def load_density(arrays):
     """Rebuild a :class:`GaussianisingTransform`, :class:`GaussianDensity` or
     :class:`GaussianMixtureDensity` from its :meth:`to_arrays` dict (key ``kind``)."""
-    kinds = {c.kind: c for c in (GaussianisingTransform, GaussianDensity, GaussianMixtureDensity)}
+    kinds = {c.kind: c for c in DENSITIES.values()}
     kind = str(arrays["kind"])
     if kind not in kinds:
         raise ValueError(f"unknown latent density kind {kind!r}")

@@ -12,8 +12,7 @@ import numpy as np
 
 from ..fileio import atomic_output_dir, write_text
 from ..inference.training import split_rows
-from ..model.latent_transform import (GaussianDensity, GaussianisingTransform, GaussianMixtureDensity,
-                                      gaussian_draws_per_row)
+from ..model.latent_transform import DENSITIES, gaussian_draws_per_row
 from .sample_quality import frechet_distance, ks_per_feature
 from .tables import format_table
 
@@ -21,8 +20,8 @@ __all__ = ["METHODS", "transform_rows", "held_out_rows", "refit_transform", "dra
            "fit_latent_density", "sample_quality",
            "write_samples", "MAX_ROWS", "DRAWS_PER_ROW"]
 
-#: latent density methods: name -> class (benchmarks/README.md, "Latent transform", for the choice)
-METHODS = {"gaussianising": GaussianisingTransform, "gmm": GaussianMixtureDensity, "gaussian": GaussianDensity}
+#: latent density methods: name -> class (the registry of :mod:`galdecomp.model.latent_transform`)
+METHODS = DENSITIES
 MAX_ROWS = 20000
 DRAWS_PER_ROW = 8
 #: histogram panels at most (wide tables show the channels of largest spread)
@@ -129,7 +128,7 @@ def fit_latent_density(z, groups, method="gaussianising", seed=0, log=None):
     if method not in METHODS:
         raise ValueError(f"unknown latent density method {method!r}")
     if method == "gaussianising":
-        return GaussianisingTransform.fit(z, seed=seed, groups=groups, log=log)
+        return METHODS[method].fit(z, seed=seed, groups=groups, log=log)
     return METHODS[method].fit(z, seed=seed)
 
 
