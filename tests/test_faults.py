@@ -16,7 +16,7 @@ import yaml
 from galdecomp.run import RunFolder
 from galdecomp.cli import main
 from galdecomp.inference.config import model_signature, resolve_config
-from galdecomp.model.autoencoder import ELBOObjective
+from galdecomp.inference.objective import ELBOObjective
 
 from conftest import config_file, simulated_sky
 

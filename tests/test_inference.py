@@ -5,7 +5,8 @@ import pytest
 from galdecomp.errors import InputError
 from galdecomp.inference.config import resolve_config
 from galdecomp.inference.training import Adam, TrainingState, epoch_order, split_rows
-from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
+from galdecomp.model.autoencoder import Autoencoder
+from galdecomp.inference.objective import ELBOObjective
 from galdecomp.model.mlp import MLP
 from galdecomp.inference.fitting import fit_rows
 

@@ -235,7 +235,8 @@ DEAL = """
 import json, sys
 import numpy as np
 from galdecomp.parallel import world, block_rows
-from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
+from galdecomp.model.autoencoder import Autoencoder
+from galdecomp.inference.objective import ELBOObjective
 comm = world()
 n, C = 1000, 6
 full = np.random.default_rng(0).standard_normal((n, C))

@@ -13,7 +13,8 @@ from galdecomp.errors import InputError
 from galdecomp.inference.conditional import latent_map
 from galdecomp.inference.trained import TrainedModel
 from galdecomp.inference.training import split_rows
-from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
+from galdecomp.model.autoencoder import Autoencoder
+from galdecomp.inference.objective import ELBOObjective
 from galdecomp.model.settings import Architecture
 from galdecomp.model.fisher import FisherGaussian
 from galdecomp.model.likelihood import GaussianLikelihood

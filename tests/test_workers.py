@@ -9,7 +9,8 @@ import yaml
 from conftest import fit_small_sky
 from galdecomp.cli import main
 from galdecomp.inference.config import resolve_config, with_former_defaults
-from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
+from galdecomp.model.autoencoder import Autoencoder
+from galdecomp.inference.objective import ELBOObjective
 from galdecomp.workers import ForkedWorkers, SharedArrays, WorkerError, available_cores, threads_of
 from galdecomp.parallel import SerialComm
 

@@ -42,7 +42,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=7)
     a = ap.parse_args(argv)
 
-    from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
+    from galdecomp.model.autoencoder import Autoencoder
+    from galdecomp.inference.objective import ELBOObjective
     from galdecomp.model.likelihood import GaussianLikelihood
     from galdecomp.parallel import SerialComm
 

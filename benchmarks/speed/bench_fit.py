@@ -374,7 +374,7 @@ def analyse_profile(prof, r):
         return tot
 
     parts = {}
-    steps = ct("value_and_gradient", "autoencoder")
+    steps = ct("value_and_gradient", "objective")
     run_in_steps = edge("_run", "value_gradient_terms")
     enc_all = edge("vjp", "_run", "mlp.py")
     enc_cb = ct("enc_cb", "elbo.py")
@@ -387,10 +387,10 @@ def analyse_profile(prof, r):
     parts["  per-step overhead outside the numpy pass (batch copy, MultiFields, flatten)"] = \
         steps - run_in_steps
     parts["Adam.step"] = ct("step", "training.py")
-    parts["validation (ELBOObjective.value, every epoch)"] = ct("value", "autoencoder")
+    parts["validation (ELBOObjective.value, every epoch)"] = ct("value", "objective")
     parts["checkpoints (save_checkpoint)"] = ct("save_checkpoint", "run/folder.py")
     parts["training total (fit_rows)"] = ct("fit_rows", "fitting.py")
-    counts = {"steps": ncalls("value_and_gradient", "autoencoder"),
+    counts = {"steps": ncalls("value_and_gradient", "objective"),
               "MLP.vjp calls": ncalls("vjp", "mlp.py"),
               "MultiField.from_dict calls": ncalls("from_dict", "multi_field"),
               "makeField calls": ncalls("makeField")}

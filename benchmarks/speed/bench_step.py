@@ -45,7 +45,8 @@ def flops_per_row():
 
 def package_entries(dt, B, data, rng):
     from galdecomp.inference.training import Adam
-    from galdecomp.model.autoencoder import Autoencoder, ELBOObjective
+    from galdecomp.model.autoencoder import Autoencoder
+    from galdecomp.inference.objective import ELBOObjective
     from galdecomp.model.likelihood import GaussianLikelihood
     from galdecomp.model.settings import Architecture
 

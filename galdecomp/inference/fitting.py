@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from ..model.autoencoder import ELBOObjective
+from .objective import ELBOObjective
 from ..workers import blas_threads, describe_threads, threads_of
 from .training import split_rows, train
 

@@ -78,7 +78,7 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         The noise model (floor, sigma0, tau; :mod:`.noise`); default ``GaussianLikelihood()``.
     settings : ELBOSettings, optional
         KL weight ``beta``, ``n_total``, ``n_batch``, ``with_prior``, ``mask_input``,
-        ``block_rows`` (the row blocks whose partial sums :class:`~.autoencoder.ELBOObjective`
+        ``block_rows`` (the row blocks whose partial sums :class:`~galdecomp.inference.objective.ELBOObjective`
         may have computed by worker processes) and the networks' scales; default ``ELBOSettings()``.
 
     Notes
