@@ -26,7 +26,7 @@ def mpirun(n, args, **kw):
 def fit_with_wrapped_gradient(body, fit_args, timeout=300):
     """``galdecomp fit`` on 2 ranks with ``ELBOObjective.value_and_gradient`` wrapped: ``body``
     (Python lines) sees ``self, args, kw``, the call count ``n`` and ``rank``, and returns."""
-    code = ("import os, signal, sys, numpy as np, galdecomp.model.autoencoder as a\n"
+    code = ("import os, signal, sys, numpy as np, galdecomp.inference.objective as a\n"
             "from galdecomp.parallel import world\n"
             "from galdecomp.cli import main\n"
             "orig, calls = a.ELBOObjective.value_and_gradient, []\n"
