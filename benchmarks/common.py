@@ -3,7 +3,7 @@ galdecomp and run the PyTorch peer, and timing and provenance.
 
 - paths: :data:`ROOT` (the project), :func:`out_dir` (``benchmarks/out/NAME``), :func:`shared_dir`
   (``$GALDECOMP_SHARED``, else ``../shared`` beside the project);
-- data sets: :func:`prepare` (``real``, ``real32``, ``demo``, ``realmorph``: input and template
+- data sets: :func:`prepare` (``real``, ``real32``, ``demo``, ``realmorph``, ``lowsnr``: input and template
   catalogs), :func:`with_entries`, :class:`Data` (a catalog with galdecomp's preprocessing);
 - galdecomp: :func:`simulate` (what ``galdecomp simulate --no-plot`` writes), :func:`fit` (what
   ``galdecomp fit CATALOG --out RUN --overwrite`` runs, in this process), :func:`galdecomp_command`
@@ -79,6 +79,53 @@ def prepare_simulated(work, name, preset):
     return os.path.join(out, "catalog.yaml"), os.path.join(out, "truth", "catalog.yaml")
 
 
+#: the low-SNR sky: Gaussian noise added to every microwave channel (20-400 GHz) of the
+#: real-morphology sky, ``LOWSNR_NOISE`` times the CMB's rms in that channel, so that the CMB
+#: sits near the noise (its R^2 from all input channels ~0.75, as on a sky where it is weak)
+LOWSNR_NOISE = 1.6
+LOWSNR_BAND_HZ = (20e9, 400e9)
+
+
+def prepare_lowsnr(work, factor=LOWSNR_NOISE, seed=7):
+    """The real-morphology sky (:func:`prepare_simulated`, cached) with its microwave channels made
+    noisier, written to ``work/lowsnr_sky`` (cached); (inputs, truth) catalogs.
+
+    Each channel with ``LOWSNR_BAND_HZ[0] <= frequency_hz <= LOWSNR_BAND_HZ[1]`` gets independent
+    Gaussian noise of standard deviation ``factor`` x the rms of the CMB truth map in the channel's
+    unit, and its catalog ``noise`` grows to the quadrature sum. Every other channel, the truth
+    maps and the simulation are the realmorph sky's.
+    """
+    import healpy as hp
+
+    from galdecomp.simulation.components import cmb_to_rj, rj_to_unit
+
+    inputs, truth = prepare_simulated(work, "realmorph_sky", "realmorph.yaml")
+    out = os.path.join(work, "lowsnr_sky")
+    catalog = os.path.join(out, "catalog.yaml")
+    if os.path.isfile(catalog):
+        return catalog, truth
+    with open(inputs) as f:
+        doc = yaml.safe_load(f)
+    with open(truth) as f:
+        cmb_entry = next(m for m in yaml.safe_load(f)["maps"] if m["name"] == "cmb")
+    cmb = hp.read_map(os.path.join(os.path.dirname(truth), cmb_entry["file"]))  # K_CMB, RING
+    src, rng = os.path.dirname(inputs), np.random.default_rng(seed)
+    os.makedirs(os.path.join(out, "maps"), exist_ok=True)
+    for m in doc["maps"]:
+        path = os.path.join(src, m["file"])
+        f_hz = float(m["frequency_hz"])
+        if LOWSNR_BAND_HZ[0] <= f_hz <= LOWSNR_BAND_HZ[1]:
+            sigma = factor * np.std(cmb * cmb_to_rj(f_hz) * rj_to_unit(f_hz, m["unit"]))
+            values, header = hp.read_map(path, h=True, nest=None)
+            nest = dict(header).get("ORDERING", "RING").strip() == "NESTED"
+            values = values + sigma * rng.standard_normal(values.size)
+            path = os.path.join(out, m["file"])
+            hp.write_map(path, values, nest=nest, coord="G", column_units=m["unit"], overwrite=True, dtype=np.float64)
+            m["noise"] = float(np.hypot(float(m.get("noise", 0.0)), sigma))
+        m["file"] = os.path.abspath(path)
+    return _write_catalog(catalog, doc["maps"], doc.get("nside")), truth
+
+
 def with_entries(catalog, settings, work):
     """A copy of ``catalog`` (absolute file paths) with ``settings`` set on every map entry."""
     if not settings:
@@ -96,7 +143,8 @@ def with_entries(catalog, settings, work):
 
 def prepare(name, work):
     """(inputs, templates) catalogs of a data set: ``real`` (the real maps at nside 64; ``real32``:
-    at nside 32), ``demo`` (``runs/demo.yaml``'s sky) or ``realmorph`` (``runs/realmorph.yaml``'s)."""
+    at nside 32), ``demo`` (``runs/demo.yaml``'s sky), ``realmorph`` (``runs/realmorph.yaml``'s)
+    or ``lowsnr`` (realmorph with noisier microwave channels, :func:`prepare_lowsnr`)."""
     if name == "real":
         return prepare_real(work)
     if name == "real32":  # the same protocol at nside 32 (4x cheaper)
@@ -105,6 +153,8 @@ def prepare(name, work):
         return prepare_simulated(work, "demo_sky", "demo.yaml")
     if name == "realmorph":
         return prepare_simulated(work, "realmorph_sky", "realmorph.yaml")
+    if name == "lowsnr":
+        return prepare_lowsnr(work)
     raise SystemExit(f"unknown data set {name}")
 
 
