@@ -26,12 +26,29 @@ The tree (who draws from which node):
                                  (:func:`galdecomp.simulation.fields.rng_for`: ``gas_clouds``,
                                  ``noise/<channel>``, ...)
 ==============================  ==============================================================
+
+Older products draw from streams seeded by ``[seed, salt, ...]`` instead of a node of the tree;
+they keep them, so that their files stay what they were, under the names of :data:`SALTS`
+(``salted(seed, name, *more)``):
+
+==============================  ==============================================================
+``generate/draws``               the latent draws of ``transform`` (``products.generate``)
+``generate/samples``             the generated rows of the sample-quality table (``generate``)
+``posterior_check/pixels``       the pixels ``posterior-check`` checks
+``posterior_check/importance``   its importance draws, one stream per candidate q (``more``: i)
+``posterior_check/metropolis``   its Metropolis cross-check
+==============================  ==============================================================
 """
 import zlib
 
 import numpy as np
 
-__all__ = ["seed_sequence", "stream"]
+__all__ = ["SALTS", "salted", "seed_sequence", "stream"]
+
+#: name -> the salt after the seed of a stream of :func:`salted` (numbers of the products'
+#: first releases; a new stream takes a node of the tree instead)
+SALTS = {"generate/draws": 8101, "generate/samples": 8102, "posterior_check/pixels": 11,
+         "posterior_check/importance": 17, "posterior_check/metropolis": 23}
 
 
 def _key(name):
@@ -66,3 +83,21 @@ def stream(seed, *names):
     numpy.random.Generator
     """
     return np.random.default_rng(seed_sequence(seed, *names))
+
+
+def salted(seed, name, *more):
+    """The generator ``default_rng([seed, SALTS[name], *more])`` of an older product's stream.
+
+    Parameters
+    ----------
+    seed : int
+    name : str
+        A key of :data:`SALTS`.
+    *more : int
+        Further entropy (e.g. the index of one of several streams).
+
+    Returns
+    -------
+    numpy.random.Generator
+    """
+    return np.random.default_rng([int(seed), SALTS[name], *(int(m) for m in more)])

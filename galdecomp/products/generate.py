@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from ..fileio import atomic_output_dir, write_text
+from ..seeds import salted
 from ..inference.training import split_rows
 from ..model.latent_transform import DENSITIES, gaussian_draws_per_row
 from .sample_quality import frechet_distance, ks_per_feature
@@ -78,7 +79,7 @@ def draws_from_moments(mean, cov, rows, seed, n_per_row=DRAWS_PER_ROW):
     groups : ndarray of int, shape (len(rows) * n_per_row,)
         The row of each draw (held out together when the stopping rule validates).
     """
-    rng = np.random.default_rng([seed, 8101])
+    rng = salted(seed, "generate/draws")
     z = gaussian_draws_per_row(mean[rows], cov[rows], n_per_row, rng)
     return z, np.repeat(np.arange(len(rows)), n_per_row)
 
@@ -110,7 +111,7 @@ def encoder_draws(trained, y, rows, seed, n_per_row=DRAWS_PER_ROW, block=8192):
     rows = np.asarray(rows, dtype=np.int64)
     if np.any(np.diff(rows) < 0):
         raise ValueError("rows must be sorted")
-    rng = np.random.default_rng([seed, 8101])
+    rng = salted(seed, "generate/draws")
     d, m = trained._rows(y, None, True)
     out = [np.zeros((0, trained.latent_dim))]
     for a in range(0, len(d), block):
@@ -187,7 +188,7 @@ def sample_quality(trained, real, n, seed=0):
     sources = ["prior"] + (["transformed"] if trained.transform is not None else [])
     rows, generated = [], {}
     for src in sources:
-        g = trained.sample(n, np.random.default_rng([seed, 8102]), source=src)["standardised"]
+        g = trained.sample(n, salted(seed, "generate/samples"), source=src)["standardised"]
         ks = ks_per_feature(g, real)[0]
         generated[src] = g
         rows.append(dict(source=src, frechet=frechet_distance(g, real), median_ks=float(np.median(ks)),

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import stats
 
 from ..errors import InputError
+from ..seeds import salted
 from ..model.fisher import covariance, jacobian_forward, metric
 
 __all__ = ["importance_check", "log_target", "metropolis", "q_candidates", "check_pixels", "summarise", "run_posterior_check",
@@ -237,7 +238,7 @@ def check_pixels(trained, data, mask, draws=2000, seed=0, pixels=None, progress=
         if progress:
             progress(f"importance sampling with q = {name} ({source}): {len(data)} pixels x {draws} draws")
         res[name] = importance_check(trained.model, trained.params, data, mask, mean, cov, draws,
-                                     np.random.default_rng([seed, 17, i]), prior=trained.prior)
+                                     salted(seed, "posterior_check/importance", i), prior=trained.prior)
     best = np.max([r["log_z"] for r in res.values()], axis=0)
     n_obs = mask.sum(axis=1)
     mcmc_rows = []
@@ -245,7 +246,7 @@ def check_pixels(trained, data, mask, draws=2000, seed=0, pixels=None, progress=
         if progress:
             progress(f"Metropolis cross-check: {len(data)} chains x {mcmc_steps} steps")
         ch = metropolis(trained.model, trained.params, data, mask, qs["laplace"][1], qs["laplace"][2],
-                        mcmc_steps, np.random.default_rng([seed, 23]), prior=trained.prior)
+                        mcmc_steps, salted(seed, "posterior_check/metropolis"), prior=trained.prior)
 
         def versus(mean, std):  # inf where a chain never moved (std 0): too few steps
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -355,7 +356,7 @@ def run_posterior_check(run_dir, out, n_pixels, draws=2000, seed=0, overwrite=Fa
     y = trained.standardise(values)
     m = np.isfinite(y)
     ok = np.flatnonzero(m.any(axis=1))
-    rng = np.random.default_rng([seed, 11])
+    rng = salted(seed, "posterior_check/pixels")
     pix = np.sort(rng.choice(ok, size=min(int(n_pixels), len(ok)), replace=False))
     rows, mrows = check_pixels(trained, np.where(m[pix], y[pix], 0.0), m[pix], draws, seed, pix, progress,
                                mcmc_steps)
