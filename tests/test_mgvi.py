@@ -282,3 +282,30 @@ def test_block_kl_converges_before_the_iteration_limit(method):
         assert unsolved[0] <= 8 and unsolved[1] <= 80, lines
     steps = [int(line.split(" Newton steps")[0].rsplit(" ", 1)[1]) for line in lines]
     assert max(steps) < 40, steps
+
+
+def test_backtrack_rows_takes_the_first_armijo_step_of_each_row():
+    """Rows of E(a) = (a - c)^2: a full step is taken where it decreases E enough, shorter ones
+    where it overshoots, none where the energy is NaN; each row's last trial is its accepted one."""
+    from galdecomp.inference.block_metric import backtrack_rows
+
+    c = np.array([1.0, 0.2, 0.02, 0.5])
+    e0, slope = c ** 2, -2.0 * c  # E(0), E'(0)
+    calls = []
+
+    def trial(rows, a):
+        calls.append((rows.copy(), a.copy()))
+        e = (a - c[rows]) ** 2
+        e[rows == 3] = np.nan
+        return e
+
+    alpha = backtrack_rows(trial, e0, slope, np.ones(4), 1e-4, 30)
+    assert alpha[0] == 1.0 and alpha[3] == 0.0
+    assert 0 < alpha[1] < 1 and 0 < alpha[2] < 1
+    ok = (alpha[:3] - c[:3]) ** 2 - e0[:3] <= 1e-4 * alpha[:3] * slope[:3]
+    assert ok.all()
+    last = {}
+    for rows, a in calls:
+        last.update(zip(rows.tolist(), a.tolist()))
+    assert [last[i] for i in range(3)] == alpha[:3].tolist()
+    assert backtrack_rows(trial, e0[:0], slope[:0], np.ones(0), 1e-4, 30).size == 0

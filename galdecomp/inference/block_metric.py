@@ -28,8 +28,8 @@ import nifty8 as ift
 from ..model.fisher import jacobian_forward, solve_lower
 from ..model.mlp import MLP
 
-__all__ = ["ROW_CHUNK", "FREEZE", "REFRESH", "row_keyed_normal", "BlockDiagonalMetric", "BlockNewton", "LatentMetrics",
-           "SampledKLRows"]
+__all__ = ["ROW_CHUNK", "FREEZE", "REFRESH", "row_keyed_normal", "backtrack_rows", "BlockDiagonalMetric", "BlockNewton",
+           "LatentMetrics", "SampledKLRows"]
 
 #: Rows per independent random stream of :func:`row_keyed_normal`.
 ROW_CHUNK = 1024
@@ -234,22 +234,58 @@ class BlockNewton(ift.DescentMinimizer):
         """
         alpha = np.zeros(p.shape[0])
         todo = np.flatnonzero(-slope > self._freeze)
-        if not todo.size:
-            return alpha
-        e0, sl = self._row_energy(energy, todo, None), slope[todo]
-        a = np.ones(todo.size)
-        for _ in range(self._max_bt):
-            d = self._row_energy(energy, todo, a[:, None] * p[todo]) - e0
-            ok = d <= self._c1 * a * sl  # False for NaN
-            alpha[todo[ok]] = a[ok]
-            if ok.all():
-                break
-            bad = ~ok
-            a, sl, d, todo, e0 = a[bad], sl[bad], d[bad], todo[bad], e0[bad]
-            with np.errstate(all="ignore"):  # minimum of the parabola through E(0), E'(0), E(a)
-                t = -sl * a * a / (2.0 * (d - sl * a))
-            a = np.clip(np.where(np.isfinite(t), t, 0.5 * a), 0.1 * a, 0.5 * a)
+        if todo.size:
+            alpha[todo] = backtrack_rows(
+                lambda i, a: self._row_energy(energy, todo[i], a[:, None] * p[todo[i]]),
+                self._row_energy(energy, todo, None), slope[todo], np.ones(todo.size), self._c1, self._max_bt)
         return alpha
+
+
+def backtrack_rows(trial, e0, slope, a, c1, max_backtracks):
+    """Armijo backtracking for many independent rows at once.
+
+    Row ``i`` takes the first step length with ``E_i(alpha) - E_i(0) <= c1 alpha slope_i``, trying
+    ``a_i`` first, then the minimum of the parabola through ``E_i(0)``, ``E_i'(0) = slope_i`` and
+    the last trial, clipped to [0.1, 0.5] times the last step length.
+
+    Parameters
+    ----------
+    trial : callable
+        ``trial(rows, a) -> energies``: the energies, shape (len(rows),), of the rows ``rows``
+        (indices into ``e0``) at step lengths ``a``; called once per backtracking round with the
+        rows not yet accepted (a row's last call is the accepted step's).
+    e0 : ndarray, shape (n,)
+        Energies at step length 0.
+    slope : ndarray, shape (n,)
+        Derivatives along the unit step (negative for a descent direction).
+    a : ndarray, shape (n,)
+        First step lengths.
+    c1 : float
+        Armijo constant.
+    max_backtracks : int
+        Most rounds.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        The accepted step lengths; 0 where none passed (or the energy was NaN).
+    """
+    alpha = np.zeros(len(e0))
+    todo, a, sl, e0 = np.arange(len(e0)), np.array(a, np.float64), np.asarray(slope), np.asarray(e0)
+    for _ in range(max_backtracks):
+        if not todo.size:
+            break
+        d = trial(todo, a) - e0
+        ok = d <= c1 * a * sl  # False for NaN
+        alpha[todo[ok]] = a[ok]
+        if ok.all():
+            break
+        bad = ~ok
+        a, sl, d, todo, e0 = a[bad], sl[bad], d[bad], todo[bad], e0[bad]
+        with np.errstate(all="ignore"):  # minimum of the parabola through E(0), E'(0), E(a)
+            t = -sl * a * a / (2.0 * (d - sl * a))
+        a = np.clip(np.where(np.isfinite(t), t, 0.5 * a), 0.1 * a, 0.5 * a)
+    return alpha
 
 
 class LatentMetrics:

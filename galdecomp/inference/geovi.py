@@ -26,7 +26,7 @@ ranks.
 import numpy as np
 import nifty8 as ift
 
-from .block_metric import BlockDiagonalMetric
+from .block_metric import BlockDiagonalMetric, backtrack_rows
 
 __all__ = ["TOLERANCE", "MAX_STEPS", "MAX_MOVE", "GeoVIStats", "solve_rows", "geovi_kl_energy"]
 
@@ -129,23 +129,20 @@ def solve_rows(metrics, A, target, x, M, tol=TOLERANCE, max_steps=MAX_STEPS, max
         small = norm2 <= tol
         x[active[small]] += p[small]
         todo, p, norm2 = active[~small], p[~small], norm2[~small]
-        a, e0 = np.minimum(1.0, max_move / np.sqrt(norm2)), e[todo]  # a trust region: stay on the branch
-        moved = np.zeros(todo.size, bool)
-        for _ in range(_BACKTRACKS):
-            left = np.flatnonzero(~moved)
-            if not left.size:
-                break
-            rows = todo[left]
-            xn = x[rows] + a[left, None] * p[left]
-            rn, en, Jn = _residual(metrics, A[rows], xn, target[rows])
-            ok = en <= e0[left] * (1.0 - 2.0 * _C1 * a[left])  # Armijo: the slope of 0.5|r|^2 is -|r|^2
-            done = rows[ok]
-            x[done], r[done], e[done], J[done] = xn[ok], rn[ok], en[ok], Jn[ok]
-            moved[left[ok]] = True
-            bad = left[~ok]
-            with np.errstate(all="ignore"):  # minimum of the parabola through e(0), e'(0) = -2 e(0), e(a)
-                t = e0[bad] * a[bad] ** 2 / (en[~ok] - e0[bad] + 2.0 * e0[bad] * a[bad])
-            a[bad] = np.clip(np.where(np.isfinite(t), t, 0.5 * a[bad]), 0.1 * a[bad], 0.5 * a[bad])
+        n = todo.size
+        xn, rn, en, Jn = np.empty((n, x.shape[1])), np.empty((n, r.shape[1])), np.empty(n), np.empty((n,) + J.shape[1:])
+
+        def trial(i, a):  # kept per row: a row's last trial is its accepted step
+            rows = todo[i]
+            xn[i] = x[rows] + a[:, None] * p[i]
+            rn[i], en[i], Jn[i] = _residual(metrics, A[rows], xn[i], target[rows])
+            return en[i]
+
+        e0 = e[todo]  # Armijo on 0.5 |r|^2, whose slope along the Newton step is -|r|^2
+        alpha = backtrack_rows(trial, e0, -2.0 * e0, np.minimum(1.0, max_move / np.sqrt(norm2)), _C1, _BACKTRACKS)
+        moved = alpha > 0  # a trust region first: a row stays on its branch
+        done = todo[moved]
+        x[done], r[done], e[done], J[done] = xn[moved], rn[moved], en[moved], Jn[moved]
         active, failed = todo[moved], failed + int((~moved).sum())
     return x, steps, active.size + failed
 
