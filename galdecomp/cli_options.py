@@ -133,8 +133,8 @@ def _add_fit(sub, common, no_lock):
     s.add_argument("--out", required=True, metavar="RUN", help="run folder")
     s.add_argument("--nside", type=_nside, help="working resolution (default: catalog's or lowest)")
     s.add_argument("--latent-dim", type=_positive_int, help="number of latent features (default 10)")
-    s.add_argument("--covariance", choices=["diagonal", "fisher"],
-                   help="latent posterior covariance (default diagonal)")
+    s.add_argument("--covariance", choices=["diagonal", "fisher", "fisher-scaled"],
+                   help="latent posterior covariance (default diagonal; fisher-scaled: precision c J^T N^-1 J + D)")
     s.add_argument("--beta", type=float, help="weight of the KL term (default 1)")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     s.add_argument("--fwhm-arcmin", type=_fwhm, metavar="X", help=_FWHM_HELP + "; config data.fwhm_arcmin")

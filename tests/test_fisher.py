@@ -198,6 +198,7 @@ def test_registry():
     from galdecomp.model.posteriors import LatentPosterior
     assert POSTERIORS["fisher"] is F.FisherGaussian and issubclass(F.FisherGaussian, LatentPosterior)
     assert F.FisherGaussian().n_encoder_outputs(10) == 10
+    assert POSTERIORS["fisher-scaled"] is F.ScaledFisherGaussian
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -216,3 +217,45 @@ def test_against_mlp_class(act):
     z1, kl1, _ = post.forward(mu, xi, mlp, theta, inv_var)
     z2, kl2, _ = post.forward(mu, xi, SimpleNamespace(sizes=SIZES, activation=act), theta, inv_var)
     assert np.array_equal(z1, z2) and np.array_equal(kl1, kl2)
+
+
+@pytest.mark.parametrize("block_size,cache_rows", [(4096, 4096), (2, 0)])
+def test_scaled_fisher_backward_fd(block_size, cache_rows):
+    """P = c J^T N J + diag(D): gradients of samples and KL with respect to the encoder's mean,
+    log c and log sqrt(D), the decoder and the noise, against finite differences."""
+    rng, dec, theta, mu, inv_var = _setup("tanh", seed=3)
+    enc = np.concatenate([mu, 0.3 * rng.standard_normal((B, 1)), 0.3 * rng.standard_normal((B, L))], axis=1)
+    xi, g_z, g_kl = rng.standard_normal((B, L)), rng.standard_normal((B, L)), rng.standard_normal(B)
+    post = F.ScaledFisherGaussian(block_size=block_size, cache_rows=cache_rows)
+    assert post.n_encoder_outputs(L) == 2 * L + 1
+
+    def loss(e, th, iv):
+        z, kl, _ = post.forward(e, xi, dec, th, iv)
+        return (g_z * z).sum() + (g_kl * kl).sum()
+
+    _, _, ctx = post.forward(enc, xi, dec, theta, inv_var)
+    g_enc, g_theta, g_iv = post.backward(ctx, g_z, g_kl)
+    assert g_enc.shape == enc.shape
+    assert _rel(g_enc, _num_grad(lambda e: loss(e, theta, inv_var), enc)) < 1e-5
+    assert _rel(g_theta, _num_grad(lambda t: loss(enc, t, inv_var), theta)) < 1e-5
+    assert _rel(g_iv, _num_grad(lambda iv: loss(enc, theta, iv), inv_var)) < 1e-5
+
+
+def test_scaled_fisher_contains_the_fisher_and_the_diagonal_family():
+    rng, dec, theta, mu, inv_var = _setup("tanh", seed=4)
+    xi = rng.standard_normal((B, L))
+    post = F.ScaledFisherGaussian()
+    # log c = 0, log sqrt(D) = 0: the Fisher posterior
+    z, kl, _ = post.forward(np.concatenate([mu, np.zeros((B, L + 1))], axis=1), xi, dec, theta, inv_var)
+    z0, kl0, _ = F.FisherGaussian().forward(mu, xi, dec, theta, inv_var)
+    assert np.allclose(z, z0, atol=1e-12) and np.allclose(kl, kl0, atol=1e-12)
+    # c -> 0: the diagonal Gaussian N(mu, diag(exp(2 log_sigma)))
+    log_sigma = 0.4 * rng.standard_normal((B, L))
+    enc = np.concatenate([mu, np.full((B, 1), -60.0), -log_sigma], axis=1)  # D = sigma^-2
+    z, kl, _ = post.forward(enc, xi, dec, theta, inv_var)
+    from galdecomp.model.posteriors import DiagonalGaussian
+    zd, kld, _ = DiagonalGaussian().forward(np.concatenate([mu, log_sigma], axis=1), xi)
+    assert np.allclose(z, zd, atol=1e-12) and np.allclose(kl, kld, atol=1e-12)
+    _, cov = post.mean_and_cov(enc, dec, theta, inv_var)
+    assert np.allclose(cov, np.exp(2 * log_sigma)[:, :, None] * np.eye(L), atol=1e-12)
+    assert np.allclose(post.mean_and_std(enc, dec, theta, inv_var)[1], np.exp(log_sigma), atol=1e-12)

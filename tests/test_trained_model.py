@@ -27,12 +27,12 @@ FAST = ["--max-epochs", "4", "--latent-dim", "3"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A diagonal and a Fisher run on a small simulated sky with missing pixels."""
+    """A diagonal, a Fisher and a scaled-Fisher run on a small simulated sky with missing pixels."""
     root = tmp_path_factory.mktemp("trained")
     sky = root / "sky"
     assert main(["simulate", "--nside", "8", "--out", str(sky), "--no-plot"]) == 0
     out = {}
-    for cov in ("diagonal", "fisher"):
+    for cov in ("diagonal", "fisher", "fisher-scaled"):
         out[cov] = str(root / cov)
         assert main(["fit", str(sky / "catalog.yaml"), "--out", out[cov], "--covariance", cov] + FAST) == 0
     return str(sky / "catalog.yaml"), out
@@ -44,7 +44,7 @@ def sky_rows(model):
     return ds.values.T
 
 
-@pytest.mark.parametrize("cov", ["diagonal", "fisher"])
+@pytest.mark.parametrize("cov", ["diagonal", "fisher", "fisher-scaled"])
 def test_load_reproduces_the_latent_maps_exactly(runs, cov):
     model = galdecomp.load(runs[1][cov])
     assert model.data["kind"] == "sky" and model.data["nside"] == 8

@@ -63,14 +63,14 @@ DEFAULTS = {
         "validation_fraction": 0.1,
         "select": "median",        # median | mean: per-row validation ELBO statistic that picks the kept parameters
         "dtype": "float32",        # MLP kernels: float32 | float64 (sums, Adam and products stay float64)
-        "fisher_dtype": None,      # covariance fisher: its Jacobian passes in training (None: as dtype)
+        "fisher_dtype": None,      # covariance fisher(-scaled): its Jacobian passes in training (None: as dtype)
         "block_rows": 512,         # rows per block of a minibatch: partial sums per block, added in block order
         "threads": None,           # threads of execution of a one-process fit (None: every core it may use; MPI: 1)
         "checkpoint_seconds": 600,  # also checkpoint inside an epoch after this long (0: every step)
     },
 }
 
-_CHOICES = {"covariance": ("diagonal", "fisher")}
+_CHOICES = {"covariance": ("diagonal", "fisher", "fisher-scaled")}
 POSTERIOR_METHODS = ("amortised", "mgvi", "geovi")
 TRANSFORM_METHODS = ("gaussianising", "gmm", "gaussian", "none")
 ROTATION_METHODS = ("none", "varimax")

@@ -1,8 +1,8 @@
 """The registry of latent posterior families: name (the ``covariance`` setting) -> class."""
-from .fisher import FisherGaussian
+from .fisher import FisherGaussian, ScaledFisherGaussian
 from .posteriors import DiagonalGaussian
 
 __all__ = ["POSTERIORS"]
 
 #: name -> :class:`~galdecomp.model.posteriors.LatentPosterior` subclass
-POSTERIORS = {"diagonal": DiagonalGaussian, "fisher": FisherGaussian}
+POSTERIORS = {"diagonal": DiagonalGaussian, "fisher": FisherGaussian, "fisher-scaled": ScaledFisherGaussian}

@@ -20,7 +20,7 @@ from .posteriors import LatentPosterior
 from .prior import STANDARD_NORMAL
 
 __all__ = ["jacobian_forward", "jacobian_backward", "metric", "cholesky",
-           "inv_lower", "solve_lower", "logdet", "covariance", "FisherGaussian"]
+           "inv_lower", "solve_lower", "logdet", "covariance", "FisherGaussian", "ScaledFisherGaussian"]
 
 
 # ----------------------------------------------------------------------------- MLP Jacobian
@@ -261,6 +261,24 @@ class FisherGaussian(LatentPosterior):
                                        mu.astype(dtype, copy=False))
         return metric(J.astype(np.float64, copy=False), inv_var), cache
 
+    # -- what a family of precisions built on M(mu) changes (here: nothing) ----------------------
+    def _split(self, enc_out):
+        """The encoder output as the mean (B, L) and the family's other outputs (None here)."""
+        return np.asarray(enc_out, dtype=float), None
+
+    def _adjust(self, precision_and_cache, extra, s):
+        """``((P, cache), aux)``: the precision of rows ``s`` from ``M(mu)`` (here ``P = M``)."""
+        return precision_and_cache, None
+
+    def _adjust_back(self, G, aux, g_extra):
+        """The cotangent of ``M`` from that of ``P`` (here the same); a family appends the
+        gradients of its other outputs for the block to ``g_extra``."""
+        return G
+
+    def _join(self, g_mu, g_extra):
+        """The gradient of the encoder output (here of the mean only)."""
+        return g_mu
+
     def forward(self, enc_out, xi, decoder, theta_dec, inv_var):
         """Draw ``z = mu + L^-T xi`` and the analytic KL to the prior.
 
@@ -283,19 +301,21 @@ class FisherGaussian(LatentPosterior):
         ctx : dict
             For :meth:`backward`.
         """
-        mu, xi, inv_var = (np.asarray(a, dtype=float) for a in (enc_out, xi, inv_var))
+        (mu, extra), xi, inv_var = self._split(enc_out), np.asarray(xi, dtype=float), np.asarray(inv_var, dtype=float)
         theta_dec = np.array(theta_dec, dtype=self.dtype)  # a copy: backward must see the same decoder
         B, L = mu.shape
-        z, kl, Linv, caches = np.empty_like(mu), np.empty(B), np.empty((B, L, L)), []
+        z, kl, Linv, caches, auxes = np.empty_like(mu), np.empty(B), np.empty((B, L, L)), [], []
         for s in self._blocks(B):
-            M, cache = self._precision(mu[s], decoder, theta_dec, inv_var[s], self.dtype)
+            (M, cache), aux = self._adjust(self._precision(mu[s], decoder, theta_dec, inv_var[s], self.dtype), extra, s)
+            auxes.append(aux)
             Lc = cholesky(M)
             Li = inv_lower(Lc)
             z[s] = mu[s] + np.einsum("bji,bj->bi", Li, xi[s])  # L^-T xi
             kl[s] = STANDARD_NORMAL.kl_precision(mu[s], Li, logdet(Lc))[0]
             Linv[s] = Li
             caches.append(cache if B <= self.cache_rows else None)
-        ctx = dict(mu=mu, xi=xi, inv_var=inv_var, decoder=decoder, theta=theta_dec, Linv=Linv, caches=caches)
+        ctx = dict(mu=mu, xi=xi, inv_var=inv_var, decoder=decoder, theta=theta_dec, Linv=Linv, caches=caches,
+                   aux=auxes)
         return z, kl, ctx
 
     def backward(self, ctx, g_z, g_kl):
@@ -315,7 +335,8 @@ class FisherGaussian(LatentPosterior):
         g_mu = g_z.copy()  # z = mu + s; the KL's d/dmu is added per block
         g_iv, g_theta = np.empty_like(inv_var), np.zeros(np.size(theta))
         low = np.tri(L, k=-1) + 0.5 * np.eye(L)  # Phi: lower triangle, halved diagonal
-        for s, cache in zip(self._blocks(B), ctx["caches"]):
+        g_extra = []
+        for s, cache, aux in zip(self._blocks(B), ctx["caches"], ctx["aux"]):
             if cache is None:
                 cache = jacobian_forward(theta, dec.sizes, dec.activation, mu[s].astype(theta.dtype))[2]
             Li, Jt = Linv[s], cache["Jt"]
@@ -331,6 +352,7 @@ class FisherGaussian(LatentPosterior):
             P = -(xi[s, :, None] * u[:, None, :]) * low
             Q += 0.5 * (P + P.transpose(0, 2, 1))
             G = LiT @ Q @ Li  # G_kl + G_sample
+            G = self._adjust_back(G, aux, g_extra)  # the cotangent of J^T N J + 1
             # M = J^T N J + 1: g_J = 2 N J G, g_N_c = (J G J^T)_cc  (in the (B, L, C) layout, G symmetric)
             GJt = G.astype(dt, copy=False) @ Jt
             g_iv[s] = np.einsum("blc,blc->bc", Jt, GJt)
@@ -338,7 +360,7 @@ class FisherGaussian(LatentPosterior):
             gt, gm = jacobian_backward(cache, None, GJt.transpose(0, 2, 1))
             g_theta += gt
             g_mu[s] += gm
-        return g_mu, g_theta, g_iv
+        return self._join(g_mu, g_extra), g_theta, g_iv
 
     def mean_and_cov(self, enc_out, decoder, theta_dec, inv_var):
         """Posterior mean and covariance.
@@ -349,18 +371,57 @@ class FisherGaussian(LatentPosterior):
         cov : ndarray, shape (B, L, L)
             ``M(mu)^-1``.
         """
-        mu, inv_var = np.asarray(enc_out, dtype=float), np.asarray(inv_var, dtype=float)
+        (mu, extra), inv_var = self._split(enc_out), np.asarray(inv_var, dtype=float)
         cov = np.empty(mu.shape + mu.shape[-1:])
         for s in self._blocks(mu.shape[0]):
-            cov[s] = covariance(self._precision(mu[s], decoder, theta_dec, inv_var[s])[0])[0]
+            cov[s] = covariance(self._adjust(self._precision(mu[s], decoder, theta_dec, inv_var[s]), extra, s)[0][0])[0]
         return mu.copy(), cov
 
     def mean_and_std(self, enc_out, decoder, theta_dec, inv_var):
         """Posterior mean and marginal standard deviations, both (B, L); the (B, L, L) covariance
         exists one block of :attr:`block_size` rows at a time."""
-        mu, inv_var = np.asarray(enc_out, dtype=float), np.asarray(inv_var, dtype=float)
+        (mu, extra), inv_var = self._split(enc_out), np.asarray(inv_var, dtype=float)
         std = np.empty(mu.shape)
         for s in self._blocks(mu.shape[0]):
-            std[s] = covariance(self._precision(mu[s], decoder, theta_dec, inv_var[s])[0])[1]
+            std[s] = covariance(self._adjust(self._precision(mu[s], decoder, theta_dec, inv_var[s]), extra, s)[0][0])[1]
         return mu.copy(), std
 
+
+
+class ScaledFisherGaussian(FisherGaussian):
+    """``q(z|d) = N(mu, P^-1)`` with ``P = c J^T N^-1 J + diag(D)``: the Fisher family and the
+    diagonal one in one (``c = 0``: a diagonal Gaussian; ``c = 1, D = 1``: :class:`FisherGaussian`).
+
+    The encoder outputs ``[mu (L), log c (1), log sqrt(D) (L)]``; outputs near 0 start at the
+    Fisher posterior. ``J`` at ``mu`` as in :class:`FisherGaussian` (same settings).
+    """
+
+    name = "fisher-scaled"
+
+    def n_encoder_outputs(self, latent_dim):
+        """Number of encoder outputs per row: mean, log scale, log standard deviations."""
+        return 2 * int(latent_dim) + 1
+
+    def _split(self, enc_out):
+        enc_out = np.asarray(enc_out, dtype=float)
+        L = (enc_out.shape[1] - 1) // 2
+        if enc_out.ndim != 2 or enc_out.shape[1] != 2 * L + 1:
+            raise ValueError(f"enc_out must be (B, 2L + 1), got {enc_out.shape}")
+        return enc_out[:, :L], (np.exp(enc_out[:, L]), np.exp(2.0 * enc_out[:, L + 1:]))
+
+    def _adjust(self, precision_and_cache, extra, s):
+        (M, cache), (c, D) = precision_and_cache, (extra[0][s], extra[1][s])
+        M0 = M - np.eye(M.shape[-1])  # J^T N^-1 J
+        P = c[:, None, None] * M0
+        idx = np.arange(M.shape[-1])
+        P[:, idx, idx] += D
+        return (P, cache), (c, D, M0)
+
+    def _adjust_back(self, G, aux, g_extra):
+        c, D, M0 = aux
+        g_extra.append(np.column_stack([c * np.einsum("bij,bij->b", G, M0),
+                                        2.0 * D * np.diagonal(G, axis1=1, axis2=2)]))
+        return c[:, None, None] * G
+
+    def _join(self, g_mu, g_extra):
+        return np.concatenate([g_mu, np.concatenate(g_extra)], axis=1)

@@ -17,11 +17,11 @@ class Architecture:
     decoder_activation, encoder_activation : str
         Names in :data:`galdecomp.model.mlp.ACTIVATIONS`.
     covariance : str
-        Posterior family: ``"diagonal"`` or ``"fisher"``.
+        Posterior family: a key of :data:`galdecomp.model.families.POSTERIORS`.
     dtype : str
         ``"float64"`` or ``"float32"`` for the MLP kernels.
     fisher_dtype : str, optional
-        ``covariance="fisher"``: the dtype of its Jacobian passes in training (None: ``dtype``).
+        ``covariance="fisher"`` (or ``"fisher-scaled"``): the dtype of its Jacobian passes in training (None: ``dtype``).
     encoder_output_scale : float
         Factor of the initial excitations of the encoder's output layer.
     mask_input : str

@@ -225,7 +225,7 @@ def compute_products(preprocessor, model, params, data, mean, std, cfg, samples=
     pred = model.decode(params, post_mean if R is None else post_mean @ R.T)  # the model's own latents
     local = dict(mean=post_mean[:, order], std=post_std[:, order], recon=preprocessor.inverse(pred.T).T,
                  resid=np.where(mask, (data - pred) / sigma, np.nan))
-    if cfg["covariance"] == "fisher":
+    if cfg["covariance"] != "diagonal":
         local["cov"] = upper_triangles(model, params, data, mask, order, block, R)
     if samples is not None:
         local.update(enc_mean=mean[:, order], enc_std=enc_std[:, order],
