@@ -270,6 +270,10 @@ class FisherGaussian(LatentPosterior):
         """``((P, cache), aux)``: the precision of rows ``s`` from ``M(mu)`` (here ``P = M``)."""
         return precision_and_cache, None
 
+    def _block_precision(self, mu, extra, s, decoder, theta_dec, inv_var, dtype=np.float64):
+        """``((P, cache), aux)`` of the rows ``s``: :meth:`_precision` then :meth:`_adjust`."""
+        return self._adjust(self._precision(mu[s], decoder, theta_dec, inv_var[s], dtype), extra, s)
+
     def _adjust_back(self, G, aux, g_extra):
         """The cotangent of ``M`` from that of ``P`` (here the same); a family appends the
         gradients of its other outputs for the block to ``g_extra``."""
@@ -306,7 +310,7 @@ class FisherGaussian(LatentPosterior):
         B, L = mu.shape
         z, kl, Linv, caches, auxes = np.empty_like(mu), np.empty(B), np.empty((B, L, L)), [], []
         for s in self._blocks(B):
-            (M, cache), aux = self._adjust(self._precision(mu[s], decoder, theta_dec, inv_var[s], self.dtype), extra, s)
+            (M, cache), aux = self._block_precision(mu, extra, s, decoder, theta_dec, inv_var, self.dtype)
             auxes.append(aux)
             Lc = cholesky(M)
             Li = inv_lower(Lc)
@@ -374,7 +378,8 @@ class FisherGaussian(LatentPosterior):
         (mu, extra), inv_var = self._split(enc_out), np.asarray(inv_var, dtype=float)
         cov = np.empty(mu.shape + mu.shape[-1:])
         for s in self._blocks(mu.shape[0]):
-            cov[s] = covariance(self._adjust(self._precision(mu[s], decoder, theta_dec, inv_var[s]), extra, s)[0][0])[0]
+            (P, _), _ = self._block_precision(mu, extra, s, decoder, theta_dec, inv_var)
+            cov[s] = covariance(P)[0]
         return mu.copy(), cov
 
     def mean_and_std(self, enc_out, decoder, theta_dec, inv_var):
@@ -383,7 +388,8 @@ class FisherGaussian(LatentPosterior):
         (mu, extra), inv_var = self._split(enc_out), np.asarray(inv_var, dtype=float)
         std = np.empty(mu.shape)
         for s in self._blocks(mu.shape[0]):
-            std[s] = covariance(self._adjust(self._precision(mu[s], decoder, theta_dec, inv_var[s]), extra, s)[0][0])[1]
+            (P, _), _ = self._block_precision(mu, extra, s, decoder, theta_dec, inv_var)
+            std[s] = covariance(P)[1]
         return mu.copy(), std
 
 
