@@ -9,7 +9,7 @@ The tree (who draws from which node):
 
 ==============================  ==============================================================
 ``model / init``                 :meth:`galdecomp.model.autoencoder.Autoencoder.init_params`
-``training / split``             :func:`galdecomp.inference.training.split_rows`
+``training / split``             :func:`galdecomp.inference.minibatches.split_rows`
 ``training / minibatches``       minibatch order and reparameterisation draws
                                  (:class:`~galdecomp.inference.training.TrainingState`)
 ``training / validation``        the fixed draws of the validation ELBO (``train``)

@@ -62,7 +62,8 @@ def test_fit_on_a_few_hundred_images():
 
     from galdecomp.inference.config import resolve_config
     from galdecomp.inference.trained import TrainedModel
-    from galdecomp.inference.training import TrainingState, split_rows
+    from galdecomp.inference.minibatches import split_rows
+    from galdecomp.inference.training import TrainingState
     from galdecomp.model.autoencoder import Autoencoder
     from galdecomp.inference.objective import ELBOObjective
     from galdecomp.inference.fitting import fit_rows

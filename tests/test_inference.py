@@ -4,7 +4,9 @@ import pytest
 
 from galdecomp.errors import InputError
 from galdecomp.inference.config import resolve_config
-from galdecomp.inference.training import Adam, TrainingState, epoch_order, split_rows
+from galdecomp.inference.minibatches import epoch_order, split_rows
+from galdecomp.inference.optimiser import Adam
+from galdecomp.inference.training import TrainingState
 from galdecomp.model.autoencoder import Autoencoder
 from galdecomp.inference.objective import ELBOObjective
 from galdecomp.model.mlp import MLP

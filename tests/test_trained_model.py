@@ -12,7 +12,7 @@ from galdecomp.cli import main
 from galdecomp.errors import InputError
 from galdecomp.inference.conditional import latent_map
 from galdecomp.inference.trained import TrainedModel
-from galdecomp.inference.training import split_rows
+from galdecomp.inference.minibatches import split_rows
 from galdecomp.model.autoencoder import Autoencoder
 from galdecomp.inference.objective import ELBOObjective
 from galdecomp.model.settings import Architecture

@@ -93,7 +93,7 @@ def step_table(log1, log2):
 def balance_table(n_rows=44237, batch=1024, ranks=(2, 4, 16, 64)):
     """Owned rows of the busiest rank per minibatch over the mean share, for each minibatch kind,
     and the rows ``ELBOObjective.deal`` hands to another rank to even them out."""
-    from galdecomp.inference.training import MINIBATCH_KINDS, epoch_order
+    from galdecomp.inference.minibatches import MINIBATCH_KINDS, epoch_order
 
     print(f"\nOwned rows of the busiest rank per minibatch / mean share ({n_rows} rows, batch {batch}, "
           "contiguous row blocks; mean over one epoch), and rows per step computed by another rank than "

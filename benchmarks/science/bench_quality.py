@@ -328,7 +328,7 @@ def main(argv=None):
         L = 10
         # pixels valid for every method: complete input rows and valid features
         valid_ring = data.ring(data.complete)
-        from galdecomp.inference.training import split_rows
+        from galdecomp.inference.minibatches import split_rows
 
 
         def validation_rows(seed):

@@ -44,7 +44,7 @@ import yaml
 
 from benchmarks.common import load_average, out_dir, package_fingerprint
 from galdecomp.catalog import read_catalog, working_nside
-from galdecomp.inference.training import split_rows
+from galdecomp.inference.minibatches import split_rows
 from galdecomp.model.autoencoder import Autoencoder
 from galdecomp.model.latent_transform import (GaussianDensity, GaussianisingTransform,
                                               GaussianMixtureDensity, gaussian_draws_per_row)

@@ -15,7 +15,7 @@ The simulated sky (``galdecomp.simulation``, seed 0) at ``--nside`` (default 64:
   package's per-channel noise floor, so both fit the same likelihood family), analytic KL, Adam
   lr 3e-3, batch 1024, at most E epochs, on the SAME preprocessed data (captured from the
   package's own ``fit_rows`` call) and the SAME train/validation split
-  (``galdecomp.inference.training.split_rows``), with the package's schedule (validation each
+  (``galdecomp.inference.minibatches.split_rows``), with the package's schedule (validation each
   epoch with fixed draws, lr halved after 8 epochs without improvement, early stop after 20,
   best-validation parameters kept); no weight prior, PyTorch's default initialisation.
   Threads: torch's default (``torch.get_num_threads()``);
@@ -158,7 +158,7 @@ def _patch_log(marks, echo):
 def worker_prepare(job):
     """Capture the package's preprocessed data table and the training/validation split."""
     import galdecomp.pipeline as pl
-    from galdecomp.inference.training import split_rows
+    from galdecomp.inference.minibatches import split_rows
 
     cap = {"stop": True}
     _capture_fit_rows(pl, cap)

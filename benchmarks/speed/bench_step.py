@@ -44,7 +44,7 @@ def flops_per_row():
 
 
 def package_entries(dt, B, data, rng):
-    from galdecomp.inference.training import Adam
+    from galdecomp.inference.optimiser import Adam
     from galdecomp.model.autoencoder import Autoencoder
     from galdecomp.inference.objective import ELBOObjective
     from galdecomp.model.likelihood import GaussianLikelihood

@@ -8,7 +8,7 @@ import copy
 import yaml
 
 from ..errors import InputError
-from .training import MINIBATCH_KINDS
+from .minibatches import MINIBATCH_KINDS
 
 __all__ = ["merge_settings", "DEFAULTS", "DATA_KINDS", "POSTERIOR_METHODS", "ROTATION_METHODS", "resolve_config",
            "load_config_file", "model_signature",

@@ -14,7 +14,8 @@ import numpy as np
 
 from .objective import ELBOObjective
 from ..workers import blas_threads, describe_threads, threads_of
-from .training import split_rows, train
+from .minibatches import split_rows
+from .training import train
 
 __all__ = ["StopSignals", "fit_rows", "training_time_summary"]
 

@@ -15,86 +15,10 @@ import numpy as np
 from ..errors import JobStopped
 from ..parallel import SerialComm
 from ..seeds import stream
+from .minibatches import epoch_order
+from .optimiser import Adam
 
-__all__ = ["Adam", "TrainingState", "MINIBATCH_KINDS", "split_rows", "epoch_order", "finished", "train"]
-
-#: How an epoch's rows are dealt into minibatches (``training.minibatches``).
-MINIBATCH_KINDS = ("shuffled", "stratified")
-
-
-class Adam:
-    """Adam on a flat parameter vector (Kingma & Ba 2015), state kept as plain arrays."""
-
-    #: elements per chunk of :meth:`step`: its passes over a chunk stay in the core's cache
-    CHUNK = 16384
-
-    def __init__(self, n, beta1=0.9, beta2=0.999, eps=1e-8):
-        self.m = np.zeros(n)
-        self.v = np.zeros(n)
-        self.t = 0
-        self.beta1, self.beta2, self.eps = beta1, beta2, eps
-        self._buf = np.empty((2, min(n, self.CHUNK)))
-
-    def step(self, x, grad, lr, part=slice(None), frozen=None):
-        """Return the updated parameters ``x - lr * m_hat / (sqrt(v_hat) + eps)`` of ``part``.
-
-        Parameters
-        ----------
-        x : ndarray, shape (n,)
-            Parameters.
-        grad : ndarray, shape of ``x[part]``
-            Gradient of the parameters ``part``.
-        lr : float or ndarray, shape (n,)
-            Learning rate (per parameter).
-        part : slice
-            The parameters to update (under MPI each rank updates its block and the blocks are
-            gathered); only their moments change.
-        frozen : slice, optional
-            Parameters (indices of ``x``) whose gradient is 0 at every step of the optimisation
-            (the encoder's indicator weights on complete data): their moments stay 0 and their
-            update is exactly 0, so they are copied instead of updated (the same bits, sooner).
-
-        Returns
-        -------
-        ndarray, shape of ``x[part]``
-
-        The moments are updated in place, chunk after chunk of :attr:`CHUNK` elements in two
-        preallocated buffers (the passes over a chunk stay in cache; fresh arrays of this size
-        would cost a page fault each); the arithmetic and its order are those of the textbook
-        expressions, elementwise, so results depend neither on the chunking nor on ``part``.
-        """
-        self.t += 1
-        lo = part.indices(len(self.m))[0]
-        m, v, x = self.m[part], self.v[part], x[part]
-        rate = lr[part] if np.ndim(lr) else lr
-        out = np.empty_like(x)
-        c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
-        ranges = [(0, len(x))]
-        if frozen is not None:  # the frozen parameters' positions in the part, copied
-            f0, f1, _ = frozen.indices(len(self.m))
-            f0, f1 = min(max(f0 - lo, 0), len(x)), min(max(f1 - lo, 0), len(x))
-            out[f0:f1] = x[f0:f1]
-            ranges = [(0, f0), (f1, len(x))] if f1 > f0 else ranges
-        for i, end in ((i, min(i + self.CHUNK, r1)) for r0, r1 in ranges for i in range(r0, r1, self.CHUNK)):
-            s = slice(i, end)
-            mc, vc, gc = m[s], v[s], grad[s]
-            a, b = self._buf[:, :len(gc)]
-            mc *= self.beta1
-            np.multiply(1 - self.beta1, gc, out=a)
-            mc += a
-            vc *= self.beta2
-            np.multiply(1 - self.beta2, gc, out=a)
-            a *= gc
-            vc += a
-            np.divide(vc, c2, out=b)
-            np.sqrt(b, out=b)
-            b += self.eps
-            np.divide(mc, c1, out=a)
-            a *= rate[s] if np.ndim(rate) else rate
-            a /= b
-            np.subtract(x[s], a, out=out[s])
-        return out
-
+__all__ = ["TrainingState", "finished", "train"]
 
 class TrainingState:
     """Everything that determines the rest of the optimisation.
@@ -172,60 +96,6 @@ class TrainingState:
         st.history = json.loads(str(a["history"]))
         st.done = bool(a["done"])
         return st
-
-
-def split_rows(n_rows, validation_fraction, seed):
-    """Deterministic split of row indices into training and validation sets.
-
-    Returns
-    -------
-    train : ndarray of int
-        Sorted training row indices.
-    valid : ndarray of int
-        Sorted validation row indices.
-    """
-    perm = stream(seed, "training", "split").permutation(n_rows)
-    n_val = max(1, int(round(validation_fraction * n_rows)))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-def epoch_order(rng, rows, batch_size, kind="shuffled"):
-    """One epoch's rows, in the order the minibatches take them (``batch_size`` at a time, the
-    last minibatch also takes the remainder).
-
-    ``shuffled``: a random permutation. ``stratified``: ``rows`` (sorted) are cut into
-    ``batch_size`` strata of consecutive rows, each stratum is shuffled, and minibatch ``b`` takes
-    the ``b``-th row of every stratum; every row is still used once per epoch. A minibatch then
-    spans the whole table (on a sky in NESTED order: the whole sky), and a process that holds a
-    contiguous range of rows gets its share of each minibatch's rows to within two rows (its
-    range cuts at most two strata), whatever the number of processes.
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-    rows : ndarray of int, shape (n,)
-        Sorted row indices.
-    batch_size : int
-    kind : {"shuffled", "stratified"}
-
-    Returns
-    -------
-    ndarray of int, shape (n,)
-    """
-    n = rows.size
-    q = n // batch_size  # rows of the smallest stratum = number of minibatches
-    if kind == "shuffled" or q < 2:
-        return rng.permutation(rows)
-    bounds = (np.arange(batch_size + 1) * n) // batch_size  # strata of q or q + 1 rows
-    size = np.diff(bounds)
-    slots = np.full((batch_size, q + 1), -1)
-    col = np.arange(n) - np.repeat(bounds[:-1], size)
-    slots[np.repeat(np.arange(batch_size), size), col] = np.arange(n)
-    slots = rng.permuted(slots, axis=1)
-    r, c = np.nonzero(slots[:, :q] < 0)  # a stratum of q rows: its empty slot goes last
-    slots[r, c], slots[r, q] = slots[r, q], -1
-    order = np.concatenate([slots[:, :q - 1].T.ravel(), slots[:, q - 1:].ravel()])
-    return rows[order[order >= 0]]
 
 
 def finished(state, cfg):

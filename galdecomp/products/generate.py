@@ -12,7 +12,7 @@ import numpy as np
 
 from ..fileio import atomic_output_dir, write_text
 from ..seeds import salted
-from ..inference.training import split_rows
+from ..inference.minibatches import split_rows
 from ..model.latent_transform import DENSITIES, gaussian_draws_per_row
 from .sample_quality import frechet_distance, ks_per_feature
 from .tables import format_table
