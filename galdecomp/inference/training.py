@@ -20,6 +20,7 @@ from .optimiser import Adam
 
 __all__ = ["TrainingState", "finished", "train"]
 
+
 class TrainingState:
     """Everything that determines the rest of the optimisation.
 
