@@ -15,10 +15,10 @@ from galdecomp.workers import ForkedWorkers, SharedArrays, WorkerError, availabl
 from galdecomp.parallel import SerialComm
 
 
-def objective(dtype="float32", covariance="diagonal", block_rows=128, C=7, P=900, seed=0):
+def objective(dtype="float32", covariance="diagonal", block_rows=128, C=7, P=900, seed=0, missing=0.05):
     rng = np.random.default_rng(seed)
     data = rng.standard_normal((P, C))
-    data[rng.random((P, C)) < 0.05] = np.nan
+    data[rng.random((P, C)) < missing] = np.nan
     cfg = resolve_config({"training": {"dtype": dtype, "block_rows": block_rows}, "covariance": covariance,
                           "latent_dim": 3, "encoder": {"hidden": [16]}, "decoder": {"hidden": [16]}})
     model = Autoencoder.from_config(cfg, C, 0.01)
@@ -47,6 +47,40 @@ def test_value_gradient_and_validation_do_not_depend_on_the_number_of_threads(dt
     obj, params = objective(dtype, covariance, block_rows=64)  # the blocks are part of the arithmetic
     v, g, _ = obj.value_and_gradient(params, rows, xi, beta=0.3)
     assert v == pytest.approx(results[0][0], rel=1e-5) and not np.array_equal(g, results[0][5:5 + g.size])
+
+
+@pytest.mark.parametrize("n,batch,missing,room", [(2, 600, 0.05, 600), (3, 600, 0.0, 600), (2, 200, 0.05, 200),
+                                                (2, 600, 0.05, 500)])
+def test_shared_update_is_bitwise_the_gradient_and_adam_step_of_one_process(n, batch, missing, room):
+    """descend: the workers' spans of the gradient and of Adam give one process's bits (batch
+    200: two blocks of 128 and 72 rows; complete data: frozen indicator weights; a minibatch
+    beyond the shared memory's ``room``: computed by this process)."""
+    from galdecomp.inference.optimiser import Adam
+
+    rng = np.random.default_rng(3)
+    rows, xi = np.sort(rng.choice(900, batch, replace=False)), rng.standard_normal((batch, 3))
+    ref, params = objective(missing=missing)
+    assert (ref.frozen is None) == (missing > 0)
+    rates = 1e-2 * rng.uniform(0.5, 2.0, params.size)
+    one, x1 = Adam(params.size), params.copy()
+    obj, _ = objective(missing=missing)
+    assert obj.start_workers(n, room) == n and obj.splits_update
+    shared, x2 = Adam(params.size), params.copy()
+    try:
+        for lr in (1e-2, rates, rates):
+            v1, g, t1 = ref.value_and_gradient(x1, rows, xi, beta=0.3, extra=[2.0])
+            x1 = one.step(x1, g, lr, frozen=ref.frozen)
+            given, before = x2, x2.copy()
+            v2, x2, t2, seconds = obj.descend(x2, rows, xi, shared, lr, beta=0.3, extra=[2.0])
+            # a caller's own array is left as it was; the shared one returned is updated in place
+            assert x2 is given or np.array_equal(given, before)
+            assert v2 == v1 and t2["nll"] == t1["nll"] and t2["kl"] == t1["kl"] and list(t2["extra"]) == [2.0]
+            assert np.array_equal(x2, x1) and seconds > 0
+        assert np.array_equal(shared.m, one.m) and np.array_equal(shared.v, one.v) and shared.t == one.t == 3
+        assert np.shares_memory(shared.m, obj._shared["adam_m"]) == (batch <= room)
+    finally:
+        obj.close_workers()
+    assert not obj.splits_update and shared.m.base is None and np.array_equal(shared.m, one.m)
 
 
 def test_calls_beyond_the_shared_memory_are_computed_here():
@@ -169,13 +203,15 @@ def test_mgvi_on_two_cores_takes_the_rows_in_two_shares(tmp_path, capsys):
 
 
 def test_no_more_workers_than_blocks(tmp_path, capsys):
+    """As many threads as blocks in the largest minibatch."""
     obj, _ = objective(block_rows=128)
     try:
         assert obj.start_workers(4, 200) == 2  # 200 rows: two blocks
+        assert obj.start_workers(4, 100) == 1  # one block: this process alone
     finally:
         obj.close_workers()
     (tmp_path / "r").mkdir()
     fit_small_sky(tmp_path / "r", "--max-epochs", "1", "--latent-dim", "3", "--threads", "4")
     err = capsys.readouterr().err
     assert "2 threads (this process and 1 forked worker)" in err
-    assert "4 cores, 2 used: a minibatch has 2 blocks of at most 512 rows" in err
+    assert "4 cores, 2 used: a minibatch has at most 2 blocks of 512 rows" in err

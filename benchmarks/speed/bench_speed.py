@@ -11,7 +11,10 @@ In ONE run, round-robin over the variants (each in a fresh subprocess), best of 
 - ``torch``: the peer of bench_quality (``benchmarks.common.fit_torch_peer``: PyTorch VAE, encoder and decoder 2x128 tanh,
   Adam 2e-3 with cosine annealing, batch 1024, float32) on the same preprocessed rows (complete
   rows), with ``torch.set_num_threads`` = the cores given (``--threads``, default all);
-  ``training`` is its training loop, ``end to end`` the subprocess (imports, data, training).
+  ``training`` is its training loop, ``end to end`` the subprocess (imports, data, training);
+- ``before``: the default of another source tree of the package (``--before DIR``, e.g. a
+  ``git worktree`` of the previous commit), run as ``python -m galdecomp`` with that tree first
+  on ``PYTHONPATH``: a change's before and after side by side in one run.
 
 Data sets (``--datasets``): ``real`` (the 18 maps of realsky64 that are neither dust nor HI,
 nside 64: 49,152 pixels), ``real32`` (the same at nside 32), ``realmorph`` (the real-morphology
@@ -22,6 +25,7 @@ Usage::
     python -m benchmarks.speed.bench_speed                          # real maps, 200 epochs, 3 rounds
     python -m benchmarks.speed.bench_speed --epochs 20 --repeat 2   # quick look
     python -m benchmarks.speed.bench_speed --variants default,torch --datasets real,realmorph
+    python -m benchmarks.speed.bench_speed --variants before,default,torch --before /tmp/old-tree
 """
 import argparse
 import os
@@ -41,6 +45,7 @@ VARIANTS = {
     "f32-1t": {"training": {"threads": 1}},
     "2-ranks": {},  # mpiexec -n 2, one thread per rank
     "previous": {"training": {"dtype": "float64", "block_rows": 1024, "threads": 1}},
+    "before": {},  # the default of the tree given by --before
 }
 RANKS = {"2-ranks": 2}
 
@@ -60,15 +65,22 @@ def peer_worker(inputs, templates, seed, epochs, threads):
     print(json.dumps(dict(training=res["seconds"], setup=time.perf_counter() - t0 - res["seconds"])))
 
 
-def run_package(catalog, settings, epochs, seed, work, ranks=1):
+def run_package(catalog, settings, epochs, seed, work, ranks=1, tree=None):
+    """``galdecomp fit`` of ``catalog`` with ``settings`` in a subprocess (``tree``: the package of
+    that source tree); returns its training seconds (from its log), wall seconds and threads."""
     cfg = os.path.join(work, "variant.yaml")
     with open(cfg, "w") as f:
         yaml.safe_dump(settings, f)
     out = os.path.join(work, "run")
     cmd = galdecomp_command(["fit", catalog, "--out", out, "--overwrite", "--config", cfg, "--max-epochs", str(epochs),
-                             "--seed", str(seed)], ranks, module=ranks > 1)
+                             "--seed", str(seed)], ranks, module=ranks > 1 or tree is not None)
+    env = None
+    if tree is not None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(tree)]
+                                                          + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    # python -m puts the working directory first on sys.path: run the other tree's from there
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
     wall = time.perf_counter() - t0
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
@@ -101,14 +113,17 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="cores of the peer (default: all, as the package's default)")
+    ap.add_argument("--before", metavar="DIR", help="source tree of the variant 'before' (a git worktree)")
     ap.add_argument("--peer", nargs=5, metavar=("INPUTS", "TEMPLATES", "SEED", "EPOCHS", "THREADS"),
                     help=argparse.SUPPRESS)  # the peer's subprocess
     args = ap.parse_args(argv)
     if args.peer:
         inputs, templates, seed, epochs, threads = args.peer
         return peer_worker(inputs, templates, int(seed), int(epochs), int(threads))
-    work = tempfile.mkdtemp(prefix="bench_speed_")
     names = args.variants.split(",")
+    if "before" in names and not (args.before and os.path.isdir(os.path.join(args.before, "galdecomp"))):
+        ap.error("the variant 'before' needs --before DIR, a source tree with galdecomp/ in it")
+    work = tempfile.mkdtemp(prefix="bench_speed_")
     rows = []
     try:
         for ds in args.datasets.split(","):
@@ -119,7 +134,8 @@ def main(argv=None):
                     if name == "torch":
                         res = run_peer(inputs, templates, args.epochs, args.seed, args.threads)
                     else:
-                        res = run_package(inputs, VARIANTS[name], args.epochs, args.seed, work, RANKS.get(name, 1))
+                        res = run_package(inputs, VARIANTS[name], args.epochs, args.seed, work, RANKS.get(name, 1),
+                                          args.before if name == "before" else None)
                     print(f"{ds} round {r + 1} {name}: training {res['training']:.1f} s, end to end "
                           f"{res['wall']:.1f} s ({os.getloadavg()[0]:.2f} load)", flush=True)
                     b = best.setdefault(name, dict(res))

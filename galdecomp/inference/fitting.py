@@ -14,7 +14,7 @@ import numpy as np
 
 from .objective import ELBOObjective
 from ..workers import blas_threads, describe_threads, threads_of
-from .minibatches import split_rows
+from .minibatches import largest_minibatch, split_rows
 from .training import train
 
 __all__ = ["StopSignals", "fit_rows", "training_time_summary"]
@@ -102,14 +102,16 @@ def fit_rows(model, data, state, cfg, checkpoint=None, log=None, offset=0, n_row
 
     t0 = time.perf_counter()
     asked = threads_of(tcfg, objective.comm)
-    threads = objective.start_workers(asked, tcfg["batch_size"], valid_rows.size)
+    largest = largest_minibatch(train_rows.size, int(tcfg["batch_size"]))
+    threads = objective.start_workers(asked, largest, valid_rows.size)
     if log:
         log(f"{train_rows.size} training / {valid_rows.size} validation rows, batch {tcfg['batch_size']}; "
             f"{describe_threads(threads, objective.comm)}, {tcfg['dtype']} kernels")
         if objective.comm.size > 1 and (tcfg["threads"] or 1) > 1:
             log(f"training.threads {tcfg['threads']} ignored: under MPI each rank computes its rows alone")
         elif asked > threads:
-            log(f"{asked} cores, {threads} used: a minibatch has {threads} blocks of at most "
+            blocks = -(-largest // int(tcfg["block_rows"]))
+            log(f"{asked} cores, {threads} used: a minibatch has at most {blocks} block{'s' * (blocks > 1)} of "
                 f"{tcfg['block_rows']} rows (a smaller training.block_rows gives more)")
     seconds = {}
     try:

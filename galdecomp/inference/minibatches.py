@@ -3,7 +3,7 @@ import numpy as np
 
 from ..seeds import stream
 
-__all__ = ["MINIBATCH_KINDS", "split_rows", "epoch_order"]
+__all__ = ["MINIBATCH_KINDS", "split_rows", "epoch_order", "minibatches", "largest_minibatch"]
 
 #: How an epoch's rows are dealt into minibatches (``training.minibatches``).
 MINIBATCH_KINDS = ("shuffled", "stratified")
@@ -61,3 +61,16 @@ def epoch_order(rng, rows, batch_size, kind="shuffled"):
     slots[r, c], slots[r, q] = slots[r, q], -1
     order = np.concatenate([slots[:, :q - 1].T.ravel(), slots[:, q - 1:].ravel()])
     return rows[order[order >= 0]]
+
+
+def minibatches(order, batch_size):
+    """An epoch's minibatches (sorted row indices): ``batch_size`` rows of ``order`` at a time, the
+    last one also taking the remainder (so no minibatch is smaller than ``batch_size``)."""
+    n = max(1, order.size // batch_size)
+    return [np.sort(order[b * batch_size:(b + 1) * batch_size] if b < n - 1 else order[b * batch_size:])
+            for b in range(n)]
+
+
+def largest_minibatch(n_rows, batch_size):
+    """Rows of the largest of :func:`minibatches` of ``n_rows`` rows (the last one)."""
+    return n_rows - (max(1, n_rows // batch_size) - 1) * batch_size

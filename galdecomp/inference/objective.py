@@ -2,8 +2,10 @@
 
 :class:`ELBOObjective` deals the minibatches (global row indices) to the processes that hold the
 rows, evaluates the model's :class:`~galdecomp.model.elbo.AmortisedELBO` on each process's share
-(on forked workers in one process) and adds the partial sums with one collective per step. It
-is training machinery, so it lives here and not in the model.
+(on forked workers in one process) and adds the partial sums with one collective per step. With
+forked workers, :meth:`~ELBOObjective.descend` also shares the optimiser's update among the
+processes (each adds up and steps a span of the parameters), so that no per-parameter pass runs
+on one core only. It is training machinery, so it lives here and not in the model.
 """
 import os
 import time
@@ -60,7 +62,7 @@ class ELBOObjective:
         self.beta = model.beta
         self.reduce_seconds = 0.0
         self._edges, self._dealt = None, None
-        self._workers = self._shared = None
+        self._workers = self._shared = self._adam = self._update_adam = None
         if self.comm.size > 1:  # the ranks' first rows, for deal()
             sizes = np.zeros(self.comm.size)
             sizes[self.comm.rank] = len(self.data)
@@ -146,8 +148,9 @@ class ELBOObjective:
 
     # -- worker processes (one process only) ------------------------------------------------------
     def start_workers(self, n, batch_rows, max_rows=None):
-        """Compute the row blocks of every later call with ``n - 1`` forked worker processes and
-        this one (:mod:`galdecomp.workers`); results are bitwise those of one process.
+        """Compute the row blocks of every later call, and the update of :meth:`descend`, with
+        ``n - 1`` forked worker processes and this one (:mod:`galdecomp.workers`); results are
+        bitwise those of one process.
 
         Parameters
         ----------
@@ -168,39 +171,75 @@ class ELBOObjective:
         from ..workers import ForkedWorkers, SharedArrays
 
         self.close_workers()
-        n = min(int(n), len(self._op.blocks(batch_rows)))  # a worker without a block would only wait
+        n_blocks = len(self._op.blocks(batch_rows))
+        # a worker without a block would only wait, or take a span of the update: measured no
+        # faster than one process on minibatches of one block (Fashion-MNIST's 128 images)
+        n = min(int(n), n_blocks)
         if n <= 1 or self.comm.size > 1 or not hasattr(os, "fork"):
             return 1
         m, L, C = self.model, self.latent_dim, self.model.n_features
         max_rows = max(int(max_rows or 0), int(batch_rows))
-        nb, ng = len(self._op.blocks(max_rows)), len(self._op.blocks(batch_rows))
-        f8 = np.float64
+        nb = len(self._op.blocks(max_rows))
+        f8, P = np.float64, m.n_params
         self._shared = SharedArrays(dict(
-            header=((8,), f8), params=((m.n_params,), f8), rows=((max_rows,), np.int64), xi=((max_rows, L), f8),
-            rr=((nb, C), f8), kl=((nb,), f8), gw=((nb, C), f8), gtd=((ng, m.decoder.n_params), f8),
-            gte=((ng, m.encoder.n_params), f8), nll_rows=((max_rows,), f8), kl_rows=((max_rows,), f8)))
+            header=((len(self._HEADER),), f8), params=((P,), f8), rows=((max_rows,), np.int64),
+            xi=((max_rows, L), f8), rr=((nb, C), f8), kl=((nb,), f8), gw=((nb, C), f8),
+            gtd=((n_blocks, m.decoder.n_params), f8), gte=((n_blocks, m.encoder.n_params), f8),
+            nll_rows=((max_rows,), f8), kl_rows=((max_rows,), f8),
+            adam_m=((P,), f8), adam_v=((P,), f8), lr=((P,), f8), grad=((P,), f8)))
         # set before the fork: the workers see them
         self._max_rows, self._batch_rows, self._n_workers = max_rows, int(batch_rows), int(n)
+        self._spans = self._update_spans(n)
+        self._adam = self._lr = self._update_adam = None
         self._workers = ForkedWorkers(n, self._work_share)
         return self._workers.n
+
+    def _update_spans(self, n):
+        """``n`` consecutive spans of the networks' parameters ``[encoder | decoder]``, one per
+        process, with equal numbers of parameters that are not frozen (a frozen one is a copy)."""
+        ne, nd = self.model.encoder.n_params, self.model.decoder.n_params
+        live = np.ones(ne + nd, bool)
+        if self.frozen is not None:
+            live[self.frozen] = False
+        cum = np.cumsum(live)
+        cuts = np.searchsorted(cum, np.arange(1, n) * cum[-1] / n)
+        cuts = np.concatenate([[0], cuts // 8 * 8, [ne + nd]])  # cache-line aligned
+        return [slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
     def close_workers(self):
         """End the worker processes (if any)."""
         if getattr(self, "_workers", None) is not None:
             self._workers.close()
-        self._workers, self._shared = None, None
+        adam = self._adam
+        if adam is not None:  # the moments leave the shared mapping
+            adam.m, adam.v = np.array(adam.m), np.array(adam.v)
+        self._workers, self._shared, self._adam = None, None, None
 
-    #: header of a task in shared memory: rows, beta (NaN: the model's), then the wanted flags
+    #: a task in shared memory: rows, beta (NaN: the model's), the wanted flags, the task (0: the
+    #: blocks of a minibatch, 1: the update of descend), Adam's step, learning rate (NaN: the
+    #: array ``lr``), beta1, beta2, eps
     _WANT = ("grad", "encoder", "decoder", "noise", "per_row")
+    _HEADER = ("rows", "beta") + _WANT + ("task", "t", "lr", "beta1", "beta2", "eps")
+
+    def _head(self, **values):
+        head = self._shared["header"]
+        for key, value in values.items():
+            head[self._HEADER.index(key)] = value
 
     def _work_share(self, k):
-        """Worker ``k``'s share of the task in shared memory: every block ``c`` with ``c % n == k``,
-        each on a minibatch of its own rows (the rows of a block give the same arrays as the
-        block of the whole minibatch, rows being independent)."""
+        """Worker ``k``'s share of the task in shared memory (:meth:`_block_share` or
+        :meth:`_update_share`)."""
+        head = dict(zip(self._HEADER, self._shared["header"]))
+        B, beta = int(head["rows"]), (None if np.isnan(head["beta"]) else float(head["beta"]))
+        if head["task"] == 1:
+            self._update_share(k, B, beta, head)
+        else:
+            self._block_share(k, B, beta, {key: bool(head[key]) for key in self._WANT})
+
+    def _block_share(self, k, B, beta, want):
+        """Every block ``c`` with ``c % n == k``, each on a minibatch of its own rows (the rows of a
+        block give the same arrays as the block of the whole minibatch, rows being independent)."""
         sh, n = self._shared, self._n_workers
-        head = sh["header"]
-        B, beta = int(head[0]), (None if np.isnan(head[1]) else float(head[1]))
-        want = {key: bool(head[2 + i]) for i, key in enumerate(self._WANT)}
         weights = None
         for c, rows in enumerate(self._op.blocks(B)):
             if c % n != k:
@@ -215,6 +254,27 @@ class ELBOObjective:
             if want["per_row"]:
                 sh["nll_rows"][rows], sh["kl_rows"][rows] = part["nll_rows"], part["kl_rows"]
 
+    def _update_share(self, k, B, beta, head):
+        """Process ``k``'s span of the networks' gradient (summed over the blocks) and its Adam
+        update, written in place (the parameters and moments in shared memory)."""
+        from .optimiser import Adam
+
+        sh, span = self._shared, self._spans[k]
+        if span.stop <= span.start:
+            return
+        op = self._op.for_rows(B, beta)
+        parts = [dict(gte=sh["gte"][c], gtd=sh["gtd"][c]) for c in range(len(op.blocks(B)))]
+        grad = sh["grad"][span]
+        op.weight_gradient(self._excitations(sh["params"]), parts, span, grad, op.batch_norm(B))
+        adam = self._update_adam
+        if adam is None:  # this process's view of the shared moments (kept for later steps)
+            adam = self._update_adam = Adam(len(sh["params"]))
+            adam.m, adam.v = sh["adam_m"], sh["adam_v"]
+        adam.t = int(head["t"])
+        adam.beta1, adam.beta2, adam.eps = float(head["beta1"]), float(head["beta2"]), float(head["eps"])
+        lr = sh["lr"] if np.isnan(head["lr"]) else float(head["lr"])
+        adam.update(sh["params"], grad, lr, span, self.frozen, out=sh["params"][span])  # in place: elementwise
+
     def _excitations(self, params):
         return {key: params[s] for key, s in self.model.slices.items()}
 
@@ -225,18 +285,94 @@ class ELBOObjective:
         if self._workers is None or len(rows) > (self._batch_rows if grad_keys else self._max_rows):
             op = self._energy(rows, xi, beta)
             return op, op.sums(v, grad_keys=grad_keys, per_row=per_row)
+        op, parts = self._blocks_by_workers(params, rows, xi, beta, self._op.wanted(grad_keys, per_row))
+        return op, op.sums(v, op.counts(self.mask[rows], len(rows), per_row), grad_keys, per_row, parts)
+
+    def _blocks_by_workers(self, params, rows, xi, beta, want):
+        """The blocks' partial sums of the minibatch ``rows``, computed by all processes: the ELBO
+        operator and the parts (views of the shared memory, valid until the next task)."""
         sh, B = self._shared, len(rows)
         op = self._op.for_rows(B, beta)
-        want = op.wanted(grad_keys, per_row)
-        sh["header"][:] = [B, np.nan if beta is None else beta] + [float(want[key]) for key in self._WANT] + [0.0]
-        sh["params"][:], sh["rows"][:B], sh["xi"][:B] = params, rows, xi
+        self._head(rows=B, beta=np.nan if beta is None else beta, task=0, **{k: float(want[k]) for k in self._WANT})
+        if params is not sh["params"]:  # (descend returns the shared parameters)
+            sh["params"][:] = params
+        sh["rows"][:B], sh["xi"][:B] = rows, xi
         self._workers.run()
-        # views of the shared memory: op.sums only reads them (into new arrays) before returning
         parts = [dict(rr=sh["rr"][c], kl=float(sh["kl"][c]), gw=sh["gw"][c],
                       gtd=sh["gtd"][c] if want["decoder"] else None, gte=sh["gte"][c] if want["encoder"] else None,
                       nll_rows=sh["nll_rows"][r], kl_rows=sh["kl_rows"][r])
                  for c, r in enumerate(op.blocks(B))]
-        return op, op.sums(v, op.counts(self.mask[rows], B, per_row), grad_keys, per_row, parts)
+        return op, parts
+
+    @property
+    def splits_update(self):
+        """Whether :meth:`descend` shares the optimiser's update among worker processes."""
+        return self._workers is not None
+
+    def descend(self, params, rows, xi, adam, lr, beta=None, extra=()):
+        """One optimiser step on the minibatch ``rows``, the update shared by all processes.
+
+        The workers and this process compute the row blocks (as :meth:`value_and_gradient`),
+        then each takes a span of the networks' parameters: the span's gradient (the blocks
+        added in block order) and its Adam update, the moments in shared memory; this process
+        also updates the noise parameters. The parameters are bitwise those of
+        ``adam.step(params, value_and_gradient(...)[1], lr, frozen=self.frozen)``. They are
+        updated in place in the shared memory and that array is returned: passed back at the next
+        call it is not copied (and is overwritten); any other ``params`` is left as it is.
+
+        Parameters
+        ----------
+        params : ndarray, shape (n_params,)
+        rows : ndarray of int
+            The minibatch (global row indices; beyond ``batch_rows`` of :meth:`start_workers`
+            computed by this process alone).
+        xi : ndarray, shape (len(rows), L)
+        adam : Adam
+            Its moments move into the shared memory at the first call (and back to private
+            arrays at :meth:`close_workers`); its step count advances by one.
+        lr : float or ndarray, shape (n_params,)
+            Learning rate (per parameter).
+        beta : float, optional
+            KL weight of this step.
+        extra : sequence of float
+            Returned as ``terms["extra"]`` (one process: nothing to sum them with).
+
+        Returns
+        -------
+        value : float
+            Negative ELBO per row at ``params``.
+        new_params : ndarray, shape (n_params,)
+            The shared parameters (valid until the next call with workers).
+        terms : dict
+            ``nll``, ``kl`` (per row), ``extra``.
+        seconds : float
+            Wall time of the update (the gradient's spans and Adam).
+        """
+        sh = self._shared
+        if len(rows) > self._batch_rows:  # beyond the shared memory: computed here
+            value, grad, terms = self.value_and_gradient(params, rows, xi, beta, extra)
+            t0 = time.perf_counter()
+            new = adam.step(params, grad, lr, frozen=self.frozen)
+            return value, new, terms, time.perf_counter() - t0
+        if adam.m is not sh["adam_m"]:  # fresh, resumed, or another optimiser
+            sh["adam_m"][:], sh["adam_v"][:] = adam.m, adam.v
+            adam.m, adam.v = sh["adam_m"], sh["adam_v"]
+        self._adam = adam
+        op, parts = self._blocks_by_workers(params, rows, xi, beta, self._op.wanted(self.model.slices))
+        # the terms and the noise gradient read the parameters before the update overwrites them
+        t = op.sums(self._excitations(sh["params"]), op.counts(self.mask[rows], len(rows)), ("noise",), False, parts)
+        value, terms = float(op.value_of(t)), {"nll": t["nll"] / t["B"], "kl": t["kl"] / t["B"],
+                                               "extra": np.asarray(extra, np.float64)}
+        t0 = time.perf_counter()
+        adam.t += 1
+        if np.ndim(lr) and lr is not self._lr:  # per-parameter rates: copied when they change
+            sh["lr"][:], self._lr = lr, lr
+        self._head(task=1, t=adam.t, lr=np.nan if np.ndim(lr) else lr, beta1=adam.beta1, beta2=adam.beta2,
+                   eps=adam.eps)
+        self._workers.run()
+        noise, new = self.model.slices["noise"], sh["params"]
+        adam.update(new, t["grad_flat"], lr, noise, self.frozen, out=new[noise])
+        return value, new, terms, time.perf_counter() - t0
 
     def value_and_gradient(self, params, rows, xi, beta=None, extra=(), dealt=None, scatter=False):
         """Negative ELBO per row of the minibatch ``rows``, its gradient and terms (nll, kl).
@@ -285,3 +421,4 @@ class ELBOObjective:
         per_row = self.comm.gather_rows(t["nll_rows"] + t["kl_rows"])
         stats = None if per_row is None else (float(np.mean(per_row)), float(np.median(per_row)))
         return self.comm.bcast(stats)
+

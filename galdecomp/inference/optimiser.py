@@ -18,7 +18,14 @@ class Adam:
         self._buf = np.empty((2, min(n, self.CHUNK)))
 
     def step(self, x, grad, lr, part=slice(None), frozen=None):
-        """Return the updated parameters ``x - lr * m_hat / (sqrt(v_hat) + eps)`` of ``part``.
+        """Count a step and return the updated parameters of ``part`` (:meth:`update`)."""
+        self.t += 1
+        return self.update(x, grad, lr, part, frozen)
+
+    def update(self, x, grad, lr, part=slice(None), frozen=None, out=None):
+        """Return the updated parameters ``x - lr * m_hat / (sqrt(v_hat) + eps)`` of ``part`` at
+        step :attr:`t` (not counted: processes sharing the moments each update their part of one
+        step).
 
         Parameters
         ----------
@@ -35,6 +42,8 @@ class Adam:
             Parameters (indices of ``x``) whose gradient is 0 at every step of the optimisation
             (the encoder's indicator weights on complete data): their moments stay 0 and their
             update is exactly 0, so they are copied instead of updated (the same bits, sooner).
+        out : ndarray, shape of ``x[part]``, optional
+            Where to write the result (default: a new array).
 
         Returns
         -------
@@ -45,11 +54,10 @@ class Adam:
         would cost a page fault each); the arithmetic and its order are those of the textbook
         expressions, elementwise, so results depend neither on the chunking nor on ``part``.
         """
-        self.t += 1
         lo = part.indices(len(self.m))[0]
         m, v, x = self.m[part], self.v[part], x[part]
         rate = lr[part] if np.ndim(lr) else lr
-        out = np.empty_like(x)
+        out = np.empty_like(x) if out is None else out
         c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
         ranges = [(0, len(x))]
         if frozen is not None:  # the frozen parameters' positions in the part, copied

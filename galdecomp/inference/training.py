@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import JobStopped
 from ..parallel import SerialComm
 from ..seeds import stream
-from .minibatches import epoch_order
+from .minibatches import epoch_order, minibatches
 from .optimiser import Adam
 
 __all__ = ["TrainingState", "finished", "train"]
@@ -147,7 +147,6 @@ class _Loop:
         order = epoch_order(rng, self.train_rows, self.bs, cfg.get("minibatches", "shuffled"))
         if state.batch:  # resuming inside the epoch
             rng.bit_generator.state = state.batch_rng_state
-        n_batches = max(1, order.size // self.bs)
         if self.cosine:
             lo = float(cfg["min_learning_rate"])
             frac = min(state.epoch / cfg["schedule_epochs"], 1.0)
@@ -156,9 +155,8 @@ class _Loop:
         kw = {}
         if self.warmup > 0 and state.epoch < self.warmup:
             kw["beta"] = self.objective.beta * (state.epoch + 1) / (self.warmup + 1)
-        bs = self.bs
-        batches = [np.sort(order[b * bs:(b + 1) * bs] if b < n_batches - 1 else order[b * bs:])
-                   for b in range(n_batches)]
+        batches = minibatches(order, self.bs)
+        n_batches = len(batches)
         self.objective.deal(batches)
         signum = None
         for b in range(state.batch, n_batches):
@@ -176,13 +174,19 @@ class _Loop:
         due = (self.checkpoint is not None and b + 1 < n_batches
                and t1 - self.t_saved >= self.cfg["checkpoint_seconds"])
         flags = np.concatenate([[float(due)], self.stop.flags() if self.stop is not None else []])
-        value, grad, terms = self.objective.value_and_gradient(state.params, rows, xi, extra=flags, dealt=b,
-                                                               scatter=True, **kw)
-        t2 = clock()
-        mine = state.adam.step(state.params, grad, lr, self.part, self.frozen)
-        t3 = clock()
-        params = self.comm.allgather_blocks(mine, self.n_par)
-        t4 = clock()
+        if getattr(self.objective, "splits_update", False):  # worker processes share Adam's update
+            value, params, terms, update = self.objective.descend(state.params, rows, xi, state.adam, lr,
+                                                                  extra=flags, **kw)
+            t3 = t4 = clock()
+            t2 = t3 - update
+        else:
+            value, grad, terms = self.objective.value_and_gradient(state.params, rows, xi, extra=flags, dealt=b,
+                                                                   scatter=True, **kw)
+            t2 = clock()
+            mine = state.adam.step(state.params, grad, lr, self.part, self.frozen)
+            t3 = clock()
+            params = self.comm.allgather_blocks(mine, self.n_par)
+            t4 = clock()
         # a non-finite gradient makes the parameters non-finite (inf / inf in Adam), on every
         # rank alike; their sum is non-finite exactly then (parameters are far from overflow)
         if not np.isfinite(value + params.sum()):

@@ -252,21 +252,18 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
         return dict(enc=self._enc.prepare(theta_e), dec=self._dec.prepare(theta_d), theta_d=theta_d, w=w,
                     wt=w.astype(self._dec.dtype))
 
+    def batch_norm(self, n_rows):
+        """The number the data terms of a minibatch of ``n_rows`` rows here are divided by (all
+        the ranks' rows of the minibatch)."""
+        return float(self._n_batch or n_rows)
+
     def _finish(self, v, batch, parts, want):
-        """Terms and gradients from the blocks' partial sums, added in block order."""
+        """Terms and gradients from the blocks' partial sums, added in block order (the weights'
+        gradients only if ``want`` has ``encoder`` or ``decoder``)."""
         xi_d, s = v["decoder"], v["noise"]
         w, dw = _noise.d_inv_var_ds(s, self._floor, self._sigma0, self._tau)
-        acc = {k: parts[0][k] for k in ("rr", "kl", "gw", "gtd", "gte")}
-        if len(parts) > 1:  # a fresh sum of the first two blocks, the later ones added into it
-            acc = {k: a if a is None else a + parts[1][k] for k, a in acc.items()}
-        for part in parts[2:]:
-            for k, a in acc.items():
-                if np.ndim(a) > 0:
-                    a += part[k]
-                elif a is not None:
-                    acc[k] = a + part[k]
-        B = len(batch["xi"])
-        norm = float(self._n_batch or B)
+        acc = {k: _block_order_sum(parts, k) for k in ("rr", "kl", "gw")}
+        norm = self.batch_norm(len(batch["xi"]))
         pw = 1.0 if self._with_prior else 0.0
         rr, cnt = acc["rr"], batch["count"]
         out = {"nll": GaussianLikelihood.value_from_sums(rr, cnt, w), "kl": acc["kl"],
@@ -276,29 +273,61 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
                                + GaussianLikelihood.log_norm_rows(batch["m"], w))
             out["kl_rows"] = np.concatenate([p["kl_rows"] for p in parts])
         if want["grad"]:
-            out["grad"], out["grad_flat"] = self._gradient(acc, want, norm, pw, xi_d, s, rr, cnt, w, dw)
+            out["grad"], out["grad_flat"] = self._gradient(v, parts, want, norm, acc, cnt, w, dw)
         return out
 
-    def _gradient(self, acc, want, norm, pw, xi_d, s, rr, cnt, w, dw):
+    def _gradient(self, v, parts, want, norm, acc, cnt, w, dw):
         """The wanted gradients (dict) as views of one flat array ``[encoder | decoder | noise]``
-        of the wanted parts, and that array."""
-        sizes = {"encoder": len(self._esc), "decoder": len(self._dsc), "noise": len(s)}
+        of the wanted parts, and that array (``acc``: the blocks' sums of ``rr`` and ``gw``)."""
+        s = v["noise"]
+        ne, nd = len(self._esc), len(self._dsc)
+        sizes = {"encoder": ne, "decoder": nd, "noise": len(s)}
         flat = np.empty(sum(n for k, n in sizes.items() if want[k]))
         g, i = {}, 0
         for k, n in sizes.items():
             if want[k]:
                 g[k], i = flat[i:i + n], i + n
-        if want["encoder"]:  # in place: the textbook order, without temporaries
-            np.multiply(self._esc, acc["gte"], out=g["encoder"])
-            g["encoder"] /= norm
-        if want["decoder"]:
-            np.multiply(self._dsc, acc["gtd"], out=g["decoder"])
-            g["decoder"] /= norm
-            g["decoder"] += np.multiply(pw, xi_d) / self._n_total
+        for k, lo in (("encoder", 0), ("decoder", ne)):
+            if want[k]:
+                self.weight_gradient(v, parts, slice(lo, lo + sizes[k]), g[k], norm)
         if want["noise"]:
-            gw = GaussianLikelihood.grad_inv_var_from_sums(rr, cnt, w) + acc["gw"]
+            pw = 1.0 if self._with_prior else 0.0
+            gw = GaussianLikelihood.grad_inv_var_from_sums(acc["rr"], cnt, w) + acc["gw"]
             g["noise"][:] = gw * dw / norm + pw * s / self._n_total
         return g, flat
+
+    def weight_gradient(self, v, parts, span, out, norm):
+        """The networks' gradient (excitation space) on ``span`` of ``[encoder | decoder]``.
+
+        Parameters
+        ----------
+        v : dict
+            Excitations (``decoder`` is read, for its prior term).
+        parts : list of dict
+            The blocks' partial sums (:meth:`block_sums`, with ``gte`` and ``gtd``), added here in
+            block order.
+        span : slice
+            Positions in the concatenation ``[encoder | decoder]`` of the parameters (step 1).
+        out : ndarray, shape (span's length,)
+            Written. The arithmetic is elementwise, so any split of the positions gives the bits
+            of the whole (worker processes each take a span).
+        norm : float
+            The rows the data terms are averaged over (:meth:`batch_norm`).
+        """
+        ne = len(self._esc)
+        pw = 1.0 if self._with_prior else 0.0
+        a, b = span.start, span.stop
+        if a < ne:  # the encoder's positions in the span
+            e = slice(a, min(b, ne))
+            g = out[:e.stop - a]
+            np.multiply(self._esc[e], _block_order_sum(parts, "gte", e), out=g)
+            g /= norm
+        if b > ne:  # the decoder's
+            d = slice(max(a, ne) - ne, b - ne)
+            g = out[d.start + ne - a:]
+            np.multiply(self._dsc[d], _block_order_sum(parts, "gtd", d), out=g)
+            g /= norm
+            g += np.multiply(pw, v["decoder"][d]) / self._n_total
 
     def block_sums(self, weights, rows, want, batch=None):
         """Partial sums of one row block ``rows`` (a slice of the batch; default the operator's).
@@ -436,3 +465,19 @@ class AmortisedELBO(_PartialConstant, ift.EnergyOperator):
     def __repr__(self):
         return (f"AmortisedELBO(B={len(self._batch['xi'])}, posterior={self._post.name!r}, "
                 f"beta={self._beta}, variable={list(self._domain.keys())})")
+
+
+def _block_order_sum(parts, key, span=None):
+    """``parts[0][key] + parts[1][key] + ...`` (restricted to ``span``) in block order: a fresh sum
+    of the first two blocks, the later ones added into it, so the bits do not depend on which
+    process computed a block or summed a span."""
+    get = (lambda p: p[key]) if span is None else (lambda p: p[key][span])
+    total = get(parts[0])
+    if len(parts) > 1:
+        total = total + get(parts[1])
+    for p in parts[2:]:
+        if np.ndim(total) > 0:
+            total += get(p)
+        else:
+            total = total + get(p)
+    return total
