@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
-from .dataset import SkyDataSet
+from .datasets.table import SkyDataSet
 from .errors import InputError
 from .skymaps import (FRAME_NAMES, FRAMES, KINDS, MIN_COVERAGE, frame_letter, read_healpix, regrade, smooth_to,
                       to_frame, unseen_to_nan, valid_nside)

@@ -14,7 +14,7 @@ import signal
 import numpy as np
 
 from .catalog import valid_nside
-from .dataset import TABLE_FORMATS
+from .datasets.table import TABLE_FORMATS
 from .errors import InputError, JobStopped, WriteError
 from .fileio import folder_lock
 from .inference.config import model_signature, resolve_config
@@ -22,7 +22,7 @@ from .inference.fitting import StopSignals, fit_rows
 from .inference.training import TrainingState, finished
 from .model.autoencoder import Autoencoder
 from .run import RunFolder
-from .sources import FashionMNISTSource, SkySource, TableSource, noise_floor
+from .sources import FashionMNISTSource, SkySource, noise_floor, table_source
 from .versions import differences as version_differences
 from .workers import threads_of
 
@@ -76,7 +76,7 @@ def fit_table(path, out, overrides=None, config_file=None, resume=False, overwri
     """Fit the probabilistic autoencoder to a plain table and write the run folder (CSV products).
 
     Parameters as :func:`fit_catalog`, with ``path`` a ``.npy``, ``.npz`` or ``.csv`` table of
-    rows x features (see :func:`galdecomp.dataset.read_table`), or ``"fashion-mnist"``: the
+    rows x features (see :func:`galdecomp.datasets.table.read_table`), or ``"fashion-mnist"``: the
     60,000 training images with the image preset (:data:`galdecomp.datasets.fashion_mnist.PRESET`,
     under the configuration file's settings); rows are sharded over MPI ranks.
 
@@ -85,13 +85,12 @@ def fit_table(path, out, overrides=None, config_file=None, resume=False, overwri
     dict
         As :func:`fit_catalog`.
     """
-    if path == FashionMNISTSource.NAME:
-        from .datasets.fashion_mnist import PRESET
+    source = table_source(path)
+    if source.preset is not None:  # the data set's settings, under the configuration file's
         from .inference.config import DEFAULTS, merge_settings
 
-        config_file = merge_settings(merge_settings(DEFAULTS, PRESET), config_file or {}, "config")
-        return fit_data(FashionMNISTSource(), out, overrides, config_file, resume, overwrite, comm)
-    return fit_data(TableSource(path), out, overrides, config_file, resume, overwrite, comm)
+        config_file = merge_settings(merge_settings(DEFAULTS, source.preset), config_file or {}, "config")
+    return fit_data(source, out, overrides, config_file, resume, overwrite, comm)
 
 
 #: Settings of ``galdecomp fit``'s options that live in the ``training`` section.

@@ -13,12 +13,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .catalog import load_catalog, map_reader, read_catalog, select_maps, working_nside
-from .dataset import DataSet, read_table
+from .datasets.table import DataSet, read_table
 from .errors import InputError
 from .preprocessing import ChannelTransform, Preprocessor
 
 __all__ = ["load_preprocessed", "noise_floor", "channel_rows", "Prepared", "SkySource", "TableSource",
-           "FashionMNISTSource"]
+           "FashionMNISTSource", "table_source"]
 
 
 def channel_rows(catalog, names, nside, fwhm_arcmin=None, allow_missing=False):
@@ -154,6 +154,7 @@ class SkySource:
     """The maps of a catalog as the data set of a fit: rows are NESTED pixels, features channels."""
 
     kind, row_word, feature_word = "sky", "pixels", "channels"
+    preset = None
 
     def __init__(self, catalog_path):
         self.argument = catalog_path
@@ -179,10 +180,12 @@ class SkySource:
 
 
 class TableSource:
-    """A plain table (``.npy``, ``.npz``, ``.csv``; see :func:`galdecomp.dataset.read_table`) as
+    """A plain table (``.npy``, ``.npz``, ``.csv``; see :func:`galdecomp.datasets.table.read_table`) as
     the data set of a fit: each feature is standardised (``linear`` transform)."""
 
     kind, row_word, feature_word = "table", "rows", "features"
+    #: settings of the data set's kind, under the configuration file's (None: the defaults)
+    preset = None
 
     def __init__(self, path):
         self.argument = path
@@ -217,8 +220,9 @@ class FashionMNISTSource(TableSource):
     NAME = "fashion-mnist"
 
     def __init__(self, root=None):
-        from .datasets.fashion_mnist import load_fashion_mnist
+        from .datasets.fashion_mnist import PRESET, load_fashion_mnist
 
+        self.preset = PRESET
         images, _ = load_fashion_mnist("train", root)
         self.argument = self.path = self.NAME
         names = [f"px{i:03d}" for i in range(images.shape[1])]
@@ -236,3 +240,10 @@ class FashionMNISTSource(TableSource):
         fingerprint = f"{self.NAME}|{t.n_samples}x{t.n_features}|" + json.dumps(pre.to_dict()["px000"], sort_keys=True)
         return Prepared(local, pre, pre.forward(local.values).T.copy(), rows, t.n_samples, fingerprint,
                         dict(kind="table", path=self.NAME))
+
+
+
+def table_source(path):
+    """The source of a table argument: the Fashion-MNIST images for ``"fashion-mnist"``
+    (:class:`FashionMNISTSource`), else the table file ``path`` (:class:`TableSource`)."""
+    return FashionMNISTSource() if os.fspath(path) == FashionMNISTSource.NAME else TableSource(path)

@@ -121,7 +121,7 @@ def test_sparse_photon_counts_do_not_take_features():
     Without it (the code before 2026-12-04, third pass) the Gaussian likelihood rewards
     predicting single photons: learned sigma 0.015-0.28 against a Poisson noise of 1.9-5.7
     (standardised), 6 active features of 6 and the weak source's R^2 0.61."""
-    from galdecomp.dataset import DataSet
+    from galdecomp.datasets.table import DataSet
     from galdecomp.sources import noise_floor
     from galdecomp.preprocessing import Preprocessor
 

@@ -4,7 +4,7 @@ layer, and no import cycle among the modules. Read from the source with ast (not
 The layers, as the data flow (docs/layout.md):
 
 0 foundation   errors, fileio, random, parallel, workers, logs, figures, versions
-1 data set     skymaps, catalog, dataset, datasets/, preprocessing, sources, simulation/
+1 data set     skymaps, catalog, datasets/ (tables, images), preprocessing, sources, simulation/
 2 model        model/
 3 inference    inference/
 3.5 run        run/ (RunFolder: the only code that names, reads and writes a run's files)
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "galdecomp")
 LAYER = {"errors": 0, "fileio": 0, "seeds": 0, "parallel": 0, "workers": 0, "logs": 0, "figures": 0,
          "versions": 0,
-         "skymaps": 1, "catalog": 1, "sources": 1, "dataset": 1, "datasets": 1, "preprocessing": 1, "simulation": 1,
+         "skymaps": 1, "catalog": 1, "sources": 1, "datasets": 1, "preprocessing": 1, "simulation": 1,
          "model": 2, "inference": 3, "run": 3.5, "products": 4, "pipeline": 5, "cli_options": 6, "cli": 6, "__main__": 6}
 
 

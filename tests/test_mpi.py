@@ -67,34 +67,50 @@ def sky(tmp_path_factory):
     return str(out / "catalog.yaml")
 
 
-@pytest.mark.parametrize("minibatches", ["shuffled", "stratified"])
-def test_two_ranks_equal_one(sky, tmp_path, minibatches):
-    cfg = tmp_path / "cfg.yaml"
+@pytest.fixture(scope="module", params=["shuffled", "stratified"])
+def one_and_two_ranks(sky, tmp_path_factory, request):
+    """The same fit on 1 rank and on 2 (``training.minibatches`` as the parameter): the two run
+    folders and the 2-rank job's process (its stderr and stdout) and log file."""
+    tmp = tmp_path_factory.mktemp(f"ranks-{request.param}")
+    cfg = tmp / "cfg.yaml"
     # float64 kernels: float32 rounding (1e-7) in another order grows past 1e-8 within a few epochs
-    cfg.write_text(f"training: {{minibatches: {minibatches}, dtype: float64}}\n")
+    cfg.write_text(f"training: {{minibatches: {request.param}, dtype: float64}}\n")
     args = ["--nside", "16", "--max-epochs", "6", "--latent-dim", "4", "--config", str(cfg)]
-    assert main(["fit", sky, "--out", str(tmp_path / "k1")] + args) == 0
-    p = mpirun(2, ["fit", sky, "--out", str(tmp_path / "k2"), "--log-file", str(tmp_path / "k2.log")] + args)
+    assert main(["fit", sky, "--out", str(tmp / "k1")] + args) == 0
+    p = mpirun(2, ["fit", sky, "--out", str(tmp / "k2"), "--log-file", str(tmp / "k2.log")] + args)
     assert p.returncode == 0, p.stderr
-    assert "on 2 MPI ranks" in p.stderr
-    # the log file holds rank 0's log lines, once
-    assert (tmp_path / "k2.log").read_text().splitlines() == \
-        [ln for ln in p.stderr.splitlines() if ln.startswith("[galdecomp")]
-    assert p.stdout.count("run folder:") == 1  # outputs and messages from rank 0 only
-    a, b = maps(tmp_path / "k1" / "latent_mean.fits"), maps(tmp_path / "k2" / "latent_mean.fits")
+    return tmp / "k1", tmp / "k2", p, tmp / "k2.log"
+
+
+def test_two_ranks_equal_one(one_and_two_ranks):
+    k1, k2, _, _ = one_and_two_ranks
+    a, b = maps(k1 / "latent_mean.fits"), maps(k2 / "latent_mean.fits")
     assert np.max(np.abs(a - b)) <= 1e-8 * np.max(np.abs(a))
-    np.testing.assert_allclose(maps(tmp_path / "k2" / "reconstruction.fits"),
-                               maps(tmp_path / "k1" / "reconstruction.fits"), rtol=1e-8)
-    # the last rank fitted and wrote the latent transform while rank 0 wrote the maps
+    np.testing.assert_allclose(maps(k2 / "reconstruction.fits"), maps(k1 / "reconstruction.fits"), rtol=1e-8)
+    assert (k2 / "latent_transform.npz").is_file() and (k2 / "model.npz").is_file()
+
+
+def test_two_ranks_speak_through_rank_0_once(one_and_two_ranks):
+    _, _, p, log = one_and_two_ranks
+    assert "on 2 MPI ranks" in p.stderr
+    assert log.read_text().splitlines() == [ln for ln in p.stderr.splitlines() if ln.startswith("[galdecomp")]
+    assert p.stdout.count("run folder:") == 1  # outputs and messages from rank 0 only
+
+
+def test_last_rank_fits_the_latent_transform_while_rank_0_writes(one_and_two_ranks):
+    _, _, p, _ = one_and_two_ranks
     assert "fitted on rank 1 meanwhile" in p.stderr
-    assert (tmp_path / "k2" / "latent_transform.npz").is_file() and (tmp_path / "k2" / "model.npz").is_file()
-    # where the training time went, from both ranks, in one line of rank 0
+
+
+def test_training_time_line_covers_both_ranks(one_and_two_ranks):
+    """Where the training time went, from both ranks, in one line of rank 0, every item of which
+    benchmarks/scaling/bench_scaling.py reads."""
+    from benchmarks.scaling.bench_scaling import step_costs
+
+    _, _, p, _ = one_and_two_ranks
     line, = [ln for ln in p.stderr.splitlines() if "training time" in ln]
     assert "(min-max over 2 ranks): per step [ms] gradient on the rank's rows " in line
     assert "reduce-scatter with the wait for the slowest rank" in line and "checkpoints 0.00-" in line  # rank 1 writes none
-    # benchmarks/scaling/bench_scaling.py reads every item of it
-    from benchmarks.scaling.bench_scaling import step_costs
-
     assert len(step_costs(line)) == line.count(", ") + 2  # items: comma-separated, plus the "; per epoch" one
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import realsky
 from galdecomp.catalog import load_catalog
-from galdecomp.dataset import DataSet
+from galdecomp.datasets.table import DataSet
 from galdecomp.errors import InputError
 from galdecomp.preprocessing import ChannelTransform, Preprocessor
 

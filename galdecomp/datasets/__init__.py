@@ -1,1 +1,3 @@
-"""Data sets other than the sky, as tables of rows x features (:mod:`.fashion_mnist`)."""
+"""Data sets as tables of features x samples with missing entries: the ``DataSet`` and
+``SkyDataSet`` types and plain table files (:mod:`.table`), the Fashion-MNIST images
+(:mod:`.fashion_mnist`)."""

@@ -180,16 +180,11 @@ class TrainedModel:
         ndarray, shape (P, C)
             NaN where missing; rows in the order the run was trained on (NESTED pixels).
         """
-        from ..dataset import read_table
-        from ..sources import channel_rows
+        from ..sources import channel_rows, table_source
 
         kind = self.data.get("kind")
-        if kind == "table" and (path or self.data["path"]) == "fashion-mnist":
-            from ..datasets.fashion_mnist import load_fashion_mnist
-
-            return load_fashion_mnist("train")[0]
         if kind == "table":
-            ds = read_table(path or self.data["path"])
+            ds = table_source(path or self.data["path"]).table
             if ds.names != self.names:
                 raise InputError(f"{path or self.data['path']}: features {', '.join(ds.names[:4])}... are not "
                                  f"the run's ({', '.join(self.names[:4])}...)")

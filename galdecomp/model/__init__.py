@@ -29,6 +29,6 @@ posterior samples                         ``(S, P, L)``
 flat parameters                           ``(n_params,)``
 ========================================  ===================  ====================================
 
-Data sets themselves (:class:`galdecomp.dataset.DataSet`) store features x samples
+Data sets themselves (:class:`galdecomp.datasets.table.DataSet`) store features x samples
 ``(C, P)``, the layout of a stack of maps; the model's entry points take rows ``(P, C)``.
 """

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import write_healpix_fits, write_text
-from .plots import mollview_grid
+from .run_figures import mollview_grid
 from .tables import format_table
 
 __all__ = ["SCORES", "NOISE_MODES", "load_rows", "residual_scale", "anomaly_scores", "top_pixels",

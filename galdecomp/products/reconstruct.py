@@ -239,7 +239,7 @@ def _score(trained, physical, mask, hold, hidden, pred, seed, hide_fraction, say
 
 
 def _write(trained, ds, out, pred, rows, hold, physical, overwrite, cal_rows=()):
-    from .plots import mollview_grid
+    from .run_figures import mollview_grid
     from .run_outputs import feature_names
 
     order = trained.feature_order

@@ -71,7 +71,7 @@ def _plot_heatmap(mi, rows, cols, title, path, annotate=True):
 
 def write_figures(pdir, methods, tset, T, summary, cm, unused=frozenset()):
     """All PNGs (galdecomp features in ``unused`` labelled so); returns {template: (maps png, hist2d png)}."""
-    from .plots import mollview_grid
+    from .run_figures import mollview_grid
 
     names, F = methods["galdecomp"]
     label = feature_labeller(unused)

@@ -25,7 +25,7 @@ from ..inference.latent_maps import feature_names
 from ..model.rotation import rotate_covariances
 from ..run import RunFolder
 from .latent_rotation import product_rotation, rotated_moments, rotation_rows
-from .plots import mollview_grid, plot_history, plot_residual_summary
+from .run_figures import mollview_grid, plot_history, plot_residual_summary
 from .tables import format_table
 
 __all__ = ["feature_significance", "UNUSED_NATS_PER_ROW", "unused_features", "feature_support",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["DataSet", "SkyDataSet", "read_table", "TABLE_FORMATS"]
 
