@@ -114,6 +114,24 @@ def test_training_time_line_covers_both_ranks(one_and_two_ranks):
     assert len(step_costs(line)) == line.count(", ") + 2  # items: comma-separated, plus the "; per epoch" one
 
 
+def test_each_rank_runs_one_blas_thread():
+    """Without OMP/OPENBLAS_NUM_THREADS set, a rank's BLAS runs one thread for the whole job (the
+    ranks' pools would compete for the node's cores)."""
+    env = {k: v for k, v in ENV.items() if not k.endswith("_NUM_THREADS")}
+    code = ("import numpy as np\n"
+            "from threadpoolctl import threadpool_info\n"
+            "from galdecomp.parallel import world\n"
+            "comm = world()\n"
+            "threads = max(p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas')\n"
+            "every = comm.gather_rows(np.array([[threads]], float))  # printed by rank 0 alone\n"
+            "if comm.rank == 0:\n"
+            "    print(f'{comm.size} ranks: ' + ' '.join(str(int(t)) for t in every.ravel()) + ' BLAS threads')\n")
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "2 ranks: 1 1 BLAS threads", p.stdout
+
+
 def test_killed_run_resumes_on_another_rank_count(sky, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("training: {dtype: float64}\n")  # equal to 1e-8 across rank counts (float32: 1e-7 steps)
