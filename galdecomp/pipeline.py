@@ -14,7 +14,6 @@ import signal
 import numpy as np
 
 from .catalog import valid_nside
-from .datasets.table import TABLE_FORMATS
 from .errors import InputError, JobStopped, WriteError
 from .fileio import folder_lock
 from .inference.config import model_signature, resolve_config
@@ -22,7 +21,7 @@ from .inference.fitting import StopSignals, fit_rows
 from .inference.training import TrainingState, finished
 from .model.autoencoder import Autoencoder
 from .run import RunFolder
-from .sources import FashionMNISTSource, SkySource, noise_floor, table_source
+from .sources import SkySource, is_table, noise_floor, table_source
 from .versions import differences as version_differences
 from .workers import threads_of
 
@@ -130,8 +129,7 @@ def fit_path(path, out, overrides=None, config_file=None, resume=False, overwrit
     """:func:`fit_table` for a table (``.npy``, ``.npz``, ``.csv``, ``"fashion-mnist"``), else
     :func:`fit_catalog`; parameters and result as theirs."""
     path = os.fspath(path)
-    table = path == FashionMNISTSource.NAME or path.lower().endswith(TABLE_FORMATS)
-    return (fit_table if table else fit_catalog)(path, out, overrides, config_file, resume, overwrite, comm)
+    return (fit_table if is_table(path) else fit_catalog)(path, out, overrides, config_file, resume, overwrite, comm)
 
 
 def fit_data(source, out, overrides=None, config_file=None, resume=False, overwrite=False, comm=None):

@@ -13,12 +13,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .catalog import load_catalog, map_reader, read_catalog, select_maps, working_nside
-from .datasets.table import DataSet, read_table
+from .datasets.table import TABLE_FORMATS, DataSet, read_table
 from .errors import InputError
 from .preprocessing import ChannelTransform, Preprocessor
 
 __all__ = ["load_preprocessed", "noise_floor", "channel_rows", "Prepared", "SkySource", "TableSource",
-           "FashionMNISTSource", "table_source"]
+           "FashionMNISTSource", "is_table", "table_source"]
 
 
 def channel_rows(catalog, names, nside, fwhm_arcmin=None, allow_missing=False):
@@ -241,6 +241,12 @@ class FashionMNISTSource(TableSource):
         return Prepared(local, pre, pre.forward(local.values).T.copy(), rows, t.n_samples, fingerprint,
                         dict(kind="table", path=self.NAME))
 
+
+def is_table(path):
+    """Whether ``path`` names a table (``"fashion-mnist"`` or a ``.npy``, ``.npz``, ``.csv`` file)
+    rather than a catalog of maps."""
+    path = os.fspath(path)
+    return path == FashionMNISTSource.NAME or path.lower().endswith(TABLE_FORMATS)
 
 
 def table_source(path):
