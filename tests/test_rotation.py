@@ -6,8 +6,8 @@ from scipy.stats import special_ortho_group
 from galdecomp.model.autoencoder import Autoencoder
 from galdecomp.model.likelihood import GaussianLikelihood
 from galdecomp.model.settings import Architecture
-from galdecomp.model.rotation import (embedded, loadings, oriented, orthomax, rotate_moments, stacked_loadings,
-                                      varimax, whitened_jacobians)
+from galdecomp.model.rotation import (embedded, jacobians, loadings, oriented, orthomax, rotate_moments,
+                                      stacked_loadings, stacked_varimax, varimax, whitened_jacobians)
 
 
 def planted(C=24, L=4, seed=0):
@@ -79,7 +79,25 @@ def test_loadings_are_rms_of_the_whitened_jacobians(small_model):
     model, params, z, _ = small_model
     J = whitened_jacobians(model, params, z)
     assert np.allclose(loadings(model, params, z, block=7), np.sqrt(np.mean(J ** 2, axis=0)))
-    assert np.array_equal(stacked_loadings(model, params, z)[6:12], J[1])
+    assert np.array_equal(stacked_loadings(model, params, z, noise_units=True)[6:12], J[1])
+    assert np.allclose(stacked_loadings(model, params, z)[6:12], J[1] * model.sigma(params)[:, None], atol=1e-14)
+    assert np.array_equal(stacked_loadings(model, params, z), jacobians(model, params, z).reshape(-1, 3))
+
+
+def test_stacked_varimax_is_of_the_data_units_jacobians_not_the_noise(small_model):
+    # the rotation of `fit --rotate varimax` does not depend on the learned noise, and it is the
+    # varimax of the stacked Jacobians in the standardised data's units among the used features
+    model, params, z, _ = small_model
+    used = np.array([True, False, True])
+    R = stacked_varimax(model, params, z, used)
+    noisier = params.copy()
+    noisier[model.slices["noise"]] = np.linspace(1, -1, 6)  # other noise levels, another order
+    assert not np.allclose(model.sigma(noisier), model.sigma(params))
+    assert np.allclose(stacked_varimax(model, noisier, z, used), R, atol=1e-12)
+    S = stacked_loadings(model, params, z)[:, used]
+    assert np.allclose(R, embedded(oriented(varimax(S, normalize=False), S), used), atol=1e-12)
+    Sn = stacked_loadings(model, params, z, noise_units=True)[:, used]
+    assert not np.allclose(R, embedded(oriented(varimax(Sn, normalize=False), Sn), used), atol=1e-3)
 
 
 @pytest.mark.parametrize("covariance", ["diagonal", "fisher"])

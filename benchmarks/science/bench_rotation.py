@@ -17,9 +17,15 @@ boosting, half-sky block split; best single-feature KSG MI per template) for:
 - ``varimax-used``, ``varimax-stack-used``, ``quartimax-used``: the same (quartimax: of ``A``)
   among the used features only (significance >= 0.1 nats/pixel, what the report calls used),
   the unused ones left alone (a rotation mixing an unused feature, posterior ~ N(0, 1) in every
-  pixel, into a used one dilutes it); ``varimax-stack-used`` is what ``galdecomp fit --rotate
-  varimax`` writes (:func:`galdecomp.products.latent_rotation.product_rotation`: 2000 evenly
-  spaced pixels);
+  pixel, into a used one dilutes it); ``varimax-stack-used`` was ``--rotate varimax`` until
+  2026-12-08;
+- ``varimax-data-used``: what ``galdecomp fit --rotate varimax`` writes
+  (:func:`galdecomp.products.latent_rotation.product_rotation`, 2000 evenly spaced pixels): the
+  varimax of the stacked Jacobians in the standardised data's units (``J_p``, not ``J_p /
+  sigma``) among the used features;
+- ``svd-stack-used``, ``svd-data-used``: the right singular vectors of the stacked Jacobians
+  (noise, data units) among the used features: the directions ordered by how much they move
+  the data;
 - ``ica``: the posterior means after FastICA (bench_quality's ``galdecomp-ica``);
 - ``pca``, ``fastica``, ``nmf``: the linear baselines of the report
   (:func:`galdecomp.products.baselines.linear_baselines`) on the same preprocessed data, and
@@ -33,7 +39,7 @@ Usage::
     nice -n 10 python -m benchmarks.science.bench_rotation                       # 3 skies x 3 seeds
     python -m benchmarks.science.bench_rotation --datasets demo --seeds 0 --epochs 5   # quick check
     python -m benchmarks.science.bench_rotation --summarise
-    python -m benchmarks.science.bench_rotation --methods varimax-stack-used   # re-score one method (fits cached)
+    python -m benchmarks.science.bench_rotation --methods varimax-data-used   # re-score one method (fits cached)
 
 Writes ``--out`` (default ``benchmarks/out/rotation``): ``rows.csv`` (one row per sky, method,
 seed, template) and ``summary.md`` (median [min, max] over seeds).
@@ -51,7 +57,8 @@ import numpy as np
 from benchmarks.common import Data, out_dir, prepare
 from benchmarks.science import bench_quality as bq
 
-ROTATIONS = ("varimax", "varimax-stack", "varimax-used", "varimax-stack-used", "quartimax-used")
+ROTATIONS = ("varimax", "varimax-stack", "varimax-used", "varimax-stack-used", "quartimax-used", "svd-stack-used",
+             "svd-data-used", "varimax-data-used")
 LINEAR = ("pca", "fastica", "nmf")
 STACK_PIXELS = 2000
 
@@ -96,13 +103,20 @@ def rotations(model, params, data, mean, seed):
     A = loadings(model, params, mean)
     rng = np.random.default_rng([seed, 24])
     sub = np.sort(rng.choice(len(mean), min(STACK_PIXELS, len(mean)), replace=False))
-    S = stacked_loadings(model, params, mean[sub])
+    S = stacked_loadings(model, params, mean[sub], noise_units=True)
+    Su, Sd = S[:, used], stacked_loadings(model, params, mean[sub])[:, used]
     Au = A[:, used]
+
+    def svd(M):
+        return embedded(oriented(np.linalg.svd(M, full_matrices=False)[2].T, M), used)
+
     return {"varimax": oriented(varimax(A), A),
             "varimax-stack": oriented(varimax(S, normalize=False), A),
             "varimax-used": embedded(oriented(varimax(Au), Au), used),
-            "varimax-stack-used": product_rotation(model, params, mean, used),
-            "quartimax-used": embedded(oriented(orthomax(Au, 0.0), Au), used)}
+            "varimax-stack-used": embedded(oriented(varimax(Su, normalize=False), Su), used),
+            "quartimax-used": embedded(oriented(orthomax(Au, 0.0), Au), used),
+            "svd-stack-used": svd(Su), "svd-data-used": svd(Sd),
+            "varimax-data-used": product_rotation(model, params, mean, used)}
 
 
 def feature_sets(data, fit, seed, methods=None):
@@ -165,7 +179,7 @@ def score_fit(data, ds, seed, fit, rows_path, methods=None):
 
 # ------------------------------------------------------------------------------------ summary
 METHODS = ("raw",) + ROTATIONS + ("ica", "best-linear")
-SHOWN = ("raw", "varimax-stack-used", "best-linear")
+SHOWN = ("raw", "varimax-data-used", "best-linear")
 
 
 def _med(v, fmt):
@@ -194,13 +208,20 @@ def _cells(tab, ds, m, seeds, temps):
     return f"{_med(r2, '.3f')} / {_med(mi, '.2f')}"
 
 
+def _ratio(tab, ds, seeds, t, m=SHOWN[1]):
+    """Median [min, max] over seeds of the best single-feature MI of ``m`` over the best linear
+    component's, template ``t``."""
+    have = [s for s in seeds if (ds, m, s, t) in tab and (ds, "best-linear", s, t) in tab]
+    return _med([tab[(ds, m, s, t)][1] / tab[(ds, "best-linear", s, t)][1] for s in have], ".2f")
+
+
 def summarise(rows_path):
     """Markdown tables of rows.csv: per sky, the mean over templates for every method, then per
     template raw / the package's varimax / the best linear component; median [min, max] over seeds."""
     with open(rows_path) as f:
         tab = _table(list(csv.DictReader(f)))
     out = []
-    label = dict(zip(METHODS, METHODS), **{"varimax-stack-used": "varimax-stack-used (--rotate varimax)"})
+    label = dict(zip(METHODS, METHODS), **{"varimax-data-used": "varimax-data-used (--rotate varimax)"})
     for ds in dict.fromkeys(k[0] for k in tab):
         seeds = sorted({k[2] for k in tab if k[0] == ds})
         temps = list(dict.fromkeys(k[3] for k in tab if k[0] == ds))
@@ -208,11 +229,14 @@ def summarise(rows_path):
                for t in temps if (ds, m, s, t) in tab]
         out += [f"\n#### {ds} ({len(seeds)} seeds, {len(temps)} templates)\n",
                 "| features | mean R^2 / mean best-feature MI |", "|---|---|"]
-        out += [f"| {label[m]} | {_cells(tab, ds, m, seeds, temps)} |" for m in METHODS]
+        out += [f"| {label[m]} | {_cells(tab, ds, m, seeds, temps)} |" for m in METHODS
+                if any((ds, m, s, temps[0]) in tab for s in seeds)]
         out += [f"\n(linear-regression R^2 of the rotated features minus the raw ones: at most "
                 f"{max(dev) if dev else float('nan'):.1e})\n",
-                "| template | raw | varimax (--rotate varimax) | best linear component |", "|---|---|---|---|"]
-        out += [f"| {t} | " + " | ".join(_cells(tab, ds, m, seeds, [t]) for m in SHOWN) + " |" for t in temps]
+                "| template | raw | varimax (--rotate varimax) | best linear component | MI varimax / best linear |",
+                "|---|---|---|---|---|"]
+        out += [f"| {t} | " + " | ".join(_cells(tab, ds, m, seeds, [t]) for m in SHOWN) + f" | {_ratio(tab, ds, seeds, t)} |"
+                for t in temps]
     out.append("\n(cells: held-out R^2 from all features (gradient boosting) / best single-feature KSG MI "
                "in nats; median [min, max] over seeds)")
     return "\n".join(out)

@@ -18,7 +18,7 @@ __all__ = ["ROTATION_ROWS", "ROTATION_NAMES", "product_rotation", "rotated_momen
 ROTATION_ROWS = 2000
 #: What each ``rotation.method`` is, in words (the report's).
 ROTATION_NAMES = {"none": "none (the model's own latent coordinates)",
-                  "varimax": "varimax of the decoder Jacobians in units of the noise, among the used features"}
+                  "varimax": "varimax of the decoder Jacobians in the standardised data's units, among the used features"}
 
 
 def product_rotation(model, params, mean, used, comm=None, n_rows=ROTATION_ROWS):
