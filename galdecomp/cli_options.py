@@ -256,8 +256,8 @@ def _add_reconstruct(sub, common, no_lock):
                    help="channel noise: re-estimated from the residuals at the MAP on the run's data and each "
                         "channel's predictive calibrated on entries of the run's data hidden as the rows to be "
                         "predicted are (default); re-estimated only; or the trained model's")
-    s.add_argument("--calibration-rows", type=_positive_int, default=1024, metavar="N",
-                   help="entries per channel hidden for the calibration (default 1024)")
+    s.add_argument("--calibration-rows", type=_positive_int, default=4096, metavar="N",
+                   help="entries per channel hidden for the calibration (default 4096)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
 

@@ -1,4 +1,5 @@
 """Reconstruction of missing channels: exact for a linear decoder; the CLI on a small sky."""
+import inspect
 import os
 
 import healpy as hp
@@ -104,10 +105,20 @@ def test_reconstruct_cli_writes_every_channel_and_scores_holdouts(run, tmp_path,
     cal = np.genfromtxt(out / "calibration.csv", delimiter=",", names=True, dtype=None, encoding=None)
     assert list(cal["channel"]) == trained.names           # the default noise is calibrated
     held = np.array(trained.names) == "planck_545GHz"      # the one channel predicted: the one calibrated
-    assert cal["entries"][held][0] == hp.nside2npix(8) and np.all(cal["entries"][~held] == 0)  # all < 1024 rows
+    assert cal["entries"][held][0] == hp.nside2npix(8) and np.all(cal["entries"][~held] == 0)  # all < 4096 rows
     c = cal[held][0]
     assert 0 < c["raw_coverage_68"] <= c["raw_coverage_95"] <= 1
     assert c["level_p02"] < c["level_p16"] < c["level_p50"] < c["level_p84"] < c["level_p98"]
+
+
+def test_the_cli_calibrates_on_the_library_default_number_of_entries():
+    from galdecomp.cli_options import build_parser
+    from galdecomp.inference.predictive import CALIBRATION_ROWS
+    from galdecomp.products.reconstruct import reconstruct_sky
+
+    args = build_parser().parse_args(["reconstruct", "RUN", "--catalog", "C", "--out", "D"])
+    assert args.calibration_rows == CALIBRATION_ROWS == 4096
+    assert inspect.signature(reconstruct_sky).parameters["calibration_rows"].default == CALIBRATION_ROWS
 
 
 def test_reconstruct_bad_input(run, tmp_path, capsys):
@@ -156,6 +167,22 @@ def test_predictive_and_recalibration_condition_the_rows_in_chunks(monkeypatch):
     for k in ("mean", "std", "latent_mean", "latent_std"):
         np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(tm.recalibrated_sigma(data, mask), sig, rtol=1e-10)
+
+
+def test_pit_only_gives_the_pit_of_the_whole_predictive():
+    """``pit_only`` (what pit_calibration asks for) leaves out the summaries in physical units,
+    and its PIT values are those of the whole predictive from the same draws (one block: the
+    whole predictive draws its extra noise only after the block's PIT)."""
+    tm, W, b, sigma = linear_model(3)
+    rng = np.random.default_rng(5)
+    data = rng.standard_normal((40, L)) @ W + b + sigma * rng.standard_normal((40, C))
+    mask = rng.random((40, C)) > 0.4
+    truth = np.where(mask, np.nan, tm.standardise(data))
+    whole = predictive(tm, data, mask, n_draws=50, rng=np.random.default_rng(1), truth=truth)
+    only = predictive(tm, data, mask, n_draws=50, rng=np.random.default_rng(1), truth=truth, pit_only=True)
+    assert set(only) == {"latent_mean", "latent_std", "converged", "pit"}
+    np.testing.assert_array_equal(only["pit"], whole["pit"])
+    assert np.isfinite(only["pit"][~mask]).all() and np.isnan(only["pit"][mask]).all()
 
 
 def test_pit_calibration_corrects_heavy_tailed_noise():

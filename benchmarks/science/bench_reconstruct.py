@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from benchmarks import common
+from galdecomp.inference.predictive import CALIBRATION_ROWS
 
 HOLDOUT = ["planck_545GHz", "rosat_0p75keV", "fermi_1_3GeV", "halpha", "radio_408MHz", "wmap_W_94GHz"]
 #: held-out channels of the real maps (``benchmarks.common.prepare_real``'s inputs at nside 32)
@@ -57,7 +58,7 @@ def one(sky, seed, args, work):
     for noise in args.noise.split(","):
         results[noise] = reconstruct_sky(trained, catalog, rec_dir, holdout=holdout,
                                          hide_fraction=0.5, n_draws=args.draws, seed=seed, overwrite=True,
-                                         noise=noise)
+                                         noise=noise, calibration_rows=args.calibration_rows)
     t_rec = (time.perf_counter() - t0) / len(results)
     # noise-model diagnostic: residuals at the MAP given all channels, in units of sigma
     ds = load_catalog(read_catalog(trained.data["path"]), nside=trained.data["nside"], nest=True)
@@ -100,6 +101,8 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--max-epochs", type=int, default=100)
     ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--calibration-rows", type=int, default=CALIBRATION_ROWS,
+                    help="pixels per channel of the PIT calibration (default: reconstruct's)")
     ap.add_argument("--shared", default=common.shared_dir())
     ap.add_argument("--out", default=common.out_dir("reconstruct"))
     args = ap.parse_args(argv)
