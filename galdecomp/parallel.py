@@ -13,6 +13,7 @@ pixels.
 """
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -76,6 +77,11 @@ class SerialComm:
 
 class MPIComm(SerialComm):
     """mpi4py's COMM_WORLD behind the same small interface."""
+
+    #: Seconds :meth:`abort` waits between flushing this rank's output and MPI_Abort, so that
+    #: the launcher forwards the rank's last lines (its error) before it kills the job: once,
+    #: in a test run beside another, mpiexec ended the job without the failing rank's line.
+    DRAIN_SECONDS = 0.5
 
     def __init__(self, comm):
         self.comm = comm
@@ -152,6 +158,7 @@ class MPIComm(SerialComm):
     def abort(self, code=1):
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(self.DRAIN_SECONDS)
         self.comm.Abort(code)
 
 
